@@ -1,0 +1,683 @@
+"""Side-by-side benchmark of Ember and its peers (Huey, Celery, DBOS) on this machine.
+
+Usage, normally through ``scripts/bench`` (which prepares the peers' venv and a Redis)::
+
+    python bench/run.py [--quick] [--rounds N] [--systems a,b] [--workloads x,y]
+
+Every (system, workload, round) runs as its own subprocess with a timeout. Within a round the
+systems take turns on each workload, in an order that rotates from round to round, so drift on
+the machine spreads over all of them. Raw records go to ``bench/results/<timestamp>.json`` and
+a Markdown summary (median and min-max across rounds) to ``bench/results/<timestamp>.md``.
+
+System CLI convention
+---------------------
+A system is an argv in ``SYSTEMS``, run from the repository root; the runner appends
+``WORKLOAD --n N --workdir DIR``. The system keeps its scratch files in a fresh directory under
+DIR and removes it, stops every process it started, exits 0, and prints ONE JSON object as the
+last line of stdout, with the keys in ``RESULT_KEYS``.
+
+Workloads (``--n`` counts what the first column says)
+---------
+trigger     n sequential enqueues of a no-op task; latency of the enqueue call alone.
+e2e         n sequential round trips: trigger a no-op task, block until its result is available.
+throughput  n enqueues back to back, then wait for every result; runs/s from the first enqueue
+            to the last result, and the enqueue-only rate.
+batch       n runs enqueued 1,000 at a time with the system's batch API, if it has one;
+            runs/s of the enqueue.
+wait        n runs that each wait durably 2 s; lateness of the resume after its deadline, and
+            the processes (count, RSS, PSS) holding the waiting runs, sampled 1 s into the wait.
+cold        time from starting the worker process(es) to the first no-op result; the task is
+            triggered before the workers start. n repeats, median reported.
+warm        n sequential triggers; time from the trigger call to the first line of task code
+            (the task returns time.time() at entry, compared with time.time() before the call).
+
+Workers run during every workload but ``cold``, and before timing starts they have completed
+``WARMUP_ROUND_TRIPS`` round trips. Latencies use time.perf_counter; percentiles are nearest-rank.
+
+This module is also the peer-side harness: ``bench/peers/*_peer.py`` and ``bench/floors.py``
+import the CLI parsing, the workload drivers and the JSON emission from here, so every peer is
+timed by the same code. It needs only the standard library (psutil is imported where used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+RESULT_KEYS: Mapping[str, str] = {
+    "system": "system name, as in SYSTEMS (required)",
+    "workload": "workload name (required)",
+    "n": "iterations measured, warm-up excluded",
+    "version": "version of the system under test",
+    "note": "setup and caveats a reader needs to interpret the figures",
+    "p50_ms": "trigger/e2e: median latency in ms",
+    "p99_ms": "trigger/e2e: 99th-percentile latency in ms",
+    "runs_per_s": "throughput: n / (last result - first enqueue); batch: n / enqueue time",
+    "enqueue_runs_per_s": "throughput: n / (last enqueue return - first enqueue)",
+    "lateness_p50_ms": "wait: median of (resume time - deadline) in ms",
+    "lateness_p99_ms": "wait: 99th percentile of (resume time - deadline) in ms",
+    "procs": "wait: processes holding the waiting runs (workers, their children, brokers)",
+    "rss_mb": "wait: total RSS of those processes in MiB (shared pages counted per process)",
+    "pss_mb": "wait: total PSS of those processes in MiB (shared pages split, no double count)",
+    "cold_s": "cold: seconds from starting the worker process(es) to the first result",
+    "warm_p50_ms": "warm: median ms from the trigger call to the first line of task code",
+    "warm_p99_ms": "warm: 99th percentile of the same",
+    "p50_us": "floors: median µs of one operation",
+    "p99_us": "floors: 99th-percentile µs of one operation",
+    "ops_per_s": "floors: operations per second, sequential",
+}
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+PEERS_PYTHON = str(REPO / "bench" / ".venv-peers" / "bin" / "python")
+EMBER_PYTHON = str(REPO / ".venv" / "bin" / "python")
+
+# A peer aborts its own workload after ABORT_S (stopping its workers on the way out); the runner
+# kills the whole process group a little later in case even that hangs.
+ABORT_S = 300
+KILL_GRACE_S = 30
+QUICK_RUN_TIMEOUT_S = 120
+WARMUP_ROUND_TRIPS = 5
+RESULT_TIMEOUT_S = 60.0
+BATCH_SIZE = 1000
+WAIT_S = 2.0
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload: its Markdown title, default sizes and the figures its table shows."""
+
+    title: str
+    full_n: int
+    quick_n: int
+    figures: tuple[tuple[str, str], ...]  # (result key, column label); the first one is ratioed
+
+
+WORKLOADS: Mapping[str, Workload] = {
+    "trigger": Workload(
+        "enqueue call latency, one client, sequential",
+        1000,
+        300,
+        (("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")),
+    ),
+    "e2e": Workload(
+        "trigger → result available, sequential",
+        300,
+        100,
+        (("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")),
+    ),
+    "throughput": Workload(
+        "enqueue n, drain with running workers",
+        10_000,
+        1000,
+        (("runs_per_s", "runs/s"), ("enqueue_runs_per_s", "enqueue runs/s")),
+    ),
+    "batch": Workload(
+        "enqueue in batches of 1,000",
+        10_000,
+        2000,
+        (("runs_per_s", "enqueue runs/s"),),
+    ),
+    "wait": Workload(
+        "runs waiting durably 2 s",
+        20,
+        20,
+        (
+            ("lateness_p50_ms", "late p50 ms"),
+            ("lateness_p99_ms", "late p99 ms"),
+            ("procs", "procs"),
+            ("rss_mb", "RSS MiB"),
+            ("pss_mb", "PSS MiB"),
+        ),
+    ),
+    "cold": Workload(
+        "worker start → first result",
+        1,
+        1,
+        (("cold_s", "cold s"),),
+    ),
+    "warm": Workload(
+        "trigger → first line of task code",
+        100,
+        50,
+        (("warm_p50_ms", "p50 ms"), ("warm_p99_ms", "p99 ms")),
+    ),
+}
+
+FLOOR_FIGURES = (("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("ops_per_s", "ops/s"))
+FLOOR_WORKLOADS: Mapping[str, Workload] = {
+    "http": Workload(
+        "uvicorn (httptools, uvloop) + raw ASGI app, httpx AsyncClient over a Unix socket",
+        2000,
+        2000,
+        FLOOR_FIGURES,
+    ),
+    "http_starlette": Workload(
+        "the same with a one-route Starlette app", 2000, 2000, FLOOR_FIGURES
+    ),
+    "sqlite": Workload(
+        "SQLite WAL, synchronous=NORMAL, one small INSERT per transaction",
+        2000,
+        2000,
+        FLOOR_FIGURES,
+    ),
+    "fork": Workload(
+        "os.fork of a warm Python process, child _exit(0), parent waitpid",
+        500,
+        500,
+        FLOOR_FIGURES,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class System:
+    """How to run one system: its argv (from the repo root) and what it needs to run."""
+
+    argv: tuple[str, ...]
+    workloads: Mapping[str, Workload]
+    needs_env: tuple[str, ...] = ()
+
+    def missing(self) -> str | None:
+        """Why this system cannot run here, or None if it can."""
+        for path in self.argv[:2]:
+            if not (REPO / path).exists():
+                return f"{path} not found"
+        unset = [name for name in self.needs_env if not os.environ.get(name)]
+        return f"{', '.join(unset)} not set" if unset else None
+
+
+# Pluggable: add a system by adding its argv here. Ember runs in the main project's venv.
+SYSTEMS: Mapping[str, System] = {
+    "ember": System((EMBER_PYTHON, "bench/ember_bench.py"), WORKLOADS),
+    "huey": System((PEERS_PYTHON, "bench/peers/huey_peer.py"), WORKLOADS),
+    "celery": System(
+        (PEERS_PYTHON, "bench/peers/celery_peer.py"), WORKLOADS, needs_env=("BENCH_REDIS_URL",)
+    ),
+    "dbos": System((PEERS_PYTHON, "bench/peers/dbos_peer.py"), WORKLOADS),
+}
+FLOORS = System((PEERS_PYTHON, "bench/floors.py"), FLOOR_WORKLOADS)
+
+
+# --------------------------------------------------------------------------------------------
+# Peer-side harness: shared by bench/peers/*_peer.py and bench/floors.py.
+# --------------------------------------------------------------------------------------------
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile ``q`` (0-100] of ``samples``."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def latency_figures(
+    seconds: Sequence[float], prefix: str = "", unit: str = "ms"
+) -> dict[str, float]:
+    """p50 and p99 of durations given in seconds, as ``{prefix}p50_{unit}`` etc."""
+    scale = {"ms": 1e3, "us": 1e6}[unit]
+    return {
+        f"{prefix}p50_{unit}": round(percentile(seconds, 50) * scale, 3),
+        f"{prefix}p99_{unit}": round(percentile(seconds, 99) * scale, 3),
+    }
+
+
+def process_footprint(root_pids: Iterable[int]) -> dict[str, float]:
+    """Count, total RSS and total PSS (MiB) of the given processes and all their descendants."""
+    import psutil  # Only the measuring side needs it; the runner stays standard-library only.
+
+    procs: dict[int, psutil.Process] = {}
+    for pid in root_pids:
+        root = psutil.Process(pid)
+        for proc in (root, *root.children(recursive=True)):
+            procs[proc.pid] = proc
+    memory = [proc.memory_full_info() for proc in procs.values()]
+    return {
+        "procs": len(procs),
+        "rss_mb": round(sum(m.rss for m in memory) / MIB, 1),
+        "pss_mb": round(sum(m.pss for m in memory) / MIB, 1),
+    }
+
+
+def stop_process_tree(proc: subprocess.Popen[bytes], sig: int, grace_s: float = 10.0) -> None:
+    """Send ``sig`` to ``proc``; after ``grace_s`` kill it and whatever of its tree remains."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    # Children normally exit with their parent; anything still alive has been orphaned.
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for child in alive:
+        child.kill()
+
+
+class Peer(ABC):
+    """A system under test, as the workload drivers see it.
+
+    Handles are whatever the system's enqueue returns; ``result`` turns one into the task's
+    return value. Every task is a no-op returning ``time.time()`` at entry, except the sleeper,
+    which returns ``[deadline, resumed_at]`` (wall-clock seconds).
+    """
+
+    system: str
+    version: str
+    setup: str  # one line on how the system is configured, reported with every workload
+    workload_notes: Mapping[str, str] = {}
+
+    @abstractmethod
+    def start_workers(self) -> None:
+        """Start the worker process(es); they may still be booting when this returns."""
+
+    @abstractmethod
+    def stop_workers(self) -> None:
+        """Stop the workers and wait for them to exit."""
+
+    @abstractmethod
+    def worker_pids(self) -> list[int]:
+        """Root pids of every process that holds queued or waiting runs."""
+
+    @abstractmethod
+    def enqueue(self) -> Any:
+        """Trigger one no-op task; return its handle."""
+
+    @abstractmethod
+    def enqueue_sleeper(self, seconds: float) -> Any:
+        """Trigger one task that resumes ``seconds`` from now (as durably as the system can)."""
+
+    @abstractmethod
+    def result(self, handle: Any, timeout_s: float) -> Any:
+        """Block until the handle's result is available and return it."""
+
+    def enqueue_batch(self, size: int) -> list[Any]:
+        """Trigger ``size`` no-op tasks at once; without a batch API, one after another."""
+        return [self.enqueue() for _ in range(size)]
+
+    def cold_start_s(self) -> float:
+        """Trigger a task with no workers running, start them, time until its result."""
+        handle = self.enqueue()
+        started = time.perf_counter()
+        self.start_workers()
+        try:
+            self.result(handle, RESULT_TIMEOUT_S)
+            return time.perf_counter() - started
+        finally:
+            self.stop_workers()
+
+    def close(self) -> None:
+        """Release what the peer holds outside its scratch directory."""
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _drive_trigger(peer: Peer, n: int) -> dict[str, float]:
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        peer.enqueue()
+        samples.append(time.perf_counter() - started)
+    return latency_figures(samples)
+
+
+def _drive_e2e(peer: Peer, n: int) -> dict[str, float]:
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        peer.result(peer.enqueue(), RESULT_TIMEOUT_S)
+        samples.append(time.perf_counter() - started)
+    return latency_figures(samples)
+
+
+def _drive_throughput(peer: Peer, n: int) -> dict[str, float]:
+    started = time.perf_counter()
+    handles = [peer.enqueue() for _ in range(n)]
+    enqueued = time.perf_counter()
+    for handle in handles:
+        peer.result(handle, RESULT_TIMEOUT_S)
+    finished = time.perf_counter()
+    return {
+        "runs_per_s": round(n / (finished - started), 1),
+        "enqueue_runs_per_s": round(n / (enqueued - started), 1),
+    }
+
+
+def _drive_batch(peer: Peer, n: int) -> dict[str, float]:
+    started = time.perf_counter()
+    for offset in range(0, n, BATCH_SIZE):
+        peer.enqueue_batch(min(BATCH_SIZE, n - offset))
+    return {"runs_per_s": round(n / (time.perf_counter() - started), 1)}
+
+
+def _drive_wait(peer: Peer, n: int) -> dict[str, float]:
+    handles = [peer.enqueue_sleeper(WAIT_S) for _ in range(n)]
+    time.sleep(WAIT_S / 2)
+    footprint = process_footprint(peer.worker_pids())
+    lateness = []
+    for handle in handles:
+        deadline, resumed = peer.result(handle, RESULT_TIMEOUT_S)
+        lateness.append(resumed - deadline)
+    return {**latency_figures(lateness, prefix="lateness_"), **footprint}
+
+
+def _drive_warm(peer: Peer, n: int) -> dict[str, float]:
+    delays = []
+    for _ in range(n):
+        triggered = time.time()  # Wall clock: compared with time.time() inside the task.
+        entered = peer.result(peer.enqueue(), RESULT_TIMEOUT_S)
+        delays.append(entered - triggered)
+    return latency_figures(delays, prefix="warm_")
+
+
+_DRIVERS: Mapping[str, Callable[[Peer, int], dict[str, float]]] = {
+    "trigger": _drive_trigger,
+    "e2e": _drive_e2e,
+    "throughput": _drive_throughput,
+    "batch": _drive_batch,
+    "wait": _drive_wait,
+    "warm": _drive_warm,
+}
+
+
+def run_workload(peer: Peer, workload: str, n: int) -> dict[str, float]:
+    """Run one workload against ``peer`` and return its figures (keys from RESULT_KEYS)."""
+    if workload == "cold":
+        return {"cold_s": round(statistics.median(peer.cold_start_s() for _ in range(n)), 3)}
+    peer.start_workers()
+    try:
+        for _ in range(WARMUP_ROUND_TRIPS):
+            peer.result(peer.enqueue(), RESULT_TIMEOUT_S)
+        return _DRIVERS[workload](peer, n)
+    finally:
+        peer.stop_workers()
+
+
+def _abort(signum: int, frame: FrameType | None) -> None:
+    raise TimeoutError(f"workload aborted after {ABORT_S} s")
+
+
+def parse_cli(workloads: Mapping[str, Workload], description: str) -> argparse.Namespace:
+    """Parse ``WORKLOAD [--n N] [--workdir DIR]``; ``n`` defaults to the workload's full size.
+
+    Also arms the ABORT_S alarm: it raises TimeoutError in the main thread, so ``finally``
+    blocks still stop the workers and remove the scratch directory.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("workload", choices=list(workloads))
+    parser.add_argument("--n", type=int, help="iterations (default: the full-run size)")
+    parser.add_argument("--workdir", type=Path, help="parent of the scratch directory")
+    args = parser.parse_args()
+    if args.n is None:
+        args.n = workloads[args.workload].full_n
+    signal.signal(signal.SIGALRM, _abort)
+    signal.alarm(ABORT_S)
+    return args
+
+
+def emit(record: Mapping[str, Any]) -> None:
+    """Print the result record as the last line of stdout."""
+    print(json.dumps(record), flush=True)
+
+
+def peer_main(make_peer: Callable[[Path], Peer], description: str) -> None:
+    """Entry point of a peer script: run the workload named on the command line, print JSON."""
+    args = parse_cli(WORKLOADS, description)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-", dir=args.workdir) as scratch,
+        make_peer(Path(scratch)) as peer,
+    ):
+        figures = run_workload(peer, args.workload, args.n)
+    signal.alarm(0)
+    notes = [peer.setup, peer.workload_notes.get(args.workload, "")]
+    emit(
+        {
+            "system": peer.system,
+            "workload": args.workload,
+            "n": args.n,
+            "version": peer.version,
+            **figures,
+            "note": "; ".join(note for note in notes if note),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Runner.
+# --------------------------------------------------------------------------------------------
+
+
+def run_one(
+    name: str, system: System, workload: str, n: int, workdir: Path, timeout_s: float
+) -> dict[str, Any]:
+    """Run one (system, workload) subprocess and return its JSON record, or an error record."""
+    argv = [*system.argv, workload, "--n", str(n), "--workdir", str(workdir)]
+    started = time.perf_counter()
+    # Own session, so that on timeout one killpg reaches the workers the system started too.
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        error = None if proc.returncode == 0 else f"exit status {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        error = f"timed out after {timeout_s:.0f} s"
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # Whatever the system left running, if anything.
+    except ProcessLookupError:
+        pass
+    wall_s = round(time.perf_counter() - started, 2)
+    lines = out.decode(errors="replace").strip().splitlines()
+    if error is None:
+        try:
+            record = json.loads(lines[-1])
+            unknown = set(record) - set(RESULT_KEYS)
+            if unknown:
+                print(f"  note: {name} reported unknown keys {sorted(unknown)}", flush=True)
+            return {**record, "system": name, "wall_s": wall_s}
+        except (IndexError, json.JSONDecodeError):
+            error = "last stdout line is not a JSON object"
+    tail = err.decode(errors="replace").strip().splitlines()[-15:]
+    return {
+        "system": name,
+        "workload": workload,
+        "n": n,
+        "wall_s": wall_s,
+        "error": error,
+        "stderr_tail": tail,
+    }
+
+
+def _format(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return _format(values[0])
+    return f"{_format(statistics.median(values))} ({_format(min(values))}–{_format(max(values))})"
+
+
+def _table(
+    title: str, workload: Workload, rows: Mapping[str, list[dict[str, Any]]], ratio: bool
+) -> list[str]:
+    """Markdown lines for one workload: a row per system, median (min–max) per figure."""
+    labels = [label for _, label in workload.figures]
+    header = ["system", *labels] + ([f"{labels[0]} ÷ Ember"] if ratio else [])
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    primary = workload.figures[0][0]
+    ember = [r[primary] for r in rows.get("ember", []) if primary in r]
+    notes = []
+    for name, records in rows.items():
+        ok = [r for r in records if "error" not in r]
+        cells = [_cell([r[key] for r in ok if key in r]) for key, _ in workload.figures]
+        if ratio:
+            mine = [r[primary] for r in ok if primary in r]
+            cells.append(
+                f"{statistics.median(mine) / statistics.median(ember):.2f}×"
+                if mine and ember and statistics.median(ember) > 0
+                else "—"
+            )
+        failed = len(records) - len(ok)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        note = next((r["note"] for r in ok if r.get("note")), "")
+        if failed:
+            reason = next(r["error"] for r in records if "error" in r)
+            note = f"{failed}/{len(records)} rounds failed ({reason}). {note}"
+        if note:
+            notes.append(f"- {name}: {note}")
+    return [*lines, "", *notes, ""]
+
+
+def render_markdown(meta: Mapping[str, Any], records: Sequence[dict[str, Any]]) -> str:
+    """The summary: one table per workload, then the floors."""
+    out = [
+        f"# Ember benchmark, {meta['started']} ({meta['mode']}, {meta['rounds']} rounds)",
+        "",
+        f"Machine: {meta['machine']}. Cells: median (min–max) across rounds. "
+        "Ratio: the system's median over Ember's, on the first figure of the table.",
+        "",
+    ]
+    for name, workload in WORKLOADS.items():
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            if record["workload"] == name and record["system"] in SYSTEMS:
+                rows.setdefault(record["system"], []).append(record)
+        if rows:
+            n = rows[next(iter(rows))][0]["n"]
+            out += _table(f"{name}: {workload.title} (n={n})", workload, rows, ratio=True)
+    floor_rows = [r for r in records if r["system"] == "floors"]
+    if floor_rows:
+        out += ["## Floors", ""]
+        for name, workload in FLOOR_WORKLOADS.items():
+            rows = {name: [r for r in floor_rows if r["workload"] == name]}
+            if rows[name]:
+                out += _table(f"{name}: {workload.title}", workload, rows, ratio=False)
+    return "\n".join(out)
+
+
+def machine_summary() -> str:
+    """One line on the hardware and software the figures were taken on."""
+    mem_kib = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return (
+        f"{os.cpu_count()} CPUs, {mem_kib / MIB:.0f} GiB, {platform.platform()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    """Run every selected system and workload over the rounds and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, smaller n")
+    parser.add_argument("--rounds", type=int, help="rounds (default: 3 quick, 5 full)")
+    parser.add_argument("--systems", help=f"comma-separated subset of {','.join(SYSTEMS)},floors")
+    parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    args = parser.parse_args()
+    rounds = args.rounds or (3 if args.quick else 5)
+    chosen = args.systems.split(",") if args.systems else [*SYSTEMS, "floors"]
+    workloads = args.workloads.split(",") if args.workloads else list(WORKLOADS)
+    timeout_s = QUICK_RUN_TIMEOUT_S if args.quick else ABORT_S + KILL_GRACE_S
+
+    systems: dict[str, System] = {}
+    for name in chosen:
+        system = FLOORS if name == "floors" else SYSTEMS[name]
+        reason = system.missing()
+        if reason:
+            print(f"skipping {name}: {reason}", flush=True)
+        else:
+            systems[name] = system
+    peers = [name for name in systems if name != "floors"]
+
+    started = time.strftime("%Y%m%d-%H%M%S")
+    records: list[dict[str, Any]] = []
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ember-bench-") as workdir:
+
+        def run(name: str, workload: str, spec: Workload, round_no: int) -> None:
+            n = spec.quick_n if args.quick else spec.full_n
+            record = run_one(name, systems[name], workload, n, Path(workdir), timeout_s)
+            records.append({**record, "round": round_no})
+            status = record.get("error") or "ok"
+            print(
+                f"[{time.perf_counter() - clock:6.1f}s] round {round_no} {workload:<14} "
+                f"{name:<7} {record['wall_s']:6.1f}s {status}",
+                flush=True,
+            )
+
+        for round_no in range(1, rounds + 1):
+            # Rotate the order so no system always runs right after the same neighbour.
+            shift = (round_no - 1) % max(1, len(peers))
+            order = peers[shift:] + peers[:shift]
+            for workload in workloads:
+                for name in order:
+                    run(name, workload, WORKLOADS[workload], round_no)
+            if "floors" in systems:
+                for workload, spec in FLOOR_WORKLOADS.items():
+                    run("floors", workload, spec, round_no)
+
+    meta = {
+        "started": started,
+        "mode": "quick" if args.quick else "full",
+        "rounds": rounds,
+        "machine": machine_summary(),
+        "wall_s": round(time.perf_counter() - clock, 1),
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS_DIR / f"{started}.json"
+    md_path = RESULTS_DIR / f"{started}.md"
+    json_path.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    markdown = render_markdown(meta, records)
+    md_path.write_text(markdown + "\n")
+    print(
+        f"\n{markdown}\nwrote {json_path.relative_to(REPO)} and {md_path.relative_to(REPO)} "
+        f"in {meta['wall_s']} s",
+        flush=True,
+    )
+    if any("error" in record for record in records):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

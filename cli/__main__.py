@@ -1,0 +1,5 @@
+"""``python -m ember.cli``."""
+
+from ember.cli import main
+
+main()

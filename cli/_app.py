@@ -1,0 +1,298 @@
+"""The ``ember`` command (also installed as ``trigger``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import msgspec
+import typer
+
+from ember._client import Call, Client
+from ember._errors import ConfigError, EmberError
+from ember._runs import Runs, Tasks
+from ember._types import Run, RunSummary
+from ember.cli import _output as out
+from ember.cli._project import find_project, init_project
+from ember.cli._settings import client_settings, daemon_config
+
+app = typer.Typer(
+    name="ember",
+    help="Durable background tasks for Python on one machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+runs_app = typer.Typer(help="Inspect and steer runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+EnvOption = Annotated[str | None, typer.Option("--env", "-e", help="Environment (default dev).")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print an error and exit."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _client(env: str | None) -> Client:
+    try:
+        project = find_project(Path.cwd())
+    except ConfigError:
+        project = None
+    return Client(client_settings(daemon_config(project), env))
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except EmberError as exc:
+        fail(str(exc))
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(msgspec.json.format(msgspec.json.encode(value), indent=2))
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
+) -> None:
+    """Add [tool.ember] to pyproject.toml and a starter task."""
+    try:
+        done = init_project(path)
+    except EmberError as exc:
+        fail(str(exc))
+    for line in done or ["already set up: nothing to do"]:
+        typer.echo(f"○ {line}")
+    typer.echo('Next: `ember dev`, then `ember trigger hello-world --payload \'{"name": "Ada"}\'`')
+
+
+@app.command()
+def dev(
+    project_dir: Annotated[Path, typer.Option("--project", "-p", help="Project folder.")] = Path(
+        "."
+    ),
+    max_concurrent_runs: Annotated[
+        int | None, typer.Option("--max-concurrent-runs", help="Runs executing at once.")
+    ] = None,
+    watch: Annotated[bool, typer.Option(help="Register a new version on code changes.")] = True,
+) -> None:
+    """Run your tasks locally: embedded daemon, hot reload, one line per run."""
+    from ember.cli._dev import run_dev
+
+    try:
+        project = find_project(project_dir)
+        config = daemon_config(project, max_concurrent_runs=max_concurrent_runs)
+    except EmberError as exc:
+        fail(str(exc))
+    sys.exit(run_dev(project, config, watch=watch))
+
+
+@app.command()
+def daemon(
+    state_dir: Annotated[Path | None, typer.Option(help="State directory.")] = None,
+    socket: Annotated[Path | None, typer.Option(help="API Unix socket path.")] = None,
+    tcp: Annotated[
+        str | None, typer.Option(help="Also serve the API on HOST:PORT, with API keys.")
+    ] = None,
+    durability: Annotated[
+        str | None, typer.Option(help="normal (WAL) or fsync (survives power loss).")
+    ] = None,
+    max_concurrent_runs: Annotated[int | None, typer.Option(help="Runs executing at once.")] = None,
+) -> None:
+    """Run the daemon in the foreground (systemd runs this)."""
+    import logging
+
+    from ember.daemon import serve
+
+    try:
+        project = find_project(Path.cwd())
+    except ConfigError:
+        project = None
+    try:
+        config = daemon_config(
+            project,
+            state_dir=state_dir,
+            socket_path=socket,
+            tcp=tcp,
+            durability=durability,
+            max_concurrent_runs=max_concurrent_runs,
+        )
+    except EmberError as exc:
+        fail(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        serve(config)
+    except EmberError as exc:
+        fail(str(exc))
+
+
+def _payload(raw: str | None) -> Any:
+    if raw is None:
+        return None
+    text = raw
+    if raw.startswith("@"):
+        try:
+            text = Path(raw[1:]).read_text()
+        except OSError as exc:
+            fail(f"cannot read the payload file {raw[1:]}: {exc.strerror}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"--payload is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+
+
+@app.command()
+def trigger(
+    task_id: Annotated[str, typer.Argument(help="The task's id.")],
+    payload: Annotated[
+        str | None, typer.Option("--payload", help="JSON payload, or @file.json.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish.")] = False,
+    delay: Annotated[str | None, typer.Option(help="Start after e.g. 30s, 1h, or a date.")] = None,
+    ttl: Annotated[str | None, typer.Option(help="Expire if not started within.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Dedupe key.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeatable).")] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue name.")] = None,
+    concurrency_key: Annotated[str | None, typer.Option(help="Per-key concurrency.")] = None,
+    priority: Annotated[float, typer.Option(help="Seconds of head start.")] = 0.0,
+    max_attempts: Annotated[int | None, typer.Option(help="Override the retry budget.")] = None,
+    version: Annotated[str | None, typer.Option(help="Lock to this version.")] = None,
+    env: EnvOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Trigger a run of a task."""
+    data = _payload(payload)
+    client = _client(env)
+
+    async def go() -> None:
+        handle = await Tasks(client).trigger(
+            task_id,
+            data,
+            delay=delay,
+            ttl=ttl,
+            idempotency_key=idempotency_key,
+            tags=tag or (),
+            queue=queue,
+            concurrency_key=concurrency_key,
+            priority=priority,
+            max_attempts=max_attempts,
+            version=version,
+        )
+        if not wait:
+            if as_json:
+                _print_json(
+                    {"id": handle.id, "task_id": handle.task_id, "is_cached": handle.is_cached}
+                )
+            else:
+                cached = " (existing run: idempotency key matched)" if handle.is_cached else ""
+                typer.echo(f"○ triggered {handle.task_id} -> {handle.id}{cached}")
+            return
+        run = await Runs(client).poll(handle.id)
+        if as_json:
+            _print_json(run)
+        else:
+            out.print_run(run)
+        if run.status.value != "COMPLETED":
+            raise typer.Exit(1)
+
+    _run_async(go())
+
+
+@runs_app.command("list")
+def runs_list(
+    status: Annotated[
+        list[str] | None, typer.Option("--status", "-s", help="Status (repeatable).")
+    ] = None,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", "-t", help="Task id (repeatable).")
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeatable).")] = None,
+    version: Annotated[str | None, typer.Option(help="Locked version.")] = None,
+    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+    env: EnvOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List runs, newest first."""
+    client = _client(env)
+    statuses = [s.upper() for s in status or []]
+
+    async def go() -> None:
+        page = await Runs(client).list(
+            status=statuses or None, task=task, tag=tag, version=version, limit=limit
+        )
+        if as_json:
+            _print_json(page)
+        else:
+            out.print_run_table(page.data)
+
+    _run_async(go())
+
+
+def _one_run(run_id: str, env: str | None, action: str, as_json: bool) -> None:
+    client = _client(env)
+    runs = Runs(client)
+
+    async def go() -> None:
+        result: Run | RunSummary | Any
+        if action == "show":
+            result = await runs.retrieve(run_id)
+        elif action == "cancel":
+            result = await runs.cancel(run_id)
+        elif action == "replay":
+            replay = await runs.replay(run_id)
+            if as_json:
+                _print_json(replay)
+            else:
+                typer.echo(f"○ replayed {run_id} -> {replay.id}")
+            return
+        else:
+            logs = await runs.logs(run_id)
+            if as_json:
+                _print_json(logs)
+            else:
+                out.print_logs(logs.data)
+            return
+        if as_json:
+            _print_json(result)
+        else:
+            out.print_run(result)
+
+    _run_async(go())
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, env: EnvOption = None, as_json: JsonFlag = False) -> None:
+    """Show a run: status, payload, output, error, attempts, history."""
+    _one_run(run_id, env, "show", as_json)
+
+
+@runs_app.command("logs")
+def runs_logs(run_id: str, env: EnvOption = None, as_json: JsonFlag = False) -> None:
+    """Print a run's log lines."""
+    _one_run(run_id, env, "logs", as_json)
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: str, env: EnvOption = None, as_json: JsonFlag = False) -> None:
+    """Cancel a run that has not finished."""
+    _one_run(run_id, env, "cancel", as_json)
+
+
+@runs_app.command("replay")
+def runs_replay(run_id: str, env: EnvOption = None, as_json: JsonFlag = False) -> None:
+    """Run a task again with the payload of a previous run."""
+    _one_run(run_id, env, "replay", as_json)
+
+
+@app.command()
+def openapi(env: EnvOption = None) -> None:
+    """Print the daemon's OpenAPI document."""
+    client = _client(env)
+    document = _run_async(client.request(Call("GET", "/openapi.json", dict[str, Any])))
+    _print_json(document)

@@ -1,0 +1,191 @@
+"""``ember dev``: an embedded daemon, hot reload, and one line per run event.
+
+If a daemon already answers on the socket, ``ember dev`` uses it; otherwise it runs one in
+its own event loop and stops it on exit. Every relevant code change registers a new version
+(unchanged content registers nothing); a version that fails to import leaves the last good
+one serving. Ctrl-C cancels the dev runs still executing, then stops; a second Ctrl-C exits
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import typer
+
+from ember._client import Call, Client
+from ember._errors import DaemonUnavailable, EmberError
+from ember._runs import Runs
+from ember._types import RunEvent, RunStatus, RunSummary, VersionInfo
+from ember.cli._output import duration_text
+from ember.cli._project import INCLUDE_SUFFIXES, Project, snapshot
+from ember.cli._settings import client_settings
+from ember.daemon import Daemon, loop_factory
+from ember.daemon._config import DaemonConfig
+
+_IN_FLIGHT = (RunStatus.EXECUTING, RunStatus.DEQUEUED)
+
+
+def say(text: str, colour: str | None = None) -> None:
+    """Print one dev line."""
+    typer.secho(f"○ {text}", fg=colour)
+
+
+def run_dev(project: Project, config: DaemonConfig, *, watch: bool) -> int:
+    """Run ``ember dev`` until Ctrl-C; returns the exit status."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(_dev(project, config, watch))
+
+
+async def _dev(project: Project, config: DaemonConfig, watch: bool) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    presses = 0
+
+    def on_signal() -> None:
+        nonlocal presses
+        presses += 1
+        if presses > 1:
+            os._exit(130)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+
+    daemon: Daemon | None = None
+    client = Client(client_settings(config, "dev"))
+    try:
+        await client.request(Call("GET", "/healthz", dict[str, object]))
+        say(f"Using the daemon on {config.api_socket}")
+    except DaemonUnavailable:
+        daemon = Daemon(config)
+        try:
+            await daemon.start()
+        except EmberError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            return 1
+        say(f"Started a daemon (state in {config.state_dir})")
+    printer = loop.create_task(_print_events(client))
+    tasks: list[asyncio.Task[None]] = [printer]
+    try:
+        say("Building local worker…")
+        await _register(client, project)
+        if watch:
+            tasks.append(loop.create_task(_watch(project, client, stop)))
+        await stop.wait()
+        say("Stopping: canceling the dev runs in flight…")
+        await _cancel_in_flight(client)
+    except EmberError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        return 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+        if daemon is not None:
+            await daemon.stop()
+    return 0
+
+
+async def _register(client: Client, project: Project) -> VersionInfo | None:
+    try:
+        archive, count = snapshot(project)
+    except EmberError as exc:
+        say(f"Cannot build the worker: {exc}", "red")
+        return None
+    call = Call(
+        "POST",
+        "/api/v1/versions",
+        VersionInfo,
+        body=archive,
+        params={"promote": "true"},
+        timeout_s=300.0,
+    )
+    info = await client.request(call)
+    if info.status == "FAILED":
+        say(f"Build failed ({count} files); the last good version keeps serving:", "red")
+        typer.echo(info.error or "", err=True)
+    else:
+        names = ", ".join(t.id for t in info.tasks) or "no tasks found"
+        say(f"Local worker ready -> {info.id}  ({len(info.tasks)} tasks: {names})", "green")
+    return info
+
+
+def _relevant(path: str) -> bool:
+    name = Path(path).name
+    # Editors write temp and swap files next to the real one; only source changes count.
+    if name.startswith((".", "#")) or name.endswith(("~", ".swp", ".tmp")):
+        return False
+    return Path(path).suffix in INCLUDE_SUFFIXES and "__pycache__" not in path
+
+
+async def _watch(project: Project, client: Client, stop: asyncio.Event) -> None:
+    from watchfiles import awatch
+
+    async for changes in awatch(project.root, stop_event=stop, recursive=True):
+        if any(_relevant(path) for _, path in changes):
+            say("Rebuilding local worker…")
+            try:
+                await _register(client, project)
+            except EmberError as exc:
+                say(f"Rebuild failed: {exc}", "red")
+
+
+async def _cancel_in_flight(client: Client) -> None:
+    runs = Runs(client)
+    page = await runs.list(status=list(_IN_FLIGHT), limit=1000)
+    for run in page.data:
+        with contextlib.suppress(EmberError):  # it may have finished meanwhile
+            await runs.cancel(run.id)
+    if page.data:
+        say(f"Canceled {len(page.data)} run(s)")
+
+
+def run_line(run: RunSummary) -> str | None:
+    """Trigger.dev-style dev line for a run event, or None for events not worth a line."""
+    now = datetime.now().strftime("%H:%M:%S.%f")[:-3]
+    head = f"{now} -> {run.version or '-'} | {run.task_id} | {run.id}.{run.attempt_count} | "
+    status = run.status
+    if status is RunStatus.EXECUTING:
+        return head + "Executing"
+    if status is RunStatus.COMPLETED:
+        return (
+            head
+            + typer.style("Success", fg="green")
+            + f" ({duration_text(run.started_at, run.finished_at)})"
+        )
+    if status is RunStatus.QUEUED and run.attempt_count > 0:
+        return head + typer.style("Error (retrying…)", fg="yellow")
+    if status is RunStatus.CANCELED:
+        return head + typer.style("Cancelled", fg="yellow")
+    if status.is_final:
+        reason = f": {run.error.name}: {run.error.message}" if run.error else ""
+        return head + typer.style(f"{status.value.title()}{reason}", fg="red")
+    if status is RunStatus.PENDING_VERSION:
+        return head + typer.style("Pending version (no current version has this task)", fg="yellow")
+    return None
+
+
+async def _print_events(client: Client) -> None:
+    lost = False
+    while True:
+        try:
+            async for event in client.events():
+                if lost:
+                    say("Connection restored", "green")
+                    lost = False
+                if isinstance(event, RunEvent) and (line := run_line(event.run)):
+                    typer.echo(f"○ {line}")
+                    sys.stdout.flush()
+        except DaemonUnavailable:
+            if not lost:
+                say("Connection to the daemon was lost; retrying…", "yellow")
+                lost = True
+        await asyncio.sleep(1.0)

@@ -1,0 +1,84 @@
+"""Build the daemon's and the client's configuration from flags, environment and [tool.ember].
+
+Precedence: a command-line flag, then an environment variable (read in ``ember._config``
+only), then ``[tool.ember]`` of the project, then Ember's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ember._config import ClientSettings, default_socket_path, env_var
+from ember._errors import ConfigError
+from ember.cli._project import Project
+from ember.daemon._config import DaemonConfig
+
+_DAEMON_KEYS = {
+    "state_dir": Path,
+    "socket": Path,
+    "durability": str,
+    "max_concurrent_runs": int,
+    "max_runs_per_process": int,
+    "process_idle_s": float,
+    "heartbeat_interval_s": float,
+    "heartbeat_timeout_s": float,
+    "cancel_grace_s": float,
+    "max_payload_bytes": int,
+    "max_output_bytes": int,
+    "checkpoint": str,
+}
+_PROJECT_KEYS = {"dirs", "project"}
+_CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}
+
+
+def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
+    """The daemon configuration; ``flags`` left as None fall through to the next source.
+
+    Raises:
+        ConfigError: an unknown or ill-typed key in [tool.ember], or a bad value.
+    """
+    values: dict[str, Any] = {}
+    if project is not None:
+        for key, raw in project.settings.items():
+            if key in _PROJECT_KEYS:
+                continue
+            kind = _DAEMON_KEYS.get(key)
+            if kind is None:
+                known = ", ".join(sorted(_DAEMON_KEYS.keys() | _PROJECT_KEYS))
+                raise ConfigError(f"[tool.ember] has an unknown key {key!r}; known keys: {known}")
+            try:
+                value = kind(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"[tool.ember] {key} = {raw!r} is not a {kind.__name__}"
+                ) from None
+            if kind is Path and not Path(value).is_absolute():
+                value = project.root / value
+            values["socket_path" if key == "socket" else key] = value
+    if explicit := env_var("EMBER_STATE_DIR"):
+        values["state_dir"] = Path(explicit)
+    if env_var("EMBER_SOCKET"):
+        values["socket_path"] = default_socket_path()
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = value
+    for key, allowed in _CHOICES.items():
+        if key in values and values[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {values[key]!r}")
+    for key in ("max_concurrent_runs", "max_runs_per_process"):
+        if key in values and values[key] < 1:
+            raise ConfigError(f"{key} must be at least 1")
+    fields = {f.name for f in dataclasses.fields(DaemonConfig)}
+    return DaemonConfig(**{k: v for k, v in values.items() if k in fields})
+
+
+def client_settings(config: DaemonConfig | None = None, env: str | None = None) -> ClientSettings:
+    """Client settings from the environment, aimed at ``config``'s socket when given."""
+    settings = ClientSettings.from_env()
+    if config is not None and settings.url is None:
+        settings = dataclasses.replace(settings, socket_path=config.api_socket)
+    if env is not None:
+        settings = dataclasses.replace(settings, env=env)
+    return settings

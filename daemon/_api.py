@@ -1,0 +1,425 @@
+"""The HTTP API: REST/JSON on the Unix socket and, when configured, on TCP with API keys.
+
+Routes are declared once in ``ROUTES`` with their request and response types; the Starlette
+app and the OpenAPI document (:mod:`ember.daemon._openapi`) are both built from that table.
+
+The environment of a request comes from the ``x-ember-env`` header on the Unix socket (its
+owner may name any environment); over TCP the API key decides it and a header naming
+another environment is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+import ember
+from ember._errors import ApiError, BadRequest, EmberError, PayloadTooLarge, Unauthorized
+from ember._types import (
+    BatchItem,
+    BatchTriggerRequest,
+    BatchTriggerResponse,
+    ErrorBody,
+    Health,
+    LogPage,
+    QueueInfo,
+    QueueList,
+    ReplayRequest,
+    RescheduleRequest,
+    Run,
+    RunPage,
+    RunStatus,
+    TaskList,
+    TriggerRequest,
+    TriggerResponse,
+    VersionInfo,
+    VersionList,
+)
+from ember.daemon import _store as store
+
+if TYPE_CHECKING:
+    from ember.daemon._server import Daemon
+
+_json = msgspec.json.Encoder()
+log = logging.getLogger("ember.daemon")
+MAX_BATCH_ITEMS = 1000
+MAX_VERSION_BYTES = 256 * 1024 * 1024
+# JSON framing around a payload: options, keys, escaping.
+_BODY_OVERHEAD = 300 * 1024
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """One API route: what it accepts and returns, for the app and for OpenAPI."""
+
+    method: str
+    path: str
+    handler: Callable[[Daemon, Request, str], Awaitable[Any]]
+    summary: str
+    request: type[Any] | None = None
+    response: type[Any] | None = None
+    query: tuple[tuple[str, str], ...] = ()
+    content_type: str = "application/json"
+
+
+def _json_response(value: Any, status: int = 200) -> Response:
+    return Response(_json.encode(value), status, media_type="application/json")
+
+
+def _error_response(status: int, message: str) -> Response:
+    return _json_response(ErrorBody(error=message), status)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(413, f"request body of {declared} bytes is over the limit of {limit}")
+    body = await request.body()
+    if len(body) > limit:
+        raise PayloadTooLarge(
+            413, f"request body of {len(body)} bytes is over the limit of {limit}"
+        )
+    return body
+
+
+def _decode(data: bytes, type_: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(data, type=type_)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(400, f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _csv(request: Request, name: str) -> tuple[str, ...]:
+    raw = request.query_params.get(name)
+    return tuple(v for v in raw.split(",") if v) if raw else ()
+
+
+def _float_param(request: Request, name: str, default: float | None = None) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise BadRequest(400, f"query parameter {name}={raw!r} is not a number") from None
+
+
+def _time_param(request: Request, name: str) -> float | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(raw).timestamp()
+    except ValueError:
+        raise BadRequest(
+            400, f"query parameter {name}={raw!r} is not an ISO 8601 date-time or epoch seconds"
+        ) from None
+
+
+# -- handlers ----------------------------------------------------------------------------
+
+
+async def health(daemon: Daemon, request: Request, env: str) -> Health:
+    return Health(
+        ok=True,
+        version=ember.__version__,
+        pid=daemon.pid,
+        started_at=store.ts(daemon.started_at),
+        checkpoint_strategy=daemon.checkpoint_strategy,
+    )
+
+
+async def trigger(daemon: Daemon, request: Request, env: str) -> TriggerResponse:
+    body = await _body(request, daemon.config.max_payload_bytes + _BODY_OVERHEAD)
+    req: TriggerRequest = _decode(body, TriggerRequest)
+    item = BatchItem(task=request.path_params["task_id"], payload=req.payload, options=req.options)
+    _, responses = await daemon.engine.trigger(env, [item])
+    return responses[0]
+
+
+async def batch_trigger(daemon: Daemon, request: Request, env: str) -> BatchTriggerResponse:
+    limit = MAX_BATCH_ITEMS * (daemon.config.max_payload_bytes + _BODY_OVERHEAD)
+    req: BatchTriggerRequest = _decode(await _body(request, limit), BatchTriggerRequest)
+    if not 1 <= len(req.items) <= MAX_BATCH_ITEMS:
+        raise BadRequest(
+            400, f"items: a batch holds 1 to {MAX_BATCH_ITEMS} runs, got {len(req.items)}"
+        )
+    batch_id, responses = await daemon.engine.trigger(env, req.items, batch=True)
+    assert batch_id is not None
+    return BatchTriggerResponse(batch_id=batch_id, runs=responses)
+
+
+async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
+    statuses = _csv(request, "status")
+    for status in statuses:
+        if status not in RunStatus.__members__:
+            raise BadRequest(
+                400,
+                f"status={status!r} is not a run status; use one of "
+                + ", ".join(RunStatus.__members__),
+            )
+    limit = int(_float_param(request, "limit", 50) or 50)
+    if not 1 <= limit <= 1000:
+        raise BadRequest(400, "limit must be between 1 and 1000")
+    flt = store.RunFilter(
+        env=env,
+        statuses=statuses,
+        tasks=_csv(request, "task"),
+        tags=_csv(request, "tag"),
+        version=request.query_params.get("version") or None,
+        created_from=_time_param(request, "from"),
+        created_to=_time_param(request, "to"),
+    )
+    cursor = request.query_params.get("cursor") or None
+    page, next_cursor = await daemon.db.read(lambda conn: store.list_runs(conn, flt, limit, cursor))
+    return RunPage(data=page, next_cursor=next_cursor)
+
+
+async def get_run(daemon: Daemon, request: Request, env: str) -> Run:
+    return await daemon.engine.get_run(request.path_params["run_id"])
+
+
+async def wait_run(daemon: Daemon, request: Request, env: str) -> Run:
+    timeout_s = _float_param(request, "timeout_s", 30.0) or 0.0
+    return await daemon.engine.wait_final(request.path_params["run_id"], min(timeout_s, 3600.0))
+
+
+async def run_logs(daemon: Daemon, request: Request, env: str) -> LogPage:
+    run_id = request.path_params["run_id"]
+    await daemon.engine.get_run(run_id)  # 404 for an unknown run, not an empty list
+    return LogPage(data=await daemon.db.read(lambda conn: store.get_logs(conn, run_id)))
+
+
+async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
+    run_id = request.path_params["run_id"]
+    await daemon.engine.cancel(run_id)
+    return await daemon.engine.get_run(run_id)
+
+
+async def replay_run(daemon: Daemon, request: Request, env: str) -> TriggerResponse:
+    req: ReplayRequest = _decode(await _body(request, 64 * 1024) or b"{}", ReplayRequest)
+    return await daemon.engine.replay(env, request.path_params["run_id"], req.version)
+
+
+async def reschedule_run(daemon: Daemon, request: Request, env: str) -> Run:
+    req: RescheduleRequest = _decode(await _body(request, 64 * 1024), RescheduleRequest)
+    run_id = request.path_params["run_id"]
+    await daemon.engine.reschedule(run_id, req.delay)
+    return await daemon.engine.get_run(run_id)
+
+
+async def register_version(daemon: Daemon, request: Request, env: str) -> VersionInfo:
+    archive = await _body(request, MAX_VERSION_BYTES)
+    promote = request.query_params.get("promote", "true") != "false"
+    return await daemon.register_version(env, archive, promote=promote)
+
+
+async def list_versions(daemon: Daemon, request: Request, env: str) -> VersionList:
+    return VersionList(data=daemon.engine.version_list(env))
+
+
+async def promote_version(daemon: Daemon, request: Request, env: str) -> VersionInfo:
+    return await daemon.engine.promote(env, request.path_params["version"])
+
+
+async def list_tasks(daemon: Daemon, request: Request, env: str) -> TaskList:
+    current = daemon.engine.current.get(env)
+    if current is None:
+        return TaskList(version=None, data=[])
+    record = daemon.engine.versions[(env, current)]
+    return TaskList(version=current, data=sorted(record.tasks.values(), key=lambda t: t.id))
+
+
+async def list_queues(daemon: Daemon, request: Request, env: str) -> QueueList:
+    queue = daemon.engine.queue
+    data = [
+        QueueInfo(
+            name=name,
+            env=env,
+            concurrency_limit=queue.limit(env, name),
+            running=running,
+            queued=queued,
+            paused=queue.is_paused(env, name),
+        )
+        for name, (running, queued) in sorted(queue.stats(env).items())
+    ]
+    return QueueList(data=data)
+
+
+async def events(daemon: Daemon, request: Request, env: str) -> StreamingResponse:
+    return StreamingResponse(
+        daemon.events.stream(env),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache"},
+    )
+
+
+_RUN_FILTERS = (
+    ("status", "comma-separated statuses"),
+    ("task", "comma-separated task ids"),
+    ("tag", "comma-separated tags (any matches)"),
+    ("version", "locked version"),
+    ("from", "created at or after (ISO 8601 or epoch seconds)"),
+    ("to", "created before (ISO 8601 or epoch seconds)"),
+    ("limit", "page size, 1-1000 (default 50)"),
+    ("cursor", "next_cursor of the previous page"),
+)
+
+ROUTES: tuple[RouteSpec, ...] = (
+    RouteSpec("GET", "/healthz", health, "Daemon health", response=Health),
+    RouteSpec(
+        "POST",
+        "/api/v1/tasks/{task_id}/trigger",
+        trigger,
+        "Trigger a run of a task",
+        request=TriggerRequest,
+        response=TriggerResponse,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/tasks/batch",
+        batch_trigger,
+        "Trigger up to 1,000 runs in one commit",
+        request=BatchTriggerRequest,
+        response=BatchTriggerResponse,
+    ),
+    RouteSpec(
+        "GET", "/api/v1/tasks", list_tasks, "Tasks of the current version", response=TaskList
+    ),
+    RouteSpec(
+        "GET",
+        "/api/v1/runs",
+        list_runs,
+        "List runs, newest first",
+        response=RunPage,
+        query=_RUN_FILTERS,
+    ),
+    RouteSpec("GET", "/api/v3/runs/{run_id}", get_run, "Retrieve a run", response=Run),
+    RouteSpec(
+        "GET",
+        "/api/v1/runs/{run_id}/wait",
+        wait_run,
+        "Wait until a run is final (long poll)",
+        response=Run,
+        query=(("timeout_s", "seconds to wait at most (default 30, max 3600)"),),
+    ),
+    RouteSpec("GET", "/api/v1/runs/{run_id}/logs", run_logs, "A run's log lines", response=LogPage),
+    RouteSpec("POST", "/api/v2/runs/{run_id}/cancel", cancel_run, "Cancel a run", response=Run),
+    RouteSpec(
+        "POST",
+        "/api/v1/runs/{run_id}/replay",
+        replay_run,
+        "Replay a run with the same payload",
+        request=ReplayRequest,
+        response=TriggerResponse,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/runs/{run_id}/reschedule",
+        reschedule_run,
+        "Move a delayed run",
+        request=RescheduleRequest,
+        response=Run,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/versions",
+        register_version,
+        "Register a version from a gzipped tar of the project",
+        response=VersionInfo,
+        query=(("promote", "make it current when it builds (default true)"),),
+        content_type="application/gzip",
+    ),
+    RouteSpec(
+        "GET", "/api/v1/versions", list_versions, "Versions, newest first", response=VersionList
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/versions/{version}/promote",
+        promote_version,
+        "Make a version current",
+        response=VersionInfo,
+    ),
+    RouteSpec("GET", "/api/v1/queues", list_queues, "Queues and their load", response=QueueList),
+    RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
+)
+
+
+def build_app(daemon: Daemon) -> Starlette:
+    """The Starlette app serving ``ROUTES`` and ``/openapi.json``."""
+    from ember.daemon._openapi import openapi_document
+
+    document = _json.encode(openapi_document(ROUTES))
+
+    def endpoint(spec: RouteSpec) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            try:
+                env = await _authorize(daemon, request)
+                result = await spec.handler(daemon, request, env)
+            except ApiError as exc:
+                return _error_response(exc.status, exc.detail)
+            except EmberError as exc:
+                return _error_response(400, str(exc))
+            except Exception as exc:
+                log.exception("%s %s failed", spec.method, request.url.path)
+                return _error_response(500, f"internal error ({type(exc).__name__}: {exc})")
+            if isinstance(result, Response):
+                return result
+            return _json_response(result)
+
+        return handle
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    routes = [Route(s.path, endpoint(s), methods=[s.method]) for s in ROUTES]
+    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
+    return Starlette(routes=routes)
+
+
+async def _authorize(daemon: Daemon, request: Request) -> str:
+    """The request's environment, checking the API key on TCP.
+
+    Raises:
+        Unauthorized: TCP without a valid key, or a key used for another environment.
+    """
+    named = request.headers.get("x-ember-env") or None
+    server = request.scope.get("server")
+    over_unix = server is None or server[1] is None
+    if over_unix:
+        return named or "dev"
+    header = request.headers.get("authorization", "")
+    if not header.startswith("Bearer "):
+        raise Unauthorized(
+            401,
+            "this daemon needs an API key over TCP: send `Authorization: Bearer <key>` "
+            "(set EMBER_API_KEY); `ember keys create` makes one",
+        )
+    key_hash = hash_key(header[7:].strip())
+    env = await daemon.db.read(lambda conn: store.key_env(conn, key_hash))
+    if env is None:
+        raise Unauthorized(401, "the API key is unknown or revoked")
+    if named is not None and named != env:
+        raise Unauthorized(403, f"this API key belongs to environment {env}, not {named}")
+    return env

@@ -1,0 +1,62 @@
+"""The daemon's configuration: one frozen object built at the CLI edge and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ember._config import default_socket_path, default_state_dir
+from ember.daemon._db import Durability
+
+CheckpointStrategy = Literal["auto", "criu", "park", "replay"]
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything the daemon needs to know; every field has a working default.
+
+    Attributes:
+        state_dir: SQLite file, code snapshots, blobs and run-process logs live here.
+        socket_path: the API's Unix socket (mode 0600).
+        tcp: ``host:port`` to also serve the API over TCP with API keys, or None.
+        durability: ``normal`` (WAL) or ``fsync`` (synchronous=FULL, survives power loss).
+        max_concurrent_runs: runs executing at once across the daemon.
+        max_runs_per_process: runs a process executes before it is recycled.
+        process_idle_s: an idle run process exits after this long.
+        heartbeat_interval_s: how often a run process reports that its attempt is alive.
+        heartbeat_timeout_s: an attempt silent this long is killed as stalled.
+        cancel_grace_s: after SIGTERM, how long a canceled attempt has before SIGKILL.
+        max_payload_bytes: largest accepted payload (413 beyond).
+        max_output_bytes: largest accepted output (the attempt fails beyond).
+        checkpoint: how waits are held (see docs/architecture.md).
+    """
+
+    state_dir: Path = field(default_factory=default_state_dir)
+    socket_path: Path | None = None
+    tcp: str | None = None
+    durability: Durability = "normal"
+    max_concurrent_runs: int = 25
+    max_runs_per_process: int = 100
+    process_idle_s: float = 300.0
+    heartbeat_interval_s: float = 10.0
+    heartbeat_timeout_s: float = 300.0
+    cancel_grace_s: float = 5.0
+    max_payload_bytes: int = 3 * 1024 * 1024
+    max_output_bytes: int = 10 * 1024 * 1024
+    checkpoint: CheckpointStrategy = "auto"
+
+    @property
+    def api_socket(self) -> Path:
+        """The API socket path, defaulting beside the user's runtime dir."""
+        return self.socket_path or default_socket_path()
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file."""
+        return self.state_dir / "ember.db"
+
+    @property
+    def worker_socket(self) -> Path:
+        """The socket run processes connect to."""
+        return self.state_dir / "worker.sock"

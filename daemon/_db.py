@@ -1,0 +1,175 @@
+"""SQLite access: one writer thread with group commit, and a small pool of readers.
+
+Writes are functions of a ``sqlite3.Connection`` sent to the writer thread. The thread takes
+every write waiting at that moment and runs them in one ``BEGIN IMMEDIATE`` transaction, so
+a burst of triggers costs one commit, and each caller's future resolves only after that
+commit. If one write raises, the batch is rolled back and its writes are replayed one per
+transaction, so a bad write never takes good ones down with it.
+
+aiosqlite gives each statement its own round trip to its thread; group commit needs many
+statements per transaction, which is why the writer is a thread of our own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from ember.daemon._schema import migrate
+
+T = TypeVar("T")
+Durability = Literal["normal", "fsync"]
+
+_MAX_BATCH = 2000
+_STOP = object()
+
+
+def connect(path: Path, durability: Durability, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with Ember's pragmas (WAL, foreign keys, busy timeout)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL survives a killed process (the WAL is written before the reply); FULL also
+        # survives power loss at the cost of an fsync per commit.
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'fsync' else 'NORMAL'}")
+        conn.execute("PRAGMA wal_autocheckpoint = 4000")
+    conn.execute("PRAGMA cache_size = -32000")
+    conn.execute("PRAGMA temp_store = MEMORY")
+    return conn
+
+
+class Database:
+    """The daemon's SQLite file.
+
+    Args:
+        path: the database file; created with its schema when missing.
+        durability: ``normal`` (WAL, no fsync per commit) or ``fsync``.
+        readers: threads serving read queries.
+    """
+
+    def __init__(self, path: Path, durability: Durability = "normal", readers: int = 2) -> None:
+        self.path = path
+        self._durability = durability
+        self._writer_conn = connect(path, durability)
+        migrate(self._writer_conn)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._write_loop, name="ember-db-writer", daemon=True
+        )
+        self._thread.start()
+        self._local = threading.local()
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="ember-db-reader")
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._closed = False
+
+    # -- writes -------------------------------------------------------------------------
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue a write; the future resolves after the transaction holding it commits."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, future, loop))
+        return future
+
+    def _write_loop(self) -> None:
+        conn = self._writer_conn
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch = [item]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                batch.append(nxt)
+            self._run_batch(conn, batch)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        results: list[tuple[Any, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            values = [fn(conn) for fn, _, _ in batch]
+            conn.execute("COMMIT")
+            results = [(item, value, None) for item, value in zip(batch, values, strict=True)]
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            # Replay one write per transaction so that only the faulty one fails.
+            for item in batch:
+                fn = item[0]
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    value = fn(conn)
+                    conn.execute("COMMIT")
+                    results.append((item, value, None))
+                except BaseException as error:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    results.append((item, None, error))
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for (_, future, loop), value, exc in results:
+            by_loop.setdefault(loop, []).append((future, value, exc))
+        for loop, settled in by_loop.items():
+            # A loop closed while the write ran has nobody waiting for it any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, settled)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, self._durability, readonly=True)
+            self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only function on a reader connection off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, lambda: fn(self._reader()))
+
+    def read_now(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read on the writer's connection from the calling thread (startup only)."""
+        return fn(self._writer_conn)
+
+    def close(self) -> None:
+        """Finish queued writes, then close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._readers.shutdown(wait=True)
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                conn.close()
+        self._writer_conn.close()
+
+
+def _settle(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, exc in settled:
+        if future.cancelled():
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)

@@ -1,0 +1,1097 @@
+"""The engine: triggers, the queue, attempts, retries, timers, cancellation and recovery.
+
+Every state change is written through the group-commit writer before anyone outside the
+daemon can see it: a trigger is answered after its run is committed, a run's output is
+served after its completion is committed. The in-memory state (active runs, lanes, timers)
+is a cache that :meth:`Engine.recover` rebuilds from the table after any stop, ``kill -9``
+included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ember._duration import parse_duration_s, resolve_instant
+from ember._errors import BadRequest, ConfigError, Conflict, EmberError, NotFound, PayloadTooLarge
+from ember._runtime import Context
+from ember._types import (
+    BatchItem,
+    RetryOptions,
+    Run,
+    RunError,
+    RunEvent,
+    RunStatus,
+    RunSummary,
+    TaskInfo,
+    TriggerOptions,
+    TriggerResponse,
+    VersionInfo,
+)
+from ember.daemon import _store as store
+from ember.daemon._config import DaemonConfig
+from ember.daemon._db import Database
+from ember.daemon._events import EventHub
+from ember.daemon._ids import new_batch_id, new_run_id
+from ember.daemon._protocol import Done, Execute, Heartbeat, Log
+from ember.daemon._queue import RunQueue
+from ember.daemon._store import ActiveRun, BlobStore
+
+if TYPE_CHECKING:
+    from ember.daemon._supervisor import Supervisor, Worker
+
+log = logging.getLogger("ember.daemon")
+
+MAX_TAGS = 10
+MAX_TAG_CHARS = 128
+MAX_METADATA_BYTES = 256 * 1024
+MAX_IDEMPOTENCY_KEY_CHARS = 2048
+DEFAULT_IDEMPOTENCY_TTL_S = 30 * 86400.0
+# A daemon restart interrupts attempts through no fault of the task: they do not use up the
+# retry budget, but a run interrupted this often is failed so that it cannot loop forever.
+MAX_INTERRUPTIONS = 5
+
+_json = msgspec.json.Encoder()
+_QUEUE_WAITING = (RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.PENDING_VERSION)
+
+
+@dataclass(slots=True)
+class VersionRecord:
+    """A registered version as the engine uses it."""
+
+    info: VersionInfo
+    code_dir: str
+    tasks: dict[str, TaskInfo]
+
+
+class Engine:
+    """Owns every run that is not final.
+
+    Args:
+        config: the daemon's configuration.
+        db: the state database.
+        events: where run changes are published.
+    """
+
+    def __init__(self, config: DaemonConfig, db: Database, events: EventHub) -> None:
+        self.config = config
+        self.db = db
+        self.events = events
+        self.blobs = BlobStore(config.state_dir / "blobs")
+        self.queue = RunQueue()
+        self.supervisor: Supervisor
+        self.active: dict[str, ActiveRun] = {}
+        self.versions: dict[tuple[str, str], VersionRecord] = {}
+        self.current: dict[str, str] = {}
+        self._awaiting: dict[tuple[str, str], deque[ActiveRun]] = {}
+        self._pending_version: dict[str, ActiveRun] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._busy = 0
+        self._pump_scheduled = False
+        self._log_buffer: list[tuple[Any, ...]] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Rebuild versions, queues and timers from the table; returns the active run count.
+
+        Attempts that were executing when the daemon stopped have no process any more: each
+        is recorded as interrupted and its run queued again at once.
+        """
+        for info, code_dir in self.db.read_now(store.load_versions):
+            self._add_version(info, code_dir)
+            if info.is_current:
+                self._make_current(info.env, info.id)
+        now = time.time()
+        interrupted: list[ActiveRun] = []
+        for run in self.db.read_now(store.load_active):
+            self.active[run.id] = run
+            if run.status in (RunStatus.EXECUTING, RunStatus.DEQUEUED):
+                interrupted.append(run)
+            else:
+                self._admit(run, now)
+        if interrupted:
+            await self._requeue_interrupted(interrupted, now)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._update_idle()
+        return len(self.active)
+
+    async def _requeue_interrupted(self, runs: list[ActiveRun], now: float) -> None:
+        error = RunError(
+            name="DaemonRestarted",
+            message="the daemon stopped while this attempt was executing",
+            code="TASK_RUN_INTERRUPTED",
+        )
+        failed = [r for r in runs if r.interruptions + 1 > MAX_INTERRUPTIONS]
+        again = [r for r in runs if r.interruptions + 1 <= MAX_INTERRUPTIONS]
+
+        def write(conn: sqlite3.Connection) -> None:
+            for run in runs:
+                if run.attempt:
+                    store.finish_attempt(conn, run.id, run.attempt, "INTERRUPTED", now, error)
+            for run in again:
+                store.set_status(
+                    conn,
+                    run.id,
+                    RunStatus.QUEUED,
+                    now,
+                    "QUEUED",
+                    attempt=run.attempt,
+                    description="requeued after a daemon restart",
+                    interruptions=run.interruptions + 1,
+                    ready_at=None,
+                )
+            for run in failed:
+                store.finish_run(
+                    conn,
+                    self.blobs,
+                    run.id,
+                    RunStatus.SYSTEM_FAILURE,
+                    now,
+                    error=error,
+                    attempt=run.attempt,
+                    description=f"interrupted {MAX_INTERRUPTIONS} times",
+                )
+
+        await self.db.write(write)
+        for run in again:
+            run.interruptions += 1
+            run.status = RunStatus.QUEUED
+            run.ready_at = None
+            self._admit(run, now)
+        for run in failed:
+            self._forget(run, RunStatus.SYSTEM_FAILURE, error)
+
+    def begin_close(self) -> None:
+        """Answer the long polls now: the daemon is stopping."""
+        self._closing = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._waiters.clear()
+
+    async def close(self) -> None:
+        """Stop timers; queued and executing runs stay in the table for the next start."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for run in self.active.values():
+            for handle in run.timers:
+                handle.cancel()
+        self._flush_logs()
+
+    # -- versions -----------------------------------------------------------------------
+
+    def _add_version(self, info: VersionInfo, code_dir: str) -> None:
+        self.versions[(info.env, info.id)] = VersionRecord(
+            info, code_dir, {t.id: t for t in info.tasks}
+        )
+
+    def _make_current(self, env: str, version_id: str) -> None:
+        self.current[env] = version_id
+        record = self.versions[(env, version_id)]
+        for task in record.tasks.values():
+            self.queue.set_limit(env, task.queue, task.queue_concurrency_limit)
+
+    async def add_version(self, info: VersionInfo, code_dir: str, promote: bool) -> VersionInfo:
+        """Record a registered version and, when ``promote``, make it current."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            store.insert_version(conn, info, code_dir)
+            if promote and info.status == "READY":
+                store.set_current_version(conn, info.env, info.id)
+
+        await self.db.write(write)
+        self._add_version(info, code_dir)
+        if promote and info.status == "READY":
+            return await self._promoted(info.env, info.id)
+        return info
+
+    async def promote(self, env: str, version_id: str) -> VersionInfo:
+        """Make a READY version the current one of its environment."""
+        record = self.versions.get((env, version_id))
+        if record is None:
+            raise NotFound(404, f"version {version_id} is not registered in environment {env}")
+        if record.info.status != "READY":
+            raise Conflict(409, f"version {version_id} failed to build and cannot be promoted")
+        await self.db.write(lambda conn: store.set_current_version(conn, env, version_id))
+        return await self._promoted(env, version_id)
+
+    async def _promoted(self, env: str, version_id: str) -> VersionInfo:
+        self._make_current(env, version_id)
+        await self._retry_pending_version(env)
+        info = self.versions[(env, version_id)].info
+        return msgspec.structs.replace(info, is_current=True)
+
+    def next_version_id(self, env: str, day: str) -> str:
+        """The id the next version of ``env`` registered on ``day`` gets."""
+        return self.db.read_now(lambda conn: store.next_version_id(conn, env, day))
+
+    def version_list(self, env: str) -> list[VersionInfo]:
+        """Versions of an environment, newest first."""
+        current = self.current.get(env)
+        found = [
+            msgspec.structs.replace(r.info, is_current=r.info.id == current)
+            for (e, _), r in self.versions.items()
+            if e == env
+        ]
+        return sorted(found, key=lambda v: v.created_at, reverse=True)
+
+    def _target_version(self, run: ActiveRun) -> str | None:
+        return run.version or run.pinned_version or self.current.get(run.env)
+
+    # -- triggering ---------------------------------------------------------------------
+
+    async def trigger(
+        self, env: str, items: Sequence[BatchItem], *, batch: bool = False
+    ) -> tuple[str | None, list[TriggerResponse]]:
+        """Validate and commit new runs; return the batch id and one handle per item.
+
+        Raises:
+            BadRequest: an option is invalid (the message names it).
+            NotFound: a task id is unknown to every version of the environment.
+            PayloadTooLarge: a payload is over the limit.
+        """
+        now = time.time()
+        batch_id = new_batch_id() if batch else None
+        prepared = [
+            self._prepare(env, item, now, batch_id, f"items[{i}]." if batch else "")
+            for i, item in enumerate(items)
+        ]
+        blobs = self.blobs
+
+        def write(conn: sqlite3.Connection) -> list[str | None]:
+            cached: list[str | None] = []
+            for run, ttl_s, idem_expires, machine in prepared:
+                if run.idempotency_key is not None:
+                    existing = store.find_idempotent(
+                        conn, env, run.task_id, run.idempotency_key, now
+                    )
+                    if existing is not None:
+                        cached.append(existing)
+                        continue
+                store.insert_run(
+                    conn,
+                    blobs,
+                    run,
+                    ttl_s=ttl_s,
+                    idempotency_expires_at=idem_expires,
+                    machine=machine,
+                )
+                cached.append(None)
+            return cached
+
+        cached = await self.db.write(write)
+        responses = []
+        for (run, *_), existing in zip(prepared, cached, strict=True):
+            if existing is not None:
+                responses.append(TriggerResponse(id=existing, task_id=run.task_id, is_cached=True))
+                continue
+            self.active[run.id] = run
+            self._admit(run, now)
+            self._publish(run)
+            responses.append(TriggerResponse(id=run.id, task_id=run.task_id))
+        self._update_idle()
+        return batch_id, responses
+
+    def _prepare(
+        self, env: str, item: BatchItem, now: float, batch_id: str | None, where: str
+    ) -> tuple[ActiveRun, float | None, float | None, str | None]:
+        options = item.options
+        payload = bytes(item.payload)
+        if len(payload) > self.config.max_payload_bytes:
+            raise PayloadTooLarge(
+                413,
+                f"{where}payload is {len(payload)} bytes, over the limit of "
+                f"{self.config.max_payload_bytes}: store large data elsewhere and pass a "
+                "reference, or raise max_payload_bytes in [tool.ember]",
+            )
+        task = self._resolve_task(env, item.task, options.version, where)
+        status = RunStatus.QUEUED
+
+        def field(name: str, fn: Callable[[], Any]) -> Any:
+            try:
+                return fn()
+            except ConfigError as exc:
+                raise BadRequest(400, f"{where}options.{name}: {exc}") from None
+
+        delay_until = None
+        if options.delay is not None:
+            delay_until = field("delay", lambda: resolve_instant(options.delay, now))  # type: ignore[arg-type]
+            if delay_until > now:
+                status = RunStatus.DELAYED
+            else:
+                delay_until = None
+        ttl = options.ttl if options.ttl is not None else (task.ttl if task else None)
+        ttl_s = field("ttl", lambda: parse_duration_s(ttl)) if ttl is not None else None
+        if ttl_s == 0:
+            ttl_s = None  # 0 opts out of a task's default TTL, as in Trigger.dev
+        idem_ttl = options.idempotency_key_ttl
+        idem_ttl_s = (
+            field("idempotency_key_ttl", lambda: parse_duration_s(idem_ttl))
+            if idem_ttl is not None
+            else DEFAULT_IDEMPOTENCY_TTL_S
+        )
+        self._check_options(options, where)
+        retry = task.retry if task else RetryOptions()
+        max_attempts = options.max_attempts or retry.max_attempts
+        if task is None:
+            status = RunStatus.PENDING_VERSION
+        queue = options.queue or (task.queue if task else f"task/{item.task}")
+        run = ActiveRun(
+            id=new_run_id(),
+            env=env,
+            task_id=item.task,
+            status=status,
+            queue=queue,
+            created_at=now,
+            max_attempts=max_attempts,
+            retry=retry,
+            payload=payload,
+            concurrency_key=options.concurrency_key,
+            priority=options.priority,
+            tags=list(dict.fromkeys(options.tags)),
+            metadata=options.metadata,
+            max_duration_s=options.max_duration_s or (task.max_duration_s if task else None),
+            delay_until=delay_until,
+            expires_at=((delay_until or now) + ttl_s) if ttl_s else None,
+            pinned_version=options.version,
+            parent_run_id=options.parent_run_id,
+            root_run_id=self._root_of(options.parent_run_id),
+            batch_id=batch_id,
+            idempotency_key=options.idempotency_key,
+        )
+        machine = options.machine or (task.machine if task else None)
+        idem_expires = now + idem_ttl_s if options.idempotency_key else None
+        return run, ttl_s, idem_expires, machine
+
+    def _root_of(self, parent_run_id: str | None) -> str | None:
+        if parent_run_id is None:
+            return None
+        parent = self.active.get(parent_run_id)
+        if parent is not None and parent.root_run_id:
+            return parent.root_run_id
+        return parent_run_id
+
+    def _check_options(self, options: TriggerOptions, where: str) -> None:
+        if len(options.tags) > MAX_TAGS:
+            raise BadRequest(400, f"{where}options.tags: at most {MAX_TAGS} tags per run")
+        for tag in options.tags:
+            if not 1 <= len(tag) <= MAX_TAG_CHARS:
+                raise BadRequest(
+                    400, f"{where}options.tags: each tag must be 1-{MAX_TAG_CHARS} characters"
+                )
+        if options.max_attempts is not None and not 1 <= options.max_attempts <= 100:
+            raise BadRequest(400, f"{where}options.max_attempts: must be between 1 and 100")
+        if options.max_duration_s is not None and not options.max_duration_s > 0:
+            raise BadRequest(400, f"{where}options.max_duration_s: must be positive")
+        if not math.isfinite(options.priority):
+            raise BadRequest(400, f"{where}options.priority: must be a finite number of seconds")
+        if options.idempotency_key is not None and not (
+            0 < len(options.idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
+        ):
+            raise BadRequest(
+                400,
+                f"{where}options.idempotency_key: must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters",
+            )
+        if (
+            options.metadata is not None
+            and len(_json.encode(options.metadata)) > MAX_METADATA_BYTES
+        ):
+            raise BadRequest(400, f"{where}options.metadata: over {MAX_METADATA_BYTES} bytes")
+
+    def _resolve_task(
+        self, env: str, task_id: str, version: str | None, where: str
+    ) -> TaskInfo | None:
+        """The task's settings from the version it targets, or None for PENDING_VERSION.
+
+        Raises:
+            NotFound: the version is unknown, or no version of the environment has the task.
+        """
+        if version is not None:
+            record = self.versions.get((env, version))
+            if record is None:
+                raise NotFound(
+                    404,
+                    f"{where}options.version: version {version} is not registered in "
+                    f"environment {env}; `ember versions --env {env}` lists them",
+                )
+            return record.tasks.get(task_id)
+        current = self.current.get(env)
+        if current is not None:
+            task = self.versions[(env, current)].tasks.get(task_id)
+            if task is not None:
+                return task
+        known = {t for (e, _), r in self.versions.items() if e == env for t in r.tasks}
+        if known and task_id not in known:
+            listed = ", ".join(sorted(known)[:20])
+            raise NotFound(
+                404,
+                f"task {task_id!r} is not defined in any version of environment {env}; "
+                f"known tasks: {listed}",
+            )
+        return None
+
+    # -- admission, timers and the queue ------------------------------------------------
+
+    def _admit(self, run: ActiveRun, now: float) -> None:
+        """Put a recovered or new run where it belongs: queue, timer or pending list."""
+        loop = asyncio.get_running_loop()
+        if run.expires_at is not None and run.attempt == 0:
+            run.timers.append(loop.call_later(max(0.0, run.expires_at - now), self._expire, run))
+        if run.status is RunStatus.DELAYED:
+            when = run.delay_until or now
+            run.timers.append(loop.call_later(max(0.0, when - now), self._undelay, run))
+        elif run.status is RunStatus.PENDING_VERSION:
+            self._pending_version[run.id] = run
+        elif run.status is RunStatus.QUEUED:
+            if run.ready_at is not None and run.ready_at > now:
+                run.timers.append(
+                    loop.call_later(run.ready_at - now, self._enqueue, run, run.ready_at)
+                )
+            else:
+                self._enqueue(run, run.ready_at or run.created_at)
+
+    def _enqueue(self, run: ActiveRun, queued_at: float) -> None:
+        if run.status is not RunStatus.QUEUED:
+            return
+        self.queue.push(run, queued_at)
+        self._schedule_pump()
+
+    def _undelay(self, run: ActiveRun) -> None:
+        if run.status is not RunStatus.DELAYED:
+            return
+        now = time.time()
+        run.status = RunStatus.QUEUED
+        self.db.write(
+            lambda conn: store.set_status(
+                conn, run.id, RunStatus.QUEUED, now, "QUEUED", description="delay elapsed"
+            )
+        ).add_done_callback(lambda _: self._publish(run))
+        self._enqueue(run, run.delay_until or now)
+
+    def _expire(self, run: ActiveRun) -> None:
+        if run.status not in _QUEUE_WAITING or run.attempt != 0:
+            return
+        self._leave_waiting(run)
+        self._finish(
+            run,
+            RunStatus.EXPIRED,
+            error=RunError(
+                name="RunExpired",
+                message="the run did not start before its TTL elapsed",
+                code="TTL_EXPIRED",
+            ),
+        )
+
+    def _leave_waiting(self, run: ActiveRun) -> None:
+        """Take a run that has not started out of the queue, timers and pending list."""
+        if run.status is RunStatus.QUEUED:
+            self.queue.discard(run)
+        self._pending_version.pop(run.id, None)
+        for handle in run.timers:
+            handle.cancel()
+        run.timers.clear()
+
+    async def _retry_pending_version(self, env: str) -> None:
+        now = time.time()
+        ready = []
+        for run in list(self._pending_version.values()):
+            if run.env != env:
+                continue
+            version = run.pinned_version or self.current.get(env)
+            record = self.versions.get((env, version)) if version else None
+            task = record.tasks.get(run.task_id) if record else None
+            if task is None:
+                continue
+            del self._pending_version[run.id]
+            run.status = RunStatus.QUEUED
+            if run.queue == f"task/{run.task_id}":
+                run.queue = task.queue
+            if run.max_attempts == RetryOptions().max_attempts:
+                run.max_attempts = task.retry.max_attempts
+            run.retry = task.retry
+            ready.append(run)
+        if not ready:
+            return
+
+        def write(conn: sqlite3.Connection) -> None:
+            for run in ready:
+                store.set_status(
+                    conn,
+                    run.id,
+                    RunStatus.QUEUED,
+                    now,
+                    "QUEUED",
+                    description="a version with this task is available",
+                    queue=run.queue,
+                    retry=_json.encode(run.retry),
+                    max_attempts=run.max_attempts,
+                )
+
+        await self.db.write(write)
+        for run in ready:
+            self._publish(run)
+            self._enqueue(run, now)
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Start queued runs while there is room, taking lanes in turn."""
+        self._pump_scheduled = False
+        while self._busy < self.config.max_concurrent_runs:
+            run = self.queue.pop()
+            if run is None:
+                break
+            version = self._target_version(run)
+            record = self.versions.get((run.env, version)) if version else None
+            if record is None or run.task_id not in record.tasks:
+                self.queue.release(run)
+                self._to_pending_version(run)
+                continue
+            run.version = version
+            self._busy += 1
+            assert version is not None
+            worker = self.supervisor.take_idle(run.env, version)
+            if worker is not None:
+                self._start(run, worker)
+            else:
+                run.status = RunStatus.DEQUEUED
+                self._awaiting.setdefault((run.env, version), deque()).append(run)
+                self.supervisor.spawn(run.env, version, record.code_dir)
+        self._update_idle()
+
+    def _to_pending_version(self, run: ActiveRun) -> None:
+        now = time.time()
+        run.status = RunStatus.PENDING_VERSION
+        self._pending_version[run.id] = run
+        self.db.write(
+            lambda conn: store.set_status(
+                conn,
+                run.id,
+                RunStatus.PENDING_VERSION,
+                now,
+                "QUEUED",
+                description=f"version {self._target_version(run)} does not have this task",
+            )
+        )
+        self._publish(run)
+
+    # -- attempts -----------------------------------------------------------------------
+
+    def on_worker_ready(self, worker: Worker) -> None:
+        """A run process is connected and free: give it the next run waiting for one."""
+        waiting = self._awaiting.get(worker.key)
+        while waiting:
+            run = waiting.popleft()
+            if run.status is RunStatus.DEQUEUED:
+                self._start(run, worker)
+                return
+        self.supervisor.make_idle(worker)
+        self.rebalance()
+
+    def awaiting_count(self, key: tuple[str, str]) -> int:
+        """Runs of a version that hold a slot and wait for a run process."""
+        waiting = self._awaiting.get(key)
+        if not waiting:
+            return 0
+        while waiting and waiting[0].status is not RunStatus.DEQUEUED:
+            waiting.popleft()
+        return sum(1 for run in waiting if run.status is RunStatus.DEQUEUED)
+
+    def rebalance(self) -> None:
+        """Runs of some version wait for a process: start what the cap allows."""
+        for (env, version), waiting in list(self._awaiting.items()):
+            if waiting:
+                self.supervisor.spawn(env, version, self.versions[(env, version)].code_dir)
+
+    def _start(self, run: ActiveRun, worker: Worker) -> None:
+        if run.payload is None:
+            asyncio.get_running_loop().create_task(self._load_and_start(run, worker))
+            return
+        now = time.time()
+        run.attempt += 1
+        run.status = RunStatus.EXECUTING
+        run.worker = worker
+        run.started_at = run.started_at or now
+        run.attempt_started = now
+        worker.run = run
+        worker.last_heartbeat = now
+        self.db.write(lambda conn: store.start_attempt(conn, run, now, worker.pid))
+        context = Context(
+            run_id=run.id,
+            task_id=run.task_id,
+            attempt=run.attempt,
+            version=run.version or "",
+            env=run.env,
+            tags=run.tags,
+            created_at=store.ts(run.created_at),
+            parent_run_id=run.parent_run_id,
+            root_run_id=run.root_run_id,
+            batch_id=run.batch_id,
+            replayed_from=run.replayed_from,
+            metadata=run.metadata,
+        )
+        worker.send(
+            Execute(
+                run_id=run.id,
+                attempt=run.attempt,
+                task_id=run.task_id,
+                payload=run.payload,
+                context=_json.encode(context),
+            )
+        )
+        self._publish(run)
+
+    async def _load_and_start(self, run: ActiveRun, worker: Worker) -> None:
+        try:
+            run.payload = await self.db.read(
+                lambda conn: store.get_payload(conn, self.blobs, run.id)
+            )
+        except Exception as exc:  # the row or blob vanished: nothing to execute
+            log.exception("cannot load the payload of %s", run.id)
+            self._busy -= 1
+            self.queue.release(run)
+            self.supervisor.make_idle(worker)
+            self._finish(run, RunStatus.SYSTEM_FAILURE, error=_system_error(exc))
+            return
+        if run.status is RunStatus.DEQUEUED:
+            self._start(run, worker)
+        else:
+            self.supervisor.make_idle(worker)
+
+    def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Done) -> None:
+        """Handle a frame from a run process."""
+        run = worker.run
+        if isinstance(message, Log):
+            if run is not None and run.id == message.run_id:
+                self._buffer_log(message)
+            return
+        if run is None or run.id != message.run_id:
+            return  # a late frame of an attempt already settled (canceled, timed out)
+        if isinstance(message, Heartbeat):
+            worker.last_heartbeat = time.time()
+            return
+        if message.attempt != run.attempt:
+            return
+        self._attempt_done(worker, run, message)
+
+    def _buffer_log(self, message: Log) -> None:
+        if not self._log_buffer:
+            asyncio.get_running_loop().call_soon(self._flush_logs)
+        self._log_buffer.append(
+            (
+                message.run_id,
+                message.attempt,
+                message.ts,
+                message.level,
+                message.message,
+                message.attrs or None,
+            )
+        )
+
+    def _flush_logs(self) -> None:
+        rows, self._log_buffer = self._log_buffer, []
+        if rows:
+            self.db.write(lambda conn: store.insert_logs(conn, rows))
+
+    def _release_slot(self, run: ActiveRun) -> None:
+        self._busy -= 1
+        self.queue.release(run)
+        run.worker = None
+        self._schedule_pump()
+
+    def _attempt_done(self, worker: Worker, run: ActiveRun, done: Done) -> None:
+        worker.run = None
+        worker.runs_done += 1
+        self._release_slot(run)
+        self.supervisor.release(worker)
+        if done.ok and done.output is not None and len(done.output) > self.config.max_output_bytes:
+            done = Done(
+                run_id=done.run_id,
+                attempt=done.attempt,
+                ok=False,
+                retry=False,
+                cpu_s=done.cpu_s,
+                peak_rss_bytes=done.peak_rss_bytes,
+                error=RunError(
+                    name="OutputTooLarge",
+                    message=f"the output is {len(done.output)} bytes, over the limit of "
+                    f"{self.config.max_output_bytes}: return a reference to stored data instead",
+                    code="TASK_OUTPUT_TOO_LARGE",
+                ),
+            )
+        if done.ok:
+            self._finish(
+                run,
+                RunStatus.COMPLETED,
+                output=done.output or b"null",
+                attempt_status="COMPLETED",
+                cpu_s=done.cpu_s,
+                peak_rss_bytes=done.peak_rss_bytes,
+            )
+            return
+        error = done.error or RunError(name="Error", message="the attempt failed")
+        self._attempt_failed(
+            run, error, RunStatus.FAILED, done.retry, done.cpu_s, done.peak_rss_bytes
+        )
+
+    def _attempt_failed(
+        self,
+        run: ActiveRun,
+        error: RunError,
+        final_status: RunStatus,
+        retryable: bool,
+        cpu_s: float | None = None,
+        peak_rss_bytes: int | None = None,
+    ) -> None:
+        """Retry the run with backoff if its policy allows, else finish it."""
+        attempt_status = "CRASHED" if final_status is RunStatus.CRASHED else "FAILED"
+        used = run.attempt - run.interruptions
+        if not retryable or used >= run.max_attempts:
+            self._finish(
+                run,
+                final_status,
+                error=error,
+                attempt_status=attempt_status,
+                cpu_s=cpu_s,
+                peak_rss_bytes=peak_rss_bytes,
+            )
+            return
+        now = time.time()
+        delay = retry_delay_s(run.retry, used)
+        run.status = RunStatus.QUEUED
+        run.ready_at = now + delay
+        number = run.attempt
+
+        def write(conn: sqlite3.Connection) -> None:
+            store.finish_attempt(
+                conn, run.id, number, attempt_status, now, error, cpu_s, peak_rss_bytes
+            )
+            store.set_status(
+                conn,
+                run.id,
+                RunStatus.QUEUED,
+                now,
+                "QUEUED",
+                attempt=number,
+                description=f"retrying in {delay:.1f}s",
+                ready_at=run.ready_at,
+            )
+
+        self.db.write(write).add_done_callback(lambda _: self._publish(run))
+        run.timers.append(
+            asyncio.get_running_loop().call_later(delay, self._enqueue, run, run.ready_at)
+        )
+
+    def on_worker_gone(self, worker: Worker, reason: str) -> None:
+        """A run process exited or its channel closed: its attempt, if any, crashed."""
+        run = worker.run
+        worker.run = None
+        if run is None or run.worker is not worker:
+            return
+        self._release_slot(run)
+        if worker.timed_out:
+            self._finish(
+                run,
+                RunStatus.TIMED_OUT,
+                error=RunError(
+                    name="MaxDurationExceeded",
+                    message=f"the attempt ran longer than max_duration_s={run.max_duration_s}",
+                    code="MAX_DURATION_EXCEEDED",
+                ),
+                attempt_status="TIMED_OUT",
+            )
+            return
+        code = "TASK_RUN_STALLED_EXECUTING" if worker.stalled else "TASK_PROCESS_EXITED"
+        self._attempt_failed(
+            run,
+            RunError(name="TaskRunCrashed", message=f"the run process {reason}", code=code),
+            RunStatus.CRASHED,
+            retryable=True,
+        )
+
+    def on_spawn_failed(self, env: str, version: str, reason: str) -> None:
+        """The version's zygote could not start: runs waiting for it fail as system failures."""
+        waiting = self._awaiting.pop((env, version), deque())
+        error = RunError(name="WorkerStartFailed", message=reason, code="COULD_NOT_START_WORKER")
+        for run in waiting:
+            if run.status is RunStatus.DEQUEUED:
+                self._release_slot(run)
+                self._finish(run, RunStatus.SYSTEM_FAILURE, error=error)
+
+    async def _sweep(self) -> None:
+        """Once a second: stop attempts over max duration and attempts that stopped beating."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for worker in self.supervisor.busy_workers():
+                run = worker.run
+                if run is None:
+                    continue
+                if (
+                    run.max_duration_s is not None
+                    and now - run.attempt_started > run.max_duration_s
+                ):
+                    worker.timed_out = True
+                    self.supervisor.kill(worker)
+                elif now - worker.last_heartbeat > self.config.heartbeat_timeout_s:
+                    worker.stalled = True
+                    self.supervisor.kill(worker)
+
+    # -- final states -------------------------------------------------------------------
+
+    def _finish(
+        self,
+        run: ActiveRun,
+        status: RunStatus,
+        *,
+        output: bytes | None = None,
+        error: RunError | None = None,
+        attempt_status: str | None = None,
+        cpu_s: float | None = None,
+        peak_rss_bytes: int | None = None,
+    ) -> asyncio.Future[None]:
+        now = time.time()
+        number = run.attempt
+        previous = run.status
+        run.status = status
+        for handle in run.timers:
+            handle.cancel()
+        run.timers.clear()
+        blobs = self.blobs
+
+        def write(conn: sqlite3.Connection) -> None:
+            if attempt_status is not None and number:
+                store.finish_attempt(
+                    conn, run.id, number, attempt_status, now, error, cpu_s, peak_rss_bytes
+                )
+            store.finish_run(
+                conn,
+                blobs,
+                run.id,
+                status,
+                now,
+                output=output,
+                error=error,
+                attempt=number,
+                description=f"from {previous.value}",
+            )
+
+        future = self.db.write(write)
+        future.add_done_callback(lambda f: self._finished(run, error, f))
+        return future
+
+    def _finished(
+        self, run: ActiveRun, error: RunError | None, future: asyncio.Future[None]
+    ) -> None:
+        if future.exception() is not None:
+            log.error("recording the end of %s failed: %s", run.id, future.exception())
+            return
+        self._forget(run, run.status, error)
+
+    def _forget(self, run: ActiveRun, status: RunStatus, error: RunError | None) -> None:
+        self.active.pop(run.id, None)
+        self._publish(run, error=error, finished=True)
+        for waiter in self._waiters.pop(run.id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        self._update_idle()
+
+    # -- actions ------------------------------------------------------------------------
+
+    async def cancel(self, run_id: str) -> None:
+        """Cancel a run; an executing attempt gets SIGTERM, then SIGKILL after the grace.
+
+        Raises:
+            NotFound: no such run.
+            Conflict: the run is already final.
+        """
+        run = self.active.get(run_id)
+        if run is None:
+            summary = await self.db.read(lambda conn: store.get_summary(conn, run_id))
+            if summary is None:
+                raise NotFound(404, f"run {run_id} does not exist")
+            raise Conflict(409, f"run {run_id} is already {summary.status.value}")
+        if run.status in _QUEUE_WAITING:
+            self._leave_waiting(run)
+        elif run.status is RunStatus.DEQUEUED:
+            self._release_slot(run)
+        elif run.status is RunStatus.EXECUTING:
+            worker = run.worker
+            self._release_slot(run)
+            if worker is not None:
+                worker.run = None
+                self.supervisor.terminate(worker, self.config.cancel_grace_s)
+        await self._finish(
+            run,
+            RunStatus.CANCELED,
+            error=None,
+            attempt_status="CANCELED" if run.status is RunStatus.EXECUTING else None,
+        )
+
+    async def reschedule(self, run_id: str, delay: Any) -> None:
+        """Move a DELAYED run's start.
+
+        Raises:
+            NotFound: no such run.
+            Conflict: the run is not DELAYED.
+            BadRequest: the delay is not a duration or date.
+        """
+        run = self.active.get(run_id)
+        if run is None or run.status is not RunStatus.DELAYED:
+            if run is None and not await self._exists(run_id):
+                raise NotFound(404, f"run {run_id} does not exist")
+            state = run.status.value if run else "final"
+            raise Conflict(409, f"run {run_id} is {state}; only DELAYED runs can be rescheduled")
+        now = time.time()
+        try:
+            when = resolve_instant(delay, now)
+        except ConfigError as exc:
+            raise BadRequest(400, f"delay: {exc}") from None
+        self._leave_waiting(run)
+        run.delay_until = when
+        await self.db.write(
+            lambda conn: store.set_status(
+                conn,
+                run.id,
+                RunStatus.DELAYED,
+                now,
+                "DELAYED",
+                description="rescheduled",
+                delay_until=when,
+            )
+        )
+        self._admit(run, now)
+        self._publish(run)
+
+    async def _exists(self, run_id: str) -> bool:
+        return await self.db.read(lambda conn: store.get_summary(conn, run_id)) is not None
+
+    async def replay(self, env: str, run_id: str, version: str | None) -> TriggerResponse:
+        """Trigger a new run with the payload, tags and metadata of another.
+
+        Raises:
+            NotFound: no such run.
+        """
+        run = await self.get_run(run_id)
+        options = TriggerOptions(
+            tags=run.tags,
+            metadata=run.metadata,
+            version=version,
+            concurrency_key=run.concurrency_key,
+        )
+        item = BatchItem(task=run.task_id, payload=run.payload, options=options)
+        _, responses = await self.trigger(run.env, [item])
+        response = responses[0]
+        await self.db.write(
+            lambda conn: conn.execute(
+                "UPDATE runs SET replayed_from = ? WHERE id = ?", (run_id, response.id)
+            )
+        )
+        replayed = self.active.get(response.id)
+        if replayed is not None:
+            replayed.replayed_from = run_id
+        return response
+
+    async def get_run(self, run_id: str) -> Run:
+        """A run in full.
+
+        Raises:
+            NotFound: no such run.
+        """
+        run = await self.db.read(lambda conn: store.get_run(conn, self.blobs, run_id))
+        if run is None:
+            raise NotFound(404, f"run {run_id} does not exist")
+        return run
+
+    async def wait_final(self, run_id: str, timeout_s: float) -> Run:
+        """Return a run once it is final, or as it is after ``timeout_s``."""
+        if run_id in self.active and not self._closing:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(run_id, []).append(waiter)
+            try:
+                await asyncio.wait_for(waiter, timeout_s)
+            except TimeoutError:
+                waiters = self._waiters.get(run_id)
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+        return await self.get_run(run_id)
+
+    # -- events and idleness ------------------------------------------------------------
+
+    def _publish(
+        self, run: ActiveRun, *, error: RunError | None = None, finished: bool = False
+    ) -> None:
+        if not self.events.has_subscribers(run.env):
+            return
+        now = time.time()
+        summary = RunSummary(
+            id=run.id,
+            task_id=run.task_id,
+            status=run.status,
+            env=run.env,
+            created_at=store.ts(run.created_at),
+            updated_at=store.ts(now),
+            version=run.version,
+            tags=run.tags,
+            attempt_count=run.attempt,
+            started_at=store.opt_ts(run.started_at),
+            finished_at=store.ts(now) if finished else None,
+            delay_until=store.opt_ts(run.delay_until),
+            idempotency_key=run.idempotency_key,
+            queue=run.queue,
+            concurrency_key=run.concurrency_key,
+            priority=run.priority,
+            parent_run_id=run.parent_run_id,
+            root_run_id=run.root_run_id,
+            batch_id=run.batch_id,
+            replayed_from=run.replayed_from,
+            error=error,
+        )
+        self.events.publish(run.env, RunEvent(run=summary))
+
+    def _update_idle(self) -> None:
+        if self.active:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    async def run_until_idle(self, timeout_s: float = 60.0) -> None:
+        """Wait until no run is active (tests' deterministic drain, like arq's burst mode)."""
+        await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    def stats(self) -> dict[str, int]:
+        """Counts for health and the dashboard."""
+        return {"active": len(self.active), "executing": self._busy, "queued": self.queue.size}
+
+
+def retry_delay_s(retry: RetryOptions, failed_attempts: int) -> float:
+    """Seconds before the attempt after ``failed_attempts`` failures (Trigger.dev's formula)."""
+    base = retry.min_timeout_s * retry.factor ** max(0, failed_attempts - 1)
+    delay = min(retry.max_timeout_s, max(retry.min_timeout_s, base))
+    if retry.randomize:
+        delay *= 1 + random.random()
+    return delay
+
+
+def _system_error(exc: BaseException) -> RunError:
+    message = str(exc) if isinstance(exc, EmberError) else f"{type(exc).__name__}: {exc}"
+    return RunError(name="SystemFailure", message=message, code="SYSTEM_FAILURE")

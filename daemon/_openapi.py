@@ -1,0 +1,92 @@
+"""The OpenAPI 3.1 document, generated from the route table and the msgspec wire types."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+import ember
+from ember._types import ErrorBody
+
+if TYPE_CHECKING:
+    from ember.daemon._api import RouteSpec
+
+_REF = "#/components/schemas/{name}"
+_ERRORS = {
+    "400": "A field is invalid; the message names it",
+    "401": "Missing or unknown API key (TCP only)",
+    "404": "No such run, task or version",
+    "409": "The run's state does not allow this",
+    "413": "Payload over the limit",
+}
+
+
+def openapi_document(routes: Sequence[RouteSpec]) -> dict[str, Any]:
+    """Build the document for ``routes``."""
+    types: list[Any] = [ErrorBody]
+    for route in routes:
+        types.extend(t for t in (route.request, route.response) if t is not None)
+    schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
+    refs = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.handler.__name__,
+            "parameters": [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in re.findall(r"{(\w+)}", route.path)
+            ]
+            + [
+                {"name": name, "in": "query", "description": text, "schema": {"type": "string"}}
+                for name, text in route.query
+            ]
+            + [
+                {
+                    "name": "x-ember-env",
+                    "in": "header",
+                    "description": "environment (Unix socket only; a key decides it over TCP)",
+                    "schema": {"type": "string", "default": "dev"},
+                }
+            ],
+            "responses": {
+                code: {
+                    "description": text,
+                    "content": {"application/json": {"schema": refs[ErrorBody]}},
+                }
+                for code, text in _ERRORS.items()
+            },
+        }
+        if route.response is not None:
+            operation["responses"]["200"] = {
+                "description": "OK",
+                "content": {"application/json": {"schema": refs[route.response]}},
+            }
+        else:
+            operation["responses"]["200"] = {
+                "description": "A stream of `data: <RunEvent JSON>` lines",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        if route.request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {route.content_type: {"schema": refs[route.request]}},
+            }
+        elif route.content_type != "application/json":
+            operation["requestBody"] = {
+                "required": True,
+                "content": {route.content_type: {"schema": {"type": "string", "format": "binary"}}},
+            }
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Ember daemon API", "version": ember.__version__},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,179 @@
+"""The worker channel: length-prefixed msgpack frames between the daemon, zygotes and runs.
+
+Two conversations share the framing:
+
+- daemon ↔ zygote, over a socketpair made when the zygote starts: the zygote reports the
+  tasks it indexed, forks run processes on request and reports their exit;
+- daemon ↔ run process, over the daemon's worker socket: the run process says hello, then
+  executes one run at a time and streams logs, heartbeats and the outcome.
+
+Each message is a tagged ``msgspec.Struct`` encoded as a msgpack array; fields added later
+must have defaults so that older peers keep working.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+from ember._types import RunError, TaskInfo
+
+_LENGTH = struct.Struct(">I")
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag=True):
+    """Base of every worker-channel message."""
+
+
+# -- daemon ↔ zygote -------------------------------------------------------------------
+
+
+class Indexed(Message, frozen=True, tag="indexed"):
+    """Zygote → daemon: the task modules are imported (or failed to import)."""
+
+    tasks: list[TaskInfo] = []
+    error: str | None = None
+
+
+class Fork(Message, frozen=True, tag="fork"):
+    """Daemon → zygote: fork a run process that says hello with this id and token."""
+
+    worker_id: int
+    token: str
+
+
+class Forked(Message, frozen=True, tag="forked"):
+    """Zygote → daemon: a run process was forked."""
+
+    worker_id: int
+    pid: int
+
+
+class Exited(Message, frozen=True, tag="exited"):
+    """Zygote → daemon: a run process it forked exited (``status`` < 0: killed by -status)."""
+
+    pid: int
+    status: int
+
+
+# -- daemon ↔ run process --------------------------------------------------------------
+
+
+class Hello(Message, frozen=True, tag="hello"):
+    """Run process → daemon: first frame on a new connection."""
+
+    worker_id: int
+    token: str
+    pid: int
+
+
+class Execute(Message, frozen=True, tag="execute"):
+    """Daemon → run process: execute one attempt of a run."""
+
+    run_id: str
+    attempt: int
+    task_id: str
+    payload: bytes
+    context: bytes
+
+
+class Cancel(Message, frozen=True, tag="cancel"):
+    """Daemon → run process: cancel the attempt running now."""
+
+    run_id: str
+
+
+class Shutdown(Message, frozen=True, tag="shutdown"):
+    """Daemon → run process: finish the attempt under way, if any, then exit."""
+
+
+class Log(Message, frozen=True, tag="log"):
+    """Run process → daemon: a log line of the running attempt."""
+
+    run_id: str
+    attempt: int
+    ts: float
+    level: str
+    message: str
+    attrs: bytes = b""
+
+
+class Heartbeat(Message, frozen=True, tag="heartbeat"):
+    """Run process → daemon: the attempt is alive."""
+
+    run_id: str
+
+
+class Done(Message, frozen=True, tag="done"):
+    """Run process → daemon: the attempt ended.
+
+    Attributes:
+        output: the JSON output when ``ok``.
+        error: why it failed otherwise.
+        retry: False when the error must not be retried (AbortTaskRunError, bad payload).
+    """
+
+    run_id: str
+    attempt: int
+    ok: bool
+    output: bytes | None = None
+    error: RunError | None = None
+    retry: bool = True
+    cpu_s: float = 0.0
+    peak_rss_bytes: int = 0
+
+
+ToZygote = Fork
+FromZygote = Indexed | Forked | Exited
+ToWorker = Execute | Cancel | Shutdown
+FromWorker = Hello | Log | Heartbeat | Done
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: Message) -> bytes:
+    """Return one frame: a 4-byte big-endian length, then the msgpack body."""
+    body = _encoder.encode(message)
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Splits a byte stream into messages of the given union type.
+
+    Args:
+        union: the message types this side may receive.
+    """
+
+    def __init__(self, union: Any) -> None:
+        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(union)
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add bytes; return the messages now complete.
+
+        Raises:
+            ValueError: a frame announces more than ``MAX_FRAME_BYTES`` or does not decode.
+        """
+        buffer = self._buffer
+        buffer += data
+        messages = []
+        offset = 0
+        end = len(buffer)
+        while end - offset >= 4:
+            (size,) = _LENGTH.unpack_from(buffer, offset)
+            if size > MAX_FRAME_BYTES:
+                raise ValueError(f"worker frame of {size} bytes is over the limit")
+            if end - offset - 4 < size:
+                break
+            start = offset + 4
+            try:
+                messages.append(self._decoder.decode(memoryview(buffer)[start : start + size]))
+            except msgspec.DecodeError as exc:
+                raise ValueError(f"undecodable worker frame: {exc}") from exc
+            offset = start + size
+        if offset:
+            del buffer[:offset]
+        return messages

@@ -1,0 +1,150 @@
+"""The SQLite schema, migrated forward by ``PRAGMA user_version``.
+
+Each entry of ``MIGRATIONS`` moves the schema one version up and runs in one transaction;
+never edit a released migration, append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[str] = [
+    # 1: runs and everything recorded about them
+    """
+    CREATE TABLE versions (
+        env TEXT NOT NULL,
+        id TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        code_dir TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT,
+        tasks BLOB NOT NULL,
+        PRIMARY KEY (env, id)
+    );
+    CREATE TABLE environments (
+        env TEXT PRIMARY KEY,
+        current_version TEXT
+    );
+    CREATE TABLE api_keys (
+        key_hash TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE TABLE runs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        env TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        payload BLOB,
+        payload_ref TEXT,
+        output BLOB,
+        output_ref TEXT,
+        error BLOB,
+        version TEXT,
+        pinned_version TEXT,
+        tags BLOB,
+        metadata BLOB,
+        attempt_count INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        retry BLOB,
+        started_at REAL,
+        finished_at REAL,
+        delay_until REAL,
+        ready_at REAL,
+        expires_at REAL,
+        ttl_s REAL,
+        idempotency_key TEXT,
+        idempotency_slot TEXT,
+        idempotency_expires_at REAL,
+        queue TEXT NOT NULL,
+        concurrency_key TEXT,
+        priority REAL NOT NULL DEFAULT 0,
+        max_duration_s REAL,
+        machine TEXT,
+        parent_run_id TEXT,
+        root_run_id TEXT,
+        batch_id TEXT,
+        replayed_from TEXT,
+        interruptions INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX runs_env_id ON runs (env, id);
+    CREATE INDEX runs_env_status_id ON runs (env, status, id);
+    CREATE INDEX runs_env_task_id ON runs (env, task_id, id);
+    CREATE INDEX runs_active ON runs (status)
+        WHERE status NOT IN ('COMPLETED', 'CANCELED', 'FAILED', 'CRASHED', 'SYSTEM_FAILURE',
+                             'EXPIRED', 'TIMED_OUT');
+    CREATE UNIQUE INDEX runs_idempotency ON runs (env, task_id, idempotency_slot)
+        WHERE idempotency_slot IS NOT NULL;
+    CREATE INDEX runs_parent ON runs (parent_run_id) WHERE parent_run_id IS NOT NULL;
+    CREATE TABLE run_tags (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        env TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        PRIMARY KEY (env, tag, run_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE attempts (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        number INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        version TEXT,
+        pid INTEGER,
+        error BLOB,
+        cpu_s REAL,
+        peak_rss_bytes INTEGER,
+        PRIMARY KEY (run_id, number)
+    ) WITHOUT ROWID;
+    CREATE TABLE snapshots (
+        id INTEGER PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        description TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX snapshots_run ON snapshots (run_id, id);
+    CREATE TABLE logs (
+        id INTEGER PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        attempt INTEGER NOT NULL,
+        ts REAL NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL,
+        attrs BLOB
+    );
+    CREATE INDEX logs_run ON logs (run_id, id);
+    """,
+]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version; returns that version.
+
+    Raises:
+        RuntimeError: the file was written by a newer Ember than this one.
+    """
+    (current,) = conn.execute("PRAGMA user_version").fetchone()
+    if current > len(MIGRATIONS):
+        raise RuntimeError(
+            f"the state database has schema version {current}, newer than this Ember "
+            f"understands ({len(MIGRATIONS)}): upgrade Ember, or point EMBER_STATE_DIR elsewhere"
+        )
+    for version in range(current, len(MIGRATIONS)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[version].split(";\n"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)

@@ -1,0 +1,232 @@
+"""The daemon: wires store, engine, supervisor and API together and serves them.
+
+One daemon owns a state directory (enforced with a lock file). It serves the API on a Unix
+socket (mode 0600) and optionally on TCP, and runs until :meth:`Daemon.request_stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+import uvicorn
+
+from ember._errors import ConfigError
+from ember._types import VersionInfo
+from ember.daemon import _store as store
+from ember.daemon._api import build_app, hash_key
+from ember.daemon._config import DaemonConfig
+from ember.daemon._db import Database
+from ember.daemon._engine import Engine
+from ember.daemon._events import EventHub
+from ember.daemon._supervisor import Supervisor
+from ember.daemon._versions import unpack
+
+log = logging.getLogger("ember.daemon")
+
+
+class Daemon:
+    """An Ember daemon.
+
+    Args:
+        config: its configuration.
+        clock: wall-clock seconds; injectable so tests can move across days.
+    """
+
+    def __init__(self, config: DaemonConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.pid = os.getpid()
+        self.started_at = clock()
+        self.checkpoint_strategy = "park"
+        self._stop = asyncio.Event()
+        self._lock_file: IO[str] | None = None
+        self._server: uvicorn.Server | None = None
+        self._sockets: list[socket.socket] = []
+        self._version_lock = asyncio.Lock()
+        self.db: Database
+        self.events = EventHub()
+        self.engine: Engine
+        self.supervisor: Supervisor
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the state, recover runs, start the supervisor and the API.
+
+        Raises:
+            ConfigError: another daemon owns the state directory, or a socket is taken.
+        """
+        state = self.config.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_state_dir(state)
+        self.db = await asyncio.to_thread(Database, self.config.db_path, self.config.durability)
+        self.engine = Engine(self.config, self.db, self.events)
+        self.supervisor = Supervisor(self.config, self.engine, self.config.api_socket)
+        self.engine.supervisor = self.supervisor
+        await self.supervisor.start()
+        recovered = await self.engine.recover()
+        await self._serve_api()
+        log.info(
+            "Ember daemon %s ready on %s (%d runs recovered)",
+            self.pid,
+            self.config.api_socket,
+            recovered,
+        )
+
+    def _lock_state_dir(self, state: Path) -> None:
+        lock = open(state / "daemon.lock", "a+")  # noqa: SIM115 - held for the daemon's life
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            lock.close()
+            raise ConfigError(
+                f"another Ember daemon (pid {owner}) already uses the state directory {state}: "
+                "stop it, or give this one another EMBER_STATE_DIR"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(self.pid))
+        lock.flush()
+        self._lock_file = lock
+
+    async def _serve_api(self) -> None:
+        path = self.config.api_socket
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.exists():
+            if await _answers(path):
+                raise ConfigError(
+                    f"a daemon already listens on {path}: stop it, or set EMBER_SOCKET elsewhere"
+                )
+            path.unlink()
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(str(path))
+        os.chmod(path, 0o600)
+        self._sockets = [unix]
+        if self.config.tcp:
+            self._sockets.append(self._tcp_socket(self.config.tcp))
+            await self._ensure_api_key()
+        config = uvicorn.Config(
+            build_app(self),
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            http="httptools",
+            loop="none",
+            date_header=False,
+            server_header=False,
+            timeout_graceful_shutdown=1,
+        )
+        config.load()
+        self._server = uvicorn.Server(config)
+        # startup()/shutdown() rather than serve(): the daemon owns its signals and its loop.
+        self._server.lifespan = config.lifespan_class(config)
+        await self._server.startup(sockets=self._sockets)
+
+    def _tcp_socket(self, address: str) -> socket.socket:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--tcp {address!r} must be host:port, e.g. 127.0.0.1:8030")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
+        return sock
+
+    async def _ensure_api_key(self) -> None:
+        """Over TCP a key is required: make one for ``dev`` if none exists yet."""
+        if await self.db.read(store.has_keys):
+            return
+        key = "em_" + secrets.token_urlsafe(32)
+        now = self.clock()
+        await self.db.write(lambda conn: store.insert_key(conn, hash_key(key), "dev", "first", now))
+        key_file = self.config.state_dir / "dev.key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(key + "\n")
+        log.warning("created an API key for environment dev in %s", key_file)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until :meth:`request_stop`, then stop."""
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop serving and stop every process; the table keeps what was in flight."""
+        if hasattr(self, "engine"):
+            self.engine.begin_close()
+        if self._server is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._server.shutdown(sockets=self._sockets)
+        self.config.api_socket.unlink(missing_ok=True)
+        if hasattr(self, "engine"):
+            await self.engine.close()
+        if hasattr(self, "supervisor"):
+            await self.supervisor.stop()
+        if hasattr(self, "db"):
+            await asyncio.to_thread(self.db.close)
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    # -- versions -----------------------------------------------------------------------
+
+    async def register_version(self, env: str, archive: bytes, *, promote: bool) -> VersionInfo:
+        """Unpack a project archive, index its tasks in a new zygote, and record the version.
+
+        Identical content to the current version registers nothing and returns it.
+        """
+        async with self._version_lock:
+            code_root = self.config.state_dir / "code"
+            code_root.mkdir(exist_ok=True)
+            digest, code_dir = await asyncio.to_thread(unpack, archive, code_root)
+            current = self.engine.current.get(env)
+            if current is not None:
+                record = self.engine.versions[(env, current)]
+                if record.info.content_hash == digest:
+                    return record.info
+            now = self.clock()
+            day = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+            version_id = self.engine.next_version_id(env, day)
+            indexed = await self.supervisor.index(env, version_id, str(code_dir))
+            info = VersionInfo(
+                id=version_id,
+                env=env,
+                content_hash=digest,
+                created_at=store.ts(now),
+                status="READY" if indexed.error is None else "FAILED",
+                tasks=indexed.tasks,
+                error=indexed.error,
+            )
+            return await self.engine.add_version(info, str(code_dir), promote)
+
+
+async def _answers(path: Path) -> bool:
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except OSError:
+        return False
+    writer.close()
+    return True

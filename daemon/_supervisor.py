@@ -1,0 +1,487 @@
+"""The supervisor: one warm zygote per version, and the run processes forked from it.
+
+A zygote imports a version's task modules once; every run process is a fork of it, so a cold
+start costs a fork, not an interpreter start and the imports. A run process executes runs
+one after another until it has done ``max_runs_per_process`` or idles for
+``process_idle_s``. The engine decides which run goes where; the supervisor owns processes
+and their channels, and tells the engine when one is ready or gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from ember.daemon._config import DaemonConfig
+from ember.daemon._protocol import (
+    Done,
+    Exited,
+    Fork,
+    Forked,
+    FrameDecoder,
+    FromWorker,
+    FromZygote,
+    Heartbeat,
+    Hello,
+    Indexed,
+    Log,
+    Message,
+    Shutdown,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from ember.daemon._engine import Engine
+    from ember.daemon._store import ActiveRun
+
+log = logging.getLogger("ember.daemon")
+
+VersionKey = tuple[str, str]
+# After a run process's channel closes, wait this long for its exit status before reporting
+# it gone, so the reason says "killed by SIGKILL" rather than "closed its channel".
+_EXIT_STATUS_WAIT_S = 0.5
+# Variables of the daemon's environment that must not leak into run processes.
+_STRIPPED_ENV = ("EMBER_VERSION", "TRIGGER_VERSION")
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    """A run process, from the fork request until it is gone."""
+
+    id: int
+    key: VersionKey
+    token: str
+    pid: int | None = None
+    transport: asyncio.Transport | None = None
+    run: ActiveRun | None = None
+    runs_done: int = 0
+    last_heartbeat: float = 0.0
+    idle_since: float = 0.0
+    retiring: bool = False
+    timed_out: bool = False
+    stalled: bool = False
+    exit_reason: str | None = None
+    gone: bool = False
+
+    def send(self, message: Message) -> None:
+        """Write a frame to the process (dropped if its channel is closed)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode(message))
+
+
+@dataclass(slots=True, eq=False)
+class Zygote:
+    """A version's warm parent process."""
+
+    key: VersionKey
+    code_dir: str
+    process: subprocess.Popen[bytes]
+    indexed: asyncio.Future[Indexed]
+    transport: asyncio.Transport | None = None
+    connecting: asyncio.Task[None] | None = None
+    pending_forks: list[Fork] = field(default_factory=list)
+    alive: bool = True
+    idle_since: float = field(default_factory=time.time)
+
+    def fork(self, message: Fork) -> None:
+        """Ask for a run process now, or as soon as the modules are imported."""
+        if self.indexed.done() and self.transport is not None:
+            self.transport.write(encode(message))
+        else:
+            self.pending_forks.append(message)
+
+
+class _ZygoteProtocol(asyncio.Protocol):
+    def __init__(self, supervisor: Supervisor, zygote: Zygote) -> None:
+        self._supervisor = supervisor
+        self._zygote = zygote
+        self._decoder = FrameDecoder(FromZygote)
+
+    def data_received(self, data: bytes) -> None:
+        for message in self._decoder.feed(data):
+            self._supervisor._on_zygote_message(self._zygote, message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._supervisor._on_zygote_lost(self._zygote)
+
+
+class _WorkerProtocol(asyncio.Protocol):
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+        self._decoder = FrameDecoder(FromWorker)
+        self._transport: asyncio.Transport | None = None
+        self.worker: Worker | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except ValueError:
+            log.warning("closing a worker channel that sent an undecodable frame")
+            assert self._transport is not None
+            self._transport.close()
+            return
+        engine = self._supervisor.engine
+        for message in messages:
+            if self.worker is None:
+                if not isinstance(message, Hello):
+                    assert self._transport is not None
+                    self._transport.close()
+                    return
+                assert self._transport is not None
+                self.worker = self._supervisor._on_hello(message, self._transport)
+                if self.worker is None:
+                    return
+            elif isinstance(message, Log | Heartbeat | Done):
+                engine.on_worker_message(self.worker, message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.worker is not None:
+            self._supervisor._on_channel_closed(self.worker)
+
+
+class Supervisor:
+    """Starts zygotes, forks run processes, and watches them.
+
+    Args:
+        config: the daemon's configuration.
+        engine: receives ready, message and gone notifications.
+        api_socket: the API socket run processes use to trigger child runs.
+    """
+
+    def __init__(self, config: DaemonConfig, engine: Engine, api_socket: Path) -> None:
+        self.config = config
+        self.engine = engine
+        self._api_socket = api_socket
+        self._zygotes: dict[VersionKey, Zygote] = {}
+        # Zygotes stopped while the daemon runs, until their exit status is collected.
+        self._stopped_zygotes: list[Zygote] = []
+        self._workers: dict[int, Worker] = {}
+        self._idle: dict[VersionKey, list[Worker]] = {}
+        self._starting: dict[VersionKey, int] = {}
+        self._next_id = 1
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._logs_dir = config.state_dir / "logs"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen for run processes on the worker socket."""
+        path = self.config.worker_socket
+        path.unlink(missing_ok=True)
+        self._logs_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _WorkerProtocol(self), str(path))
+        os.chmod(path, 0o600)
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        """Stop every process: run processes get SIGKILL, zygotes their channel closed.
+
+        Runs that were executing stay EXECUTING in the table and become new attempts on the
+        next start, exactly as after a crash, so there is one recovery path to trust.
+        """
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for worker in list(self._workers.values()):
+            self.kill(worker)
+        zygotes = list(self._zygotes.values()) + self._stopped_zygotes
+        for zygote in zygotes:
+            self._stop_zygote(zygote)
+        if self._server is not None:
+            self._server.close()
+        for zygote in zygotes:
+            try:
+                await asyncio.to_thread(zygote.process.wait, 5)
+            except subprocess.TimeoutExpired:
+                zygote.process.kill()
+                await asyncio.to_thread(zygote.process.wait)
+
+    # -- zygotes ------------------------------------------------------------------------
+
+    def _zygote_env(self, env: str, version: str) -> dict[str, str]:
+        child_env = {k: v for k, v in os.environ.items() if k not in _STRIPPED_ENV}
+        child_env.update(
+            EMBER_SOCKET=str(self._api_socket),
+            EMBER_ENV=env,
+            EMBER_RUN_VERSION=version,
+            PYTHONUNBUFFERED="1",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        return child_env
+
+    def _ensure_zygote(self, env: str, version: str, code_dir: str) -> Zygote:
+        key = (env, version)
+        zygote = self._zygotes.get(key)
+        if zygote is not None and zygote.alive:
+            return zygote
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_path = self._logs_dir / f"{env.replace('/', '_')}-{version}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ember.daemon._zygote",
+                    "--fd",
+                    str(theirs.fileno()),
+                    "--code-dir",
+                    code_dir,
+                    "--worker-socket",
+                    str(self.config.worker_socket),
+                    "--heartbeat-s",
+                    str(self.config.heartbeat_interval_s),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self._zygote_env(env, version),
+                cwd=code_dir,
+                close_fds=True,
+                start_new_session=True,
+            )
+        theirs.close()
+        loop = asyncio.get_running_loop()
+        zygote = Zygote(key, code_dir, process, loop.create_future())
+        self._zygotes[key] = zygote
+        zygote.connecting = loop.create_task(self._connect_zygote(zygote, ours))
+        return zygote
+
+    async def _connect_zygote(self, zygote: Zygote, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_unix_connection(
+            lambda: _ZygoteProtocol(self, zygote), sock=sock
+        )
+        zygote.transport = transport
+
+    async def index(
+        self, env: str, version: str, code_dir: str, timeout_s: float = 120.0
+    ) -> Indexed:
+        """Start the version's zygote and return the tasks it found (or its import error)."""
+        zygote = self._ensure_zygote(env, version, code_dir)
+        try:
+            indexed = await asyncio.wait_for(asyncio.shield(zygote.indexed), timeout_s)
+        except TimeoutError:
+            self._stop_zygote(zygote)
+            return Indexed(error=f"importing the task modules took longer than {timeout_s:.0f}s")
+        if indexed.error is not None:
+            self._stop_zygote(zygote)
+        return indexed
+
+    def _on_zygote_message(self, zygote: Zygote, message: Any) -> None:
+        if isinstance(message, Indexed):
+            if not zygote.indexed.done():
+                zygote.indexed.set_result(message)
+            if message.error is None and zygote.transport is not None:
+                for fork in zygote.pending_forks:
+                    zygote.transport.write(encode(fork))
+                zygote.pending_forks.clear()
+            elif message.error is not None:
+                self._fail_starting(
+                    zygote, f"the version's code failed to import:\n{message.error}"
+                )
+        elif isinstance(message, Forked):
+            worker = self._workers.get(message.worker_id)
+            if worker is not None:
+                worker.pid = message.pid
+        elif isinstance(message, Exited):
+            for worker in list(self._workers.values()):
+                if worker.pid == message.pid and worker.key == zygote.key:
+                    worker.exit_reason = _describe_exit(message.status)
+                    self._gone(worker)
+
+    def _on_zygote_lost(self, zygote: Zygote) -> None:
+        zygote.alive = False
+        if zygote not in self._stopped_zygotes:
+            self._stopped_zygotes.append(zygote)
+        if self._zygotes.get(zygote.key) is zygote:
+            del self._zygotes[zygote.key]
+        if not zygote.indexed.done():
+            code = zygote.process.poll()
+            zygote.indexed.set_result(
+                Indexed(error=f"the zygote exited before importing the tasks (status {code})")
+            )
+        self._fail_starting(zygote, "the version's zygote exited")
+
+    def _fail_starting(self, zygote: Zygote, reason: str) -> None:
+        starting = [w for w in self._workers.values() if w.key == zygote.key and w.pid is None]
+        for worker in starting:
+            self._workers.pop(worker.id, None)
+        if starting:
+            self._starting[zygote.key] = 0
+            self.engine.on_spawn_failed(*zygote.key, reason)
+
+    def _stop_zygote(self, zygote: Zygote) -> None:
+        zygote.alive = False
+        self._stopped_zygotes = [z for z in self._stopped_zygotes if z.process.poll() is None]
+        if zygote not in self._stopped_zygotes:
+            self._stopped_zygotes.append(zygote)
+        if zygote.transport is not None:
+            zygote.transport.close()
+        elif zygote.process.poll() is None:
+            zygote.process.kill()
+        if self._zygotes.get(zygote.key) is zygote:
+            del self._zygotes[zygote.key]
+
+    # -- run processes ------------------------------------------------------------------
+
+    def take_idle(self, env: str, version: str) -> Worker | None:
+        """An idle run process of the version, now marked busy, or None."""
+        idle = self._idle.get((env, version))
+        while idle:
+            worker = idle.pop()
+            if not worker.gone and not worker.retiring:
+                return worker
+        return None
+
+    def make_idle(self, worker: Worker) -> None:
+        """A run process has nothing to do: keep it warm for the next run."""
+        if worker.gone or worker.retiring:
+            return
+        worker.idle_since = time.time()
+        self._idle.setdefault(worker.key, []).append(worker)
+
+    def spawn(self, env: str, version: str, code_dir: str) -> None:
+        """Start run processes for the runs of a version that wait for one, within the cap."""
+        key = (env, version)
+        wanted = self.engine.awaiting_count(key)
+        while self._starting.get(key, 0) < wanted:
+            if len(self._workers) >= self.config.max_concurrent_runs and not self._evict_idle(key):
+                return  # at the cap: retried when a process idles or exits
+            worker = Worker(self._next_id, key, secrets.token_hex(16))
+            self._next_id += 1
+            self._workers[worker.id] = worker
+            self._starting[key] = self._starting.get(key, 0) + 1
+            zygote = self._ensure_zygote(env, version, code_dir)
+            zygote.fork(Fork(worker_id=worker.id, token=worker.token))
+
+    def _evict_idle(self, keep: VersionKey) -> bool:
+        for key, idle in self._idle.items():
+            if key != keep and idle:
+                self.retire(idle.pop())
+                return True
+        return False
+
+    def _on_hello(self, hello: Hello, transport: asyncio.Transport) -> Worker | None:
+        worker = self._workers.get(hello.worker_id)
+        if worker is None or not secrets.compare_digest(worker.token, hello.token):
+            log.warning("refusing a run process with an unknown id or token (pid %s)", hello.pid)
+            transport.close()
+            return None
+        worker.transport = transport
+        worker.pid = worker.pid or hello.pid
+        self._starting[worker.key] = max(0, self._starting.get(worker.key, 0) - 1)
+        self.engine.on_worker_ready(worker)
+        return worker
+
+    def release(self, worker: Worker) -> None:
+        """A run process finished a run: recycle it or hand it the next one."""
+        if worker.runs_done >= self.config.max_runs_per_process:
+            self.retire(worker)
+            self.engine.rebalance()
+        else:
+            self.engine.on_worker_ready(worker)
+
+    def retire(self, worker: Worker) -> None:
+        """Ask an idle run process to exit."""
+        worker.retiring = True
+        worker.send(Shutdown())
+
+    def terminate(self, worker: Worker, grace_s: float) -> None:
+        """SIGTERM a run process, and SIGKILL it if it is still there after ``grace_s``."""
+        worker.retiring = True
+        self._signal(worker, signal.SIGTERM)
+        asyncio.get_running_loop().call_later(grace_s, self.kill, worker)
+
+    def kill(self, worker: Worker) -> None:
+        """SIGKILL a run process."""
+        worker.retiring = True
+        self._signal(worker, signal.SIGKILL)
+
+    def _signal(self, worker: Worker, signum: int) -> None:
+        if worker.pid is not None and not worker.gone:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+
+    def busy_workers(self) -> Iterator[Worker]:
+        """Run processes executing an attempt."""
+        return (w for w in list(self._workers.values()) if w.run is not None)
+
+    def _on_channel_closed(self, worker: Worker) -> None:
+        worker.transport = None
+        if worker.exit_reason is None:
+            # Make sure it is gone, then wait briefly for the zygote's exit status.
+            self._signal(worker, signal.SIGKILL)
+            asyncio.get_running_loop().call_later(_EXIT_STATUS_WAIT_S, self._gone, worker)
+        else:
+            self._gone(worker)
+
+    def _gone(self, worker: Worker) -> None:
+        if worker.gone:
+            return
+        if worker.transport is not None:
+            # The exit status came first: the channel's close follows and finishes the job.
+            worker.transport.close()
+            return
+        worker.gone = True
+        self._workers.pop(worker.id, None)
+        idle = self._idle.get(worker.key)
+        if idle and worker in idle:
+            idle.remove(worker)
+        self.engine.on_worker_gone(worker, worker.exit_reason or "closed its channel")
+        self.engine.rebalance()
+
+    async def _sweep(self) -> None:
+        """Every few seconds: retire idle processes and zygotes nobody needs."""
+        while True:
+            await asyncio.sleep(min(5.0, self.config.process_idle_s))
+            now = time.time()
+            for idle in self._idle.values():
+                for worker in [w for w in idle if now - w.idle_since > self.config.process_idle_s]:
+                    idle.remove(worker)
+                    self.retire(worker)
+            used = {w.key for w in self._workers.values()}
+            for key, zygote in list(self._zygotes.items()):
+                if key in used or self.engine.current.get(key[0]) == key[1]:
+                    zygote.idle_since = now
+                elif now - zygote.idle_since > self.config.process_idle_s:
+                    self._stop_zygote(zygote)
+
+    def stats(self) -> dict[str, int]:
+        """Counts for health and the dashboard."""
+        return {
+            "processes": len(self._workers),
+            "idle_processes": sum(len(v) for v in self._idle.values()),
+            "zygotes": len(self._zygotes),
+        }
+
+    def processes(self) -> list[Worker]:
+        """Every run process."""
+        return list(self._workers.values())
+
+
+def _describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"was killed by {name}"
+    return f"exited with status {status}"

@@ -1,0 +1,30 @@
+# Sourced by scripts/demo and scripts/test: make sure .venv exists and holds Ember and its
+# development tools. Works on a fresh Debian machine that has only python3.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PY" -m venv --help >/dev/null 2>&1 || ! "$PY" -c "import ensurepip" >/dev/null 2>&1; then
+    echo "○ installing python3-venv (Debian splits venv out of python3)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
+  echo "○ creating $VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+
+# Reinstall when the dependencies or the set of modules change: the strict editable install
+# (which mypy and IDEs need to resolve ember.*) links files, so new modules need a reinstall.
+STAMP="$VENV/.ember-install-stamp"
+WANT="$(cat "$ROOT/pyproject.toml"; cd "$ROOT" && find sdk daemon tui cli sync -name '*.py' 2>/dev/null | sort)"
+WANT_HASH="$(printf '%s' "$WANT" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT_HASH" ]; then
+  echo "○ installing Ember and its development tools into $VENV"
+  (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e ".[dev]" --config-settings editable_mode=strict 2>&1 \
+    | grep -v -e "^ *$" -e "!!" -e "^\*\*\*" -e "editable" -e "Please be careful" -e "to import/use" -e "WARNING: Location" || true)
+  echo "$WANT_HASH" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

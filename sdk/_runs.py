@@ -1,0 +1,276 @@
+"""``runs`` and ``tasks``: inspect and steer runs, and trigger tasks by id.
+
+Each call has a blocking twin with the ``_sync`` suffix (``runs.retrieve_sync``), built from
+the same :class:`~ember._client.Call`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from ember._client import Call, Client, default_client
+from ember._task import RunHandle, _wire_delay, trigger_options
+from ember._types import (
+    BatchItem,
+    BatchTriggerRequest,
+    BatchTriggerResponse,
+    LogPage,
+    ReplayRequest,
+    RescheduleRequest,
+    Run,
+    RunPage,
+    RunStatus,
+    TriggerRequest,
+    TriggerResponse,
+)
+
+_encoder = msgspec.json.Encoder()
+
+
+def _csv(values: str | Iterable[str] | None) -> str | None:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        return values
+    return ",".join(str(v.value if isinstance(v, RunStatus) else v) for v in values)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+class Runs:
+    """Runs of the client's environment: ``from ember import runs``."""
+
+    def __init__(self, client: Client | None = None) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> Client:
+        """The client used: the one given, else the default."""
+        return self._client or default_client()
+
+    # -- calls --------------------------------------------------------------------------
+
+    def _retrieve(self, run_id: str) -> Call[Run]:
+        return Call("GET", f"/api/v3/runs/{run_id}", Run)
+
+    def _list(
+        self,
+        status: str | RunStatus | Iterable[str | RunStatus] | None,
+        task: str | Iterable[str] | None,
+        tag: str | Iterable[str] | None,
+        version: str | None,
+        created_after: datetime | None,
+        created_before: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Call[RunPage]:
+        if isinstance(status, RunStatus):
+            status = status.value
+        params = {
+            "status": _csv(status),
+            "task": _csv(task),
+            "tag": _csv(tag),
+            "version": version,
+            "from": _iso(created_after),
+            "to": _iso(created_before),
+            "limit": limit,
+            "cursor": cursor,
+        }
+        return Call("GET", "/api/v1/runs", RunPage, params=params)
+
+    def _action(self, run_id: str, action: str, body: Any = None) -> Call[Run]:
+        data = _encoder.encode(body) if body is not None else b"{}"
+        return Call("POST", f"/api/v1/runs/{run_id}/{action}", Run, body=data)
+
+    def _cancel(self, run_id: str) -> Call[Run]:
+        return Call("POST", f"/api/v2/runs/{run_id}/cancel", Run, body=b"{}")
+
+    def _replay(self, run_id: str, version: str | None) -> Call[TriggerResponse]:
+        body = _encoder.encode(ReplayRequest(version=version))
+        return Call("POST", f"/api/v1/runs/{run_id}/replay", TriggerResponse, body=body)
+
+    def _reschedule(self, run_id: str, delay: float | str | timedelta | datetime) -> Call[Run]:
+        wire = _wire_delay(delay)
+        assert wire is not None
+        return self._action(run_id, "reschedule", RescheduleRequest(delay=wire))
+
+    def _poll(self, run_id: str, timeout_s: float) -> Call[Run]:
+        return Call(
+            "GET",
+            f"/api/v1/runs/{run_id}/wait",
+            Run,
+            params={"timeout_s": timeout_s},
+            timeout_s=timeout_s + 10,
+        )
+
+    def _logs(self, run_id: str) -> Call[LogPage]:
+        return Call("GET", f"/api/v1/runs/{run_id}/logs", LogPage)
+
+    # -- async --------------------------------------------------------------------------
+
+    async def retrieve(self, run_id: str) -> Run:
+        """Return a run with its payload, output, attempts and history."""
+        return await self.client.request(self._retrieve(run_id))
+
+    async def list(
+        self,
+        *,
+        status: str | RunStatus | Iterable[str | RunStatus] | None = None,
+        task: str | Iterable[str] | None = None,
+        tag: str | Iterable[str] | None = None,
+        version: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Return one page of runs, newest first; pass ``page.next_cursor`` for the next."""
+        call = self._list(status, task, tag, version, created_after, created_before, limit, cursor)
+        return await self.client.request(call)
+
+    async def iterate(self, **filters: Any) -> AsyncIterator[Any]:
+        """Yield every run matching the filters of :meth:`list`, page after page."""
+        cursor = None
+        while True:
+            page = await self.list(**filters, cursor=cursor)
+            for run in page.data:
+                yield run
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def cancel(self, run_id: str) -> Run:
+        """Cancel a run that has not finished; a running attempt is stopped."""
+        return await self.client.request(self._cancel(run_id))
+
+    async def replay(self, run_id: str, *, version: str | None = None) -> TriggerResponse:
+        """Trigger a new run with the same payload, on the current version unless pinned."""
+        return await self.client.request(self._replay(run_id, version))
+
+    async def reschedule(self, run_id: str, delay: float | str | timedelta | datetime) -> Run:
+        """Move a DELAYED run's start to a new delay or date."""
+        return await self.client.request(self._reschedule(run_id, delay))
+
+    async def poll(self, run_id: str, *, timeout_s: float = 3600.0) -> Run:
+        """Wait until a run is final (or ``timeout_s`` passes) and return it."""
+        return await self.client.request(self._poll(run_id, timeout_s))
+
+    async def logs(self, run_id: str) -> LogPage:
+        """Return the lines a run logged, oldest first."""
+        return await self.client.request(self._logs(run_id))
+
+    # -- blocking twins -----------------------------------------------------------------
+
+    def retrieve_sync(self, run_id: str) -> Run:
+        """Blocking twin of :meth:`retrieve`."""
+        return self.client.request_sync(self._retrieve(run_id))
+
+    def list_sync(
+        self,
+        *,
+        status: str | RunStatus | Iterable[str | RunStatus] | None = None,
+        task: str | Iterable[str] | None = None,
+        tag: str | Iterable[str] | None = None,
+        version: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Blocking twin of :meth:`list`."""
+        call = self._list(status, task, tag, version, created_after, created_before, limit, cursor)
+        return self.client.request_sync(call)
+
+    def cancel_sync(self, run_id: str) -> Run:
+        """Blocking twin of :meth:`cancel`."""
+        return self.client.request_sync(self._cancel(run_id))
+
+    def replay_sync(self, run_id: str, *, version: str | None = None) -> TriggerResponse:
+        """Blocking twin of :meth:`replay`."""
+        return self.client.request_sync(self._replay(run_id, version))
+
+    def reschedule_sync(self, run_id: str, delay: float | str | timedelta | datetime) -> Run:
+        """Blocking twin of :meth:`reschedule`."""
+        return self.client.request_sync(self._reschedule(run_id, delay))
+
+    def poll_sync(self, run_id: str, *, timeout_s: float = 3600.0) -> Run:
+        """Blocking twin of :meth:`poll`."""
+        return self.client.request_sync(self._poll(run_id, timeout_s))
+
+    def logs_sync(self, run_id: str) -> LogPage:
+        """Blocking twin of :meth:`logs`."""
+        return self.client.request_sync(self._logs(run_id))
+
+
+class Tasks:
+    """Trigger tasks by id, without importing them: ``from ember import tasks``."""
+
+    def __init__(self, client: Client | None = None) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> Client:
+        """The client used: the one given, else the default."""
+        return self._client or default_client()
+
+    def _trigger(
+        self, task_id: str, payload: Any, options: dict[str, Any]
+    ) -> Call[TriggerResponse]:
+        body = TriggerRequest(
+            payload=msgspec.Raw(_encoder.encode(payload)), options=trigger_options(**options)
+        )
+        return Call(
+            "POST", f"/api/v1/tasks/{task_id}/trigger", TriggerResponse, body=_encoder.encode(body)
+        )
+
+    def _batch(
+        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
+    ) -> Call[BatchTriggerResponse]:
+        batch = [
+            BatchItem(
+                task=item[0],
+                payload=msgspec.Raw(_encoder.encode(item[1])),
+                options=trigger_options(**(item[2] if len(item) > 2 else {})),
+            )
+            for item in items
+        ]
+        body = _encoder.encode(BatchTriggerRequest(items=batch))
+        return Call("POST", "/api/v1/tasks/batch", BatchTriggerResponse, body=body)
+
+    async def trigger(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle[Any]:
+        """Queue a run of ``task_id``; options as for ``Task.trigger``."""
+        response = await self.client.request(self._trigger(task_id, payload, options))
+        return RunHandle(response, self.client)
+
+    def trigger_sync(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle[Any]:
+        """Blocking twin of :meth:`trigger`."""
+        response = self.client.request_sync(self._trigger(task_id, payload, options))
+        return RunHandle(response, self.client)
+
+    async def batch_trigger(
+        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
+    ) -> list[RunHandle[Any]]:
+        """Queue runs of several tasks in one commit.
+
+        Args:
+            items: ``(task_id, payload)`` or ``(task_id, payload, options)`` tuples.
+        """
+        response = await self.client.request(self._batch(items))
+        return [RunHandle(r, self.client) for r in response.runs]
+
+    def batch_trigger_sync(
+        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
+    ) -> list[RunHandle[Any]]:
+        """Blocking twin of :meth:`batch_trigger`."""
+        response = self.client.request_sync(self._batch(items))
+        return [RunHandle(r, self.client) for r in response.runs]
+
+
+runs = Runs()
+tasks = Tasks()

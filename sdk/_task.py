@@ -1,0 +1,446 @@
+"""Tasks: ``@task`` turns a function into something the daemon can run durably.
+
+A task is a plain object in a module of the project's task directories; the worker finds
+tasks by scanning the modules it imports for :class:`Task` instances, so there is no global
+registry to keep in step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import (
+    Any,
+    Concatenate,
+    Generic,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    get_type_hints,
+    overload,
+)
+
+import msgspec
+
+from ember._client import Call, Client, default_client
+from ember._config import pinned_version
+from ember._duration import parse_duration_s
+from ember._errors import ConfigError, PayloadValidationError, RunFailedError
+from ember._runtime import Context, current_runtime
+from ember._types import (
+    BatchItem,
+    BatchTriggerRequest,
+    BatchTriggerResponse,
+    RetryOptions,
+    Run,
+    TriggerOptions,
+    TriggerRequest,
+    TriggerResponse,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+R = TypeVar("R")
+
+_encoder = msgspec.json.Encoder()
+# One long poll waits this long at most; the handle polls again until its own timeout.
+_POLL_S = 60.0
+_TASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:/")
+
+
+class Queue(msgspec.Struct, frozen=True):
+    """A named queue shared by tasks, with an optional concurrency limit.
+
+    Args:
+        name: the queue's name, unique in the project.
+        concurrency_limit: runs of this queue executing at once; unlimited when None
+            (the environment's limit still applies).
+    """
+
+    name: str
+    concurrency_limit: int | None = None
+
+
+Retry = RetryOptions
+"""Retry policy of a task: ``Retry(max_attempts=3, factor=2, min_timeout_s=1, ...)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerItem(Generic[T]):
+    """One run of a batch with its own options: ``TriggerItem(payload, delay="1m")``."""
+
+    payload: T
+    options: TriggerOptions
+
+    def __init__(self, payload: T, **options: Any) -> None:
+        object.__setattr__(self, "payload", payload)
+        object.__setattr__(self, "options", trigger_options(**options))
+
+
+def trigger_options(
+    *,
+    delay: float | str | timedelta | datetime | None = None,
+    ttl: float | str | timedelta | None = None,
+    idempotency_key: str | None = None,
+    idempotency_key_ttl: float | str | timedelta | None = None,
+    tags: Iterable[str] = (),
+    metadata: dict[str, Any] | None = None,
+    queue: str | None = None,
+    concurrency_key: str | None = None,
+    priority: float = 0.0,
+    max_attempts: int | None = None,
+    max_duration_s: float | None = None,
+    version: str | None = None,
+    machine: str | None = None,
+) -> TriggerOptions:
+    """Build :class:`TriggerOptions`, filling the parent run and the pinned version."""
+    runtime = current_runtime()
+    return TriggerOptions(
+        delay=_wire_delay(delay),
+        ttl=parse_duration_s(ttl) if isinstance(ttl, timedelta) else ttl,
+        idempotency_key=idempotency_key,
+        idempotency_key_ttl=(
+            parse_duration_s(idempotency_key_ttl)
+            if isinstance(idempotency_key_ttl, timedelta)
+            else idempotency_key_ttl
+        ),
+        tags=list(tags),
+        metadata=metadata,
+        queue=queue,
+        concurrency_key=concurrency_key,
+        priority=priority,
+        max_attempts=max_attempts,
+        max_duration_s=max_duration_s,
+        version=version or pinned_version(),
+        machine=machine,
+        parent_run_id=runtime.context.run_id if runtime is not None else None,
+    )
+
+
+def _wire_delay(delay: float | str | timedelta | datetime | None) -> float | str | None:
+    """A delay as the API takes it: seconds, a duration string, or an ISO 8601 instant."""
+    if isinstance(delay, timedelta):
+        return parse_duration_s(delay)
+    if isinstance(delay, datetime):
+        return (delay if delay.tzinfo else delay.replace(tzinfo=UTC)).isoformat()
+    return delay
+
+
+class RunHandle(Generic[R]):
+    """A triggered run: its id, and a way to wait for its output.
+
+    Attributes:
+        id: the run id.
+        task_id: the task it runs.
+        is_cached: True when an idempotency key returned an existing run.
+    """
+
+    __slots__ = ("_client", "_output_type", "id", "is_cached", "task_id")
+
+    def __init__(
+        self, response: TriggerResponse, client: Client, output_type: type[Any] = object
+    ) -> None:
+        self.id = response.id
+        self.task_id = response.task_id
+        self.is_cached = response.is_cached
+        self._client = client
+        self._output_type = output_type
+
+    def __repr__(self) -> str:
+        return f"RunHandle(id={self.id!r}, task_id={self.task_id!r})"
+
+    def _wait_call(self, timeout_s: float) -> Call[Run]:
+        return Call(
+            "GET",
+            f"/api/v1/runs/{self.id}/wait",
+            Run,
+            params={"timeout_s": timeout_s},
+            timeout_s=timeout_s + 10,
+        )
+
+    def _output(self, run: Run) -> R:
+        if run.status.value != "COMPLETED":
+            raise RunFailedError(run.id, run.status.value, run.error)
+        output: R = run.output_as(self._output_type)
+        return output
+
+    async def result(self, timeout_s: float = 3600.0) -> R:
+        """Wait until the run is final and return its output.
+
+        Raises:
+            RunFailedError: the run ended without output (failed, crashed, canceled...).
+            TimeoutError: the run is still going after ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            run = await self._client.request(self._wait_call(max(0.0, min(remaining, _POLL_S))))
+            if run.is_final:
+                return self._output(run)
+            if remaining <= _POLL_S:
+                raise TimeoutError(f"run {self.id} is still {run.status.value} after {timeout_s}s")
+
+    def result_sync(self, timeout_s: float = 3600.0) -> R:
+        """Blocking twin of :meth:`result`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            run = self._client.request_sync(self._wait_call(max(0.0, min(remaining, _POLL_S))))
+            if run.is_final:
+                return self._output(run)
+            if remaining <= _POLL_S:
+                raise TimeoutError(f"run {self.id} is still {run.status.value} after {timeout_s}s")
+
+
+class Task(Generic[T, P, R]):
+    """A durable task. Create one with :func:`task`; call ``trigger`` to run it.
+
+    Calling the task object directly runs the function in the current process, unchanged,
+    which is what tests of task logic want.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        id: str,
+        retry: RetryOptions,
+        queue: Queue | None,
+        max_duration_s: float | None,
+        ttl: float | str | None,
+        machine: str | None,
+        description: str,
+    ) -> None:
+        if not id or not set(id) <= _TASK_ID_CHARS:
+            raise ConfigError(
+                f"task id {id!r} is invalid: use lowercase letters, digits and - _ . : /"
+            )
+        if retry.max_attempts < 1:
+            raise ConfigError(f"task {id!r}: retry max_attempts must be at least 1")
+        if (
+            queue is not None
+            and queue.concurrency_limit is not None
+            and queue.concurrency_limit < 1
+        ):
+            raise ConfigError(f"task {id!r}: queue concurrency_limit must be at least 1")
+        self.fn = fn
+        self.id = id
+        self.retry = retry
+        self.queue = queue or Queue(f"task/{id}")
+        self.max_duration_s = max_duration_s
+        self.ttl = ttl
+        self.machine = machine
+        self.description = description or (inspect.getdoc(fn) or "").split("\n", 1)[0]
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.payload_type, self.wants_context, self.output_type = _inspect_signature(fn)
+        self.takes_payload = bool(inspect.signature(fn).parameters)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"Task(id={self.id!r})"
+
+    def __call__(self, payload: T, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return self.fn(payload, *args, **kwargs)
+
+    # -- payloads -----------------------------------------------------------------------
+
+    def encode_payload(self, payload: Any) -> bytes:
+        """Encode a payload to JSON, checking it against the task's payload type.
+
+        Raises:
+            PayloadValidationError: the payload does not match, with the path of the field.
+        """
+        try:
+            data = _encoder.encode(payload)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise PayloadValidationError(
+                f"payload of task {self.id!r} cannot be encoded as JSON: {exc}"
+            ) from exc
+        if self.payload_type is not None:
+            self.decode_payload(data)
+        return data
+
+    def decode_payload(self, data: bytes) -> Any:
+        """Decode a JSON payload into the task's payload type (validating it).
+
+        Raises:
+            PayloadValidationError: the payload does not match, with the path of the field.
+        """
+        try:
+            return msgspec.json.decode(data, type=self.payload_type or Any)
+        except msgspec.ValidationError as exc:
+            raise PayloadValidationError(f"payload of task {self.id!r} is invalid: {exc}") from exc
+
+    # -- triggering ---------------------------------------------------------------------
+
+    def _trigger_call(self, payload: Any, options: TriggerOptions) -> Call[TriggerResponse]:
+        body = TriggerRequest(payload=msgspec.Raw(self.encode_payload(payload)), options=options)
+        return Call(
+            "POST", f"/api/v1/tasks/{self.id}/trigger", TriggerResponse, body=_encoder.encode(body)
+        )
+
+    def _batch_call(self, items: Iterable[T | TriggerItem[T]]) -> Call[BatchTriggerResponse]:
+        batch = []
+        for item in items:
+            payload, options = (
+                (item.payload, item.options) if isinstance(item, TriggerItem) else (item, None)
+            )
+            batch.append(
+                BatchItem(
+                    task=self.id,
+                    payload=msgspec.Raw(self.encode_payload(payload)),
+                    options=options or trigger_options(),
+                )
+            )
+        return Call(
+            "POST",
+            "/api/v1/tasks/batch",
+            BatchTriggerResponse,
+            body=_encoder.encode(BatchTriggerRequest(items=batch)),
+        )
+
+    async def trigger(
+        self, payload: T, *, client: Client | None = None, **options: Any
+    ) -> RunHandle[R]:
+        """Queue a run and return its handle once the daemon has committed it.
+
+        Args:
+            payload: the task's input; checked against its annotation.
+            client: the daemon to use; the default client when omitted.
+            **options: ``delay``, ``ttl``, ``idempotency_key``, ``idempotency_key_ttl``,
+                ``tags``, ``metadata``, ``queue``, ``concurrency_key``, ``priority``,
+                ``max_attempts``, ``max_duration_s``, ``version``, ``machine``.
+        """
+        client = client or default_client()
+        call = self._trigger_call(payload, trigger_options(**options))
+        return RunHandle(await client.request(call), client, self.output_type)
+
+    def trigger_sync(
+        self, payload: T, *, client: Client | None = None, **options: Any
+    ) -> RunHandle[R]:
+        """Blocking twin of :meth:`trigger`, for Django, Flask and scripts."""
+        client = client or default_client()
+        call = self._trigger_call(payload, trigger_options(**options))
+        return RunHandle(client.request_sync(call), client, self.output_type)
+
+    async def batch_trigger(
+        self, items: Iterable[T | TriggerItem[T]], *, client: Client | None = None
+    ) -> list[RunHandle[R]]:
+        """Queue many runs in one request and one commit; handles come back in order.
+
+        Args:
+            items: payloads, or :class:`TriggerItem` for runs with their own options.
+            client: the daemon to use; the default client when omitted.
+        """
+        client = client or default_client()
+        response = await client.request(self._batch_call(items))
+        return [RunHandle(r, client, self.output_type) for r in response.runs]
+
+    def batch_trigger_sync(
+        self, items: Iterable[T | TriggerItem[T]], *, client: Client | None = None
+    ) -> list[RunHandle[R]]:
+        """Blocking twin of :meth:`batch_trigger`."""
+        client = client or default_client()
+        response = client.request_sync(self._batch_call(items))
+        return [RunHandle(r, client, self.output_type) for r in response.runs]
+
+
+def _inspect_signature(fn: Callable[..., Any]) -> tuple[Any, bool, Any]:
+    """Return (payload type or None, whether ``ctx`` is wanted, output type)."""
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) > 2 or any(
+        p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY) for p in params
+    ):
+        raise ConfigError(
+            f"task function {fn.__qualname__} must take (payload) or (payload, ctx: Context)"
+        )
+    try:
+        hints = get_type_hints(fn)
+    except Exception as exc:
+        raise ConfigError(f"cannot resolve the annotations of {fn.__qualname__}: {exc}") from exc
+    payload_type = hints.get(params[0].name) if params else None
+    if payload_type is Any:
+        payload_type = None
+    wants_context = len(params) == 2
+    if wants_context and hints.get(params[1].name, Context) is not Context:
+        raise ConfigError(f"the second parameter of {fn.__qualname__} must be `ctx: Context`")
+    output_type = hints.get("return", Any)
+    if output_type is None or output_type is type(None) or output_type is Any:
+        output_type = object
+    return payload_type, wants_context, output_type
+
+
+class TaskDecorator(Protocol):
+    """What ``@task(...)`` with arguments returns: it turns a function into a :class:`Task`."""
+
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[T, P], Coroutine[Any, Any, R]]
+    ) -> Task[T, P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[Concatenate[T, P], R]) -> Task[T, P, R]: ...
+
+
+@overload
+def task(
+    fn: Callable[Concatenate[T, P], Coroutine[Any, Any, R]],
+) -> Task[T, P, R]: ...
+@overload
+def task(fn: Callable[Concatenate[T, P], R]) -> Task[T, P, R]: ...
+@overload
+def task(
+    *,
+    id: str | None = None,
+    retry: RetryOptions | None = None,
+    queue: Queue | None = None,
+    max_duration_s: float | None = None,
+    ttl: float | str | None = None,
+    machine: str | None = None,
+    description: str = "",
+) -> TaskDecorator: ...
+def task(
+    fn: Callable[..., Any] | None = None,
+    *,
+    id: str | None = None,
+    retry: RetryOptions | None = None,
+    queue: Queue | None = None,
+    max_duration_s: float | None = None,
+    ttl: float | str | None = None,
+    machine: str | None = None,
+    description: str = "",
+) -> Any:
+    """Declare a task: ``@task`` or ``@task(id="send-email", retry=Retry(max_attempts=5))``.
+
+    The function takes the payload and optionally ``ctx: Context``. An ``async def`` runs on
+    the run process's event loop; a plain ``def`` runs in a thread.
+
+    Args:
+        id: unique id (lowercase, digits, ``-_.:/``); the function's name with ``-`` for ``_``
+            when omitted.
+        retry: attempts and backoff; Trigger.dev's defaults (3 attempts) when omitted.
+        queue: a shared :class:`Queue`; each task has its own unlimited queue otherwise.
+        max_duration_s: wall-clock limit of one attempt; the run ends TIMED_OUT past it.
+        ttl: a run not started within this duration ends EXPIRED.
+        machine: a resource preset name, recorded with the run.
+        description: shown in listings; the docstring's first line when omitted.
+    """
+
+    def wrap(f: Callable[..., Any]) -> Task[Any, Any, Any]:
+        return Task(
+            f,
+            id=id or f.__name__.replace("_", "-"),
+            retry=retry or RetryOptions(),
+            queue=queue,
+            max_duration_s=max_duration_s,
+            ttl=ttl,
+            machine=machine,
+            description=description,
+        )
+
+    if fn is not None:
+        return wrap(fn)
+    return wrap

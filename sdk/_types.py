@@ -1,0 +1,364 @@
+"""Wire types of Ember's public API: the JSON bodies the daemon reads and writes.
+
+Every type is a frozen ``msgspec.Struct``; every field added later gets a default so that
+older clients and daemons keep working. The OpenAPI document is generated from these.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+
+def _null() -> msgspec.Raw:
+    return msgspec.Raw(b"null")
+
+
+class RunStatus(enum.StrEnum):
+    """A run's public status, as in Trigger.dev v4."""
+
+    PENDING_VERSION = "PENDING_VERSION"
+    DELAYED = "DELAYED"
+    QUEUED = "QUEUED"
+    DEQUEUED = "DEQUEUED"
+    EXECUTING = "EXECUTING"
+    WAITING = "WAITING"
+    COMPLETED = "COMPLETED"
+    CANCELED = "CANCELED"
+    FAILED = "FAILED"
+    CRASHED = "CRASHED"
+    SYSTEM_FAILURE = "SYSTEM_FAILURE"
+    EXPIRED = "EXPIRED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def is_final(self) -> bool:
+        """True when the run can change no more."""
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {
+        RunStatus.COMPLETED,
+        RunStatus.CANCELED,
+        RunStatus.FAILED,
+        RunStatus.CRASHED,
+        RunStatus.SYSTEM_FAILURE,
+        RunStatus.EXPIRED,
+        RunStatus.TIMED_OUT,
+    }
+)
+
+
+class Struct(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of the API types: immutable and keyword-only.
+
+    Responses ignore fields they do not know, so an older client reads a newer daemon.
+    """
+
+
+class Request(Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of request bodies: a misspelt field is refused with its name, never ignored."""
+
+
+class RetryOptions(Struct, frozen=True):
+    """Exponential backoff between attempts; attempts include the first.
+
+    The delay before attempt ``n + 1`` is ``min_timeout_s * factor ** (n - 1)`` capped at
+    ``max_timeout_s``, times a random factor in [1, 2) when ``randomize`` is set.
+    These are Trigger.dev's defaults.
+    """
+
+    max_attempts: int = 3
+    factor: float = 2.0
+    min_timeout_s: float = 1.0
+    max_timeout_s: float = 60.0
+    randomize: bool = True
+
+
+Duration = float | str
+"""Seconds as a number, or a string such as ``"90s"``, ``"1h30m"`` or ``"2d"``.
+
+Where an instant is accepted too (``delay``), an ISO 8601 date-time string means that moment.
+"""
+
+
+class TriggerOptions(Request, frozen=True):
+    """Per-run options of a trigger; any left unset fall back to the task's settings."""
+
+    delay: Duration | None = None
+    ttl: Duration | None = None
+    idempotency_key: str | None = None
+    idempotency_key_ttl: Duration | None = None
+    tags: list[str] = []
+    metadata: dict[str, Any] | None = None
+    queue: str | None = None
+    concurrency_key: str | None = None
+    priority: float = 0.0
+    max_attempts: int | None = None
+    max_duration_s: float | None = None
+    version: str | None = None
+    machine: str | None = None
+    parent_run_id: str | None = None
+
+
+class TriggerRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/tasks/{task_id}/trigger``."""
+
+    payload: msgspec.Raw = msgspec.field(default_factory=_null)
+    options: TriggerOptions = TriggerOptions()
+
+
+class BatchItem(Request, frozen=True):
+    """One run of a batch trigger."""
+
+    task: str
+    payload: msgspec.Raw = msgspec.field(default_factory=_null)
+    options: TriggerOptions = TriggerOptions()
+
+
+class BatchTriggerRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/tasks/batch``: up to 1,000 runs accepted in one commit."""
+
+    items: list[BatchItem]
+
+
+class TriggerResponse(Struct, frozen=True):
+    """A triggered run's handle.
+
+    Attributes:
+        id: the run id.
+        task_id: the task it runs.
+        is_cached: True when an idempotency key matched an existing run, which is returned.
+    """
+
+    id: str
+    task_id: str
+    is_cached: bool = False
+
+
+class BatchTriggerResponse(Struct, frozen=True):
+    """The handles of a batch, in the order of its items."""
+
+    batch_id: str
+    runs: list[TriggerResponse]
+
+
+class RunError(Struct, frozen=True):
+    """Why an attempt or a run failed."""
+
+    name: str
+    message: str
+    stack: str = ""
+    code: str = "TASK_RUN_ERROR"
+
+
+class Attempt(Struct, frozen=True):
+    """One execution of a run in a run process."""
+
+    number: int
+    status: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    version: str | None = None
+    pid: int | None = None
+    error: RunError | None = None
+    cpu_s: float | None = None
+    peak_rss_bytes: int | None = None
+
+
+class ExecutionSnapshot(Struct, frozen=True):
+    """One transition of a run's internal state machine."""
+
+    status: str
+    created_at: datetime
+    attempt: int = 0
+    description: str = ""
+
+
+class LogLine(Struct, frozen=True):
+    """A line a task logged."""
+
+    ts: datetime
+    level: str
+    message: str
+    attempt: int = 0
+    attrs: dict[str, Any] = {}
+
+
+class RunSummary(Struct, frozen=True):
+    """A run as listed: everything but its payload, output and history."""
+
+    id: str
+    task_id: str
+    status: RunStatus
+    env: str
+    created_at: datetime
+    updated_at: datetime
+    version: str | None = None
+    tags: list[str] = []
+    attempt_count: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    delay_until: datetime | None = None
+    idempotency_key: str | None = None
+    queue: str = ""
+    concurrency_key: str | None = None
+    priority: float = 0.0
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    batch_id: str | None = None
+    replayed_from: str | None = None
+    error: RunError | None = None
+
+
+class Run(Struct, frozen=True):
+    """A run in full: ``GET /api/v3/runs/{id}``."""
+
+    id: str
+    task_id: str
+    status: RunStatus
+    env: str
+    created_at: datetime
+    updated_at: datetime
+    payload: msgspec.Raw = msgspec.field(default_factory=_null)
+    output: msgspec.Raw = msgspec.field(default_factory=_null)
+    error: RunError | None = None
+    version: str | None = None
+    pinned_version: str | None = None
+    tags: list[str] = []
+    metadata: dict[str, Any] | None = None
+    attempt_count: int = 0
+    max_attempts: int = 1
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    delay_until: datetime | None = None
+    expires_at: datetime | None = None
+    idempotency_key: str | None = None
+    queue: str = ""
+    concurrency_key: str | None = None
+    priority: float = 0.0
+    max_duration_s: float | None = None
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    batch_id: str | None = None
+    replayed_from: str | None = None
+    attempts: list[Attempt] = []
+    snapshots: list[ExecutionSnapshot] = []
+
+    @property
+    def is_final(self) -> bool:
+        """True when the run can change no more."""
+        return self.status.is_final
+
+    def output_as(self, type_: type[Any] = object) -> Any:
+        """Decode the run's JSON output (``None`` until it completes), optionally into ``type_``."""
+        return msgspec.json.decode(self.output, type=type_ | None)
+
+
+class RunPage(Struct, frozen=True):
+    """One page of ``GET /api/v1/runs``; pass ``next_cursor`` to get the next."""
+
+    data: list[RunSummary]
+    next_cursor: str | None = None
+
+
+class LogPage(Struct, frozen=True):
+    """Logs of a run, oldest first."""
+
+    data: list[LogLine]
+
+
+class RescheduleRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/runs/{id}/reschedule``: a new delay for a DELAYED run."""
+
+    delay: Duration
+
+
+class ReplayRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/runs/{id}/replay``."""
+
+    version: str | None = None
+
+
+class TaskInfo(Struct, frozen=True):
+    """A task as indexed from a version's code."""
+
+    id: str
+    file_path: str
+    export_name: str
+    queue: str
+    queue_concurrency_limit: int | None = None
+    retry: RetryOptions = RetryOptions()
+    max_duration_s: float | None = None
+    ttl: Duration | None = None
+    machine: str | None = None
+    description: str = ""
+
+
+class VersionInfo(Struct, frozen=True):
+    """A registered version of the project's code in one environment."""
+
+    id: str
+    env: str
+    content_hash: str
+    created_at: datetime
+    status: Literal["READY", "FAILED"]
+    is_current: bool = False
+    tasks: list[TaskInfo] = []
+    error: str | None = None
+
+
+class VersionList(Struct, frozen=True):
+    """Versions of one environment, newest first."""
+
+    data: list[VersionInfo]
+
+
+class TaskList(Struct, frozen=True):
+    """Tasks of an environment's current version."""
+
+    version: str | None
+    data: list[TaskInfo]
+
+
+class QueueInfo(Struct, frozen=True):
+    """A queue's limits and load."""
+
+    name: str
+    env: str
+    concurrency_limit: int | None
+    running: int
+    queued: int
+    paused: bool = False
+
+
+class QueueList(Struct, frozen=True):
+    """Queues of an environment."""
+
+    data: list[QueueInfo]
+
+
+class Health(Struct, frozen=True):
+    """Body of ``GET /healthz``."""
+
+    ok: bool
+    version: str
+    pid: int
+    started_at: datetime
+    checkpoint_strategy: str = "park"
+
+
+class ErrorBody(Struct, frozen=True):
+    """Every error response: ``{"error": "...what happened, why, and what to do"}``."""
+
+    error: str
+
+
+class RunEvent(Struct, frozen=True, tag="run"):
+    """A run changed: streamed on ``GET /api/v1/events``."""
+
+    run: RunSummary

@@ -1,0 +1,113 @@
+"""Shared fixtures: real daemons on temporary sockets, real SQLite files, real run processes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember import Client, ClientSettings, Run
+from ember._types import VersionInfo
+from ember.daemon import Daemon, DaemonConfig
+
+
+def make_archive(files: dict[str, str], dirs: tuple[str, ...] = ("tasks",)) -> bytes:
+    """A version archive as `ember dev` sends it: the files plus the manifest."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        entries = dict(files)
+        entries[".ember/manifest.json"] = '{"dirs": %s}' % list(dirs).__repr__().replace("'", '"')
+        for name, text in sorted(entries.items()):
+            data = textwrap.dedent(text).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout_s: float = 20.0,
+    interval_s: float = 0.02,
+) -> None:
+    """Poll ``check`` until it is true; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class Harness:
+    """A running daemon and a client pointed at it."""
+
+    daemon: Daemon
+    client: Client
+    config: DaemonConfig
+
+    async def register(
+        self, files: dict[str, str], env: str = "dev", promote: bool = True
+    ) -> VersionInfo:
+        """Register a version made of these files (paths relative to the project root)."""
+        return await self.daemon.register_version(env, make_archive(files), promote=promote)
+
+    async def run(
+        self, task_id: str, payload: Any = None, timeout_s: float = 30.0, **options: Any
+    ) -> Run:
+        """Trigger a run and wait until it is final."""
+        from ember import Tasks
+
+        handle = await Tasks(self.client).trigger(task_id, payload, **options)
+        return await self.wait(handle.id, timeout_s)
+
+    async def wait(self, run_id: str, timeout_s: float = 30.0) -> Run:
+        """Wait until a run is final."""
+        from ember import Runs
+
+        run = await Runs(self.client).poll(run_id, timeout_s=timeout_s)
+        assert run.is_final, f"{run_id} still {run.status} after {timeout_s}s"
+        return run
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """A fresh state directory."""
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@asynccontextmanager
+async def running_daemon(state_dir: Path, **overrides: Any) -> AsyncIterator[Harness]:
+    """Start a daemon in this event loop; stop it and close its client at the end."""
+    config = DaemonConfig(state_dir=state_dir, socket_path=state_dir / "api.sock", **overrides)
+    daemon = Daemon(config)
+    await daemon.start()
+    client = Client(ClientSettings(socket_path=config.api_socket))
+    try:
+        yield Harness(daemon, client, config)
+    finally:
+        await client.aclose()
+        await daemon.stop()
+
+
+@pytest.fixture
+async def harness(state_dir: Path) -> AsyncIterator[Harness]:
+    """A daemon with default settings and fast timeouts."""
+    async with running_daemon(state_dir, cancel_grace_s=1.0, process_idle_s=30.0) as h:
+        yield h
