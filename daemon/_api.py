@@ -32,7 +32,9 @@ from ember._types import (
     ErrorBody,
     Health,
     LogPage,
+    ProcessList,
     QueueInfo,
+    QueueLimitRequest,
     QueueList,
     ReplayRequest,
     RescheduleRequest,
@@ -141,12 +143,58 @@ def _time_param(request: Request, name: str) -> float | None:
 
 
 async def health(daemon: Daemon, request: Request, env: str) -> Health:
+    stats = daemon.engine.stats()
     return Health(
         ok=True,
         version=ember.__version__,
         pid=daemon.pid,
         started_at=store.ts(daemon.started_at),
         checkpoint_strategy=daemon.checkpoint_strategy,
+        active_runs=stats["active"],
+        executing_runs=stats["executing"],
+        queued_runs=stats["queued"],
+        processes=daemon.supervisor.stats()["processes"],
+        max_concurrent_runs=daemon.config.max_concurrent_runs,
+    )
+
+
+async def list_processes(daemon: Daemon, request: Request, env: str) -> ProcessList:
+    return ProcessList(data=daemon.supervisor.processes())
+
+
+async def pause_queue(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+    await daemon.engine.pause_queue(env, request.path_params["name"], True)
+    return _queue_info(daemon, env, request.path_params["name"])
+
+
+async def resume_queue(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+    await daemon.engine.pause_queue(env, request.path_params["name"], False)
+    return _queue_info(daemon, env, request.path_params["name"])
+
+
+async def queue_limit(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+    req: QueueLimitRequest = _decode(await _body(request, 4096), QueueLimitRequest)
+    name = request.path_params["name"]
+    await daemon.engine.override_queue_limit(env, name, req.concurrency_limit, reset=False)
+    return _queue_info(daemon, env, name)
+
+
+async def reset_queue_limit(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+    name = request.path_params["name"]
+    await daemon.engine.override_queue_limit(env, name, None, reset=True)
+    return _queue_info(daemon, env, name)
+
+
+def _queue_info(daemon: Daemon, env: str, name: str) -> QueueInfo:
+    queue = daemon.engine.queue
+    running, queued = queue.stats(env).get(name, (0, 0))
+    return QueueInfo(
+        name=name,
+        env=env,
+        concurrency_limit=queue.limit(env, name),
+        running=running,
+        queued=queued,
+        paused=queue.is_paused(env, name),
     )
 
 
@@ -252,19 +300,8 @@ async def list_tasks(daemon: Daemon, request: Request, env: str) -> TaskList:
 
 
 async def list_queues(daemon: Daemon, request: Request, env: str) -> QueueList:
-    queue = daemon.engine.queue
-    data = [
-        QueueInfo(
-            name=name,
-            env=env,
-            concurrency_limit=queue.limit(env, name),
-            running=running,
-            queued=queued,
-            paused=queue.is_paused(env, name),
-        )
-        for name, (running, queued) in sorted(queue.stats(env).items())
-    ]
-    return QueueList(data=data)
+    names = sorted(daemon.engine.queue.stats(env))
+    return QueueList(data=[_queue_info(daemon, env, name) for name in names])
 
 
 async def events(daemon: Daemon, request: Request, env: str) -> StreamingResponse:
@@ -362,6 +399,32 @@ ROUTES: tuple[RouteSpec, ...] = (
         response=VersionInfo,
     ),
     RouteSpec("GET", "/api/v1/queues", list_queues, "Queues and their load", response=QueueList),
+    RouteSpec(
+        "POST", "/api/v1/queues/{name:path}/pause", pause_queue, "Pause a queue", response=QueueInfo
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/queues/{name:path}/resume",
+        resume_queue,
+        "Resume a queue",
+        response=QueueInfo,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/queues/{name:path}/concurrency",
+        queue_limit,
+        "Override a queue's concurrency limit",
+        request=QueueLimitRequest,
+        response=QueueInfo,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/queues/{name:path}/concurrency/reset",
+        reset_queue_limit,
+        "Go back to the concurrency limit in the code",
+        response=QueueInfo,
+    ),
+    RouteSpec("GET", "/api/v1/processes", list_processes, "Run processes", response=ProcessList),
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
 )
 

@@ -27,6 +27,8 @@ from ember._errors import BadRequest, ConfigError, Conflict, EmberError, NotFoun
 from ember._runtime import Context
 from ember._types import (
     BatchItem,
+    LogEvent,
+    LogLine,
     RetryOptions,
     Run,
     RunError,
@@ -62,6 +64,7 @@ DEFAULT_IDEMPOTENCY_TTL_S = 30 * 86400.0
 MAX_INTERRUPTIONS = 5
 
 _json = msgspec.json.Encoder()
+_dict_decoder = msgspec.json.Decoder(dict[str, Any])
 _QUEUE_WAITING = (RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.PENDING_VERSION)
 
 
@@ -103,6 +106,8 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        # Queue settings changed at run time: (paused, limit, whether the limit is overridden).
+        self._queue_overrides: dict[tuple[str, str], tuple[bool, int | None, bool]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -112,6 +117,11 @@ class Engine:
         Attempts that were executing when the daemon stopped have no process any more: each
         is recorded as interrupted and its run queued again at once.
         """
+        for env, name, paused, limit, has_limit in self.db.read_now(store.load_queue_overrides):
+            self._queue_overrides[(env, name)] = (paused, limit, has_limit)
+            self.queue.set_paused(env, name, paused)
+            if has_limit:
+                self.queue.set_limit(env, name, limit)
         for info, code_dir in self.db.read_now(store.load_versions):
             self._add_version(info, code_dir)
             if info.is_current:
@@ -205,7 +215,9 @@ class Engine:
         self.current[env] = version_id
         record = self.versions[(env, version_id)]
         for task in record.tasks.values():
-            self.queue.set_limit(env, task.queue, task.queue_concurrency_limit)
+            override = self._queue_overrides.get((env, task.queue))
+            if override is None or not override[2]:
+                self.queue.set_limit(env, task.queue, task.queue_concurrency_limit)
 
     async def add_version(self, info: VersionInfo, code_dir: str, promote: bool) -> VersionInfo:
         """Record a registered version and, when ``promote``, make it current."""
@@ -682,7 +694,7 @@ class Engine:
         run = worker.run
         if isinstance(message, Log):
             if run is not None and run.id == message.run_id:
-                self._buffer_log(message)
+                self._buffer_log(run.env, message)
             return
         if run is None or run.id != message.run_id:
             return  # a late frame of an attempt already settled (canceled, timed out)
@@ -693,7 +705,17 @@ class Engine:
             return
         self._attempt_done(worker, run, message)
 
-    def _buffer_log(self, message: Log) -> None:
+    def _buffer_log(self, env: str, message: Log) -> None:
+        if self.events.has_subscribers(env):
+            attrs = _dict_decoder.decode(message.attrs) if message.attrs else {}
+            line = LogLine(
+                ts=store.ts(message.ts),
+                level=message.level,
+                message=message.message,
+                attempt=message.attempt,
+                attrs=attrs,
+            )
+            self.events.publish(env, LogEvent(run_id=message.run_id, line=line))
         if not self._log_buffer:
             asyncio.get_running_loop().call_soon(self._flush_logs)
         self._log_buffer.append(
@@ -1034,6 +1056,58 @@ class Engine:
                 if waiters is not None and waiter in waiters:
                     waiters.remove(waiter)
         return await self.get_run(run_id)
+
+    # -- queues -------------------------------------------------------------------------
+
+    def _queue_settings(self, env: str, name: str) -> tuple[bool, int | None, bool]:
+        if name not in self.queue.stats(env):
+            raise NotFound(404, f"queue {name!r} does not exist in environment {env}")
+        return self._queue_overrides.get(
+            (env, name), (self.queue.is_paused(env, name), self.queue.limit(env, name), False)
+        )
+
+    async def _save_queue(
+        self, env: str, name: str, settings: tuple[bool, int | None, bool]
+    ) -> None:
+        await self.db.write(lambda conn: store.save_queue_override(conn, env, name, *settings))
+        self._queue_overrides[(env, name)] = settings
+        self.queue.set_paused(env, name, settings[0])
+        if settings[2]:
+            self.queue.set_limit(env, name, settings[1])
+        else:
+            self.queue.set_limit(env, name, self._task_queue_limit(env, name))
+        self._schedule_pump()
+
+    def _task_queue_limit(self, env: str, name: str) -> int | None:
+        current = self.current.get(env)
+        record = self.versions.get((env, current)) if current else None
+        for task in record.tasks.values() if record else ():
+            if task.queue == name:
+                return task.queue_concurrency_limit
+        return None
+
+    async def pause_queue(self, env: str, name: str, paused: bool) -> None:
+        """Stop (or resume) starting runs of a queue; executing runs carry on.
+
+        Raises:
+            NotFound: no such queue.
+        """
+        _, limit, has_limit = self._queue_settings(env, name)
+        await self._save_queue(env, name, (paused, limit, has_limit))
+
+    async def override_queue_limit(
+        self, env: str, name: str, limit: int | None, reset: bool
+    ) -> None:
+        """Override a queue's concurrency limit (None: unlimited), or go back to the code's.
+
+        Raises:
+            NotFound: no such queue.
+            BadRequest: the limit is below 1.
+        """
+        if limit is not None and limit < 1:
+            raise BadRequest(400, "concurrency_limit must be at least 1, or null for no limit")
+        paused, _, _ = self._queue_settings(env, name)
+        await self._save_queue(env, name, (paused, limit, not reset))
 
     # -- events and idleness ------------------------------------------------------------
 

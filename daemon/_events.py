@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from ember._types import RunEvent
+from ember._types import Event
 
 SUBSCRIBER_BUFFER = 10_000
 
@@ -37,7 +37,7 @@ class EventHub:
         """True when someone listens to this environment (skip building events otherwise)."""
         return any(s.env == env for s in self._subscribers)
 
-    def publish(self, env: str, event: RunEvent) -> None:
+    def publish(self, env: str, event: Event) -> None:
         """Send an event to every subscriber of its environment."""
         data: bytes | None = None
         for subscriber in self._subscribers:

@@ -38,7 +38,7 @@ def openapi_document(routes: Sequence[RouteSpec]) -> dict[str, Any]:
             "operationId": route.handler.__name__,
             "parameters": [
                 {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                for name in re.findall(r"{(\w+)}", route.path)
+                for name in re.findall(r"{(\w+)(?::\w+)?}", route.path)
             ]
             + [
                 {"name": name, "in": "query", "description": text, "schema": {"type": "string"}}
@@ -80,7 +80,8 @@ def openapi_document(routes: Sequence[RouteSpec]) -> dict[str, Any]:
                 "required": True,
                 "content": {route.content_type: {"schema": {"type": "string", "format": "binary"}}},
             }
-        paths.setdefault(route.path, {})[route.method.lower()] = operation
+        path = re.sub(r"{(\w+):\w+}", r"{\1}", route.path)
+        paths.setdefault(path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "Ember daemon API", "version": ember.__version__},

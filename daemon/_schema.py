@@ -121,6 +121,17 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX logs_run ON logs (run_id, id);
     """,
+    # 2: queue settings changed at run time (pause, concurrency override)
+    """
+    CREATE TABLE queue_overrides (
+        env TEXT NOT NULL,
+        name TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        concurrency_limit INTEGER,
+        has_limit INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (env, name)
+    );
+    """,
 ]
 
 

@@ -639,6 +639,28 @@ def load_versions(conn: sqlite3.Connection) -> list[tuple[VersionInfo, str]]:
     return [(_version(r, currents.get(r[1])), r[7]) for r in rows]
 
 
+def save_queue_override(
+    conn: sqlite3.Connection, env: str, name: str, paused: bool, limit: int | None, has_limit: bool
+) -> None:
+    """Persist a queue's pause flag and concurrency override."""
+    conn.execute(
+        "INSERT INTO queue_overrides (env, name, paused, concurrency_limit, has_limit)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (env, name) DO UPDATE SET paused = excluded.paused,"
+        " concurrency_limit = excluded.concurrency_limit, has_limit = excluded.has_limit",
+        (env, name, int(paused), limit, int(has_limit)),
+    )
+
+
+def load_queue_overrides(conn: sqlite3.Connection) -> list[tuple[str, str, bool, int | None, bool]]:
+    """Every persisted queue override: (env, name, paused, limit, has_limit)."""
+    return [
+        (r[0], r[1], bool(r[2]), r[3], bool(r[4]))
+        for r in conn.execute(
+            "SELECT env, name, paused, concurrency_limit, has_limit FROM queue_overrides"
+        )
+    ]
+
+
 def key_env(conn: sqlite3.Connection, key_hash: str) -> str | None:
     """The environment of a live API key, or None."""
     row = conn.execute(

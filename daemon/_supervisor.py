@@ -22,8 +22,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
+import psutil
+
+from ember._types import ProcessInfo
 from ember.daemon._config import DaemonConfig
 from ember.daemon._protocol import (
     Done,
@@ -175,6 +178,8 @@ class Supervisor:
         self._idle: dict[VersionKey, list[Worker]] = {}
         self._starting: dict[VersionKey, int] = {}
         self._next_id = 1
+        # psutil keeps the previous CPU sample per Process object: reuse them between calls.
+        self._psutil: dict[int, psutil.Process] = {}
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._logs_dir = config.state_dir / "logs"
@@ -472,9 +477,47 @@ class Supervisor:
             "zygotes": len(self._zygotes),
         }
 
-    def processes(self) -> list[Worker]:
-        """Every run process."""
-        return list(self._workers.values())
+    def processes(self) -> list[ProcessInfo]:
+        """Every run process, with its CPU use and memory where it can be measured."""
+        found = []
+        for worker in self._workers.values():
+            cpu = rss = None
+            if worker.pid is not None:
+                process = self._psutil.get(worker.pid)
+                try:
+                    if process is None:
+                        process = self._psutil[worker.pid] = psutil.Process(worker.pid)
+                    cpu = process.cpu_percent(None)
+                    rss = process.memory_info().rss
+                except psutil.Error:
+                    self._psutil.pop(worker.pid, None)
+            state: Literal["starting", "idle", "busy", "retiring"] = (
+                "retiring"
+                if worker.retiring
+                else "starting"
+                if worker.transport is None
+                else "busy"
+                if worker.run is not None
+                else "idle"
+            )
+            found.append(
+                ProcessInfo(
+                    worker_id=worker.id,
+                    env=worker.key[0],
+                    version=worker.key[1],
+                    state=state,
+                    pid=worker.pid,
+                    run_id=worker.run.id if worker.run is not None else None,
+                    task_id=worker.run.task_id if worker.run is not None else None,
+                    runs_done=worker.runs_done,
+                    cpu_percent=cpu,
+                    rss_bytes=rss,
+                )
+            )
+        live = {w.pid for w in self._workers.values()}
+        for pid in [p for p in self._psutil if p not in live]:
+            del self._psutil[pid]
+        return sorted(found, key=lambda p: p.worker_id)
 
 
 def _describe_exit(status: int) -> str:

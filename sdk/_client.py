@@ -18,12 +18,12 @@ import msgspec
 
 from ember._config import ClientSettings
 from ember._errors import DaemonUnavailable, api_error
-from ember._types import ErrorBody, RunEvent
+from ember._types import ErrorBody, Event
 
 T = TypeVar("T")
 
 _error_decoder = msgspec.json.Decoder(ErrorBody)
-_event_decoder = msgspec.json.Decoder(RunEvent)
+_event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +174,8 @@ class Client:
             raise self._unavailable(exc) from exc
         return self._decode(call, response)
 
-    async def events(self, params: Mapping[str, Any] | None = None) -> AsyncIterator[RunEvent]:
-        """Stream run changes as they happen (server-sent events), until cancelled.
+    async def events(self, params: Mapping[str, Any] | None = None) -> AsyncIterator[Event]:
+        """Stream run changes and log lines as they happen (server-sent events).
 
         Raises:
             DaemonUnavailable: nothing listens at the address, or it went away.

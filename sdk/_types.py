@@ -343,13 +343,45 @@ class QueueList(Struct, frozen=True):
 
 
 class Health(Struct, frozen=True):
-    """Body of ``GET /healthz``."""
+    """Body of ``GET /healthz``: the daemon and its load."""
 
     ok: bool
     version: str
     pid: int
     started_at: datetime
     checkpoint_strategy: str = "park"
+    active_runs: int = 0
+    executing_runs: int = 0
+    queued_runs: int = 0
+    processes: int = 0
+    max_concurrent_runs: int = 0
+
+
+class ProcessInfo(Struct, frozen=True):
+    """A run process of the daemon."""
+
+    worker_id: int
+    env: str
+    version: str
+    state: Literal["starting", "idle", "busy", "retiring"]
+    pid: int | None = None
+    run_id: str | None = None
+    task_id: str | None = None
+    runs_done: int = 0
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+
+
+class ProcessList(Struct, frozen=True):
+    """Run processes, by worker id."""
+
+    data: list[ProcessInfo]
+
+
+class QueueLimitRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/queues/{name}/concurrency``: a new limit, or null for none."""
+
+    concurrency_limit: int | None
 
 
 class ErrorBody(Struct, frozen=True):
@@ -362,3 +394,14 @@ class RunEvent(Struct, frozen=True, tag="run"):
     """A run changed: streamed on ``GET /api/v1/events``."""
 
     run: RunSummary
+
+
+class LogEvent(Struct, frozen=True, tag="log"):
+    """A run logged a line: streamed on ``GET /api/v1/events``."""
+
+    run_id: str
+    line: LogLine
+
+
+Event = RunEvent | LogEvent
+"""What the event stream carries."""
