@@ -42,6 +42,7 @@ timed by the same code. It needs only the standard library (psutil is imported w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,14 +58,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 RESULT_KEYS: Mapping[str, str] = {
     "system": "system name, as in SYSTEMS (required)",
     "workload": "workload name (required)",
     "n": "iterations measured, warm-up excluded",
     "version": "version of the system under test",
-    "note": "setup and caveats a reader needs to interpret the figures",
+    "setup": "how the system is configured (same for every workload)",
+    "note": "what else a reader needs to interpret this workload's figures",
     "p50_ms": "trigger/e2e: median latency in ms",
     "p99_ms": "trigger/e2e: 99th-percentile latency in ms",
     "runs_per_s": "throughput: n / (last result - first enqueue); batch: n / enqueue time",
@@ -171,6 +173,12 @@ FLOOR_WORKLOADS: Mapping[str, Workload] = {
     "http_starlette": Workload(
         "the same with a one-route Starlette app", 2000, 2000, FLOOR_FIGURES
     ),
+    "http_socket": Workload(
+        "the raw ASGI app, client a blocking socket writing HTTP/1.1 itself (no httpx)",
+        2000,
+        2000,
+        FLOOR_FIGURES,
+    ),
     "sqlite": Workload(
         "SQLite WAL, synchronous=NORMAL, one small INSERT per transaction",
         2000,
@@ -255,7 +263,11 @@ def process_footprint(root_pids: Iterable[int]) -> dict[str, float]:
 
 
 def stop_process_tree(proc: subprocess.Popen[bytes], sig: int, grace_s: float = 10.0) -> None:
-    """Send ``sig`` to ``proc``; after ``grace_s`` kill it and whatever of its tree remains."""
+    """Send ``sig`` to ``proc``; after ``grace_s`` kill it and whatever of its tree remains.
+
+    ``sig`` = SIGKILL kills the whole tree at once, for workers whose graceful shutdown is slow
+    and of no interest to the benchmark.
+    """
     import psutil
 
     try:
@@ -269,7 +281,14 @@ def stop_process_tree(proc: subprocess.Popen[bytes], sig: int, grace_s: float = 
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    # Children normally exit with their parent; anything still alive has been orphaned.
+    if sig == signal.SIGKILL:
+        # The parent is gone, so nothing respawns these. Orphans are reaped by init, not by
+        # us, so waiting for them would only measure how often init reaps.
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        return
+    # Children normally exit with their parent; kill what outlived it.
     _, alive = psutil.wait_procs(family, timeout=grace_s)
     for child in alive:
         child.kill()
@@ -286,7 +305,7 @@ class Peer(ABC):
     system: str
     version: str
     setup: str  # one line on how the system is configured, reported with every workload
-    workload_notes: Mapping[str, str] = {}
+    workload_notes: ClassVar[Mapping[str, str]] = {}  # extra note per workload name
 
     @abstractmethod
     def start_workers(self) -> None:
@@ -327,7 +346,7 @@ class Peer(ABC):
         finally:
             self.stop_workers()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most peers hold nothing outside.
         """Release what the peer holds outside its scratch directory."""
 
     def __enter__(self) -> Peer:
@@ -459,7 +478,6 @@ def peer_main(make_peer: Callable[[Path], Peer], description: str) -> None:
     ):
         figures = run_workload(peer, args.workload, args.n)
     signal.alarm(0)
-    notes = [peer.setup, peer.workload_notes.get(args.workload, "")]
     emit(
         {
             "system": peer.system,
@@ -467,7 +485,8 @@ def peer_main(make_peer: Callable[[Path], Peer], description: str) -> None:
             "n": args.n,
             "version": peer.version,
             **figures,
-            "note": "; ".join(note for note in notes if note),
+            "setup": peer.setup,
+            "note": peer.workload_notes.get(args.workload, ""),
         }
     )
 
@@ -494,10 +513,8 @@ def run_one(
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         error = f"timed out after {timeout_s:.0f} s"
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # Whatever the system left running, if anything.
-    except ProcessLookupError:
-        pass
     wall_s = round(time.perf_counter() - started, 2)
     lines = out.decode(errors="replace").strip().splitlines()
     if error is None:
@@ -510,6 +527,8 @@ def run_one(
         except (IndexError, json.JSONDecodeError):
             error = "last stdout line is not a JSON object"
     tail = err.decode(errors="replace").strip().splitlines()[-15:]
+    if tail:
+        error = f"{error}: {tail[-1]}"
     return {
         "system": name,
         "workload": workload,
@@ -521,7 +540,7 @@ def run_one(
 
 
 def _format(value: float) -> str:
-    if value >= 100:
+    if value >= 100 or float(value).is_integer():
         return f"{value:,.0f}"
     if value >= 10:
         return f"{value:.1f}"
@@ -529,68 +548,100 @@ def _format(value: float) -> str:
 
 
 def _cell(values: Sequence[float]) -> str:
+    """Median (min–max) of the rounds' values; just the value when they all agree."""
     if not values:
         return "—"
-    if len(values) == 1:
-        return _format(values[0])
-    return f"{_format(statistics.median(values))} ({_format(min(values))}–{_format(max(values))})"
+    low, mid, high = (_format(v) for v in (min(values), statistics.median(values), max(values)))
+    return mid if low == high else f"{mid} ({low}–{high})"
 
 
 def _table(
-    title: str, workload: Workload, rows: Mapping[str, list[dict[str, Any]]], ratio: bool
+    first_column: str,
+    figures: Sequence[tuple[str, str]],
+    rows: Mapping[str, list[dict[str, Any]]],
+    describe: Callable[[str, list[dict[str, Any]]], str],
+    ratio: bool,
 ) -> list[str]:
-    """Markdown lines for one workload: a row per system, median (min–max) per figure."""
-    labels = [label for _, label in workload.figures]
-    header = ["system", *labels] + ([f"{labels[0]} ÷ Ember"] if ratio else [])
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    primary = workload.figures[0][0]
-    ember = [r[primary] for r in rows.get("ember", []) if primary in r]
+    """Markdown lines: a row per key of ``rows`` with a cell per figure, then one note per row.
+
+    ``describe`` gives a row's note from its records; failed rounds are noted as well.
+    """
+    labels = [label for _, label in figures]
+    header = [first_column, *labels] + ([f"{labels[0]} ÷ Ember"] if ratio else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    primary = figures[0][0]
+    ember = [r[primary] for r in rows.get("ember", []) if primary in r and "error" not in r]
     notes = []
     for name, records in rows.items():
         ok = [r for r in records if "error" not in r]
-        cells = [_cell([r[key] for r in ok if key in r]) for key, _ in workload.figures]
+        cells = [_cell([r[key] for r in ok if key in r]) for key, _ in figures]
         if ratio:
             mine = [r[primary] for r in ok if primary in r]
+            has_ratio = mine and ember and statistics.median(ember) > 0
             cells.append(
-                f"{statistics.median(mine) / statistics.median(ember):.2f}×"
-                if mine and ember and statistics.median(ember) > 0
-                else "—"
+                f"{statistics.median(mine) / statistics.median(ember):.2f}×" if has_ratio else "—"
             )
-        failed = len(records) - len(ok)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        note = next((r["note"] for r in ok if r.get("note")), "")
+        note = describe(name, ok)
+        failed = len(records) - len(ok)
         if failed:
             reason = next(r["error"] for r in records if "error" in r)
-            note = f"{failed}/{len(records)} rounds failed ({reason}). {note}"
+            note = f"{failed}/{len(records)} rounds failed ({reason}). {note}".strip()
         if note:
             notes.append(f"- {name}: {note}")
     return [*lines, "", *notes, ""]
 
 
+def _first(records: Sequence[Mapping[str, Any]], key: str) -> str:
+    return next((str(r[key]) for r in records if r.get(key)), "")
+
+
 def render_markdown(meta: Mapping[str, Any], records: Sequence[dict[str, Any]]) -> str:
-    """The summary: one table per workload, then the floors."""
+    """The summary: the systems, one table per workload, then the floors."""
     out = [
-        f"# Ember benchmark, {meta['started']} ({meta['mode']}, {meta['rounds']} rounds)",
+        f"# Ember benchmark, {meta['started']} ({meta['mode']}: {meta['rounds']} rounds, "
+        f"{meta['wall_s']:.0f} s)",
         "",
-        f"Machine: {meta['machine']}. Cells: median (min–max) across rounds. "
-        "Ratio: the system's median over Ember's, on the first figure of the table.",
+        f"Machine: {meta['machine']}.",
+        "Cells: median (min–max) across rounds. Ratio: the system's median over Ember's, "
+        "on the table's first figure.",
         "",
     ]
+    by_system: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record["system"] in SYSTEMS:
+            by_system.setdefault(record["system"], []).append(record)
+    if by_system:
+        out += ["## Systems", "", "| system | version | setup |", "|---|---|---|"]
+        for name, mine in by_system.items():
+            out.append(f"| {name} | {_first(mine, 'version')} | {_first(mine, 'setup')} |")
+        out.append("")
     for name, workload in WORKLOADS.items():
         rows: dict[str, list[dict[str, Any]]] = {}
-        for record in records:
-            if record["workload"] == name and record["system"] in SYSTEMS:
-                rows.setdefault(record["system"], []).append(record)
+        for system, mine in by_system.items():
+            if matching := [r for r in mine if r["workload"] == name]:
+                rows[system] = matching
         if rows:
-            n = rows[next(iter(rows))][0]["n"]
-            out += _table(f"{name}: {workload.title} (n={n})", workload, rows, ratio=True)
-    floor_rows = [r for r in records if r["system"] == "floors"]
-    if floor_rows:
+            n = _first(next(iter(rows.values())), "n")
+            out += [f"## {name}: {workload.title} (n={n})", ""]
+            out += _table(
+                "system", workload.figures, rows, lambda _, ok: _first(ok, "note"), ratio=True
+            )
+    floors: dict[str, list[dict[str, Any]]] = {}
+    for name in FLOOR_WORKLOADS:
+        if matching := [r for r in records if r["system"] == "floors" and r["workload"] == name]:
+            floors[name] = matching
+    if floors:
         out += ["## Floors", ""]
-        for name, workload in FLOOR_WORKLOADS.items():
-            rows = {name: [r for r in floor_rows if r["workload"] == name]}
-            if rows[name]:
-                out += _table(f"{name}: {workload.title}", workload, rows, ratio=False)
+        out += _table(
+            "floor",
+            FLOOR_FIGURES,
+            floors,
+            lambda name, ok: "; ".join(
+                filter(None, [FLOOR_WORKLOADS[name].title, _first(ok, "note")])
+            ),
+            ratio=False,
+        )
     return "\n".join(out)
 
 
@@ -607,6 +658,21 @@ def machine_summary() -> str:
     )
 
 
+def schedule(
+    rounds: int, peers: Sequence[str], workloads: Sequence[str], floors: bool
+) -> list[tuple[int, str, str, Workload]]:
+    """Every run, in order: per round each workload with the systems taking turns, then floors."""
+    plan = []
+    for round_no in range(1, rounds + 1):
+        # Rotate the order so no system always runs right after the same neighbour.
+        shift = (round_no - 1) % max(1, len(peers))
+        order = [*peers[shift:], *peers[:shift]]
+        plan += [(round_no, name, w, WORKLOADS[w]) for w in workloads for name in order]
+        if floors:
+            plan += [(round_no, "floors", w, spec) for w, spec in FLOOR_WORKLOADS.items()]
+    return plan
+
+
 def main() -> None:
     """Run every selected system and workload over the rounds and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -615,9 +681,12 @@ def main() -> None:
     parser.add_argument("--systems", help=f"comma-separated subset of {','.join(SYSTEMS)},floors")
     parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
     args = parser.parse_args()
-    rounds = args.rounds or (3 if args.quick else 5)
     chosen = args.systems.split(",") if args.systems else [*SYSTEMS, "floors"]
     workloads = args.workloads.split(",") if args.workloads else list(WORKLOADS)
+    unknown = set(chosen) - {*SYSTEMS, "floors"} | set(workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown system or workload: {', '.join(sorted(unknown))}")
+    rounds = args.rounds or (3 if args.quick else 5)
     timeout_s = QUICK_RUN_TIMEOUT_S if args.quick else ABORT_S + KILL_GRACE_S
 
     systems: dict[str, System] = {}
@@ -634,28 +703,17 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     clock = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ember-bench-") as workdir:
-
-        def run(name: str, workload: str, spec: Workload, round_no: int) -> None:
+        for round_no, name, workload, spec in schedule(
+            rounds, peers, workloads, "floors" in systems
+        ):
             n = spec.quick_n if args.quick else spec.full_n
             record = run_one(name, systems[name], workload, n, Path(workdir), timeout_s)
             records.append({**record, "round": round_no})
-            status = record.get("error") or "ok"
             print(
                 f"[{time.perf_counter() - clock:6.1f}s] round {round_no} {workload:<14} "
-                f"{name:<7} {record['wall_s']:6.1f}s {status}",
+                f"{name:<7} {record['wall_s']:6.1f}s {record.get('error', 'ok')}",
                 flush=True,
             )
-
-        for round_no in range(1, rounds + 1):
-            # Rotate the order so no system always runs right after the same neighbour.
-            shift = (round_no - 1) % max(1, len(peers))
-            order = peers[shift:] + peers[:shift]
-            for workload in workloads:
-                for name in order:
-                    run(name, workload, WORKLOADS[workload], round_no)
-            if "floors" in systems:
-                for workload, spec in FLOOR_WORKLOADS.items():
-                    run("floors", workload, spec, round_no)
 
     meta = {
         "started": started,

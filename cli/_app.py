@@ -31,6 +31,11 @@ app.add_typer(runs_app, name="runs")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 EnvOption = Annotated[str | None, typer.Option("--env", "-e", help="Environment (default dev).")]
+ProfileOption = Annotated[
+    str | None, typer.Option("--profile", help="A remote daemon saved with `ember profiles add`.")
+]
+profiles_app = typer.Typer(help="Remote daemons: URL and API key by name.", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -39,12 +44,22 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _client(env: str | None) -> Client:
+def _client(env: str | None, profile: str | None = None) -> Client:
     try:
-        project = find_project(Path.cwd())
-    except ConfigError:
-        project = None
-    return Client(client_settings(daemon_config(project), env))
+        if profile is not None:
+            from ember.sync import profile_settings
+
+            settings = profile_settings(profile)
+            if env is not None and env != settings.env:
+                fail(f"profile {profile} holds a key of environment {settings.env}, not {env}")
+            return Client(settings)
+        try:
+            project = find_project(Path.cwd())
+        except ConfigError:
+            project = None
+        return Client(client_settings(daemon_config(project), env))
+    except EmberError as exc:
+        fail(str(exc))
 
 
 def _run_async(coro: Any) -> Any:
@@ -164,11 +179,12 @@ def trigger(
     max_attempts: Annotated[int | None, typer.Option(help="Override the retry budget.")] = None,
     version: Annotated[str | None, typer.Option(help="Lock to this version.")] = None,
     env: EnvOption = None,
+    profile: ProfileOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Trigger a run of a task."""
     data = _payload(payload)
-    client = _client(env)
+    client = _client(env, profile)
 
     async def go() -> None:
         handle = await Tasks(client).trigger(
@@ -216,10 +232,11 @@ def runs_list(
     version: Annotated[str | None, typer.Option(help="Locked version.")] = None,
     limit: Annotated[int, typer.Option(help="How many.")] = 20,
     env: EnvOption = None,
+    profile: ProfileOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """List runs, newest first."""
-    client = _client(env)
+    client = _client(env, profile)
     statuses = [s.upper() for s in status or []]
 
     async def go() -> None:
@@ -234,8 +251,8 @@ def runs_list(
     _run_async(go())
 
 
-def _one_run(run_id: str, env: str | None, action: str, as_json: bool) -> None:
-    client = _client(env)
+def _one_run(run_id: str, env: str | None, profile: str | None, action: str, as_json: bool) -> None:
+    client = _client(env, profile)
     runs = Runs(client)
 
     async def go() -> None:
@@ -267,27 +284,35 @@ def _one_run(run_id: str, env: str | None, action: str, as_json: bool) -> None:
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, env: EnvOption = None, as_json: JsonFlag = False) -> None:
+def runs_show(
+    run_id: str, env: EnvOption = None, profile: ProfileOption = None, as_json: JsonFlag = False
+) -> None:
     """Show a run: status, payload, output, error, attempts, history."""
-    _one_run(run_id, env, "show", as_json)
+    _one_run(run_id, env, profile, "show", as_json)
 
 
 @runs_app.command("logs")
-def runs_logs(run_id: str, env: EnvOption = None, as_json: JsonFlag = False) -> None:
+def runs_logs(
+    run_id: str, env: EnvOption = None, profile: ProfileOption = None, as_json: JsonFlag = False
+) -> None:
     """Print a run's log lines."""
-    _one_run(run_id, env, "logs", as_json)
+    _one_run(run_id, env, profile, "logs", as_json)
 
 
 @runs_app.command("cancel")
-def runs_cancel(run_id: str, env: EnvOption = None, as_json: JsonFlag = False) -> None:
+def runs_cancel(
+    run_id: str, env: EnvOption = None, profile: ProfileOption = None, as_json: JsonFlag = False
+) -> None:
     """Cancel a run that has not finished."""
-    _one_run(run_id, env, "cancel", as_json)
+    _one_run(run_id, env, profile, "cancel", as_json)
 
 
 @runs_app.command("replay")
-def runs_replay(run_id: str, env: EnvOption = None, as_json: JsonFlag = False) -> None:
+def runs_replay(
+    run_id: str, env: EnvOption = None, profile: ProfileOption = None, as_json: JsonFlag = False
+) -> None:
     """Run a task again with the payload of a previous run."""
-    _one_run(run_id, env, "replay", as_json)
+    _one_run(run_id, env, profile, "replay", as_json)
 
 
 @app.command()
@@ -296,3 +321,49 @@ def openapi(env: EnvOption = None) -> None:
     client = _client(env)
     document = _run_async(client.request(Call("GET", "/openapi.json", dict[str, Any])))
     _print_json(document)
+
+
+@profiles_app.command("add")
+def profiles_add(
+    name: Annotated[str, typer.Argument(help="Profile name, e.g. prod.")],
+    url: Annotated[str, typer.Option(help="The daemon's URL, e.g. https://ember.example.com.")],
+    api_key: Annotated[str, typer.Option(help="An API key of the environment to use.")],
+    env: Annotated[str, typer.Option(help="The key's environment.")] = "prod",
+) -> None:
+    """Save a remote daemon under a name."""
+    from ember.sync import Profile, profiles_path, save_profile
+
+    try:
+        save_profile(Profile(name=name, url=url, api_key=api_key, env=env))
+    except EmberError as exc:
+        fail(str(exc))
+    typer.echo(f"○ saved profile {name} in {profiles_path()}")
+
+
+@profiles_app.command("list")
+def profiles_list(as_json: JsonFlag = False) -> None:
+    """List saved profiles (keys are not shown)."""
+    from ember.sync import load_profiles
+
+    try:
+        profiles = load_profiles()
+    except EmberError as exc:
+        fail(str(exc))
+    rows = [{"name": p.name, "url": p.url, "env": p.env} for p in profiles.values()]
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows or [{"name": "no profiles", "url": "", "env": ""}]:
+        typer.echo(f"{row['name']:16} {row['env']:12} {row['url']}")
+
+
+@profiles_app.command("remove")
+def profiles_remove(name: str) -> None:
+    """Forget a saved profile."""
+    from ember.sync import delete_profile
+
+    try:
+        delete_profile(name)
+    except EmberError as exc:
+        fail(str(exc))
+    typer.echo(f"○ removed profile {name}")

@@ -579,13 +579,13 @@ class Engine:
                 self._to_pending_version(run)
                 continue
             run.version = version
+            run.status = RunStatus.DEQUEUED
             self._busy += 1
             assert version is not None
             worker = self.supervisor.take_idle(run.env, version)
             if worker is not None:
                 self._start(run, worker)
             else:
-                run.status = RunStatus.DEQUEUED
                 self._awaiting.setdefault((run.env, version), deque()).append(run)
                 self.supervisor.spawn(run.env, version, record.code_dir)
         self._update_idle()

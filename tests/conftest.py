@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import tarfile
 import textwrap
 import time
@@ -25,7 +26,7 @@ def make_archive(files: dict[str, str], dirs: tuple[str, ...] = ("tasks",)) -> b
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         entries = dict(files)
-        entries[".ember/manifest.json"] = '{"dirs": %s}' % list(dirs).__repr__().replace("'", '"')
+        entries[".ember/manifest.json"] = json.dumps({"dirs": list(dirs)})
         for name, text in sorted(entries.items()):
             data = textwrap.dedent(text).encode()
             info = tarfile.TarInfo(name)
@@ -103,6 +104,7 @@ async def running_daemon(state_dir: Path, **overrides: Any) -> AsyncIterator[Har
         yield Harness(daemon, client, config)
     finally:
         await client.aclose()
+        client.close()
         await daemon.stop()
 
 

@@ -27,7 +27,10 @@ TASKS = {
         async def charge(order: Order) -> int:
             return order.amount_cents * 2
 
-        @task(id="always-fails", retry=Retry(max_attempts=3, min_timeout_s=0.2, factor=2, randomize=False))
+        @task(
+            id="always-fails",
+            retry=Retry(max_attempts=3, min_timeout_s=0.2, factor=2, randomize=False),
+        )
         async def always_fails(payload: dict) -> None:
             raise ValueError(f"bad input {payload.get('n')}")
 
@@ -62,7 +65,8 @@ async def test_trigger_completes_with_output_and_history(h: Harness) -> None:
     assert [s.status for s in run.snapshots] == ["RUN_CREATED", "QUEUED", "EXECUTING", "FINISHED"]
     assert len(run.attempts) == 1 and run.attempts[0].status == "COMPLETED"
     assert run.attempts[0].cpu_s is not None and run.attempts[0].peak_rss_bytes
-    assert run.version == "%s" % run.attempts[0].version
+    assert run.version is not None
+    assert run.attempts[0].version == run.version
 
 
 async def test_logs_and_prints_are_recorded_with_the_run(h: Harness) -> None:
@@ -86,7 +90,7 @@ async def test_failure_retries_with_backoff_then_fails_with_stack(h: Harness) ->
     assert [a.status for a in run.attempts] == ["FAILED", "FAILED", "FAILED"]
     gaps = [
         (later.started_at - earlier.finished_at).total_seconds()
-        for earlier, later in zip(run.attempts, run.attempts[1:])
+        for earlier, later in zip(run.attempts, run.attempts[1:], strict=False)
         if earlier.finished_at is not None
     ]
     # min_timeout 0.2 s, factor 2, no jitter: 0.2 s then 0.4 s.

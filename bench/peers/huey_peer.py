@@ -11,13 +11,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import ClassVar
 
 from huey import SqliteHuey
 from huey.api import Result, TaskWrapper
 
+# The shared harness is bench/run.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from run import Peer, peer_main, stop_process_tree
 
@@ -41,9 +44,9 @@ def sleeper(deadline: float) -> list[float]:
 
 
 def build_huey(db: Path) -> tuple[SqliteHuey, TaskWrapper, TaskWrapper]:
-    """A Huey on ``db`` with the bench tasks, named explicitly so driver and consumer agree."""
+    """A Huey on ``db`` with the bench tasks registered."""
     huey = SqliteHuey("bench", filename=str(db))
-    return huey, huey.task(name="noop")(noop), huey.task(name="sleeper")(sleeper)
+    return huey, huey.task()(noop), huey.task()(sleeper)
 
 
 # The consumer imports this module and runs ``huey_peer.huey``; only its environment sets DB_ENV.
@@ -60,7 +63,7 @@ class HueyPeer(Peer):
         "SqliteHuey (WAL), huey_consumer -k process -w 2, results stored; "
         "consumer poll 10 ms (default 100 ms, backoff to 10 s); client polls results every 1 ms"
     )
-    workload_notes = {
+    workload_notes: ClassVar[Mapping[str, str]] = {
         "batch": "no batch enqueue API (Task.map is a loop of single enqueues): sequential",
         "wait": (
             "no durable in-task sleep: task scheduled with eta = now + 2 s; Huey's scheduler "
@@ -105,4 +108,8 @@ class HueyPeer(Peer):
 
 
 if __name__ == "__main__":
-    peer_main(HueyPeer, __doc__.splitlines()[0])
+    # Huey registers a task as "<module>.<name>"; the consumer imports this file as huey_peer,
+    # so the driver must use the tasks of that module rather than those of __main__.
+    from huey_peer import HueyPeer as ImportedHueyPeer
+
+    peer_main(ImportedHueyPeer, __doc__.splitlines()[0])
