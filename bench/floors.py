@@ -141,8 +141,7 @@ def http_floor(scratch: Path, n: int, app: str, client: str) -> tuple[list[float
     ]
     options = ["--uds", str(sock), "--loop", "uvloop", "--http", "httptools", "--lifespan", "off"]
     quiet = ["--no-access-log", "--log-level", "warning"]
-    with open(scratch / "uvicorn.log", "ab") as log:
-        server = subprocess.Popen([*argv, *options, *quiet], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([*argv, *options, *quiet], stdout=sys.stderr)
     try:
         _wait_until_listening(sock, server)
         if client == "httpx":

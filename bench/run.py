@@ -12,18 +12,19 @@ a Markdown summary (median and min-max across rounds) to ``bench/results/<timest
 System CLI convention
 ---------------------
 A system is an argv in ``SYSTEMS``, run from the repository root; the runner appends
-``WORKLOAD --n N --workdir DIR``. The system keeps its scratch files in a fresh directory under
-DIR and removes it, stops every process it started, exits 0, and prints ONE JSON object as the
-last line of stdout, with the keys in ``RESULT_KEYS``.
+``WORKLOAD --n N --workdir DIR``, DIR being an empty directory for this run alone, which the
+runner removes afterwards. The system keeps its files under DIR, stops every process it
+started, exits 0, and prints ONE JSON object as the last line of stdout, with keys from
+``RESULT_KEYS``. Run standalone without ``--workdir``, it uses the system's temp directory.
 
 Workloads (``--n`` counts what the first column says)
 ---------
 trigger     n sequential enqueues of a no-op task; latency of the enqueue call alone.
 e2e         n sequential round trips: trigger a no-op task, block until its result is available.
-throughput  n enqueues back to back, then wait for every result; runs/s from the first enqueue
-            to the last result, and the enqueue-only rate.
-batch       n runs enqueued 1,000 at a time with the system's batch API, if it has one;
-            runs/s of the enqueue.
+throughput  one client enqueues n, one call after another, then waits for every result;
+            runs/s from the first enqueue to the last result, and the enqueue-only rate.
+batch       n runs enqueued 1,000 per call with the system's batch API, if it has one;
+            enqueue runs/s.
 wait        n runs that each wait durably 2 s; lateness of the resume after its deadline, and
             the processes (count, RSS, PSS) holding the waiting runs, sampled 1 s into the wait.
 cold        time from starting the worker process(es) to the first no-op result; the task is
@@ -58,7 +59,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 RESULT_KEYS: Mapping[str, str] = {
     "system": "system name, as in SYSTEMS (required)",
@@ -69,8 +70,8 @@ RESULT_KEYS: Mapping[str, str] = {
     "note": "what else a reader needs to interpret this workload's figures",
     "p50_ms": "trigger/e2e: median latency in ms",
     "p99_ms": "trigger/e2e: 99th-percentile latency in ms",
-    "runs_per_s": "throughput: n / (last result - first enqueue); batch: n / enqueue time",
-    "enqueue_runs_per_s": "throughput: n / (last enqueue return - first enqueue)",
+    "runs_per_s": "throughput: n / (last result - first enqueue)",
+    "enqueue_runs_per_s": "throughput, batch: n / (last enqueue return - first enqueue)",
     "lateness_p50_ms": "wait: median of (resume time - deadline) in ms",
     "lateness_p99_ms": "wait: 99th percentile of (resume time - deadline) in ms",
     "procs": "wait: processes holding the waiting runs (workers, their children, brokers)",
@@ -134,7 +135,7 @@ WORKLOADS: Mapping[str, Workload] = {
         "enqueue in batches of 1,000",
         10_000,
         2000,
-        (("runs_per_s", "enqueue runs/s"),),
+        (("enqueue_runs_per_s", "enqueue runs/s"),),
     ),
     "wait": Workload(
         "runs waiting durably 2 s",
@@ -349,7 +350,7 @@ class Peer(ABC):
     def close(self) -> None:  # noqa: B027 - an optional hook: most peers hold nothing outside.
         """Release what the peer holds outside its scratch directory."""
 
-    def __enter__(self) -> Peer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -396,7 +397,7 @@ def _drive_batch(peer: Peer, n: int) -> dict[str, float]:
     started = time.perf_counter()
     for offset in range(0, n, BATCH_SIZE):
         peer.enqueue_batch(min(BATCH_SIZE, n - offset))
-    return {"runs_per_s": round(n / (time.perf_counter() - started), 1)}
+    return {"enqueue_runs_per_s": round(n / (time.perf_counter() - started), 1)}
 
 
 def _drive_wait(peer: Peer, n: int) -> dict[str, float]:
@@ -499,22 +500,28 @@ def peer_main(make_peer: Callable[[Path], Peer], description: str) -> None:
 def run_one(
     name: str, system: System, workload: str, n: int, workdir: Path, timeout_s: float
 ) -> dict[str, Any]:
-    """Run one (system, workload) subprocess and return its JSON record, or an error record."""
-    argv = [*system.argv, workload, "--n", str(n), "--workdir", str(workdir)]
+    """Run one (system, workload) subprocess and return its JSON record, or an error record.
+
+    The subprocess gets a fresh directory under ``workdir`` of its own, removed afterwards.
+    """
     started = time.perf_counter()
-    # Own session, so that on timeout one killpg reaches the workers the system started too.
-    proc = subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-        error = None if proc.returncode == 0 else f"exit status {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        error = f"timed out after {timeout_s:.0f} s"
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # Whatever the system left running, if anything.
+    with tempfile.TemporaryDirectory(prefix=f"{name}-{workload}-", dir=workdir) as scratch:
+        argv = [*system.argv, workload, "--n", str(n), "--workdir", scratch]
+        # Own session, so that on timeout one killpg reaches the workers the system started.
+        proc = subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+            error = None if proc.returncode == 0 else f"exit status {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            error = f"timed out after {timeout_s:.0f} s"
+        finally:
+            # Whatever the system left running, and everything if the runner itself is stopped.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     wall_s = round(time.perf_counter() - started, 2)
     lines = out.decode(errors="replace").strip().splitlines()
     if error is None:
@@ -602,7 +609,8 @@ def render_markdown(meta: Mapping[str, Any], records: Sequence[dict[str, Any]]) 
         f"# Ember benchmark, {meta['started']} ({meta['mode']}: {meta['rounds']} rounds, "
         f"{meta['wall_s']:.0f} s)",
         "",
-        f"Machine: {meta['machine']}.",
+        f"Machine: {meta['machine']}; 1-minute load average {meta['load_avg_1min'][0]} "
+        f"before, {meta['load_avg_1min'][1]} after.",
         "Cells: median (min–max) across rounds. Ratio: the system's median over Ember's, "
         "on the table's first figure.",
         "",
@@ -673,8 +681,14 @@ def schedule(
     return plan
 
 
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     """Run every selected system and workload over the rounds and write the results."""
+    # Exit through the finally blocks, which stop the run in progress and remove scratch files.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, smaller n")
     parser.add_argument("--rounds", type=int, help="rounds (default: 3 quick, 5 full)")
@@ -700,9 +714,10 @@ def main() -> None:
     peers = [name for name in systems if name != "floors"]
 
     started = time.strftime("%Y%m%d-%H%M%S")
+    load_before = os.getloadavg()[0]
     records: list[dict[str, Any]] = []
     clock = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ember-bench-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as workdir:
         for round_no, name, workload, spec in schedule(
             rounds, peers, workloads, "floors" in systems
         ):
@@ -721,6 +736,8 @@ def main() -> None:
         "rounds": rounds,
         "machine": machine_summary(),
         "wall_s": round(time.perf_counter() - clock, 1),
+        # Anything else running skews every figure; the load average shows whether it did.
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS_DIR / f"{started}.json"

@@ -1,4 +1,4 @@
-"""The HTTP client that talks to a daemon, over its Unix socket or over TCP with an API key.
+"""The client that talks to a daemon, over its Unix socket or over TCP with an API key.
 
 Every API call is described once as a :class:`Call` and can be sent from async code
 (:meth:`Client.request`) or from blocking code (:meth:`Client.request_sync`), so the SDK's
@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import httpx
 import msgspec
 
 from ember._config import ClientSettings
-from ember._errors import DaemonUnavailable, api_error
+from ember._errors import DaemonUnavailable, EmberError, api_error
+from ember._http import AsyncPool, ConnectFailed, Endpoint, SyncConnection, target
 from ember._types import ErrorBody, Event
 
 T = TypeVar("T")
@@ -38,21 +38,6 @@ class Call(Generic[T]):
     timeout_s: float | None = None
 
 
-@dataclass(slots=True)
-class _AsyncSlot:
-    """An httpx.AsyncClient tied to the event loop that created it."""
-
-    loop: asyncio.AbstractEventLoop
-    client: httpx.AsyncClient
-
-
-@dataclass(slots=True)
-class _State:
-    sync: httpx.Client | None = None
-    async_slots: list[_AsyncSlot] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 class Client:
     """A connection to one Ember daemon.
 
@@ -63,116 +48,96 @@ class Client:
 
     def __init__(self, settings: ClientSettings | None = None) -> None:
         self.settings = settings or ClientSettings.from_env()
-        self._state = _State()
-        self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
-
-    # -- transports ---------------------------------------------------------------------
-
-    def _client_kwargs(self) -> dict[str, Any]:
-        headers = {"content-type": "application/json", "x-ember-env": self.settings.env}
+        self._endpoint = Endpoint.parse(self.settings.url, self.settings.socket_path)
+        headers = {
+            "host": self._endpoint.host_header,
+            "content-type": "application/json",
+            "x-ember-env": self.settings.env,
+        }
         if self.settings.api_key:
             headers["authorization"] = f"Bearer {self.settings.api_key}"
-        return {
-            "base_url": self.settings.url or "http://ember",
-            "headers": headers,
-            "timeout": self.settings.timeout_s,
-        }
+        self._headers = headers
+        # Connections belong to the event loop that opened them: one pool per live loop.
+        self._pools: dict[asyncio.AbstractEventLoop, AsyncPool] = {}
+        self._sync = SyncConnection(self._endpoint, self.settings.timeout_s)
+        self._sync_lock = threading.Lock()
+        self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
-    def _sync_client(self) -> httpx.Client:
-        with self._state.lock:
-            if self._state.sync is None:
-                transport = (
-                    None
-                    if self.settings.url
-                    else httpx.HTTPTransport(uds=str(self.settings.socket_path))
-                )
-                self._state.sync = httpx.Client(transport=transport, **self._client_kwargs())
-            return self._state.sync
-
-    def _async_client(self) -> httpx.AsyncClient:
-        # An AsyncClient's pool belongs to one event loop; keep one per live loop.
+    def _pool(self) -> AsyncPool:
         loop = asyncio.get_running_loop()
-        slots = self._state.async_slots
-        for slot in slots:
-            if slot.loop is loop:
-                return slot.client
-        slots[:] = [s for s in slots if not s.loop.is_closed()]
-        transport = (
-            None
-            if self.settings.url
-            else httpx.AsyncHTTPTransport(uds=str(self.settings.socket_path))
-        )
-        client = httpx.AsyncClient(transport=transport, **self._client_kwargs())
-        slots.append(_AsyncSlot(loop, client))
-        return client
+        pool = self._pools.get(loop)
+        if pool is None:
+            for stale in [other for other in self._pools if other.is_closed()]:
+                del self._pools[stale]
+            pool = self._pools[loop] = AsyncPool(self._endpoint)
+        return pool
 
-    # -- requests -----------------------------------------------------------------------
+    # -- answers ------------------------------------------------------------------------
 
-    def _decode(self, call: Call[T], response: httpx.Response) -> T:
-        if response.status_code >= 400:
-            raise self._error(response)
+    def _decode(self, call: Call[T], status: int, data: bytes) -> T:
+        if status >= 400:
+            raise self._error(status, data)
         decoder = self._decoders.get(call.response)
         if decoder is None:
             decoder = self._decoders[call.response] = msgspec.json.Decoder(call.response)
-        result: T = decoder.decode(response.content)
+        result: T = decoder.decode(data)
         return result
 
-    def _error(self, response: httpx.Response) -> Exception:
+    def _error(self, status: int, data: bytes) -> EmberError:
         try:
-            detail = _error_decoder.decode(response.content).error
+            detail = _error_decoder.decode(data).error
         except msgspec.DecodeError:
-            detail = response.text or response.reason_phrase
-        return api_error(response.status_code, detail)
+            detail = data.decode(errors="replace") or f"HTTP {status}"
+        return api_error(status, detail)
 
-    def _unavailable(self, exc: Exception) -> DaemonUnavailable:
-        hint = (
-            "start one with `ember dev` (or `ember daemon`), or point EMBER_SOCKET / EMBER_URL "
-            "at a running daemon"
+    def _unavailable(self, reason: str) -> DaemonUnavailable:
+        return DaemonUnavailable(
+            f"no Ember daemon answers at {self.settings.where} ({reason}): start one with "
+            "`ember dev` (or `ember daemon`), or point EMBER_SOCKET / EMBER_URL at a running one"
         )
-        return DaemonUnavailable(f"no Ember daemon answers at {self.settings.where}: {hint}")
 
-    def _params(self, call: Call[Any]) -> dict[str, Any] | None:
-        if call.params is None:
-            return None
-        return {k: v for k, v in call.params.items() if v is not None}
+    # -- requests -----------------------------------------------------------------------
 
     async def request(self, call: Call[T]) -> T:
         """Send a call from async code and return its decoded answer.
 
         Raises:
-            DaemonUnavailable: nothing listens at the address.
+            DaemonUnavailable: nothing listens at the address, or it did not answer in time.
             ApiError: the daemon refused the request (a subclass per status).
         """
+        timeout_s = call.timeout_s or self.settings.timeout_s
+        path = target(call.path, call.params)
         try:
-            response = await self._async_client().request(
-                call.method,
-                call.path,
-                content=call.body,
-                params=self._params(call),
-                timeout=call.timeout_s or self.settings.timeout_s,
+            status, data = await asyncio.wait_for(
+                self._pool().request(call.method, path, self._headers, call.body), timeout_s
             )
-        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-            raise self._unavailable(exc) from exc
-        return self._decode(call, response)
+        except ConnectFailed as exc:
+            raise self._unavailable(str(exc)) from exc
+        except ConnectionError as exc:
+            raise self._unavailable(str(exc)) from exc
+        except TimeoutError as exc:
+            raise self._unavailable(f"no answer within {timeout_s:.0f}s") from exc
+        return self._decode(call, status, data)
 
     def request_sync(self, call: Call[T]) -> T:
         """Send a call from blocking code and return its decoded answer.
 
         Raises:
-            DaemonUnavailable: nothing listens at the address.
+            DaemonUnavailable: nothing listens at the address, or it did not answer in time.
             ApiError: the daemon refused the request (a subclass per status).
         """
+        timeout_s = call.timeout_s or self.settings.timeout_s
+        path = target(call.path, call.params)
         try:
-            response = self._sync_client().request(
-                call.method,
-                call.path,
-                content=call.body,
-                params=self._params(call),
-                timeout=call.timeout_s or self.settings.timeout_s,
-            )
-        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-            raise self._unavailable(exc) from exc
-        return self._decode(call, response)
+            with self._sync_lock:
+                status, data = self._sync.request(
+                    call.method, path, self._headers, call.body, timeout_s
+                )
+        except TimeoutError as exc:
+            raise self._unavailable(f"no answer within {timeout_s:.0f}s") from exc
+        except OSError as exc:
+            raise self._unavailable(str(exc)) from exc
+        return self._decode(call, status, data)
 
     async def events(self, params: Mapping[str, Any] | None = None) -> AsyncIterator[Event]:
         """Stream run changes and log lines as they happen (server-sent events).
@@ -180,37 +145,31 @@ class Client:
         Raises:
             DaemonUnavailable: nothing listens at the address, or it went away.
         """
-        query = dict(params or {})
+        buffer = b""
         try:
-            async with self._async_client().stream(
-                "GET", "/api/v1/events", params=query, timeout=httpx.Timeout(None)
-            ) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise self._error(response)
-                async for line in response.aiter_lines():
-                    if line.startswith("data: "):
-                        yield _event_decoder.decode(line[6:])
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise self._unavailable(exc) from exc
+            async for status, data in self._pool().stream(
+                target("/api/v1/events", params), self._headers
+            ):
+                if status >= 400:
+                    raise self._error(status, data)
+                buffer += data
+                *frames, buffer = buffer.split(b"\n\n")
+                for frame in frames:
+                    if frame.startswith(b"data: "):
+                        yield _event_decoder.decode(frame[6:])
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
+            raise self._unavailable(str(exc) or "the event stream closed") from exc
 
     async def aclose(self) -> None:
         """Close the connections opened from the current event loop."""
-        loop = asyncio.get_running_loop()
-        keep = []
-        for slot in self._state.async_slots:
-            if slot.loop is loop:
-                await slot.client.aclose()
-            else:
-                keep.append(slot)
-        self._state.async_slots[:] = keep
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            pool.close()
 
     def close(self) -> None:
         """Close the blocking connection."""
-        with self._state.lock:
-            if self._state.sync is not None:
-                self._state.sync.close()
-                self._state.sync = None
+        with self._sync_lock:
+            self._sync.close()
 
 
 _default: Client | None = None

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from conftest import Harness, running_daemon
+from conftest import Harness, eventually, running_daemon
 
 from ember import (
     BadRequest,
@@ -129,9 +129,6 @@ async def test_trigger_before_any_version_waits_as_pending_version(harness: Harn
     assert run.output_as() == {"x": 1}
 
 
-# httpcore's sync backend does not close a Unix socket whose connect() fails; CPython closes
-# it when it is dropped, with a ResourceWarning. Not ours to fix here.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
     client = Client(ClientSettings(socket_path=tmp_path / "missing.sock"))
     with pytest.raises(DaemonUnavailable, match="ember dev"):
@@ -140,7 +137,44 @@ async def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
         Tasks(client).trigger_sync("echo", {})
     client.close()
     await client.aclose()
-    gc.collect()  # surface the leaked socket's warning here, under this test's filter
+    gc.collect()  # a socket leaked on the failed connect would warn here, failing the test
+
+
+async def test_event_stream_carries_run_changes_and_log_lines(state_dir: Path) -> None:
+    import asyncio
+
+    from ember import LogEvent, RunEvent
+
+    async with running_daemon(state_dir) as h:
+        await h.register(
+            {
+                "tasks/__init__.py": "",
+                "tasks/t.py": """
+                    from ember import logger, task
+
+                    @task(id="talk")
+                    async def talk(payload: dict) -> int:
+                        logger.info("hello", n=1)
+                        return 1
+                """,
+            }
+        )
+        seen: list[str] = []
+
+        async def listen() -> None:
+            async for event in h.client.events():
+                if isinstance(event, RunEvent):
+                    seen.append(event.run.status.value)
+                    if event.run.status.is_final:
+                        return
+                elif isinstance(event, LogEvent):
+                    seen.append(f"log:{event.line.message}")
+
+        listener = asyncio.create_task(listen())
+        await eventually(lambda: h.daemon.events.has_subscribers("dev"))
+        await Tasks(h.client).trigger("talk", {})
+        await asyncio.wait_for(listener, 20)
+        assert seen == ["QUEUED", "EXECUTING", "log:hello", "COMPLETED"]
 
 
 async def test_sync_twins_work_from_plain_threads(h: Harness) -> None:

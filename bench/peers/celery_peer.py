@@ -70,7 +70,7 @@ class CeleryPeer(Peer):
     }
 
     def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch
+        # Celery keeps everything in Redis, so the scratch directory stays empty.
         self.redis = Redis.from_url(REDIS_URL, socket_timeout=5)
         self.redis.ping()  # Fail fast with a clear error when Redis is not there.
         # A queue of our own, so messages left by an aborted earlier run are never consumed.
@@ -81,10 +81,10 @@ class CeleryPeer(Peer):
     def start_workers(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
         argv = [sys.executable, "-m", "celery", "-A", "celery_peer", "worker", "-Q", self.queue]
-        with open(self.scratch / "worker.log", "ab") as log:
-            self.worker = subprocess.Popen(
-                [*argv, *WORKER_ARGS, *WORKER_FLAGS], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        # The worker's output goes to stderr, where the runner shows it if the run fails.
+        self.worker = subprocess.Popen(
+            [*argv, *WORKER_ARGS, *WORKER_FLAGS], env=env, stdout=sys.stderr
+        )
 
     def stop_workers(self) -> None:
         if self.worker is not None:

@@ -28,7 +28,8 @@ DB_ENV = "BENCH_HUEY_DB"
 # Huey's consumer polls SQLite every 0.1 s by default and backs off to 10 s when idle, which
 # would put up to seconds of sleep into every latency figure. A 10 ms poll capped at 100 ms
 # favours Huey's latency; its scheduler (eta tasks) cannot tick faster than its 1 s minimum.
-CONSUMER_ARGS = ("-k", "process", "-w", "2", "-d", "0.01", "-m", "0.1")
+# -q logs warnings only, not a line per task (as Celery's -l WARNING).
+CONSUMER_ARGS = ("-k", "process", "-w", "2", "-d", "0.01", "-m", "0.1", "-q")
 # Result.get(blocking=True) polls with backoff from 50 ms; the driver polls every 1 ms instead.
 RESULT_POLL_S = 0.001
 
@@ -72,20 +73,18 @@ class HueyPeer(Peer):
     }
 
     def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch
         self.db = scratch / "huey.db"
         self.huey, self.noop, self.sleeper = build_huey(self.db)
         self.consumer: subprocess.Popen[bytes] | None = None
 
     def start_workers(self) -> None:
         env = {**os.environ, DB_ENV: str(self.db), "PYTHONPATH": str(Path(__file__).parent)}
-        with open(self.scratch / "consumer.log", "ab") as log:
-            self.consumer = subprocess.Popen(
-                [sys.executable, "-m", "huey.bin.huey_consumer", "huey_peer.huey", *CONSUMER_ARGS],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        # The consumer's output goes to stderr, where the runner shows it if the run fails.
+        self.consumer = subprocess.Popen(
+            [sys.executable, "-m", "huey.bin.huey_consumer", "huey_peer.huey", *CONSUMER_ARGS],
+            env=env,
+            stdout=sys.stderr,
+        )
 
     def stop_workers(self) -> None:
         if self.consumer is not None:
