@@ -14,10 +14,8 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -72,7 +70,8 @@ class DaemonUnderTest:
         self.concurrency = concurrency
         self.process: subprocess.Popen[bytes] | None = None
 
-    async def start(self) -> Client:
+    def spawn(self) -> None:
+        """Start the daemon process."""
         self.state.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
@@ -91,6 +90,10 @@ class DaemonUnderTest:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+
+    async def start(self) -> Client:
+        """Start the daemon, wait until it answers, and register the no-op version."""
+        self.spawn()
         client = Client(ClientSettings(socket_path=self.socket))
         deadline = time.monotonic() + 30
         while True:
@@ -124,7 +127,7 @@ async def drained(client: Client, timeout_s: float) -> None:
     while (await client.request(Call("GET", "/healthz", Health))).active_runs:
         if time.monotonic() > deadline:
             raise TimeoutError("runs still active after the benchmark's time limit")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)
 
 
 async def timed(calls: int, fn: Callable[[], Awaitable[Any]], warmup: int = 50) -> list[float]:
@@ -214,5 +217,4 @@ if __name__ == "__main__":
     # The client side on uvloop too, as a service triggering runs would be.
     import uvloop
 
-    del os, statistics
     uvloop.run(main())

@@ -1,9 +1,10 @@
 """SQLite access: one writer thread with group commit, and a small pool of readers.
 
-Writes are functions of a ``sqlite3.Connection`` sent to the writer thread. The thread takes
-every write waiting at that moment and runs them in one ``BEGIN IMMEDIATE`` transaction, so
-a burst of triggers costs one commit, and each caller's future resolves only after that
-commit. If one write raises, the batch is rolled back and its writes are replayed one per
+Writes are functions of a ``sqlite3.Connection``. They collect on the event loop and go to
+the writer thread once per loop iteration; the thread takes every batch waiting at that
+moment and runs them in one ``BEGIN IMMEDIATE`` transaction, so a burst of triggers costs one
+commit and one thread wake-up, and each caller's future resolves only after that commit.
+If one write raises, the batch is rolled back and its writes are replayed one per
 transaction, so a bad write never takes good ones down with it.
 
 aiosqlite gives each statement its own round trip to its thread; group commit needs many
@@ -64,6 +65,9 @@ class Database:
         self._writer_conn = connect(path, durability)
         migrate(self._writer_conn)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Writes of the current loop iteration, handed to the writer thread together.
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(
             target=self._write_loop, name="ember-db-writer", daemon=True
         )
@@ -80,8 +84,18 @@ class Database:
         """Queue a write; the future resolves after the transaction holding it commits."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, future, loop))
+        if self._pending_loop is not loop:
+            self._flush()
+            self._pending_loop = loop
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((fn, future))
         return future
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._queue.put((self._pending, self._pending_loop))
+            self._pending = []
 
     def _write_loop(self) -> None:
         conn = self._writer_conn
@@ -89,7 +103,7 @@ class Database:
             item = self._queue.get()
             if item is _STOP:
                 return
-            batch = [item]
+            batch = [(fn, future, item[1]) for fn, future in item[0]]
             while len(batch) < _MAX_BATCH:
                 try:
                     nxt = self._queue.get_nowait()
@@ -98,7 +112,7 @@ class Database:
                 if nxt is _STOP:
                     self._queue.put(_STOP)
                     break
-                batch.append(nxt)
+                batch.extend((fn, future, nxt[1]) for fn, future in nxt[0])
             self._run_batch(conn, batch)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
@@ -156,6 +170,7 @@ class Database:
         if self._closed:
             return
         self._closed = True
+        self._flush()
         self._queue.put(_STOP)
         self._thread.join()
         self._readers.shutdown(wait=True)
