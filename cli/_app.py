@@ -36,6 +36,8 @@ ProfileOption = Annotated[
 ]
 profiles_app = typer.Typer(help="Remote daemons: URL and API key by name.", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
+tokens_app = typer.Typer(help="Wait tokens: list and complete them.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -367,3 +369,80 @@ def profiles_remove(name: str) -> None:
     except EmberError as exc:
         fail(str(exc))
     typer.echo(f"○ removed profile {name}")
+
+
+@tokens_app.command("list")
+def tokens_list(
+    status: Annotated[str | None, typer.Option(help="WAITING, COMPLETED or TIMED_OUT.")] = None,
+    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+    env: EnvOption = None,
+    profile: ProfileOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List wait tokens, newest first."""
+    from ember._wait import Wait
+
+    client = _client(env, profile)
+    chosen = status.upper() if status else None
+    page = _run_async(Wait(client).list_tokens(status=chosen, limit=limit))  # type: ignore[arg-type]
+    if as_json:
+        _print_json(page)
+        return
+    for token in page.data or []:
+        waiting = f" waiting: {', '.join(token.waiting_runs)}" if token.waiting_runs else ""
+        typer.echo(f"{token.id:40} {token.status:10} {token.idempotency_key or '-':24}{waiting}")
+    if not page.data:
+        typer.echo("no tokens")
+
+
+@tokens_app.command("complete")
+def tokens_complete(
+    token_id: str,
+    data: Annotated[
+        str, typer.Option("--data", help="JSON to resume the run with, or @file.")
+    ] = "null",
+    env: EnvOption = None,
+    profile: ProfileOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Complete a wait token; the runs waiting on it resume with the data."""
+    from ember._wait import Wait
+
+    value = _payload(data)
+    client = _client(env, profile)
+    info = _run_async(Wait(client).complete_token(token_id, value))
+    if as_json:
+        _print_json(info)
+    else:
+        typer.echo(f"○ completed {token_id}")
+
+
+@app.command()
+def doctor(env: EnvOption = None) -> None:
+    """Check this machine: CRIU checkpoints, and the daemon if one runs."""
+    from ember._types import Health
+    from ember.daemon._checkpoint import detect
+
+    try:
+        project = find_project(Path.cwd())
+    except ConfigError:
+        project = None
+    config = daemon_config(project)
+    support = detect(config)
+    mark = "✓" if support.ok else "✗"
+    typer.echo(f"{mark} CRIU checkpoints: {support.reason}")
+    if support.ok:
+        typer.echo(f"  smoke test: dump {support.dump_ms} ms, restore {support.restore_ms} ms")
+    else:
+        typer.echo("  long waits park their process (or use checkpoint = 'replay' to free it)")
+    client = Client(client_settings(config, env))
+    try:
+        health = asyncio.run(client.request(Call("GET", "/healthz", Health)))
+    except EmberError as exc:
+        typer.echo(f"✗ daemon: {exc}")
+        return
+    typer.echo(
+        f"✓ daemon {health.pid} ({health.version}) on {client.settings.where}: long waits held "
+        f"by {health.checkpoint_strategy}; {health.active_runs} active runs, "
+        f"{health.processes} processes"
+    )

@@ -24,11 +24,21 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 import ember
-from ember._errors import ApiError, BadRequest, EmberError, PayloadTooLarge, Unauthorized
+from ember._duration import parse_duration_s
+from ember._errors import (
+    ApiError,
+    BadRequest,
+    ConfigError,
+    EmberError,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from ember._types import (
     BatchItem,
     BatchTriggerRequest,
     BatchTriggerResponse,
+    CompleteTokenRequest,
+    CreateTokenRequest,
     ErrorBody,
     Health,
     LogPage,
@@ -42,10 +52,13 @@ from ember._types import (
     RunPage,
     RunStatus,
     TaskList,
+    TokenInfo,
+    TokenPage,
     TriggerRequest,
     TriggerResponse,
     VersionInfo,
     VersionList,
+    WaitToken,
 )
 from ember.daemon import _store as store
 
@@ -150,6 +163,7 @@ async def health(daemon: Daemon, request: Request, env: str) -> Health:
         pid=daemon.pid,
         started_at=store.ts(daemon.started_at),
         checkpoint_strategy=daemon.checkpoint_strategy,
+        checkpoint_reason=daemon.criu.reason if daemon.criu is not None else None,
         active_runs=stats["active"],
         executing_runs=stats["executing"],
         queued_runs=stats["queued"],
@@ -304,6 +318,48 @@ async def list_queues(daemon: Daemon, request: Request, env: str) -> QueueList:
     return QueueList(data=[_queue_info(daemon, env, name) for name in names])
 
 
+async def create_token(daemon: Daemon, request: Request, env: str) -> WaitToken:
+    req: CreateTokenRequest = _decode(await _body(request, 64 * 1024), CreateTokenRequest)
+    try:
+        timeout_s = parse_duration_s(req.timeout) if req.timeout is not None else None
+        key_ttl_s = (
+            parse_duration_s(req.idempotency_key_ttl)
+            if req.idempotency_key_ttl is not None
+            else None
+        )
+    except ConfigError as exc:
+        raise BadRequest(400, f"timeout: {exc}") from None
+    if len(req.tags) > 10:
+        raise BadRequest(400, "tags: at most 10 tags per token")
+    return await daemon.engine.waits.create_token(
+        env, timeout_s, req.idempotency_key, key_ttl_s, req.tags, req.run_id
+    )
+
+
+async def complete_token(daemon: Daemon, request: Request, env: str) -> TokenInfo:
+    limit = daemon.config.max_output_bytes + _BODY_OVERHEAD
+    req: CompleteTokenRequest = _decode(await _body(request, limit), CompleteTokenRequest)
+    token_id = request.path_params["token_id"]
+    await daemon.engine.waits.complete_token(env, token_id, bytes(req.data))
+    return await daemon.engine.waits.retrieve_token(env, token_id)
+
+
+async def retrieve_token(daemon: Daemon, request: Request, env: str) -> TokenInfo:
+    return await daemon.engine.waits.retrieve_token(env, request.path_params["token_id"])
+
+
+async def list_tokens(daemon: Daemon, request: Request, env: str) -> TokenPage:
+    status = request.query_params.get("status") or None
+    if status not in (None, "WAITING", "COMPLETED", "TIMED_OUT"):
+        raise BadRequest(400, f"status={status!r}: use WAITING, COMPLETED or TIMED_OUT")
+    limit = int(_float_param(request, "limit", 50) or 50)
+    if not 1 <= limit <= 1000:
+        raise BadRequest(400, "limit must be between 1 and 1000")
+    cursor = request.query_params.get("cursor") or None
+    page, next_cursor = await daemon.engine.waits.list_tokens(env, status, limit, cursor)
+    return TokenPage(data=page, next_cursor=next_cursor)
+
+
 async def events(daemon: Daemon, request: Request, env: str) -> StreamingResponse:
     return StreamingResponse(
         daemon.events.stream(env),
@@ -425,6 +481,37 @@ ROUTES: tuple[RouteSpec, ...] = (
         response=QueueInfo,
     ),
     RouteSpec("GET", "/api/v1/processes", list_processes, "Run processes", response=ProcessList),
+    RouteSpec(
+        "POST",
+        "/api/v1/waitpoints/tokens",
+        create_token,
+        "Create a wait token",
+        request=CreateTokenRequest,
+        response=WaitToken,
+    ),
+    RouteSpec(
+        "GET",
+        "/api/v1/waitpoints/tokens",
+        list_tokens,
+        "List wait tokens, newest first",
+        response=TokenPage,
+        query=(("status", "WAITING, COMPLETED or TIMED_OUT"), ("limit", "1-1000"), ("cursor", "")),
+    ),
+    RouteSpec(
+        "GET",
+        "/api/v1/waitpoints/tokens/{token_id}",
+        retrieve_token,
+        "Retrieve a wait token",
+        response=TokenInfo,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/waitpoints/tokens/{token_id}/complete",
+        complete_token,
+        "Complete a wait token with JSON data",
+        request=CompleteTokenRequest,
+        response=TokenInfo,
+    ),
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
 )
 

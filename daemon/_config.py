@@ -29,7 +29,12 @@ class DaemonConfig:
         cancel_grace_s: after SIGTERM, how long a canceled attempt has before SIGKILL.
         max_payload_bytes: largest accepted payload (413 beyond).
         max_output_bytes: largest accepted output (the attempt fails beyond).
-        checkpoint: how waits are held (see docs/architecture.md).
+        checkpoint: how long waits are held: ``park`` (the process idles), ``criu`` (dumped
+            to disk), ``replay`` (the process exits; the run re-executes from its journal), or
+            ``auto`` (criu where a real dump/restore works, else park).
+        wait_park_threshold_s: waits shorter than this keep their process and slot.
+        max_parked_processes: above this many parked processes, long waits use replay.
+        criu_path: the criu binary (found on PATH when None).
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -45,6 +50,9 @@ class DaemonConfig:
     max_payload_bytes: int = 3 * 1024 * 1024
     max_output_bytes: int = 10 * 1024 * 1024
     checkpoint: CheckpointStrategy = "auto"
+    wait_park_threshold_s: float = 5.0
+    max_parked_processes: int = 500
+    criu_path: str | None = None
 
     @property
     def api_socket(self) -> Path:

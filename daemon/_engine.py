@@ -45,11 +45,13 @@ from ember.daemon._config import DaemonConfig
 from ember.daemon._db import Database
 from ember.daemon._events import EventHub
 from ember.daemon._ids import new_batch_id, new_run_id
-from ember.daemon._protocol import Done, Execute, Heartbeat, Log
+from ember.daemon._protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
 from ember.daemon._queue import RunQueue
 from ember.daemon._store import ActiveRun, BlobStore
+from ember.daemon._waits import NonDeterministic, Waitpoints, WaitRecord
 
 if TYPE_CHECKING:
+    from ember.daemon._checkpoint import Checkpointer
     from ember.daemon._supervisor import Supervisor, Worker
 
 log = logging.getLogger("ember.daemon")
@@ -108,6 +110,11 @@ class Engine:
         self._closing = False
         # Queue settings changed at run time: (paused, limit, whether the limit is overridden).
         self._queue_overrides: dict[tuple[str, str], tuple[bool, int | None, bool]] = {}
+        self.waits = Waitpoints(self)
+        self.checkpointer: Checkpointer | None = None
+        # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
+        self.strategy = "replay" if config.checkpoint == "replay" else "park"
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -130,12 +137,24 @@ class Engine:
         interrupted: list[ActiveRun] = []
         for run in self.db.read_now(store.load_active):
             self.active[run.id] = run
+            if run.hold == "parked":
+                run.hold = "exited"  # its process died with the previous daemon
             if run.status in (RunStatus.EXECUTING, RunStatus.DEQUEUED):
                 interrupted.append(run)
-            else:
+            elif run.status is not RunStatus.WAITING:
                 self._admit(run, now)
         if interrupted:
             await self._requeue_interrupted(interrupted, now)
+        for record, result in await self.waits.recover():
+            waiting = self.active.get(record.run_id)
+            if waiting is None or waiting.generation != record.generation:
+                continue
+            if waiting.status is RunStatus.WAITING:
+                waiting.wait = record
+            if result is not None:
+                self._spawn(self.waits.complete(record, result))
+            else:
+                self.waits.arm(record)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._update_idle()
         return len(self.active)
@@ -182,6 +201,7 @@ class Engine:
             run.interruptions += 1
             run.status = RunStatus.QUEUED
             run.ready_at = None
+            run.hold = None
             self._admit(run, now)
         for run in failed:
             self._forget(run, RunStatus.SYSTEM_FAILURE, error)
@@ -582,13 +602,25 @@ class Engine:
             run.status = RunStatus.DEQUEUED
             self._busy += 1
             assert version is not None
-            worker = self.supervisor.take_idle(run.env, version)
-            if worker is not None:
-                self._start(run, worker)
-            else:
-                self._awaiting.setdefault((run.env, version), deque()).append(run)
-                self.supervisor.spawn(run.env, version, record.code_dir)
+            if run.hold == "parked" and run.parked is not None:
+                self._resume_parked(run)
+                continue
+            if run.hold == "checkpoint" and self.checkpointer is not None:
+                self._spawn(self.checkpointer.restore(run))
+                continue
+            self.place(run)
         self._update_idle()
+
+    def place(self, run: ActiveRun) -> None:
+        """Give a DEQUEUED run (its slot taken) a process of its version: idle, or new."""
+        assert run.version is not None
+        worker = self.supervisor.take_idle(run.env, run.version)
+        if worker is not None:
+            self._start(run, worker)
+            return
+        record = self.versions[(run.env, run.version)]
+        self._awaiting.setdefault((run.env, run.version), deque()).append(run)
+        self.supervisor.spawn(run.env, run.version, record.code_dir)
 
     def _to_pending_version(self, run: ActiveRun) -> None:
         now = time.time()
@@ -634,19 +666,40 @@ class Engine:
             if waiting:
                 self.supervisor.spawn(env, version, self.versions[(env, version)].code_dir)
 
-    def _start(self, run: ActiveRun, worker: Worker) -> None:
-        if run.payload is None:
-            asyncio.get_running_loop().create_task(self._load_and_start(run, worker))
+    def _start(self, run: ActiveRun, worker: Worker, journal: bytes | None = None) -> None:
+        # The first execution of a run has no journal; any later one may (replay, retry).
+        needs_journal = journal is None and (run.attempt > 0 or run.hold is not None)
+        if run.payload is None or needs_journal:
+            self._spawn(self._load_and_start(run, worker, needs_journal))
             return
         now = time.time()
-        run.attempt += 1
+        continuation = run.hold is not None
+        if not continuation:
+            run.attempt += 1
+            run.executing_s = 0.0
+        run.hold = None
+        run.resume = None
         run.status = RunStatus.EXECUTING
         run.worker = worker
         run.started_at = run.started_at or now
         run.attempt_started = now
         worker.run = run
         worker.last_heartbeat = now
-        self.db.write(lambda conn: store.start_attempt(conn, run, now, worker.pid))
+        if continuation:
+            self.db.write(
+                lambda conn: store.set_status(
+                    conn,
+                    run.id,
+                    RunStatus.EXECUTING,
+                    now,
+                    "EXECUTING",
+                    attempt=run.attempt,
+                    description="replaying from the journal in a new process",
+                    hold=None,
+                )
+            )
+        else:
+            self.db.write(lambda conn: store.start_attempt(conn, run, now, worker.pid))
         context = Context(
             run_id=run.id,
             task_id=run.task_id,
@@ -668,15 +721,20 @@ class Engine:
                 task_id=run.task_id,
                 payload=run.payload,
                 context=_json.encode(context),
+                generation=run.generation,
+                journal=journal or b"[]",
             )
         )
         self._publish(run)
 
-    async def _load_and_start(self, run: ActiveRun, worker: Worker) -> None:
+    async def _load_and_start(self, run: ActiveRun, worker: Worker, needs_journal: bool) -> None:
+        journal = None
         try:
-            run.payload = await self.db.read(
-                lambda conn: store.get_payload(conn, self.blobs, run.id)
-            )
+            if run.payload is None:
+                run.payload = await self.db.read(
+                    lambda conn: store.get_payload(conn, self.blobs, run.id)
+                )
+            journal = await self.waits.journal(run) if needs_journal else b"[]"
         except Exception as exc:  # the row or blob vanished: nothing to execute
             log.exception("cannot load the payload of %s", run.id)
             self._busy -= 1
@@ -685,11 +743,11 @@ class Engine:
             self._finish(run, RunStatus.SYSTEM_FAILURE, error=_system_error(exc))
             return
         if run.status is RunStatus.DEQUEUED:
-            self._start(run, worker)
+            self._start(run, worker, journal)
         else:
             self.supervisor.make_idle(worker)
 
-    def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Done) -> None:
+    def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Wait | Done) -> None:
         """Handle a frame from a run process."""
         run = worker.run
         if isinstance(message, Log):
@@ -702,6 +760,9 @@ class Engine:
             worker.last_heartbeat = time.time()
             return
         if message.attempt != run.attempt:
+            return
+        if isinstance(message, Wait):
+            self._spawn(self._on_wait(worker, run, message))
             return
         self._attempt_done(worker, run, message)
 
@@ -802,6 +863,10 @@ class Engine:
         run.status = RunStatus.QUEUED
         run.ready_at = now + delay
         number = run.attempt
+        if final_status is RunStatus.FAILED:
+            # An attempt that raised starts a new journal: its retry waits afresh.
+            run.generation += 1
+        generation = run.generation
 
         def write(conn: sqlite3.Connection) -> None:
             store.finish_attempt(
@@ -816,6 +881,8 @@ class Engine:
                 attempt=number,
                 description=f"retrying in {delay:.1f}s",
                 ready_at=run.ready_at,
+                generation=generation,
+                hold=None,
             )
 
         self.db.write(write).add_done_callback(lambda _: self._publish(run))
@@ -825,6 +892,18 @@ class Engine:
 
     def on_worker_gone(self, worker: Worker, reason: str) -> None:
         """A run process exited or its channel closed: its attempt, if any, crashed."""
+        parked = worker.parked
+        if parked is not None and parked.parked is worker:
+            # A waiting run lost its process: it resumes by replaying its journal instead.
+            worker.parked = None
+            parked.parked = None
+            if parked.hold == "parked":
+                parked.hold = "exited"
+                self.db.write(
+                    lambda conn: conn.execute(
+                        "UPDATE runs SET hold = 'exited' WHERE id = ?", (parked.id,)
+                    )
+                )
         run = worker.run
         worker.run = None
         if run is None or run.worker is not worker:
@@ -870,13 +949,218 @@ class Engine:
                     continue
                 if (
                     run.max_duration_s is not None
-                    and now - run.attempt_started > run.max_duration_s
+                    and run.executing_s + now - run.attempt_started > run.max_duration_s
                 ):
                     worker.timed_out = True
                     self.supervisor.kill(worker)
                 elif now - worker.last_heartbeat > self.config.heartbeat_timeout_s:
                     worker.stalled = True
                     self.supervisor.kill(worker)
+
+    # -- waits --------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a coroutine in the background, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())
+
+    async def _on_wait(self, worker: Worker, run: ActiveRun, message: Wait) -> None:
+        """A run waits: answer at once if the wait is over, else hold it."""
+        try:
+            record, result = await self.waits.register(
+                run, message.seq, message.kind, message.resume_at, message.targets, message.task_ids
+            )
+        except NonDeterministic as exc:
+            worker.send(
+                Resume(run_id=run.id, seq=message.seq, error=str(exc), nondeterministic=True)
+            )
+            return
+        except EmberError as exc:
+            worker.send(Resume(run_id=run.id, seq=message.seq, error=str(exc)))
+            return
+        if run.worker is not worker or run.status is not RunStatus.EXECUTING:
+            return  # canceled or timed out meanwhile
+        if result is not None:
+            worker.send(Resume(run_id=run.id, seq=message.seq, result=result))
+            return
+        existing = self.waits.pending.get(record.id)
+        if existing is not None:
+            record = existing  # a re-execution waits on the wait already armed
+        else:
+            self.waits.arm(record)
+        run.wait = record
+        now = time.time()
+        remaining = (record.resume_at or now) - now
+        if record.kind == "DATETIME" and remaining < self.config.wait_park_threshold_s:
+            # Like Trigger.dev, a short wait keeps its process and its slot.
+            self.db.write(
+                lambda conn: store.set_status(
+                    conn,
+                    run.id,
+                    RunStatus.EXECUTING,
+                    now,
+                    "EXECUTING_WITH_WAITPOINTS",
+                    attempt=run.attempt,
+                    description=f"{record.kind} wait {record.seq}",
+                )
+            )
+            return
+        self._suspend(run, worker, record, now)
+
+    def _suspend(self, run: ActiveRun, worker: Worker, record: WaitRecord, now: float) -> None:
+        """Release the run's slot and hold it by the daemon's strategy while it waits."""
+        run.executing_s += now - run.attempt_started
+        worker.run = None
+        self._release_slot(run)
+        run.status = RunStatus.WAITING
+        parked = self.supervisor.parked_count()
+        if self.strategy == "criu" and self.checkpointer is not None:
+            run.hold = "checkpoint"
+            worker.parked = run
+            run.parked = worker
+            self._spawn(self.checkpointer.checkpoint(run, worker))
+        elif self.strategy == "park" and parked < self.config.max_parked_processes:
+            run.hold = "parked"
+            worker.parked = run
+            run.parked = worker
+        else:
+            run.hold = "exited"
+            worker.send(Evict(run_id=run.id))
+            self.supervisor.retire(worker)
+        hold = run.hold
+        executing_s = run.executing_s
+        self.db.write(
+            lambda conn: store.set_status(
+                conn,
+                run.id,
+                RunStatus.WAITING,
+                now,
+                "SUSPENDED",
+                attempt=run.attempt,
+                description=f"{record.kind} wait {record.seq}, held by {hold}",
+                hold=hold,
+                executing_s=executing_s,
+            )
+        )
+        self._publish(run)
+
+    def wait_completed(self, record: WaitRecord, result: bytes) -> None:
+        """A wait is over: resume its run (its result is already in the journal)."""
+        run = self.active.get(record.run_id)
+        if run is None or run.generation != record.generation:
+            return
+        if run.wait is record:
+            run.wait = None
+        worker = run.worker
+        if run.status is RunStatus.EXECUTING and worker is not None:
+            worker.send(Resume(run_id=run.id, seq=record.seq, result=result))
+            return
+        if run.status is not RunStatus.WAITING:
+            return  # between attempts: the next execution reads the journal
+        now = time.time()
+        run.resume = (record.seq, result)
+        run.status = RunStatus.QUEUED
+        self.db.write(
+            lambda conn: store.set_status(
+                conn,
+                run.id,
+                RunStatus.QUEUED,
+                now,
+                "QUEUED",
+                attempt=run.attempt,
+                description=f"wait {record.seq} completed; resuming",
+            )
+        )
+        self._publish(run)
+        self._enqueue(run, now)
+
+    def _resume_parked(self, run: ActiveRun) -> None:
+        worker = run.parked
+        assert worker is not None
+        run.parked = None
+        worker.parked = None
+        self.resume_on(run, worker, "resumed in its parked process")
+
+    def resume_on(self, run: ActiveRun, worker: Worker, how: str) -> None:
+        """Continue a run in a live process (parked or restored); its slot is taken."""
+        assert run.resume is not None
+        seq, result = run.resume
+        now = time.time()
+        run.hold = None
+        run.resume = None
+        run.status = RunStatus.EXECUTING
+        run.worker = worker
+        run.attempt_started = now
+        worker.run = run
+        worker.last_heartbeat = now
+        self.db.write(
+            lambda conn: store.set_status(
+                conn,
+                run.id,
+                RunStatus.EXECUTING,
+                now,
+                "EXECUTING",
+                attempt=run.attempt,
+                description=how,
+                hold=None,
+            )
+        )
+        worker.send(Resume(run_id=run.id, seq=seq, result=result))
+        self._publish(run)
+
+    def on_worker_back(self, worker: Worker) -> None:
+        """A process reconnected after a checkpoint: resume its run, or keep it parked."""
+        run = worker.parked
+        if run is None or run.id not in self.active:
+            self.supervisor.retire(worker)
+            return
+        if run.status is RunStatus.DEQUEUED and run.resume is not None:
+            worker.parked = None
+            run.parked = None
+            self.resume_on(run, worker, "restored from its checkpoint")
+            return
+        # The dump failed: the process is back, parked, until the wait completes.
+        run.hold = "parked"
+        run.parked = worker
+
+    def resume_parked_or_replay(self, run: ActiveRun) -> None:
+        """Resume a run whose dump failed: in its parked process, else by replay."""
+        worker = run.parked
+        if worker is not None and not worker.gone:
+            if worker.transport is not None:
+                self._resume_parked(run)
+            # else: it is reconnecting; on_worker_back resumes it
+            return
+        self.replay_instead(run)
+        self.place(run)
+
+    def replay_instead(self, run: ActiveRun) -> None:
+        """A held process could not be resumed: the run re-executes from its journal."""
+        run.hold = "exited"
+        run.parked = None
+        self.db.write(
+            lambda conn: conn.execute("UPDATE runs SET hold = 'exited' WHERE id = ?", (run.id,))
+        )
+
+    def _drop_hold(self, run: ActiveRun) -> None:
+        """A waiting run is canceled: stop its wait and free what holds it."""
+        if run.wait is not None:
+            self.waits.disarm(run.wait)
+            run.wait = None
+        if run.parked is not None:
+            worker = run.parked
+            run.parked = None
+            worker.parked = None
+            self.supervisor.terminate(worker, self.config.cancel_grace_s)
+        if run.hold == "checkpoint" and self.checkpointer is not None:
+            self.checkpointer.discard(run)
+        run.hold = None
 
     # -- final states -------------------------------------------------------------------
 
@@ -931,6 +1215,7 @@ class Engine:
 
     def _forget(self, run: ActiveRun, status: RunStatus, error: RunError | None) -> None:
         self.active.pop(run.id, None)
+        self.waits.on_run_final(run.id)
         self._publish(run, error=error, finished=True)
         for waiter in self._waiters.pop(run.id, ()):
             if not waiter.done():
@@ -952,8 +1237,11 @@ class Engine:
             if summary is None:
                 raise NotFound(404, f"run {run_id} does not exist")
             raise Conflict(409, f"run {run_id} is already {summary.status.value}")
+        self._drop_hold(run)
         if run.status in _QUEUE_WAITING:
             self._leave_waiting(run)
+        elif run.status is RunStatus.WAITING:
+            pass
         elif run.status is RunStatus.DEQUEUED:
             self._release_slot(run)
         elif run.status is RunStatus.EXECUTING:

@@ -63,11 +63,12 @@ class Exited(Message, frozen=True, tag="exited"):
 
 
 class Hello(Message, frozen=True, tag="hello"):
-    """Run process → daemon: first frame on a new connection."""
+    """Run process → daemon: first frame on a new connection (``restored``: after a restore)."""
 
     worker_id: int
     token: str
     pid: int
+    restored: bool = False
 
 
 class Execute(Message, frozen=True, tag="execute"):
@@ -78,10 +79,34 @@ class Execute(Message, frozen=True, tag="execute"):
     task_id: str
     payload: bytes
     context: bytes
+    generation: int = 0
+    journal: bytes = b"[]"
 
 
 class Cancel(Message, frozen=True, tag="cancel"):
     """Daemon → run process: cancel the attempt running now."""
+
+    run_id: str
+
+
+class Resume(Message, frozen=True, tag="resume"):
+    """Daemon → run process: the wait ``seq`` is over; ``result`` is its JSON outcome."""
+
+    run_id: str
+    seq: int
+    result: bytes = b"null"
+    error: str | None = None
+    nondeterministic: bool = False
+
+
+class Suspend(Message, frozen=True, tag="suspend"):
+    """Daemon → run process: close your channels and park until SIGUSR1 (checkpoint)."""
+
+    run_id: str
+
+
+class Evict(Message, frozen=True, tag="evict"):
+    """Daemon → run process: drop the waiting run and exit (it resumes by replay)."""
 
     run_id: str
 
@@ -107,6 +132,25 @@ class Heartbeat(Message, frozen=True, tag="heartbeat"):
     run_id: str
 
 
+class Wait(Message, frozen=True, tag="wait"):
+    """Run process → daemon: the run waits (its ``seq``-th wait of this generation).
+
+    Attributes:
+        kind: DATETIME, RUN, BATCH or TOKEN.
+        resume_at: the deadline of a DATETIME wait (epoch seconds).
+        targets: the child run ids (RUN, BATCH) or the token id (TOKEN).
+        task_ids: the children's task ids, to detect a replay that took another path.
+    """
+
+    run_id: str
+    attempt: int
+    seq: int
+    kind: str
+    resume_at: float | None = None
+    targets: list[str] = []
+    task_ids: list[str] = []
+
+
 class Done(Message, frozen=True, tag="done"):
     """Run process → daemon: the attempt ended.
 
@@ -128,8 +172,8 @@ class Done(Message, frozen=True, tag="done"):
 
 ToZygote = Fork
 FromZygote = Indexed | Forked | Exited
-ToWorker = Execute | Cancel | Shutdown
-FromWorker = Hello | Log | Heartbeat | Done
+ToWorker = Execute | Cancel | Shutdown | Resume | Suspend | Evict
+FromWorker = Hello | Log | Heartbeat | Wait | Done
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -132,6 +132,44 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (env, name)
     );
     """,
+    # 3: durable waits: the journal of each run's waits, and wait tokens
+    """
+    ALTER TABLE runs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN hold TEXT;
+    ALTER TABLE runs ADD COLUMN executing_s REAL NOT NULL DEFAULT 0;
+    CREATE TABLE waits (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        generation INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        resume_at REAL,
+        targets BLOB NOT NULL,
+        task_ids BLOB NOT NULL,
+        result BLOB,
+        completed_at REAL,
+        UNIQUE (run_id, generation, seq)
+    );
+    CREATE INDEX waits_waiting ON waits (status) WHERE status = 'WAITING';
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        timeout_at REAL,
+        completed_at REAL,
+        output BLOB,
+        idempotency_key TEXT,
+        idempotency_expires_at REAL,
+        tags BLOB,
+        run_id TEXT
+    );
+    CREATE UNIQUE INDEX tokens_idempotency ON tokens (env, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX tokens_env_status ON tokens (env, status, id);
+    """,
 ]
 
 

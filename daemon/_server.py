@@ -25,6 +25,7 @@ from ember._errors import ConfigError
 from ember._types import VersionInfo
 from ember.daemon import _store as store
 from ember.daemon._api import build_app, hash_key
+from ember.daemon._checkpoint import Checkpointer, CriuSupport, detect
 from ember.daemon._config import DaemonConfig
 from ember.daemon._db import Database
 from ember.daemon._engine import Engine
@@ -49,6 +50,7 @@ class Daemon:
         self.pid = os.getpid()
         self.started_at = clock()
         self.checkpoint_strategy = "park"
+        self.criu: CriuSupport | None = None
         self._stop = asyncio.Event()
         self._lock_file: IO[str] | None = None
         self._server: uvicorn.Server | None = None
@@ -74,6 +76,7 @@ class Daemon:
         self.engine = Engine(self.config, self.db, self.events)
         self.supervisor = Supervisor(self.config, self.engine, self.config.api_socket)
         self.engine.supervisor = self.supervisor
+        await self._choose_checkpoints()
         await self.supervisor.start()
         recovered = await self.engine.recover()
         await self._serve_api()
@@ -83,6 +86,29 @@ class Daemon:
             self.config.api_socket,
             recovered,
         )
+
+    async def _choose_checkpoints(self) -> None:
+        """Pick how long waits are held: CRIU where a real dump/restore works, else park."""
+        wanted = self.config.checkpoint
+        if wanted not in ("auto", "criu"):
+            self.checkpoint_strategy = wanted
+            return
+        self.criu = await asyncio.to_thread(detect, self.config)
+        if self.criu.ok and self.criu.binary is not None:
+            self.engine.strategy = "criu"
+            self.engine.checkpointer = Checkpointer(
+                self.criu.binary, self.config, self.engine, self.supervisor
+            )
+            self.supervisor.pidns = True
+            self.checkpoint_strategy = "criu"
+        elif wanted == "criu":
+            raise ConfigError(
+                f"checkpoint = 'criu' but {self.criu.reason}; use checkpoint = 'auto' to park "
+                "waiting runs instead, or see `ember doctor`"
+            )
+        else:
+            log.info("checkpoints off, waiting runs park: %s", self.criu.reason)
+        log.info("long waits are held by %s", self.checkpoint_strategy)
 
     def _lock_state_dir(self, state: Path) -> None:
         lock = open(state / "daemon.lock", "a+")  # noqa: SIM115 - held for the daemon's life

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from ember._types import (
+    FINAL_STATUSES,
     Attempt,
     ExecutionSnapshot,
     LogLine,
@@ -34,6 +35,7 @@ from ember._types import (
 )
 
 OFFLOAD_BYTES = 512 * 1024
+FINAL = FINAL_STATUSES
 
 _json = msgspec.json.Encoder()
 _error_decoder = msgspec.json.Decoder(RunError)
@@ -87,7 +89,15 @@ class ActiveRun:
     replayed_from: str | None = None
     started_at: float | None = None
     idempotency_key: str | None = None
+    generation: int = 0
+    # How a WAITING run is held: "parked" (its process idles), "checkpoint" (a CRIU image),
+    # "exited" (no process: it resumes by replaying its journal); None while executing.
+    hold: str | None = None
+    executing_s: float = 0.0
     # Engine bookkeeping, never stored.
+    wait: Any = None
+    parked: Any = None
+    resume: tuple[int, bytes] | None = None
     worker: Any = None
     in_queue: bool = False
     attempt_started: float = 0.0
@@ -575,7 +585,7 @@ _ACTIVE_COLUMNS = (
     "id, env, task_id, status, queue, created_at, max_attempts, retry, concurrency_key, priority,"
     " tags, metadata, max_duration_s, delay_until, ready_at, expires_at, version, pinned_version,"
     " attempt_count, interruptions, parent_run_id, root_run_id, batch_id, replayed_from,"
-    " started_at, idempotency_key"
+    " started_at, idempotency_key, generation, hold, executing_s"
 )
 
 
@@ -613,6 +623,9 @@ def load_active(conn: sqlite3.Connection) -> Iterable[ActiveRun]:
             replayed_from=r[23],
             started_at=r[24],
             idempotency_key=r[25],
+            generation=r[26],
+            hold=r[27],
+            executing_s=r[28],
         )
 
 

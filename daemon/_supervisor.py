@@ -42,6 +42,7 @@ from ember.daemon._protocol import (
     Log,
     Message,
     Shutdown,
+    Wait,
     encode,
 )
 
@@ -77,11 +78,21 @@ class Worker:
     stalled: bool = False
     exit_reason: str | None = None
     gone: bool = False
+    # The waiting run this process holds while parked (or while it is being dumped).
+    parked: ActiveRun | None = None
+    # Set while the process prepares for a checkpoint: resolved when it closes its channel.
+    checkpointing: asyncio.Future[None] | None = None
+    # The PID the zygote forked (the namespace's parent when run processes get their own).
+    zygote_pid: int | None = None
+    # Frames sent while the process is disconnected for a checkpoint, delivered on hello.
+    outbox: list[Message] = field(default_factory=list)
 
     def send(self, message: Message) -> None:
-        """Write a frame to the process (dropped if its channel is closed)."""
+        """Write a frame to the process; held until it reconnects if it is checkpointing."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(encode(message))
+        elif not self.gone and (self.checkpointing is not None or self.parked is not None):
+            self.outbox.append(message)
 
 
 @dataclass(slots=True, eq=False)
@@ -150,7 +161,7 @@ class _WorkerProtocol(asyncio.Protocol):
                 self.worker = self._supervisor._on_hello(message, self._transport)
                 if self.worker is None:
                     return
-            elif isinstance(message, Log | Heartbeat | Done):
+            elif isinstance(message, Log | Heartbeat | Wait | Done):
                 engine.on_worker_message(self.worker, message)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -177,7 +188,11 @@ class Supervisor:
         self._workers: dict[int, Worker] = {}
         self._idle: dict[VersionKey, list[Worker]] = {}
         self._starting: dict[VersionKey, int] = {}
-        self._next_id = 1
+        # Ids stay unique across restarts: a restored process says hello with its old id.
+        self._next_id = time.time_ns() // 1000
+        # Processes of checkpointed runs, by worker id, until they are restored.
+        self.dormant: dict[int, Worker] = {}
+        self.pidns = False
         # psutil keeps the previous CPU sample per Process object: reuse them between calls.
         self._psutil: dict[int, psutil.Process] = {}
         self._server: asyncio.Server | None = None
@@ -252,6 +267,7 @@ class Supervisor:
                     str(self.config.worker_socket),
                     "--heartbeat-s",
                     str(self.config.heartbeat_interval_s),
+                    *(["--pidns"] if self.pidns else []),
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -305,11 +321,13 @@ class Supervisor:
         elif isinstance(message, Forked):
             worker = self._workers.get(message.worker_id)
             if worker is not None:
-                worker.pid = message.pid
+                worker.zygote_pid = message.pid
         elif isinstance(message, Exited):
             for worker in list(self._workers.values()):
-                if worker.pid == message.pid and worker.key == zygote.key:
-                    worker.exit_reason = _describe_exit(message.status)
+                if worker.checkpointing is not None:
+                    continue  # dumped by CRIU on purpose, not a crash
+                if worker.zygote_pid == message.pid and worker.key == zygote.key:
+                    worker.exit_reason = describe_exit(message.status)
                     self._gone(worker)
 
     def _on_zygote_lost(self, zygote: Zygote) -> None:
@@ -352,7 +370,7 @@ class Supervisor:
         idle = self._idle.get((env, version))
         while idle:
             worker = idle.pop()
-            if not worker.gone and not worker.retiring:
+            if not worker.gone and not worker.retiring and worker.parked is None:
                 return worker
         return None
 
@@ -368,7 +386,9 @@ class Supervisor:
         key = (env, version)
         wanted = self.engine.awaiting_count(key)
         while self._starting.get(key, 0) < wanted:
-            if len(self._workers) >= self.config.max_concurrent_runs and not self._evict_idle(key):
+            # Parked processes hold memory, not slots: they are capped apart (engine).
+            running = len(self._workers) - self.parked_count()
+            if running >= self.config.max_concurrent_runs and not self._evict_idle(key):
                 return  # at the cap: retried when a process idles or exits
             worker = Worker(self._next_id, key, secrets.token_hex(16))
             self._next_id += 1
@@ -390,11 +410,40 @@ class Supervisor:
             log.warning("refusing a run process with an unknown id or token (pid %s)", hello.pid)
             transport.close()
             return None
+        reconnected = worker.transport is None and (worker.pid is not None or hello.restored)
         worker.transport = transport
-        worker.pid = worker.pid or hello.pid
+        worker.pid = hello.pid
+        if hello.restored or (reconnected and worker.parked is not None):
+            # Back from a checkpoint (or from a dump that failed): deliver what waited.
+            worker.checkpointing = None
+            outbox, worker.outbox = worker.outbox, []
+            for message in outbox:
+                worker.send(message)
+            self.engine.on_worker_back(worker)
+            return worker
         self._starting[worker.key] = max(0, self._starting.get(worker.key, 0) - 1)
         self.engine.on_worker_ready(worker)
         return worker
+
+    def collect(self, worker: Worker) -> None:
+        """A restored process (the daemon's own child) exited."""
+        if worker.transport is not None:
+            worker.transport.close()
+        else:
+            self._gone(worker)
+
+    def parked_count(self) -> int:
+        """Processes idling for a waiting run."""
+        return sum(1 for w in self._workers.values() if w.parked is not None)
+
+    def adopt(self, worker: Worker) -> None:
+        """Track a process restored from a checkpoint (a child of the daemon, not a zygote)."""
+        self._workers[worker.id] = worker
+
+    def forget(self, worker: Worker) -> None:
+        """Stop tracking a process that was dumped: its image holds it now."""
+        self._workers.pop(worker.id, None)
+        worker.transport = None
 
     def release(self, worker: Worker) -> None:
         """A run process finished a run: recycle it or hand it the next one."""
@@ -431,6 +480,11 @@ class Supervisor:
 
     def _on_channel_closed(self, worker: Worker) -> None:
         worker.transport = None
+        if worker.checkpointing is not None:
+            # It closed its channel on purpose: ready to be dumped.
+            if not worker.checkpointing.done():
+                worker.checkpointing.set_result(None)
+            return
         if worker.exit_reason is None:
             # Make sure it is gone, then wait briefly for the zygote's exit status.
             self._signal(worker, signal.SIGKILL)
@@ -439,7 +493,7 @@ class Supervisor:
             self._gone(worker)
 
     def _gone(self, worker: Worker) -> None:
-        if worker.gone:
+        if worker.gone or worker.id not in self._workers:
             return
         if worker.transport is not None:
             # The exit status came first: the channel's close follows and finishes the job.
@@ -520,7 +574,8 @@ class Supervisor:
         return sorted(found, key=lambda p: p.worker_id)
 
 
-def _describe_exit(status: int) -> str:
+def describe_exit(status: int) -> str:
+    """A process exit status in words."""
     if status < 0:
         try:
             name = signal.Signals(-status).name

@@ -21,21 +21,30 @@ from typing import Any, TextIO
 import msgspec
 import psutil
 
-from ember._errors import AbortTaskRunError, PayloadValidationError
+from ember._errors import (
+    AbortTaskRunError,
+    EmberError,
+    NonDeterminismError,
+    PayloadValidationError,
+)
 from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
 from ember._task import Task
 from ember._types import RunError
 from ember.daemon._protocol import (
     Cancel,
     Done,
+    Evict,
     Execute,
     FrameDecoder,
     Heartbeat,
     Hello,
     Log,
     Message,
+    Resume,
     Shutdown,
+    Suspend,
     ToWorker,
+    Wait,
     encode,
 )
 
@@ -44,26 +53,96 @@ _context_decoder = msgspec.json.Decoder(Context)
 
 
 class _Channel:
-    """The write side of the connection to the daemon."""
+    """The write side of the connection to the daemon; replaced after a restore."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+        self.writer = writer
 
     def send(self, message: Message) -> None:
-        if not self._writer.is_closing():
-            self._writer.write(encode(message))
+        if not self.writer.is_closing():
+            self.writer.write(encode(message))
+
+
+class _JournalEntry(msgspec.Struct, frozen=True):
+    seq: int
+    kind: str
+    task_ids: list[str]
+    result: msgspec.Raw
+
+
+_journal_decoder = msgspec.json.Decoder(list[_JournalEntry])
 
 
 class _RunRuntime:
-    """What ``logger`` and ``ctx`` reach inside one attempt."""
+    """What ``logger``, ``ctx`` and ``wait`` reach inside one execution of a run."""
 
-    def __init__(self, context: Context, channel: _Channel) -> None:
+    def __init__(
+        self,
+        context: Context,
+        channel: _Channel,
+        generation: int,
+        journal: list[_JournalEntry],
+        waiters: dict[tuple[str, int], asyncio.Future[bytes]],
+    ) -> None:
         self._context = context
         self._channel = channel
+        self._generation = generation
+        self._journal = {entry.seq: entry for entry in journal}
+        self._waiters = waiters
+        self._seq = 0
 
     @property
     def context(self) -> Context:
         return self._context
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def journaled(self, seq: int, kind: str, task_ids: list[str]) -> bytes | None:
+        entry = self._journal.get(seq)
+        if entry is None:
+            return None
+        if entry.kind != kind or entry.task_ids != task_ids:
+            raise NonDeterminismError(
+                f"wait {seq} of run {self._context.run_id} was {entry.kind} {entry.task_ids} "
+                f"when the run first executed, and is {kind} {task_ids} on replay: code before "
+                "a wait must take the same path every time (move clocks, randomness and "
+                "external reads into child tasks)"
+            )
+        return bytes(entry.result)
+
+    async def wait(
+        self,
+        seq: int,
+        kind: str,
+        *,
+        resume_at: float | None = None,
+        targets: list[str] | None = None,
+        task_ids: list[str] | None = None,
+    ) -> bytes:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        key = (self._context.run_id, seq)
+        self._waiters[key] = future
+        self._channel.send(
+            Wait(
+                run_id=self._context.run_id,
+                attempt=self._context.attempt,
+                seq=seq,
+                kind=kind,
+                resume_at=resume_at,
+                targets=targets or [],
+                task_ids=task_ids or [],
+            )
+        )
+        try:
+            return await future
+        finally:
+            self._waiters.pop(key, None)
 
     def log(self, level: str, message: str, attrs: dict[str, Any]) -> None:
         try:
@@ -115,6 +194,15 @@ def _error_of(exc: BaseException) -> RunError:
     )
 
 
+def host_pid() -> int:
+    """This process's PID as the daemon sees it, also as PID 1 of its own PID namespace."""
+    try:
+        # /proc is the host's (no mount namespace): /proc/self names the host PID.
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return os.getpid()
+
+
 class RunProcess:
     """One run process's loop: hello, then execute what the daemon sends."""
 
@@ -123,11 +211,12 @@ class RunProcess:
         self._heartbeat_s = heartbeat_s
         self._current: asyncio.Task[None] | None = None
         self._process = psutil.Process()
+        self._waiters: dict[tuple[str, int], asyncio.Future[bytes]] = {}
 
     async def serve(self, socket_path: str, worker_id: int, token: str) -> None:
         reader, writer = await asyncio.open_unix_connection(socket_path)
         channel = _Channel(writer)
-        channel.send(Hello(worker_id=worker_id, token=token, pid=os.getpid()))
+        channel.send(Hello(worker_id=worker_id, token=token, pid=host_pid()))
         loop = asyncio.get_running_loop()
         # The daemon cancels with SIGTERM; stop the attempt and leave.
         stop: asyncio.Future[None] = loop.create_future()
@@ -151,8 +240,17 @@ class RunProcess:
                 for message in decoder.feed(data):
                     if isinstance(message, Execute):
                         self._current = loop.create_task(self._execute(message, channel))
-                    elif isinstance(message, Cancel) and self._current is not None:
+                    elif isinstance(message, Resume):
+                        self._resume(message)
+                    elif isinstance(message, Suspend):
+                        reader = await self._suspend(socket_path, worker_id, token, channel)
+                        decoder = FrameDecoder(ToWorker)
+                    elif isinstance(message, Cancel | Evict) and self._current is not None:
                         self._current.cancel()
+                        if isinstance(message, Evict):
+                            # The run resumes later by replay in a fresh process.
+                            await asyncio.wait({self._current})
+                            return
                     elif isinstance(message, Shutdown):
                         if self._current is not None:
                             await asyncio.wait({self._current})
@@ -162,11 +260,54 @@ class RunProcess:
             read.cancel()
             if self._current is not None:
                 self._current.cancel()
-            writer.close()
+            channel.writer.close()
+
+    def _resume(self, message: Resume) -> None:
+        future = self._waiters.get((message.run_id, message.seq))
+        if future is None or future.done():
+            return
+        if message.error is not None:
+            error = NonDeterminismError if message.nondeterministic else EmberError
+            future.set_exception(error(message.error))
+        else:
+            future.set_result(message.result)
+
+    async def _suspend(
+        self, socket_path: str, worker_id: int, token: str, channel: _Channel
+    ) -> asyncio.StreamReader:
+        """Get ready for a checkpoint: close every channel, park until SIGUSR1, reconnect.
+
+        The daemon dumps this process once the channel closes; after a restore (or if the
+        dump failed) it sends SIGUSR1. Both cases take the same path from here.
+        """
+        from ember._client import default_client
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Connections to the API would be sockets leading out of the dumped tree.
+        await default_client().aclose()
+        loop = asyncio.get_running_loop()
+        woke: asyncio.Future[None] = loop.create_future()
+
+        def on_sigusr1() -> None:
+            if not woke.done():
+                woke.set_result(None)
+
+        loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
+        channel.writer.close()
+        await channel.writer.wait_closed()
+        await woke
+        loop.remove_signal_handler(signal.SIGUSR1)
+        reader, writer = await asyncio.open_unix_connection(socket_path)
+        channel.writer = writer
+        channel.send(Hello(worker_id=worker_id, token=token, pid=host_pid(), restored=True))
+        return reader
 
     async def _execute(self, message: Execute, channel: _Channel) -> None:
         context = _context_decoder.decode(message.context)
-        token = set_runtime(_RunRuntime(context, channel))
+        journal = _journal_decoder.decode(message.journal)
+        runtime = _RunRuntime(context, channel, message.generation, journal, self._waiters)
+        token = set_runtime(runtime)
         cpu_start = time.process_time()
         peak_rss = self._process.memory_info().rss
         beat = asyncio.get_running_loop().create_task(self._heartbeats(message.run_id, channel))
@@ -176,7 +317,7 @@ class RunProcess:
             done = Done(run_id=message.run_id, attempt=message.attempt, ok=True, output=output)
         except asyncio.CancelledError:
             raise
-        except (AbortTaskRunError, PayloadValidationError) as exc:
+        except (AbortTaskRunError, PayloadValidationError, NonDeterminismError) as exc:
             done = Done(
                 run_id=message.run_id,
                 attempt=message.attempt,

@@ -8,12 +8,14 @@ safe; each child builds its own loop in :mod:`ember.daemon._worker`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import selectors
 import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,33 @@ from ember.daemon._protocol import Exited, Fork, Forked, FrameDecoder, Indexed, 
 
 def _send(channel: socket.socket, message: Indexed | Forked | Exited) -> None:
     channel.sendall(encode(message))
+
+
+CLONE_NEWPID = 0x20000000
+
+
+def _in_own_pid_namespace(run: Callable[[], int]) -> int:
+    """Run ``run`` as PID 1 of a new PID namespace; return its exit status.
+
+    CRIU restores a process with its original PID: as PID 1 of its own namespace, a restored
+    run process never collides with whatever took its host PID meanwhile. This process
+    stays as the namespace's parent so the zygote still learns how the run process ended.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWPID) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"unshare(CLONE_NEWPID) failed: {os.strerror(errno)}")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()  # the session must lie inside the dumped tree
+            code = run()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
 
 
 def _child(
@@ -39,13 +68,16 @@ def _child(
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     from ember.daemon._worker import run_worker
 
-    return run_worker(
-        socket_path=args.worker_socket,
-        worker_id=fork.worker_id,
-        token=fork.token,
-        tasks=tasks,
-        heartbeat_s=args.heartbeat_s,
-    )
+    def run() -> int:
+        return run_worker(
+            socket_path=args.worker_socket,
+            worker_id=fork.worker_id,
+            token=fork.token,
+            tasks=tasks,
+            heartbeat_s=args.heartbeat_s,
+        )
+
+    return _in_own_pid_namespace(run) if args.pidns else run()
 
 
 def main() -> int:
@@ -55,6 +87,7 @@ def main() -> int:
     parser.add_argument("--code-dir", required=True)
     parser.add_argument("--worker-socket", required=True)
     parser.add_argument("--heartbeat-s", type=float, default=10.0)
+    parser.add_argument("--pidns", action="store_true")
     args = parser.parse_args()
     channel = socket.socket(fileno=args.fd)
     try:
@@ -91,6 +124,10 @@ def main() -> int:
                 if pid == 0:
                     code = 1
                     try:
+                        # Every fd a run process keeps must lead nowhere outside it, or CRIU
+                        # cannot dump it: close the zygote's own.
+                        os.close(wake_r)
+                        os.close(wake_w)
                         code = _child(channel, selector, fork, args, tasks)
                     except BaseException:
                         traceback.print_exc()

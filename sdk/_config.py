@@ -44,12 +44,11 @@ def default_socket_path(state_dir: Path | None = None) -> Path:
         return Path(explicit)
     if state_dir is not None:
         return state_dir / SOCKET_NAME
-    import platformdirs
-
-    runtime = Path(platformdirs.user_runtime_dir(APP_NAME, appauthor=False))
-    # /run/user/<uid> exists only in a login session; fall back to the state dir elsewhere.
-    if runtime.parent.is_dir():
-        return runtime / SOCKET_NAME
+    # The runtime dir (/run/user/<uid>) exists only in a login session; elsewhere (services,
+    # containers, CI) the socket lives in the state dir.
+    runtime = env_var("XDG_RUNTIME_DIR")
+    if runtime is not None and Path(runtime).is_dir():
+        return Path(runtime) / APP_NAME / SOCKET_NAME
     return default_state_dir() / SOCKET_NAME
 
 

@@ -12,6 +12,9 @@
     ├── PayloadValidationError      the payload does not match the task's annotation
     ├── RunFailedError              a waited-for run ended without output
     ├── TaskNotFoundError           a task id is not known to this process's registry
+    ├── SubtaskUnwrapError          ``TaskRunResult.unwrap()`` of a child that failed
+    ├── NonDeterminismError         a replayed run took another path than its journal
+    ├── WaitOutsideRunError         a durable wait was called outside a task run
     └── AbortTaskRunError           raised inside a task: fail now, never retry
 
 Control flow that user code must not swallow derives from BaseException instead
@@ -95,6 +98,36 @@ class RunFailedError(EmberError):
         self.run_id = run_id
         self.status = status
         self.error = error
+
+
+class SubtaskUnwrapError(EmberError):
+    """A child run waited for with ``trigger_and_wait`` did not complete.
+
+    Attributes:
+        run_id: the child's run id.
+        task_id: the child's task.
+        cause: the child's error.
+    """
+
+    def __init__(self, run_id: str, task_id: str, cause: Any) -> None:
+        name = getattr(cause, "name", "Error")
+        message = getattr(cause, "message", str(cause))
+        super().__init__(f"child run {run_id} of task {task_id!r} failed: {name}: {message}")
+        self.run_id = run_id
+        self.task_id = task_id
+        self.cause = cause
+
+
+class NonDeterminismError(EmberError):
+    """A run re-executed from its journal reached a wait that differs from the recorded one.
+
+    Code before a wait must take the same path on every execution: read the clock, random
+    numbers and external state inside child tasks, whose results are journaled.
+    """
+
+
+class WaitOutsideRunError(EmberError):
+    """A durable wait (``wait.for_``, ``trigger_and_wait``...) was called outside a task run."""
 
 
 class AbortTaskRunError(EmberError):

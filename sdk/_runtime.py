@@ -59,8 +59,37 @@ class RunRuntime(Protocol):
         """The run being executed."""
         ...
 
+    @property
+    def generation(self) -> int:
+        """How many attempts of this run failed before this one (it seeds child keys)."""
+        ...
+
     def log(self, level: str, message: str, attrs: dict[str, Any]) -> None:
         """Record a log line for the run."""
+        ...
+
+    def next_seq(self) -> int:
+        """The sequence number of the run's next durable wait."""
+        ...
+
+    def journaled(self, seq: int, kind: str, task_ids: list[str]) -> bytes | None:
+        """The recorded result of wait ``seq`` when it completed in an earlier execution.
+
+        Raises:
+            NonDeterminismError: the recorded wait is of another kind or other tasks.
+        """
+        ...
+
+    async def wait(
+        self,
+        seq: int,
+        kind: str,
+        *,
+        resume_at: float | None = None,
+        targets: list[str] | None = None,
+        task_ids: list[str] | None = None,
+    ) -> bytes:
+        """Wait durably; the daemon owns the deadline or the awaited result (JSON)."""
         ...
 
 

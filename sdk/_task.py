@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import (
+    TYPE_CHECKING,
     Any,
     Concatenate,
     Generic,
@@ -30,6 +31,10 @@ from ember._config import pinned_version
 from ember._duration import parse_duration_s
 from ember._errors import ConfigError, PayloadValidationError, RunFailedError
 from ember._runtime import Context, current_runtime
+
+if TYPE_CHECKING:
+    from ember._wait import TaskRunResult
+
 from ember._types import (
     BatchItem,
     BatchTriggerRequest,
@@ -339,6 +344,27 @@ class Task(Generic[T, P, R]):
         client = client or default_client()
         response = await client.request(self._batch_call(items))
         return [RunHandle(r, client, self.output_type) for r in response.runs]
+
+    async def trigger_and_wait(self, payload: T, **options: Any) -> TaskRunResult[R]:
+        """Inside a run: trigger a child on this run's version and wait for its result.
+
+        The parent holds no concurrency slot while it waits. A replay of the parent (after a
+        crash) gets the same child back, never a second one.
+
+        Raises:
+            WaitOutsideRunError: called outside a task run.
+        """
+        from ember._wait import trigger_and_wait
+
+        return await trigger_and_wait(self, payload, dict(options))
+
+    async def batch_trigger_and_wait(
+        self, items: Iterable[T | TriggerItem[T]]
+    ) -> list[TaskRunResult[R]]:
+        """Inside a run: trigger children in one batch and wait for all; results in order."""
+        from ember._wait import batch_trigger_and_wait
+
+        return await batch_trigger_and_wait(self, items)
 
     def batch_trigger_sync(
         self, items: Iterable[T | TriggerItem[T]], *, client: Client | None = None

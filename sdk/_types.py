@@ -350,6 +350,7 @@ class Health(Struct, frozen=True):
     pid: int
     started_at: datetime
     checkpoint_strategy: str = "park"
+    checkpoint_reason: str | None = None
     active_runs: int = 0
     executing_runs: int = 0
     queued_runs: int = 0
@@ -388,6 +389,59 @@ class ErrorBody(Struct, frozen=True):
     """Every error response: ``{"error": "...what happened, why, and what to do"}``."""
 
     error: str
+
+
+class CreateTokenRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/waitpoints/tokens``."""
+
+    timeout: Duration | None = None
+    idempotency_key: str | None = None
+    idempotency_key_ttl: Duration | None = None
+    tags: list[str] = []
+    run_id: str | None = None
+
+
+class CompleteTokenRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/waitpoints/tokens/{id}/complete``: any JSON."""
+
+    data: msgspec.Raw = msgspec.field(default_factory=_null)
+
+
+class WaitToken(Struct, frozen=True):
+    """A created token: wait for it with ``wait.for_token(token)``.
+
+    Attributes:
+        id: ``waitpoint_...``.
+        is_cached: True when an idempotency key returned an existing token.
+        timeout_at: when it times out, if it does.
+    """
+
+    id: str
+    is_cached: bool = False
+    timeout_at: datetime | None = None
+
+
+class TokenInfo(Struct, frozen=True):
+    """A token as listed and retrieved."""
+
+    id: str
+    env: str
+    status: Literal["WAITING", "COMPLETED", "TIMED_OUT"]
+    created_at: datetime
+    timeout_at: datetime | None = None
+    completed_at: datetime | None = None
+    output: msgspec.Raw = msgspec.field(default_factory=_null)
+    idempotency_key: str | None = None
+    tags: list[str] = []
+    run_id: str | None = None
+    waiting_runs: list[str] = []
+
+
+class TokenPage(Struct, frozen=True):
+    """One page of tokens, newest first."""
+
+    data: list[TokenInfo]
+    next_cursor: str | None = None
 
 
 class RunEvent(Struct, frozen=True, tag="run"):
