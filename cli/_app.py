@@ -296,3 +296,27 @@ def openapi(env: EnvOption = None) -> None:
     client = _client(env)
     document = _run_async(client.request(Call("GET", "/openapi.json", dict[str, Any])))
     _print_json(document)
+
+
+@app.command()
+def tui(env: EnvOption = None) -> None:
+    """Open the dashboard: runs, tasks, queues, versions and processes, live."""
+    from ember.tui import DaemonLauncher, EmberApp
+
+    try:
+        project = find_project(Path.cwd())
+    except ConfigError:
+        project = None
+    try:
+        config = daemon_config(project)
+    except EmberError as exc:
+        fail(str(exc))
+    settings = client_settings(config, env)
+    launcher = None
+    if settings.url is None:
+        launcher = DaemonLauncher(
+            socket_path=settings.socket_path,
+            state_dir=config.state_dir,
+            log_path=config.state_dir / "daemon.log",
+        )
+    EmberApp(settings, launcher=launcher).run()

@@ -1,0 +1,34 @@
+"""JSON and tracebacks as highlighted text, coloured by the current theme."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from textual.content import Content
+from textual.highlight import highlight
+
+
+def pretty_json(raw: bytes | msgspec.Raw | Any) -> str:
+    """Indented JSON text of raw JSON bytes or of a value."""
+    data = bytes(raw) if isinstance(raw, (bytes, msgspec.Raw)) else msgspec.json.encode(raw)
+    if not data:
+        return "null"
+    try:
+        return msgspec.json.format(data, indent=2).decode()
+    except msgspec.DecodeError:
+        return data.decode(errors="replace")
+
+
+def json_content(raw: bytes | msgspec.Raw | Any, max_lines: int = 400) -> Content:
+    """Highlighted JSON; very long documents are cut with a note."""
+    text = pretty_json(raw)
+    lines = text.splitlines()
+    if len(lines) > max_lines:
+        text = "\n".join(lines[:max_lines]) + f"\n… {len(lines) - max_lines} more lines"
+    return highlight(text, language="json")
+
+
+def traceback_content(stack: str) -> Content:
+    """A Python traceback, highlighted."""
+    return highlight(stack.rstrip(), language="pytb")
