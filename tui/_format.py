@@ -87,7 +87,7 @@ def status_markup(status: RunStatus) -> str:
 
 
 def ago(moment: datetime | None, now: datetime) -> str:
-    """``12s ago``, ``5m ago``, ``3h ago``; a date past a day; ``—`` for None."""
+    """``12s ago``, ``5m ago``, ``3h ago``; ``01-15 12:00`` (UTC) past a day; ``—`` for None."""
     if moment is None:
         return "—"
     seconds = (now - moment).total_seconds()
@@ -99,7 +99,7 @@ def ago(moment: datetime | None, now: datetime) -> str:
         return f"{int(seconds // 60)}m ago"
     if seconds < 86400:
         return f"{int(seconds // 3600)}h ago"
-    return moment.astimezone(UTC).strftime("%b %d %H:%M")
+    return moment.astimezone(UTC).strftime("%m-%d %H:%M")
 
 
 def duration(seconds: float | None) -> str:

@@ -58,15 +58,15 @@ class RunDetailScreen(EmberScreen):
     def compose_body(self) -> ComposeResult:
         yield Static(f"loading {self.run_id}…", id="run-title")
         with TabbedContent(initial="overview"):
-            with TabPane("Overview [o]", id="overview"), VerticalScroll():
+            with TabPane("Overview \\[o]", id="overview"), VerticalScroll():
                 yield Overview(self.ember.clock)
-            with TabPane("Attempts [a]", id="attempts"):
+            with TabPane("Attempts \\[a]", id="attempts"):
                 yield DataTable(id="attempt-table", cursor_type="row", zebra_stripes=True)
-            with TabPane("History [h]", id="history"), VerticalScroll():
+            with TabPane("History \\[h]", id="history"), VerticalScroll():
                 yield Static(id="timeline")
-            with TabPane("Logs [l]", id="logs"):
+            with TabPane("Logs \\[l]", id="logs"):
                 yield LogView(self.run_id, self.ember.clock, id="log-view")
-            with TabPane("Trace [w]", id="trace"), VerticalScroll():
+            with TabPane("Trace \\[w]", id="trace"), VerticalScroll():
                 yield TraceView(self.ember.clock, id="trace-view")
 
     def on_mount(self) -> None:

@@ -40,15 +40,15 @@ class Column:
 
 
 COLUMNS = (
-    Column("", 2, lambda r, c: ""),
+    Column("", 1, lambda r, c: ""),
     Column("Status", 16, lambda r, c: status_cell(r.status)),
-    Column("Task", 20, lambda r, c: r.task_id),
+    Column("Task", 18, lambda r, c: r.task_id),
     Column("Run", 30, lambda r, c: r.id),
     Column("Version", 11, lambda r, c: r.version or "—", drop_rank=2),
     Column("Tags", None, lambda r, c: ", ".join(r.tags), drop_rank=3),
-    Column("Started", 12, lambda r, c: ago(r.started_at, c())),
+    Column("Started", 11, lambda r, c: ago(r.started_at, c())),
     Column("Duration", 8, lambda r, c: duration(span(r.started_at, r.finished_at, c()))),
-    Column("Att.", 4, lambda r, c: str(r.attempt_count or "—"), drop_rank=1),
+    Column("Att", 3, lambda r, c: str(r.attempt_count or "—"), drop_rank=1),
 )
 MIN_FLEX = 8
 
@@ -222,8 +222,8 @@ class RunTable(ScrollView, can_focus=True):
         segments = []
         for column, cell_width in zip(self._columns, self._widths, strict=True):
             if column.title == "":
-                text = "✓" if run.id in self.selected else " "
-                segments.append(Segment(_fit(text, cell_width) + " ", base))
+                mark = "✓" if run.id in self.selected else " "
+                segments.append(Segment(_fit(mark, cell_width) + " ", base))
                 continue
             style = base + self._styles[run.status] if column.title == "Status" else base
             segments.append(Segment(_fit(column.text(run, self.clock), cell_width), style))

@@ -29,6 +29,7 @@ class RunsScreen(EmberScreen):
     """Runs, newest first: ``/`` filters, enter opens, space selects, c cancels, r replays."""
 
     MODE = "runs"
+    AUTO_FOCUS = "RunTable"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "focus_query", "Filter"),
         Binding("f", "filter_dialog", "Filters"),

@@ -22,6 +22,11 @@ DataTable { height: 1fr; }
 #query:focus { border: tall $primary; }
 #query.-invalid { border: tall $error; }
 .help { width: 100; height: 90%; }
+RunDetailScreen TabbedContent { height: 1fr; }
+RunDetailScreen ContentSwitcher { height: 1fr; }
+RunDetailScreen TabPane { height: 1fr; padding: 0; }
+#run-title { height: 1; background: $boost; }
+#log-view { height: 1fr; }
 .replay { width: 90; }
 #test-body { height: 1fr; }
 #test-payload { width: 2fr; padding: 0 1; }

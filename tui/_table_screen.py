@@ -21,6 +21,7 @@ class TableScreen(EmberScreen):
     The cursor stays on the same row (by key) across refreshes.
     """
 
+    AUTO_FOCUS = "#main-table"
     COLUMNS: tuple[str, ...] = ()
     POLL_S: float | None = 1.0
 

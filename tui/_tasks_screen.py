@@ -33,6 +33,7 @@ class TasksScreen(EmberScreen):
     """Tasks per version; ``v`` picks the version, enter opens the test panel."""
 
     MODE = "tasks"
+    AUTO_FOCUS = "#task-table"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter,t", "test", "Test task"),
         Binding("v", "pick_version", "Version"),

@@ -30,6 +30,7 @@ class TestPanel(EmberScreen):
         version: pin the run to this version (None: the current one).
     """
 
+    AUTO_FOCUS = "JsonEditor"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "trigger", "Run test", priority=True),
         Binding("escape", "app.pop_screen", "Back"),
