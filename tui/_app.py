@@ -73,6 +73,7 @@ class EmberApp(App[None]):
         self.log_received: Signal[LogEvent] = Signal(self, "log-received")
         self.link_changed: Signal[LinkState] = Signal(self, "link-changed")
         self.resynced: Signal[None] = Signal(self, "resynced")
+        self.env_changed: Signal[str] = Signal(self, "env-changed")
         self.link_state = LinkState(Link.CONNECTING, settings.where)
         self.meter = RateMeter()
         self._feed_worker: Worker[None] | None = None
@@ -161,7 +162,7 @@ class EmberApp(App[None]):
         self._start_feed()
         self.run_worker(old.aclose(), name="close-old-client")
         self.link_changed.publish(self.link_state)
-        self.resynced.publish(None)
+        self.env_changed.publish(env)
         self.notify(f"Environment: {env}")
 
     def action_switch_env(self) -> None:

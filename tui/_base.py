@@ -19,7 +19,8 @@ class EmberScreen(Screen[None]):
     """A screen with the Ember header on top and the key bar at the bottom.
 
     Subclasses yield their body from :meth:`compose_body` and reload what they show in
-    :meth:`reload`, which runs on mount, after a reconnection and after an environment switch.
+    :meth:`reload`, which runs on mount and after an environment switch; after a reconnection
+    :meth:`resync` runs, which reloads unless the screen can merge what changed.
     """
 
     MODE = "runs"
@@ -51,9 +52,14 @@ class EmberScreen(Screen[None]):
         yield from ()
 
     def on_mount(self) -> None:
-        self.ember.resynced.subscribe(self, lambda _: self.reload())
+        self.ember.resynced.subscribe(self, lambda _: self.resync())
+        self.ember.env_changed.subscribe(self, lambda _: self.reload())
         self.query_one(EmberHeader).show_tabs(self.MODE)
         self.reload()
 
     def reload(self) -> None:
         """Fetch what the screen shows again."""
+
+    def resync(self) -> None:
+        """Catch up after a (re)connection: events sent meanwhile were lost."""
+        self.reload()

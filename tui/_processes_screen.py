@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from textual.binding import Binding, BindingType
+from textual.content import Content
 
 from ember._client import Call
 from ember._types import ProcessInfo, ProcessList
@@ -24,6 +25,7 @@ class ProcessesScreen(TableScreen):
 
     MODE = "processes"
     COLUMNS = ("Worker", "PID", "State", "Env", "Version", "Run", "Task", "Runs", "CPU", "RSS")
+    WIDTHS: ClassVar[dict[str, int]] = {"State": 10}
     BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "open_run", "Open run")]
 
     def __init__(self) -> None:
@@ -41,7 +43,7 @@ class ProcessesScreen(TableScreen):
                 (
                     str(p.worker_id),
                     str(p.pid or "—"),
-                    STATE_MARKUP.get(p.state, p.state),
+                    Content.from_markup(STATE_MARKUP.get(p.state, p.state)),
                     p.env,
                     p.version,
                     p.run_id or "—",

@@ -8,6 +8,7 @@ from urllib.parse import quote
 import msgspec
 from textual import work
 from textual.binding import Binding, BindingType
+from textual.content import Content
 
 from ember._client import Call
 from ember._errors import EmberError
@@ -27,6 +28,7 @@ class QueuesScreen(TableScreen):
 
     MODE = "queues"
     COLUMNS = ("Queue", "Running", "Limit", "Queued", "State")
+    WIDTHS: ClassVar[dict[str, int]] = {"State": 10}
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("p", "toggle_pause", "Pause/resume"),
         Binding("l", "limit", "Limit"),
@@ -49,7 +51,9 @@ class QueuesScreen(TableScreen):
                     str(q.running),
                     "∞" if q.concurrency_limit is None else str(q.concurrency_limit),
                     str(q.queued),
-                    "[$warning]⏸ paused[/]" if q.paused else "[$success]▶ running[/]",
+                    Content.from_markup(
+                        "[$warning]⏸ paused[/]" if q.paused else "[$success]▶ running[/]"
+                    ),
                 ),
             )
             for q in self.queues

@@ -12,7 +12,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Input, Static
 
 from ember._errors import EmberError
-from ember._types import RunSummary
+from ember._types import RunPage, RunSummary
 from ember.tui._base import EmberScreen
 from ember.tui._dialogs import ConfirmDialog
 from ember.tui._query import QueryError, RunQuery
@@ -79,6 +79,37 @@ class RunsScreen(EmberScreen):
         table.reload(rows)
         self._load_page(self._generation, FIRST_PAGE)
 
+    def resync(self) -> None:
+        """Merge the newest page into the table: keeps the cursor, the selection, the pages."""
+        if not self.table.rows.loaded:
+            self.reload()
+        else:
+            self._merge_newest(self._generation)
+
+    @work(group="runs-merge")
+    async def _merge_newest(self, generation: int) -> None:
+        try:
+            page = await self._list(FIRST_PAGE, None)
+        except EmberError:
+            return
+        if generation == self._generation:
+            for run in reversed(page.data):
+                self._on_run(run)
+
+    async def _list(self, limit: int, cursor: str | None) -> RunPage:
+        query = self.query_obj
+        now = self.ember.clock()
+        return await self.runs.list(
+            status=query.statuses or None,
+            task=query.tasks or None,
+            tag=query.tags or None,
+            version=query.version,
+            created_after=query.created_after(now),
+            created_before=query.created_before(now),
+            limit=limit,
+            cursor=cursor,
+        )
+
     def on_run_table_need_more(self, message: RunTable.NeedMore) -> None:
         table = self.table
         if table.loading or table.rows.exhausted:
@@ -93,19 +124,8 @@ class RunsScreen(EmberScreen):
     @work(group="runs-page")
     async def _load_page(self, generation: int, limit: int) -> None:
         table = self.table
-        query = self.query_obj
-        now = self.ember.clock()
         try:
-            page = await self.runs.list(
-                status=query.statuses or None,
-                task=query.tasks or None,
-                tag=query.tags or None,
-                version=query.version,
-                created_after=query.created_after(now),
-                created_before=query.created_before(now),
-                limit=limit,
-                cursor=table.rows.next_cursor,
-            )
+            page = await self._list(limit, table.rows.next_cursor)
         except EmberError as exc:
             if generation == self._generation:
                 table.loading = False
@@ -193,7 +213,7 @@ class RunsScreen(EmberScreen):
             self._search_budget = len(self.table.rows.loaded) + SEARCH_BUDGET
             self.table.reload(self.table.rows)
         self._show_status()
-        self.table.focus()
+        self.call_after_refresh(self.table.focus)
 
     def action_filter_dialog(self) -> None:
         """Pick filters from lists."""

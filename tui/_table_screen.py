@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from textual import work
 from textual.app import ComposeResult
@@ -23,6 +24,8 @@ class TableScreen(EmberScreen):
 
     AUTO_FOCUS = "#main-table"
     COLUMNS: tuple[str, ...] = ()
+    # Columns of coloured Content need a width: DataTable sizes columns by their title.
+    WIDTHS: ClassVar[dict[str, int]] = {}
     POLL_S: float | None = 1.0
 
     def compose_body(self) -> ComposeResult:
@@ -35,7 +38,8 @@ class TableScreen(EmberScreen):
         return self.query_one("#main-table", DataTable)
 
     def on_mount(self) -> None:
-        self.table.add_columns(*self.COLUMNS)
+        for title in self.COLUMNS:
+            self.table.add_column(title, width=self.WIDTHS.get(title))
         super().on_mount()
         self.table.focus()
         if self.POLL_S:

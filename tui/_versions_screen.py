@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from textual import work
 from textual.binding import Binding, BindingType
+from textual.content import Content
 
 from ember._client import Call
 from ember._errors import EmberError
@@ -20,6 +21,7 @@ class VersionsScreen(TableScreen):
 
     MODE = "versions"
     COLUMNS = ("", "Version", "Status", "Created", "Tasks", "Content hash", "Error")
+    WIDTHS: ClassVar[dict[str, int]] = {"": 9, "Status": 6}
     POLL_S = 5.0
     BINDINGS: ClassVar[list[BindingType]] = [Binding("p", "promote", "Promote")]
 
@@ -37,9 +39,11 @@ class VersionsScreen(TableScreen):
             (
                 v.id,
                 (
-                    "[$success]● current[/]" if v.is_current else "",
+                    Content.from_markup("[$success]● current[/]" if v.is_current else ""),
                     v.id,
-                    "[$success]ready[/]" if v.status == "READY" else "[$error]failed[/]",
+                    Content.from_markup(
+                        "[$success]ready[/]" if v.status == "READY" else "[$error]failed[/]"
+                    ),
                     ago(v.created_at, now),
                     str(len(v.tasks)),
                     v.content_hash[:12],

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Harness
+from conftest import Harness, make_archive
 from textual.pilot import Pilot
 
 from ember import ClientSettings
@@ -105,3 +107,39 @@ FROZEN_NOW = datetime(2025, 1, 15, 12, 0, 0, tzinfo=UTC)
 def frozen_clock() -> datetime:
     """The clock of snapshot tests."""
     return FROZEN_NOW
+
+
+def _load_seed() -> Any:
+    # Test modules here cannot import their siblings by name (pytest's importlib mode).
+    spec = importlib.util.spec_from_file_location(
+        "ember_tui_seed", Path(__file__).with_name("seed.py")
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+seed = _load_seed()
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A daemon in a thread, on a store seeded with fixed runs, its clock frozen."""
+    daemon = seed.ThreadedDaemon(tmp_path_factory.mktemp("snap") / "state", FROZEN_NOW, TASKS)
+    daemon.start(make_archive)
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def seeded_app(seeded: Any) -> Callable[..., EmberApp]:
+    """Apps on the seeded daemon with the frozen clock."""
+
+    def build(**options: Any) -> EmberApp:
+        settings = ClientSettings(socket_path=seeded.socket)
+        return EmberApp(settings, clock=frozen_clock, **options)
+
+    return build
