@@ -50,6 +50,8 @@ class EmberApp(App[None]):
         Binding("e", "switch_env", "Env", show=False),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("question_mark,f1", "help", "Help"),
+        Binding("ctrl+p", "command_palette", "Commands", show=False, priority=True),
+        # Not a priority binding: a colon typed in the filter box is text ("status:failed").
         Binding("colon", "command_palette", "Commands", show=False),
         Binding("S", "start_daemon", "Start daemon", show=False),
         Binding("q", "quit", "Quit"),

@@ -69,7 +69,7 @@ class HelpScreen(ModalScreen[None]):
             table.add_row(_key(key), description, where or "screen")
         with VerticalScroll(classes="dialog help"):
             yield Label("Keys", classes="dialog-title")
-            yield Static(table)
+            yield Static(table, id="help-keys")
             yield Static(
                 "Mouse: click a row to move there, double-click to open, click the first "
                 "column to select; click the tabs in the header. ^p or : opens the command "

@@ -130,7 +130,7 @@ class TasksScreen(EmberScreen):
 
     def action_test(self) -> None:
         """Open the test panel for the task under the cursor."""
-        from ember.tui._test_panel import TestPanel
+        from ember.tui._test_panel import TaskTestPanel
 
         table = self.query_one("#task-table", DataTable)
         if self.version is None or not table.row_count:
@@ -138,4 +138,4 @@ class TasksScreen(EmberScreen):
         row_key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
         task = next(t for t in self.version.tasks if t.id == row_key.value)
         pin = None if self.version.is_current else self.version.id
-        self.app.push_screen(TestPanel(task, pin))
+        self.app.push_screen(TaskTestPanel(task, pin))

@@ -22,7 +22,7 @@ from ember.tui._json_editor import JsonEditor
 from ember.tui._tasks_screen import retry_text
 
 
-class TestPanel(EmberScreen):
+class TaskTestPanel(EmberScreen):
     """Trigger ``task``; ctrl+s runs it and opens the run.
 
     Args:
