@@ -117,6 +117,7 @@ class RunTable(ScrollView, can_focus=True):
         self._styles: dict[RunStatus, Style] = {}
         self._columns: list[Column] = list(COLUMNS)
         self._widths: list[int] = []
+        self._style_cache: dict[str, Style] = {}
 
     # -- data ---------------------------------------------------------------------------
 
@@ -162,12 +163,24 @@ class RunTable(ScrollView, can_focus=True):
 
     def on_mount(self) -> None:
         self._restyle()
-        self.app.theme_changed_signal.subscribe(self, lambda _: self._restyle())
+        # After the refresh: the new theme's CSS is not applied yet when the signal fires.
+        self.app.theme_changed_signal.subscribe(
+            self, lambda _: self.call_after_refresh(self._restyle)
+        )
         self.set_interval(1.0, self.refresh)  # relative times and running durations
 
     def _restyle(self) -> None:
         self._styles = status_styles(self.app.theme_variables)
+        self._style_cache.clear()
         self.refresh()
+
+    def _style(self, name: str) -> Style:
+        # Resolving CSS to a Rich style costs more than painting the line: once per theme.
+        style = self._style_cache.get(name)
+        if style is None:
+            style = self.rich_style if name == "base" else self.get_component_rich_style(name)
+            self._style_cache[name] = style
+        return style
 
     def on_resize(self, event: events.Resize) -> None:
         self._layout(event.size.width)
@@ -191,9 +204,9 @@ class RunTable(ScrollView, can_focus=True):
         width = self.scrollable_content_region.width
         if not self._widths:
             self._layout(width)
-        base = self.rich_style
+        base = self._style("base")
         if y == 0:
-            style = base + self.get_component_rich_style("run-table--header")
+            style = base + self._style("run-table--header")
             cells = zip(self._columns, self._widths, strict=True)
             text = " ".join(_fit(c.title, w) for c, w in cells)
             return Strip([Segment(_fit(text, width), style)], width)
@@ -209,16 +222,16 @@ class RunTable(ScrollView, can_focus=True):
             text = "  loading more runs…"
         else:
             text = "  " + (self.note or ("no runs match" if not len(self.rows) else "end of runs"))
-        style = base + self.get_component_rich_style("run-table--dim")
+        style = base + self._style("run-table--dim")
         return Strip([Segment(_fit(text, width), style)], width)
 
     def _row_line(self, row: int, width: int, base: Style) -> Strip:
         run = self.rows[row]
         if run.id in self.selected:
-            base = base + self.get_component_rich_style("run-table--selected")
+            base = base + self._style("run-table--selected")
         if row == self.cursor:
             name = "run-table--cursor" if self.has_focus else "run-table--cursor-blurred"
-            base = base + self.get_component_rich_style(name)
+            base = base + self._style(name)
         segments = []
         for column, cell_width in zip(self._columns, self._widths, strict=True):
             if column.title == "":
