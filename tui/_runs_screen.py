@@ -45,6 +45,7 @@ class RunsScreen(EmberScreen):
         self.query_obj = RunQuery()
         self._generation = 0
         self._search_budget = SEARCH_BUDGET
+        self._focus_table = False
 
     def compose_body(self) -> ComposeResult:
         yield Input(
@@ -137,6 +138,9 @@ class RunsScreen(EmberScreen):
         table.rows.add_page(page.data, page.next_cursor)
         table.loading = False
         table.rows_changed()
+        if self._focus_table:
+            self._focus_table = False
+            self.set_focus(table)
         self._show_status()
 
     def _on_run(self, run: RunSummary) -> None:
@@ -213,7 +217,10 @@ class RunsScreen(EmberScreen):
             self._search_budget = len(self.table.rows.loaded) + SEARCH_BUDGET
             self.table.reload(self.table.rows)
         self._show_status()
-        self.call_after_refresh(self.table.focus)
+        self.set_focus(self.table)
+        # Reloading takes the focus back to the box on the way; give it to the table again
+        # once the first page is in, so that enter opens the run under the cursor.
+        self._focus_table = server_changed
 
     def action_filter_dialog(self) -> None:
         """Pick filters from lists."""
