@@ -138,9 +138,12 @@ class RunTable(ScrollView, can_focus=True):
 
     def inserted(self, row: int) -> None:
         """A row was inserted at ``row``: keep the cursor and the view on the same runs."""
-        if len(self.rows) > 1 and row <= self.cursor:
+        following = self.cursor == 0 and self.scroll_y == 0
+        # At the top with the cursor on the newest run, follow: new runs stay in view.
+        # Otherwise keep the cursor, and the view if scrolled, on the runs being read.
+        if len(self.rows) > 1 and row <= self.cursor and not following:
             self.set_reactive(RunTable.cursor, self.cursor + 1)
-            if self.scroll_y > 0 or self.cursor > self._page_rows():
+            if self.scroll_y > 0:
                 self.scroll_to(y=self.scroll_y + 1, animate=False)
         self.rows_changed()
 
