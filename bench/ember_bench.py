@@ -1,57 +1,55 @@
-"""Ember's side of the benchmarks: one workload per call, its figures as JSON on the last line.
+"""Ember as a system under test of ``bench/run.py``: the same drivers time it and its peers.
 
-    python bench/ember_bench.py WORKLOAD [--n N] [--workdir DIR] [--concurrency C]
+    .venv/bin/python bench/ember_bench.py WORKLOAD [--n N] [--workdir DIR]
 
-Workloads: ``trigger`` (sequential trigger latency), ``e2e`` (trigger to result of a no-op
-task, sequential), ``throughput`` (N no-op runs enqueued, then drained), ``batch`` (N runs
-enqueued in batches of 1,000). The daemon runs as its own process (``ember daemon``, uvloop)
-with a fresh state directory, as a user would run it; this process is the client.
+The daemon runs as its own process (``ember daemon``, uvloop) on a fresh state directory, as
+a user runs it; this process is the client, through the SDK's blocking calls (the drivers
+are synchronous, as for every peer).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import io
-import json
-import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ember import Call, Client, ClientSettings, DaemonUnavailable, Tasks
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run
+
+from ember import Call, Client, ClientSettings, DaemonUnavailable, RunHandle, Tasks
 from ember._types import Health, VersionInfo
 
-NOOP_TASKS = """
-from ember import task
+TASKS = """
+import time
+from ember import task, wait
 
 
 @task(id="noop")
-async def noop(payload: object) -> None:
-    return None
+async def noop(payload: object) -> float:
+    return time.time()
+
+
+@task(id="sleeper")
+async def sleeper(payload: dict) -> list:
+    deadline = payload["deadline"]
+    await wait.for_(seconds=max(0.0, deadline - time.time()))
+    return [deadline, time.time()]
 """
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by nearest rank."""
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def archive() -> bytes:
-    """A version with one no-op task."""
+    """A version with the benchmark's tasks."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name, text in {
             "tasks/__init__.py": "",
-            "tasks/noop.py": NOOP_TASKS,
+            "tasks/bench.py": TASKS,
             ".ember/manifest.json": '{"dirs": ["tasks"]}',
         }.items():
             data = text.encode()
@@ -61,160 +59,105 @@ def archive() -> bytes:
     return buffer.getvalue()
 
 
-class DaemonUnderTest:
-    """``ember daemon`` in a child process on a fresh state directory."""
+class EmberPeer(run.Peer):
+    """Ember with its default settings, except the run processes, capped like the peers'."""
 
-    def __init__(self, workdir: Path, concurrency: int) -> None:
-        self.state = workdir / "state"
-        self.socket = workdir / "ember.sock"
-        self.concurrency = concurrency
-        self.process: subprocess.Popen[bytes] | None = None
+    system = "ember"
+    PROCESSES = 4
+    workload_notes = {  # noqa: RUF012 - read-only, as in run.Peer
+        "cold": "daemon start + version registration (zygote imports the tasks) + first run; "
+        "a run cannot be triggered before the daemon is up, since it is the broker",
+    }
 
-    def spawn(self) -> None:
-        """Start the daemon process."""
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
+    def __init__(self, workdir: Path, checkpoint: str = "auto") -> None:
+        import ember
+
+        self.version = ember.__version__
+        self._workdir = workdir
+        self._socket = workdir / "ember.sock"
+        self._checkpoint = checkpoint
+        self._process: subprocess.Popen[bytes] | None = None
+        self._client = Client(ClientSettings(socket_path=self._socket))
+        self._tasks = Tasks(self._client)
+        self.setup = (
+            f"ember daemon (uvloop, SQLite WAL), max {self.PROCESSES} run processes forked from "
+            f"a warm zygote, checkpoint={checkpoint}; client: the SDK's blocking calls"
+        )
+
+    def start_workers(self) -> None:
+        state = self._workdir / "state"
+        state.mkdir(exist_ok=True)
+        self._process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "ember.cli",
                 "daemon",
                 "--state-dir",
-                str(self.state),
+                str(state),
                 "--socket",
-                str(self.socket),
+                str(self._socket),
                 "--max-concurrent-runs",
-                str(self.concurrency),
+                str(self.PROCESSES),
+                "--checkpoint",
+                self._checkpoint,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-
-    async def start(self) -> Client:
-        """Start the daemon, wait until it answers, and register the no-op version."""
-        self.spawn()
-        client = Client(ClientSettings(socket_path=self.socket))
         deadline = time.monotonic() + 30
         while True:
             try:
-                await client.request(Call("GET", "/healthz", Health))
+                self._client.request_sync(Call("GET", "/healthz", Health))
                 break
             except DaemonUnavailable:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self._process.poll() is not None:
                     raise
-                await asyncio.sleep(0.05)
-        version = await client.request(
+                time.sleep(0.02)
+        version = self._client.request_sync(
             Call("POST", "/api/v1/versions", VersionInfo, body=archive(), timeout_s=120)
         )
         if version.status != "READY":
             raise RuntimeError(f"the benchmark version failed to build: {version.error}")
-        return client
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+    def stop_workers(self) -> None:
+        self._client.close()
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(20)
+                self._process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self._process.kill()
+                self._process.wait()
 
+    def worker_pids(self) -> list[int]:
+        return [self._process.pid] if self._process is not None else []
 
-async def drained(client: Client, timeout_s: float) -> None:
-    """Wait until the daemon has no active run."""
-    deadline = time.monotonic() + timeout_s
-    while (await client.request(Call("GET", "/healthz", Health))).active_runs:
-        if time.monotonic() > deadline:
-            raise TimeoutError("runs still active after the benchmark's time limit")
-        await asyncio.sleep(0.02)
+    def enqueue(self) -> RunHandle[Any]:
+        return self._tasks.trigger_sync("noop", None)
 
+    def enqueue_sleeper(self, seconds: float) -> RunHandle[Any]:
+        return self._tasks.trigger_sync("sleeper", {"deadline": time.time() + seconds})
 
-async def timed(calls: int, fn: Callable[[], Awaitable[Any]], warmup: int = 50) -> list[float]:
-    """Milliseconds of ``calls`` sequential awaits of ``fn`` after a warm-up."""
-    for _ in range(warmup):
-        await fn()
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        await fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
+    def enqueue_batch(self, size: int) -> list[RunHandle[Any]]:
+        return self._tasks.batch_trigger_sync([("noop", None)] * size)
 
+    def result(self, handle: RunHandle[Any], timeout_s: float) -> Any:
+        return handle.result_sync(timeout_s)
 
-async def workload(name: str, n: int, client: Client) -> dict[str, Any]:
-    """Run one workload and return its figures."""
-    tasks = Tasks(client)
-    if name == "trigger":
-        samples = await timed(n, lambda: tasks.trigger("noop", None))
-        await drained(client, 120)
-        return {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "n": n}
-    if name == "e2e":
+    def cold_start_s(self) -> float:
+        started = time.perf_counter()
+        self.start_workers()
+        try:
+            self.result(self.enqueue(), run.RESULT_TIMEOUT_S)
+            return time.perf_counter() - started
+        finally:
+            self.stop_workers()
 
-        async def round_trip() -> None:
-            handle = await tasks.trigger("noop", None)
-            await handle.result(timeout_s=30)
-
-        samples = await timed(n, round_trip)
-        return {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "n": n}
-    if name == "throughput":
-        await timed(0, lambda: tasks.trigger("noop", None), warmup=50)
-        await drained(client, 60)
-        in_flight = asyncio.Semaphore(64)
-
-        async def one() -> None:
-            async with in_flight:
-                await tasks.trigger("noop", None)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
-        enqueued = time.perf_counter()
-        await drained(client, 600)
-        done = time.perf_counter()
-        return {
-            "runs_per_s": n / (done - start),
-            "enqueue_runs_per_s": n / (enqueued - start),
-            "n": n,
-        }
-    if name == "batch":
-        start = time.perf_counter()
-        for offset in range(0, n, 1000):
-            await tasks.batch_trigger([("noop", None)] * min(1000, n - offset))
-        enqueued = time.perf_counter()
-        await drained(client, 600)
-        return {
-            "enqueue_runs_per_s": n / (enqueued - start),
-            "runs_per_s": n / (time.perf_counter() - start),
-            "n": n,
-        }
-    raise SystemExit(f"unknown workload {name!r}: use trigger, e2e, throughput or batch")
-
-
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("workload")
-    parser.add_argument("--n", type=int, default=None)
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--concurrency", type=int, default=8, help="the daemon's run processes")
-    args = parser.parse_args()
-    defaults = {"trigger": 2000, "e2e": 1000, "throughput": 10_000, "batch": 10_000}
-    n = args.n or defaults.get(args.workload, 1000)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ember-bench-"))
-    daemon = DaemonUnderTest(workdir, args.concurrency)
-    try:
-        client = await daemon.start()
-        figures = await workload(args.workload, n, client)
-        await client.aclose()
-    finally:
-        daemon.stop()
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    figures = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
-    print(json.dumps({"system": "ember", "workload": args.workload, **figures}))
+    def close(self) -> None:
+        self.stop_workers()
 
 
 if __name__ == "__main__":
-    # The client side on uvloop too, as a service triggering runs would be.
-    import uvloop
-
-    uvloop.run(main())
+    run.peer_main(EmberPeer, __doc__ or "")

@@ -121,6 +121,9 @@ def daemon(
         str | None, typer.Option(help="normal (WAL) or fsync (survives power loss).")
     ] = None,
     max_concurrent_runs: Annotated[int | None, typer.Option(help="Runs executing at once.")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="How long waits are held: auto, criu, park or replay.")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     import logging
@@ -139,6 +142,7 @@ def daemon(
             tcp=tcp,
             durability=durability,
             max_concurrent_runs=max_concurrent_runs,
+            checkpoint=checkpoint,
         )
     except EmberError as exc:
         fail(str(exc))
@@ -446,3 +450,27 @@ def doctor(env: EnvOption = None) -> None:
         f"by {health.checkpoint_strategy}; {health.active_runs} active runs, "
         f"{health.processes} processes"
     )
+
+
+@app.command()
+def tui(env: EnvOption = None) -> None:
+    """Open the dashboard: runs, tasks, queues, versions and processes, live."""
+    from ember.tui import DaemonLauncher, EmberApp
+
+    try:
+        project = find_project(Path.cwd())
+    except ConfigError:
+        project = None
+    try:
+        config = daemon_config(project)
+    except EmberError as exc:
+        fail(str(exc))
+    settings = client_settings(config, env)
+    launcher = None
+    if settings.url is None:
+        launcher = DaemonLauncher(
+            socket_path=settings.socket_path,
+            state_dir=config.state_dir,
+            log_path=config.state_dir / "daemon.log",
+        )
+    EmberApp(settings, launcher=launcher).run()

@@ -43,6 +43,8 @@ log = logging.getLogger("ember.daemon")
 
 DUMP_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 20.0
+# Dumps and restores are CPU- and disk-bound: a few at a time, as the research advises.
+PARALLEL_CRIU = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,14 +268,20 @@ class Checkpointer:
         self._engine = engine
         self._supervisor = supervisor
         self._dumps: dict[str, asyncio.Future[bool]] = {}
-        self._reapers: dict[int, int] = {}
+        self._slots = asyncio.Semaphore(PARALLEL_CRIU)
 
     def images(self, run: ActiveRun) -> Path:
         """The run's image directory."""
         return self._root / run.id
 
-    async def _run(self, args: list[str], images: Path, log_name: str) -> str | None:
-        """Run criu; return None on success, else the reason."""
+    async def _run(self, args: list[str], images: Path, log_name: str) -> tuple[str | None, float]:
+        """Run criu; return (None on success else the reason, milliseconds it took)."""
+        async with self._slots:
+            started = time.perf_counter()
+            error = await self._run_now(args, images, log_name)
+            return error, (time.perf_counter() - started) * 1000
+
+    async def _run_now(self, args: list[str], images: Path, log_name: str) -> str | None:
         process = await asyncio.create_subprocess_exec(
             self._binary,
             *args,
@@ -320,8 +328,7 @@ class Checkpointer:
         images.mkdir(parents=True, mode=0o700)
         self._root.chmod(0o700)
         assert worker.pid is not None
-        started = time.perf_counter()
-        error = await self._run(
+        error, dump_ms = await self._run(
             ["dump", "-t", str(worker.pid), "-D", str(images), "-o", "dump.log", "--tcp-close"],
             images,
             "dump.log",
@@ -334,7 +341,7 @@ class Checkpointer:
                 os.kill(worker.pid, signal.SIGUSR1)
             self._keep_parked(run, worker)
             return False
-        dump_ms = (time.perf_counter() - started) * 1000
+        size = sum(f.stat().st_size for f in images.iterdir() if f.is_file())
         (images / "meta.json").write_text(
             json.dumps(
                 {
@@ -343,6 +350,7 @@ class Checkpointer:
                     "env": worker.key[0],
                     "version": worker.key[1],
                     "dump_ms": dump_ms,
+                    "bytes": size,
                 }
             )
         )
@@ -350,7 +358,9 @@ class Checkpointer:
         worker.parked = None
         if run.parked is worker:
             run.parked = None
-        log.info("run %s checkpointed in %.0f ms", run.id, dump_ms)
+        self._engine.note(
+            run, "SUSPENDED", f"checkpointed: {size / 1e6:.1f} MB in {dump_ms:.0f} ms"
+        )
         return True
 
     def _keep_parked(self, run: ActiveRun, worker: Worker) -> None:
@@ -384,7 +394,7 @@ class Checkpointer:
         self._supervisor.adopt(worker)
         run.parked = worker
         pidfile = images / "pidfile"
-        error = await self._run(
+        error, restore_ms = await self._run(
             [
                 "restore",
                 "-d",
@@ -409,6 +419,7 @@ class Checkpointer:
         worker.pid = pid
         self._reap_later(pid, worker)
         os.kill(pid, signal.SIGUSR1)
+        self._engine.note(run, "PENDING_EXECUTING", f"restored its process in {restore_ms:.0f} ms")
         # The image is single-use: the restored process says hello (on_worker_back) and the
         # image goes; two live copies of one run must never exist.
         shutil.rmtree(images, ignore_errors=True)

@@ -1140,6 +1140,17 @@ class Engine:
         self.replay_instead(run)
         self.place(run)
 
+    def note(self, run: ActiveRun, snapshot: str, description: str) -> None:
+        """Record an execution snapshot that does not change the run's status."""
+        now = time.time()
+        self.db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO snapshots (run_id, status, created_at, attempt, description)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (run.id, snapshot, now, run.attempt, description),
+            )
+        )
+
     def replay_instead(self, run: ActiveRun) -> None:
         """A held process could not be resumed: the run re-executes from its journal."""
         run.hold = "exited"

@@ -19,12 +19,19 @@ fi
 # Reinstall when the dependencies or the set of modules change: the strict editable install
 # (which mypy and IDEs need to resolve ember.*) links files, so new modules need a reinstall.
 STAMP="$VENV/.ember-install-stamp"
-WANT="$(cat "$ROOT/pyproject.toml"; cd "$ROOT" && find sdk daemon tui cli sync -name '*.py' 2>/dev/null | sort)"
+WANT="$(cat "$ROOT/pyproject.toml"; cd "$ROOT" && { find sdk daemon tui cli sync -name '*.py' 2>/dev/null || true; } | sort)"
 WANT_HASH="$(printf '%s' "$WANT" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT_HASH" ]; then
   echo "○ installing Ember and its development tools into $VENV"
-  (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e ".[dev]" --config-settings editable_mode=strict 2>&1 \
-    | grep -v -e "^ *$" -e "!!" -e "^\*\*\*" -e "editable" -e "Please be careful" -e "to import/use" -e "WARNING: Location" || true)
+  LOG="$(mktemp)"
+  if ! (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e ".[dev]" \
+        --config-settings editable_mode=strict >"$LOG" 2>&1); then
+    cat "$LOG" >&2
+    rm -f "$LOG" "$STAMP"
+    echo "error: installing Ember failed (pip's output above)" >&2
+    exit 1
+  fi
+  rm -f "$LOG"
   echo "$WANT_HASH" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

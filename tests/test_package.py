@@ -10,7 +10,13 @@ from pathlib import Path
 import ember
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"sdk": "ember", "daemon": "ember.daemon", "cli": "ember.cli", "sync": "ember.sync"}
+FOLDERS = {
+    "sdk": "ember",
+    "daemon": "ember.daemon",
+    "tui": "ember.tui",
+    "cli": "ember.cli",
+    "sync": "ember.sync",
+}
 
 
 def test_every_package_on_disk_ships_in_the_wheel() -> None:

@@ -1,0 +1,132 @@
+"""The trace waterfall: a run's spans (waiting in the queue, each attempt, the waits between
+retries) as bars on one time axis, as Trigger.dev draws a run's trace.
+
+Spans come from the run's attempts and execution snapshots. Child runs are not drawn: the
+run list has no parent filter yet, so a run cannot find its children (its parent and root
+are links on the overview).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from rich.text import Text
+from textual.widgets import Static
+
+from ember._types import Run
+from ember.tui._format import Clock, duration
+
+LABEL_WIDTH = 30
+TIME_WIDTH = 9
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSpan:
+    """One bar of the waterfall."""
+
+    label: str
+    start: datetime
+    end: datetime | None  # None: still going
+    style: str
+    depth: int = 1
+
+
+def spans_of(run: Run) -> list[TraceSpan]:
+    """The spans of a run, in time order: the run, its queue wait, attempts and retry waits."""
+    spans = [TraceSpan(f"{run.task_id}", run.created_at, run.finished_at, "bold", depth=0)]
+    attempts = sorted(run.attempts, key=lambda a: a.number)
+    first_start = attempts[0].started_at if attempts else None
+    queued_until = first_start or (run.finished_at if run.status.is_final else None)
+    if run.delay_until is not None and (first_start is None or run.delay_until <= first_start):
+        spans.append(TraceSpan("delayed", run.created_at, run.delay_until, "$secondary"))
+        spans.append(TraceSpan("queued", run.delay_until, queued_until, "$text-muted"))
+    else:
+        spans.append(TraceSpan("queued", run.created_at, queued_until, "$text-muted"))
+    previous_end: datetime | None = None
+    for attempt in attempts:
+        if previous_end is not None and attempt.started_at > previous_end:
+            spans.append(
+                TraceSpan("retry backoff", previous_end, attempt.started_at, "$text-muted")
+            )
+        ok = attempt.status == "COMPLETED"
+        running = attempt.finished_at is None and not run.status.is_final
+        style = "$success" if ok else "$primary" if running else "$error"
+        spans.append(
+            TraceSpan(
+                f"attempt {attempt.number} · {attempt.status.lower()}",
+                attempt.started_at,
+                attempt.finished_at or (None if running else run.finished_at),
+                style,
+            )
+        )
+        previous_end = attempt.finished_at
+    return spans
+
+
+def render_trace(run: Run, now: datetime, width: int, styles: dict[str, str]) -> Text:
+    """The waterfall as text ``width`` cells wide.
+
+    Args:
+        run: the run.
+        now: where open spans end.
+        width: cells available.
+        styles: theme colours by variable name (``$error`` → ``#ff0000``).
+    """
+    spans = spans_of(run)
+    origin = run.created_at
+    end = max([s.end or now for s in spans] + [origin])
+    total_s = max((end - origin).total_seconds(), 0.001)
+    bar_width = max(10, width - LABEL_WIDTH - TIME_WIDTH - 2)
+    text = Text()
+    axis = f"0{' ' * (bar_width - len(duration(total_s)) - 1)}{duration(total_s)}"
+    text.append(" " * LABEL_WIDTH + " " + axis + "\n", style="dim")
+    for span in spans:
+        stop = span.end or now
+        left = int((span.start - origin).total_seconds() / total_s * bar_width)
+        right = int((stop - origin).total_seconds() / total_s * bar_width)
+        left = min(max(left, 0), bar_width - 1)
+        length = max(1, right - left)
+        label = ("  " * span.depth + span.label)[:LABEL_WIDTH].ljust(LABEL_WIDTH)
+        colour = _resolve(span.style, styles)
+        seconds = (stop - span.start).total_seconds()
+        suffix = "…" if span.end is None else ""
+        text.append(label + " ", style="bold" if span.depth == 0 else "")
+        text.append(" " * left)
+        text.append("█" * min(length, bar_width - left), style=colour)
+        text.append(" " * max(0, bar_width - left - length))
+        text.append(f" {duration(seconds) + suffix:>{TIME_WIDTH}}\n", style="dim")
+    return text
+
+
+def _resolve(style: str, styles: dict[str, str]) -> str:
+    words = []
+    for word in style.split():
+        words.append(styles.get(word[1:], "default") if word.startswith("$") else word)
+    return " ".join(words)
+
+
+class TraceView(Static):
+    """The waterfall of one run, redrawn when the run changes, the width changes or time passes."""
+
+    def __init__(self, clock: Clock, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.clock = clock
+        self.run: Run | None = None
+
+    def show(self, run: Run) -> None:
+        """Draw this run."""
+        self.run = run
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Draw again (time moved, or the size changed)."""
+        if self.run is None:
+            return
+        styles = dict(self.app.theme_variables)
+        styles["text-muted"] = styles.get("foreground-darken-2", "grey50")
+        width = max(40, self.size.width or 100)
+        self.update(render_trace(self.run, self.clock(), width, styles))
+
+    def on_resize(self) -> None:
+        self.redraw()
