@@ -264,7 +264,9 @@ async def get_run(daemon: Daemon, request: Request, env: str) -> Run:
 
 async def wait_run(daemon: Daemon, request: Request, env: str) -> Run:
     timeout_s = _float_param(request, "timeout_s", 30.0) or 0.0
-    return await daemon.engine.wait_final(request.path_params["run_id"], min(timeout_s, 3600.0))
+    history = request.query_params.get("history", "true") != "false"
+    run_id = request.path_params["run_id"]
+    return await daemon.engine.wait_final(run_id, min(timeout_s, 3600.0), history)
 
 
 async def run_logs(daemon: Daemon, request: Request, env: str) -> LogPage:
@@ -415,7 +417,10 @@ ROUTES: tuple[RouteSpec, ...] = (
         wait_run,
         "Wait until a run is final (long poll)",
         response=Run,
-        query=(("timeout_s", "seconds to wait at most (default 30, max 3600)"),),
+        query=(
+            ("timeout_s", "seconds to wait at most (default 30, max 3600)"),
+            ("history", "false to leave out attempts and snapshots (default true)"),
+        ),
     ),
     RouteSpec("GET", "/api/v1/runs/{run_id}/logs", run_logs, "A run's log lines", response=LogPage),
     RouteSpec("POST", "/api/v2/runs/{run_id}/cancel", cancel_run, "Cancel a run", response=Run),

@@ -1332,18 +1332,18 @@ class Engine:
             replayed.replayed_from = run_id
         return response
 
-    async def get_run(self, run_id: str) -> Run:
-        """A run in full.
+    async def get_run(self, run_id: str, history: bool = True) -> Run:
+        """A run, with its attempts and execution snapshots unless ``history`` is False.
 
         Raises:
             NotFound: no such run.
         """
-        run = await self.db.read(lambda conn: store.get_run(conn, self.blobs, run_id))
+        run = self.db.read_point(lambda conn: store.get_run(conn, self.blobs, run_id, history))
         if run is None:
             raise NotFound(404, f"run {run_id} does not exist")
         return run
 
-    async def wait_final(self, run_id: str, timeout_s: float) -> Run:
+    async def wait_final(self, run_id: str, timeout_s: float, history: bool = True) -> Run:
         """Return a run once it is final, or as it is after ``timeout_s``."""
         if run_id in self.active and not self._closing:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -1354,7 +1354,7 @@ class Engine:
                 waiters = self._waiters.get(run_id)
                 if waiters is not None and waiter in waiters:
                     waiters.remove(waiter)
-        return await self.get_run(run_id)
+        return await self.get_run(run_id, history)
 
     # -- queues -------------------------------------------------------------------------
 

@@ -480,8 +480,10 @@ def list_runs(
     return page, next_cursor
 
 
-def get_run(conn: sqlite3.Connection, blobs: BlobStore, run_id: str) -> Run | None:
-    """A run in full, with attempts and snapshots, or None."""
+def get_run(
+    conn: sqlite3.Connection, blobs: BlobStore, run_id: str, history: bool = True
+) -> Run | None:
+    """A run, with its attempts and snapshots unless ``history`` is False, or None."""
     row = conn.execute(
         "SELECT id, task_id, status, env, created_at, updated_at, payload, payload_ref, output,"
         " output_ref, error, version, pinned_version, tags, metadata, attempt_count, max_attempts,"
@@ -494,32 +496,40 @@ def get_run(conn: sqlite3.Connection, blobs: BlobStore, run_id: str) -> Run | No
         return None
     payload = blobs.get(row[7]) if row[7] else row[6]
     output = blobs.get(row[9]) if row[9] else row[8]
-    attempts = [
-        Attempt(
-            number=a[0],
-            status=a[1],
-            started_at=ts(a[2]),
-            finished_at=opt_ts(a[3]),
-            version=a[4],
-            pid=a[5],
-            error=_error_decoder.decode(a[6]) if a[6] else None,
-            cpu_s=a[7],
-            peak_rss_bytes=a[8],
-        )
-        for a in conn.execute(
-            "SELECT number, status, started_at, finished_at, version, pid, error, cpu_s,"
-            " peak_rss_bytes FROM attempts WHERE run_id = ? ORDER BY number",
-            (run_id,),
-        )
-    ]
-    snapshots = [
-        ExecutionSnapshot(status=s[0], created_at=ts(s[1]), attempt=s[2], description=s[3])
-        for s in conn.execute(
-            "SELECT status, created_at, attempt, description FROM snapshots"
-            " WHERE run_id = ? ORDER BY id",
-            (run_id,),
-        )
-    ]
+    attempts = (
+        []
+        if not history
+        else [
+            Attempt(
+                number=a[0],
+                status=a[1],
+                started_at=ts(a[2]),
+                finished_at=opt_ts(a[3]),
+                version=a[4],
+                pid=a[5],
+                error=_error_decoder.decode(a[6]) if a[6] else None,
+                cpu_s=a[7],
+                peak_rss_bytes=a[8],
+            )
+            for a in conn.execute(
+                "SELECT number, status, started_at, finished_at, version, pid, error, cpu_s,"
+                " peak_rss_bytes FROM attempts WHERE run_id = ? ORDER BY number",
+                (run_id,),
+            )
+        ]
+    )
+    snapshots = (
+        []
+        if not history
+        else [
+            ExecutionSnapshot(status=s[0], created_at=ts(s[1]), attempt=s[2], description=s[3])
+            for s in conn.execute(
+                "SELECT status, created_at, attempt, description FROM snapshots"
+                " WHERE run_id = ? ORDER BY id",
+                (run_id,),
+            )
+        ]
+    )
     return Run(
         id=row[0],
         task_id=row[1],

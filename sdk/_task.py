@@ -162,7 +162,7 @@ class RunHandle(Generic[R]):
             "GET",
             f"/api/v1/runs/{self.id}/wait",
             Run,
-            params={"timeout_s": timeout_s},
+            params={"timeout_s": timeout_s, "history": "false"},
             timeout_s=timeout_s + 10,
         )
 
