@@ -28,6 +28,9 @@ _DAEMON_KEYS = {
     "max_payload_bytes": int,
     "max_output_bytes": int,
     "checkpoint": str,
+    "wait_park_threshold_s": float,
+    "max_parked_processes": int,
+    "criu_path": str,
 }
 _PROJECT_KEYS = {"dirs", "project"}
 _CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}

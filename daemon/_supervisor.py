@@ -221,6 +221,8 @@ class Supervisor:
             self._sweeper.cancel()
         for worker in list(self._workers.values()):
             self.kill(worker)
+            if worker.transport is not None:
+                worker.transport.close()
         zygotes = list(self._zygotes.values()) + self._stopped_zygotes
         for zygote in zygotes:
             self._stop_zygote(zygote)
@@ -545,13 +547,16 @@ class Supervisor:
                     rss = process.memory_info().rss
                 except psutil.Error:
                     self._psutil.pop(worker.pid, None)
-            state: Literal["starting", "idle", "busy", "retiring"] = (
+            held = worker.run if worker.run is not None else worker.parked
+            state: Literal["starting", "idle", "busy", "parked", "retiring"] = (
                 "retiring"
                 if worker.retiring
                 else "starting"
                 if worker.transport is None
                 else "busy"
                 if worker.run is not None
+                else "parked"
+                if worker.parked is not None
                 else "idle"
             )
             found.append(
@@ -561,8 +566,8 @@ class Supervisor:
                     version=worker.key[1],
                     state=state,
                     pid=worker.pid,
-                    run_id=worker.run.id if worker.run is not None else None,
-                    task_id=worker.run.task_id if worker.run is not None else None,
+                    run_id=held.id if held is not None else None,
+                    task_id=held.task_id if held is not None else None,
                     runs_done=worker.runs_done,
                     cpu_percent=cpu,
                     rss_bytes=rss,

@@ -364,7 +364,7 @@ class ProcessInfo(Struct, frozen=True):
     worker_id: int
     env: str
     version: str
-    state: Literal["starting", "idle", "busy", "retiring"]
+    state: Literal["starting", "idle", "busy", "parked", "retiring"]
     pid: int | None = None
     run_id: str | None = None
     task_id: str | None = None

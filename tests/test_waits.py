@@ -237,8 +237,7 @@ async def test_killed_process_during_a_wait_replays_without_rerunning_children(
         handle = await Tasks(h.client).trigger("two-children", {"s": 2})
         runs = Runs(h.client)
         await eventually(lambda r=runs, i=handle.id: _status(r, i, RunStatus.WAITING))
-        # The parked process is the one the API lists without a run while the run waits.
-        parked = [p.pid for p in h.daemon.supervisor.processes() if p.run_id is None and p.pid]
+        parked = [p.pid for p in h.daemon.supervisor.processes() if p.state == "parked" and p.pid]
         assert len(parked) == 1
         os.kill(parked[0], signal.SIGKILL)
         run = await h.wait(handle.id)
@@ -273,7 +272,7 @@ async def test_cancel_a_waiting_run(h: Harness) -> None:
     await eventually(lambda: _status(runs, handle.id, RunStatus.WAITING))
     canceled = await runs.cancel(handle.id)
     assert canceled.status is RunStatus.CANCELED
-    await eventually(lambda: all(p.run_id is not None for p in h.daemon.supervisor.processes()))
+    await eventually(lambda: all(p.state != "parked" for p in h.daemon.supervisor.processes()))
 
 
 async def test_tokens_cli_completes_a_token(h: Harness) -> None:

@@ -16,6 +16,7 @@ STATE_MARKUP = {
     "busy": "[$primary]● busy[/]",
     "idle": "[$success]○ idle[/]",
     "starting": "[$warning]◌ starting[/]",
+    "parked": "[$accent]◆ parked[/]",
     "retiring": "[$text-muted]◌ retiring[/]",
 }
 
