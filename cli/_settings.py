@@ -29,7 +29,7 @@ _DAEMON_KEYS = {
     "max_output_bytes": int,
     "checkpoint": str,
 }
-_PROJECT_KEYS = {"dirs", "project"}
+_PROJECT_KEYS = {"dirs", "project", "requirements"}
 _CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}
 
 
