@@ -198,3 +198,47 @@ def test_dotenv_lines(text: str, expected: dict[str, str] | None) -> None:
     if expected is None:
         expected = {"D": "line\nbreak", "E": "raw \\n", "F": "x"}
     assert parse_dotenv(text) == expected
+
+
+async def test_deploy_to_a_remote_daemon_through_a_profile(state_dir: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import running_daemon
+    from test_api import free_port
+
+    port = free_port()
+    async with running_daemon(state_dir, tcp=f"127.0.0.1:{port}") as h:
+        key = (await h.daemon.create_key("prod", "laptop")).key
+        root = tmp_path / "project"
+        write_project(root, "remote", None)
+        env = {
+            **os.environ,
+            "XDG_CONFIG_HOME": str(tmp_path / "config"),
+            "EMBER_SOCKET": str(tmp_path / "no-daemon-here.sock"),  # only TCP can work
+            "NO_COLOR": "1",
+        }
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "ember.cli", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=root,
+                timeout=120,
+            )
+
+        url = f"http://127.0.0.1:{port}"
+        added = await asyncio.to_thread(
+            run, "profiles", "add", "server", "--url", url, "--api-key", key, "--env", "prod"
+        )
+        assert added.returncode == 0, added.stderr
+        deployed = await asyncio.to_thread(run, "deploy", "--profile", "server")
+        assert deployed.returncode == 0, deployed.stderr
+        assert "to prod, now current" in deployed.stdout and url in deployed.stdout
+        listed = await asyncio.to_thread(run, "versions", "--profile", "server")
+        assert listed.stdout.split()[0] == "prod" and "dev" not in listed.stdout.split()
+        assert h.daemon.engine.current["prod"] in listed.stdout
+        assert (await run_in(h, "prod"))["tag"] == "remote"
