@@ -169,6 +169,8 @@ class Builder:
             await ensure_venv(self._state_dir, code_dir, build.say)
         except VenvFailed as exc:
             error = str(exc)
+        except OSError as exc:  # e.g. the disk is full: the version fails, the daemon goes on
+            error = f"preparing the version's virtual environment failed: {exc}"
         if error is None:
             build.say("Indexing tasks…")
             indexed = await self._supervisor.index(info.env, info.id, str(code_dir))

@@ -193,7 +193,8 @@ class Scheduler:
                 log.warning("schedule %s could not trigger %s: %s", row.id, row.task_id, exc)
         row.last_tick_at = tick.timestamp()
         await self.db.write(lambda conn: admin.set_last_tick(conn, row.id, tick.timestamp()))
-        self.table.arm(row)
+        if self.table.rows.get(row.id) is row:  # unless deleted or replaced meanwhile
+            self.table.arm(row)
 
     # -- declarative schedules ----------------------------------------------------------
 

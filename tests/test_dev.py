@@ -10,7 +10,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 from conftest import eventually
 
 from ember import Client, ClientSettings, Runs, RunStatus, Tasks
@@ -75,7 +74,6 @@ def ready_id(line: str) -> str:
     return line.split("-> ", 1)[1].split()[0]
 
 
-@pytest.mark.slow
 async def test_hot_reload_while_a_run_executes(tmp_path: Path) -> None:
     root = tmp_path / "project"
     (root / "tasks").mkdir(parents=True)
