@@ -26,7 +26,7 @@ from ember._runs import Runs
 from ember._types import RunEvent, RunStatus, RunSummary, VersionInfo
 from ember.cli._dotenv import read_dotenv
 from ember.cli._output import duration_text
-from ember.cli._project import INCLUDE_SUFFIXES, Project, snapshot
+from ember.cli._project import INCLUDE_SUFFIXES, SKIP_DIRS, Project, snapshot
 from ember.cli._settings import client_settings
 from ember.daemon import Daemon, loop_factory
 from ember.daemon._config import DaemonConfig
@@ -144,12 +144,20 @@ async def _register(
     return info
 
 
-def _relevant(path: str) -> bool:
+def _relevant(path: str, root: Path) -> bool:
+    """Whether a changed file is part of the snapshot (not an editor's temp file)."""
     name = Path(path).name
     # Editors write temp and swap files next to the real one; only source changes count.
     if name.startswith((".", "#")) or name.endswith(("~", ".swp", ".tmp")):
         return False
-    return Path(path).suffix in INCLUDE_SUFFIXES and "__pycache__" not in path
+    try:
+        folders = Path(path).relative_to(root).parts[:-1]
+    except ValueError:
+        return False
+    # Folders the snapshot leaves out: hidden ones (.venv, .git, .ember), caches, builds.
+    if any(f.startswith(".") or f in SKIP_DIRS or f.endswith(".egg-info") for f in folders):
+        return False
+    return Path(path).suffix in INCLUDE_SUFFIXES
 
 
 async def _watch(
@@ -162,7 +170,7 @@ async def _watch(
         try:
             if any(path == dotenv for _, path in changes):
                 await _sync_dotenv(client, project)
-            if any(_relevant(path) for _, path in changes):
+            if any(_relevant(path, project.root) for _, path in changes):
                 say("Rebuilding local worker…")
                 current = await _register(client, project, current) or current
         except EmberError as exc:

@@ -144,3 +144,22 @@ async def test_hot_reload_while_a_run_executes(tmp_path: Path) -> None:
         await client.aclose()
         code = await dev.stop()
     assert code == 0, dev.errors
+
+
+def test_only_snapshot_files_are_changes(tmp_path: Path) -> None:
+    from ember.cli._dev import _relevant
+
+    root = tmp_path
+    relevant = ["tasks/t.py", "requirements.txt", "lib/helpers.py", "pyproject.toml"]
+    ignored = [
+        "tasks/.t.py.swp",
+        "tasks/t.py~",
+        "tasks/#t.py#",
+        ".ember/tmp/deploy-1/files/tasks/t.py",
+        ".venv/lib/site.py",
+        "tasks/__pycache__/t.cpython-311.pyc",
+        "build/lib/t.py",
+        "notes.md",
+    ]
+    assert [p for p in relevant if _relevant(str(root / p), root)] == relevant
+    assert [p for p in ignored if _relevant(str(root / p), root)] == []
