@@ -57,6 +57,26 @@ def clock_at(moment: datetime) -> Callable[[], float]:
     return lambda: time.time() + offset
 
 
+class Clock:
+    """A clock that advances in real time and can be set, like a wall clock that jumps."""
+
+    def __init__(self, moment: datetime) -> None:
+        self.set(moment)
+
+    def set(self, moment: datetime) -> None:
+        self._offset = moment.timestamp() - time.time()
+
+    def __call__(self) -> float:
+        return time.time() + self._offset
+
+
+async def register_then_jump(h: Harness, clock: Clock, moment: datetime) -> None:
+    """Register the project (however long that takes), then set the clock to ``moment``."""
+    await h.register(PROJECT)
+    clock.set(moment)
+    h.daemon.scheduler.changed()  # the loop would notice the jump within a minute anyway
+
+
 def utc(*parts: int) -> datetime:
     return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
 
@@ -114,8 +134,9 @@ async def test_a_tick_fires_once_with_its_payload_and_once_across_restarts(
     state_dir: Path,
 ) -> None:
     tick = utc(2026, 6, 1, 12)
-    async with running_daemon(state_dir, clock=clock_at(tick - timedelta(seconds=1.5))) as h:
-        await h.register(PROJECT)
+    clock = Clock(tick - timedelta(minutes=30))
+    async with running_daemon(state_dir, clock=clock) as h:
+        await register_then_jump(h, clock, tick - timedelta(seconds=0.5))
         (first,) = await finished_runs(h, "hourly", 1)
         schedule_id = by_task(h, "hourly").id
         assert first.timestamp == tick and first.last_timestamp is None
@@ -145,8 +166,9 @@ async def test_a_tick_fires_once_with_its_payload_and_once_across_restarts(
 
 async def test_fall_back_fires_a_repeated_time_once(state_dir: Path) -> None:
     first_pass = utc(2026, 11, 1, 5, 30)  # 01:30 EDT; 01:30 EST follows an hour later
-    async with running_daemon(state_dir, clock=clock_at(first_pass - timedelta(seconds=1.5))) as h:
-        await h.register(PROJECT)
+    clock = Clock(first_pass - timedelta(minutes=10))
+    async with running_daemon(state_dir, clock=clock) as h:
+        await register_then_jump(h, clock, first_pass - timedelta(seconds=0.5))
         (payload,) = await finished_runs(h, "nightly", 1)
         assert payload.timestamp == first_pass and payload.timezone == "America/New_York"
         schedule_id = by_task(h, "nightly").id
@@ -159,9 +181,9 @@ async def test_fall_back_fires_a_repeated_time_once(state_dir: Path) -> None:
 
 async def test_spring_forward_fires_a_skipped_time_after_the_change(state_dir: Path) -> None:
     after_change = utc(2026, 3, 8, 7, 30)  # 02:30 does not exist: 03:30 EDT
-    start = clock_at(after_change - timedelta(seconds=1.5))
-    async with running_daemon(state_dir, clock=start) as h:
-        await h.register(PROJECT)
+    clock = Clock(after_change - timedelta(minutes=10))
+    async with running_daemon(state_dir, clock=clock) as h:
+        await register_then_jump(h, clock, after_change - timedelta(seconds=0.5))
         (payload,) = await finished_runs(h, "early", 1)
         assert payload.timestamp == after_change
         assert payload.upcoming[0] == utc(2026, 3, 9, 6, 30)

@@ -129,9 +129,10 @@ async def test_queued_run_locks_when_it_starts(harness: Harness) -> None:
 
 async def test_delayed_run_locks_when_it_starts(harness: Harness) -> None:
     await harness.register(code("v1"))
-    handle = await Tasks(harness.client).trigger("tag", {}, delay="1s")
+    handle = await Tasks(harness.client).trigger("tag", {}, delay="1h")
     assert await status_of(harness, handle.id) is RunStatus.DELAYED
     v2 = await harness.register(code("v2"))
+    await Runs(harness.client).reschedule(handle.id, 0)  # its delay is over now
     run = await harness.wait(handle.id)
     assert run.version == v2.id and run.output_as()["tag"] == "v2"
 
