@@ -113,6 +113,16 @@ def _time_param(request: Request, name: str) -> float | None:
 
 async def health(daemon: Daemon, request: Request, env: str) -> Health:
     stats = daemon.engine.stats()
+    processes = daemon.supervisor.stats()["processes"]
+    if over_tcp(request):  # a key sees the load of its own environment only
+        lanes = daemon.engine.queue.stats(env).values()
+        active = [r for r in daemon.engine.active.values() if r.env == env]
+        stats = {
+            "active": len(active),
+            "executing": sum(1 for r in active if r.status is RunStatus.EXECUTING),
+            "queued": sum(queued for _, queued in lanes),
+        }
+        processes = sum(1 for p in daemon.supervisor.processes() if p.env == env)
     return Health(
         ok=True,
         version=ember.__version__,
@@ -122,7 +132,7 @@ async def health(daemon: Daemon, request: Request, env: str) -> Health:
         active_runs=stats["active"],
         executing_runs=stats["executing"],
         queued_runs=stats["queued"],
-        processes=daemon.supervisor.stats()["processes"],
+        processes=processes,
         max_concurrent_runs=daemon.config.max_concurrent_runs,
     )
 
