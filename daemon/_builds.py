@@ -109,12 +109,18 @@ class Builder:
             self._build(env, digest, code_dir, promote, started)
         )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         if wait:
             return await task
         # A build that fails before it has an id raises here; one that started goes on.
         await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
         return started.result() if started.done() else task.result()
+
+    def _done(self, task: asyncio.Task[VersionInfo]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Also seen by a client that waited; logged for the ones that did not.
+            log.error("a version build failed: %r", task.exception())
 
     async def _build(
         self,
