@@ -6,9 +6,8 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
-import msgspec
 import typer
 
 from ember._client import Call, Client
@@ -16,7 +15,14 @@ from ember._errors import ConfigError, EmberError
 from ember._runs import Runs, Tasks
 from ember._types import Run, RunSummary
 from ember.cli import _output as out
+from ember.cli._common import EnvOption, JsonFlag, ProfileOption, fail
+from ember.cli._common import make_client as _client
+from ember.cli._common import print_json as _print_json
+from ember.cli._common import run_async as _run_async
+from ember.cli._deploy import deploy, promote, versions
+from ember.cli._environments import env_app, keys_app
 from ember.cli._project import find_project, init_project
+from ember.cli._schedules import schedules_app
 from ember.cli._settings import client_settings, daemon_config
 
 app = typer.Typer(
@@ -29,57 +35,17 @@ app = typer.Typer(
 runs_app = typer.Typer(help="Inspect and steer runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-EnvOption = Annotated[str | None, typer.Option("--env", "-e", help="Environment (default dev).")]
-ProfileOption = Annotated[
-    str | None, typer.Option("--profile", help="A remote daemon saved with `ember profiles add`.")
-]
 profiles_app = typer.Typer(help="Remote daemons: URL and API key by name.", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
 tokens_app = typer.Typer(help="Wait tokens: list and complete them.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print an error and exit."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _client(env: str | None, profile: str | None = None) -> Client:
-    try:
-        if profile is not None:
-            from ember.sync import profile_settings
-
-            settings = profile_settings(profile)
-            if env is not None and env != settings.env:
-                fail(f"profile {profile} holds a key of environment {settings.env}, not {env}")
-            return Client(settings)
-        try:
-            project = find_project(Path.cwd())
-        except ConfigError:
-            project = None
-        return Client(client_settings(daemon_config(project), env))
-    except EmberError as exc:
-        fail(str(exc))
-
-
-def _run_async(coro: Any) -> Any:
-    try:
-        return asyncio.run(coro)
-    except EmberError as exc:
-        fail(str(exc))
-
-
-def _print_json(value: Any) -> None:
-    typer.echo(msgspec.json.format(msgspec.json.encode(value), indent=2))
-
-
 @app.command()
 def init(
     path: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
 ) -> None:
-    """Add [tool.ember] to pyproject.toml and a starter task."""
+    """Add \\[tool.ember] to pyproject.toml and a starter task."""
     try:
         done = init_project(path)
     except EmberError as exc:
@@ -474,3 +440,12 @@ def tui(env: EnvOption = None) -> None:
             log_path=config.state_dir / "daemon.log",
         )
     EmberApp(settings, launcher=launcher).run()
+
+
+# Versions, environments and schedules (their bodies live in their own modules).
+app.command()(deploy)
+app.command()(promote)
+app.command()(versions)
+app.add_typer(keys_app, name="keys")
+app.add_typer(env_app, name="env")
+app.add_typer(schedules_app, name="schedules")

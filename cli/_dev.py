@@ -20,11 +20,13 @@ from pathlib import Path
 import typer
 
 from ember._client import Call, Client
+from ember._envvars import EnvVars
 from ember._errors import DaemonUnavailable, EmberError
 from ember._runs import Runs
 from ember._types import RunEvent, RunStatus, RunSummary, VersionInfo
+from ember.cli._dotenv import read_dotenv
 from ember.cli._output import duration_text
-from ember.cli._project import INCLUDE_SUFFIXES, Project, snapshot
+from ember.cli._project import INCLUDE_SUFFIXES, SKIP_DIRS, Project, snapshot
 from ember.cli._settings import client_settings
 from ember.daemon import Daemon, loop_factory
 from ember.daemon._config import DaemonConfig
@@ -74,10 +76,11 @@ async def _dev(project: Project, config: DaemonConfig, watch: bool) -> int:
     printer = loop.create_task(_print_events(client))
     tasks: list[asyncio.Task[None]] = [printer]
     try:
+        await _sync_dotenv(client, project)
         say("Building local worker…")
-        await _register(client, project)
+        current = await _register(client, project, None)
         if watch:
-            tasks.append(loop.create_task(_watch(project, client, stop)))
+            tasks.append(loop.create_task(_watch(project, client, stop, current)))
         await stop.wait()
         say("Stopping: canceling the dev runs in flight…")
         await _cancel_in_flight(client)
@@ -94,7 +97,25 @@ async def _dev(project: Project, config: DaemonConfig, watch: bool) -> int:
     return 0
 
 
-async def _register(client: Client, project: Project) -> VersionInfo | None:
+async def _sync_dotenv(client: Client, project: Project) -> None:
+    """Send the project's ``.env`` as the dev environment's ``dotenv`` variables."""
+    try:
+        variables = read_dotenv(project.root)
+    except EmberError as exc:
+        say(f"Ignoring .env: {exc}", "red")
+        return
+    reserved = [name for name in variables if name.startswith("EMBER_")]
+    if reserved:
+        say(f"Not passing {', '.join(reserved)} from .env to tasks (EMBER_* are Ember's own)")
+    variables = {k: v for k, v in variables.items() if k not in reserved}
+    await EnvVars(client).upload(variables, source="dotenv")
+    if variables:
+        say(f"Loaded {len(variables)} variables from .env: {', '.join(variables)}")
+
+
+async def _register(
+    client: Client, project: Project, previous: VersionInfo | None
+) -> VersionInfo | None:
     try:
         archive, count = snapshot(project)
     except EmberError as exc:
@@ -112,30 +133,48 @@ async def _register(client: Client, project: Project) -> VersionInfo | None:
     if info.status == "FAILED":
         say(f"Build failed ({count} files); the last good version keeps serving:", "red")
         typer.echo(info.error or "", err=True)
+    elif previous is not None and info.id == previous.id:
+        say(f"No changes detected: {info.id} keeps serving")
     else:
         names = ", ".join(t.id for t in info.tasks) or "no tasks found"
         say(f"Local worker ready -> {info.id}  ({len(info.tasks)} tasks: {names})", "green")
+        for task in info.tasks:
+            if task.schedule is not None and task.schedule.cron is not None:
+                say(f"Schedule {task.id}: {task.schedule.cron} ({task.schedule.timezone})")
     return info
 
 
-def _relevant(path: str) -> bool:
+def _relevant(path: str, root: Path) -> bool:
+    """Whether a changed file is part of the snapshot (not an editor's temp file)."""
     name = Path(path).name
     # Editors write temp and swap files next to the real one; only source changes count.
     if name.startswith((".", "#")) or name.endswith(("~", ".swp", ".tmp")):
         return False
-    return Path(path).suffix in INCLUDE_SUFFIXES and "__pycache__" not in path
+    try:
+        folders = Path(path).relative_to(root).parts[:-1]
+    except ValueError:
+        return False
+    # Folders the snapshot leaves out: hidden ones (.venv, .git, .ember), caches, builds.
+    if any(f.startswith(".") or f in SKIP_DIRS or f.endswith(".egg-info") for f in folders):
+        return False
+    return Path(path).suffix in INCLUDE_SUFFIXES
 
 
-async def _watch(project: Project, client: Client, stop: asyncio.Event) -> None:
+async def _watch(
+    project: Project, client: Client, stop: asyncio.Event, current: VersionInfo | None
+) -> None:
     from watchfiles import awatch
 
+    dotenv = str(project.root / ".env")
     async for changes in awatch(project.root, stop_event=stop, recursive=True):
-        if any(_relevant(path) for _, path in changes):
-            say("Rebuilding local worker…")
-            try:
-                await _register(client, project)
-            except EmberError as exc:
-                say(f"Rebuild failed: {exc}", "red")
+        try:
+            if any(path == dotenv for _, path in changes):
+                await _sync_dotenv(client, project)
+            if any(_relevant(path, project.root) for _, path in changes):
+                say("Rebuilding local worker…")
+                current = await _register(client, project, current) or current
+        except EmberError as exc:
+            say(f"Rebuild failed: {exc}", "red")
 
 
 async def _cancel_in_flight(client: Client) -> None:

@@ -102,7 +102,11 @@ def snapshot(project: Project) -> tuple[bytes, int]:
         for path in files:
             data = path.read_bytes()
             _add(tar, str(path.relative_to(project.root)), data)
-        manifest = json.dumps({"dirs": list(project.dirs)}, sort_keys=True).encode()
+        described: dict[str, Any] = {"dirs": list(project.dirs)}
+        requirements = project.settings.get("requirements")
+        if requirements:
+            described["requirements"] = str(requirements)
+        manifest = json.dumps(described, sort_keys=True).encode()
         _add(tar, ".ember/manifest.json", manifest)
     archive = buffer.getvalue()
     if len(archive) > MAX_SNAPSHOT_BYTES:

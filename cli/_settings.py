@@ -32,7 +32,7 @@ _DAEMON_KEYS = {
     "max_parked_processes": int,
     "criu_path": str,
 }
-_PROJECT_KEYS = {"dirs", "project"}
+_PROJECT_KEYS = {"dirs", "project", "requirements"}
 _CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}
 
 

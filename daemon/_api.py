@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +24,7 @@ from starlette.routing import Route
 
 import ember
 from ember._duration import parse_duration_s
-from ember._errors import (
-    ApiError,
-    BadRequest,
-    ConfigError,
-    EmberError,
-    PayloadTooLarge,
-    Unauthorized,
-)
+from ember._errors import ApiError, BadRequest, ConfigError, EmberError, Unauthorized
 from ember._types import (
     BatchItem,
     BatchTriggerRequest,
@@ -61,6 +53,11 @@ from ember._types import (
     WaitToken,
 )
 from ember.daemon import _store as store
+from ember.daemon._admin_api import ADMIN_ROUTES
+from ember.daemon._environments import check_env_name
+from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
+from ember.daemon._routing import read_body as _body
+from ember.daemon._routing import read_json as _decode
 
 if TYPE_CHECKING:
     from ember.daemon._server import Daemon
@@ -78,47 +75,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class RouteSpec:
-    """One API route: what it accepts and returns, for the app and for OpenAPI."""
-
-    method: str
-    path: str
-    handler: Callable[[Daemon, Request, str], Awaitable[Any]]
-    summary: str
-    request: type[Any] | None = None
-    response: type[Any] | None = None
-    query: tuple[tuple[str, str], ...] = ()
-    content_type: str = "application/json"
-
-
 def _json_response(value: Any, status: int = 200) -> Response:
     return Response(_json.encode(value), status, media_type="application/json")
 
 
 def _error_response(status: int, message: str) -> Response:
     return _json_response(ErrorBody(error=message), status)
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(413, f"request body of {declared} bytes is over the limit of {limit}")
-    body = await request.body()
-    if len(body) > limit:
-        raise PayloadTooLarge(
-            413, f"request body of {len(body)} bytes is over the limit of {limit}"
-        )
-    return body
-
-
-def _decode(data: bytes, type_: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(data, type=type_)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(400, f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
 
 
 def _csv(request: Request, name: str) -> tuple[str, ...]:
@@ -157,6 +119,16 @@ def _time_param(request: Request, name: str) -> float | None:
 
 async def health(daemon: Daemon, request: Request, env: str) -> Health:
     stats = daemon.engine.stats()
+    processes = daemon.supervisor.stats()["processes"]
+    if over_tcp(request):  # a key sees the load of its own environment only
+        lanes = daemon.engine.queue.stats(env).values()
+        active = [r for r in daemon.engine.active.values() if r.env == env]
+        stats = {
+            "active": len(active),
+            "executing": sum(1 for r in active if r.status is RunStatus.EXECUTING),
+            "queued": sum(queued for _, queued in lanes),
+        }
+        processes = sum(1 for p in daemon.supervisor.processes() if p.env == env)
     return Health(
         ok=True,
         version=ember.__version__,
@@ -167,13 +139,16 @@ async def health(daemon: Daemon, request: Request, env: str) -> Health:
         active_runs=stats["active"],
         executing_runs=stats["executing"],
         queued_runs=stats["queued"],
-        processes=daemon.supervisor.stats()["processes"],
+        processes=processes,
         max_concurrent_runs=daemon.config.max_concurrent_runs,
     )
 
 
 async def list_processes(daemon: Daemon, request: Request, env: str) -> ProcessList:
-    return ProcessList(data=daemon.supervisor.processes())
+    found = daemon.supervisor.processes()
+    if over_tcp(request):
+        found = [p for p in found if p.env == env]
+    return ProcessList(data=found)
 
 
 async def pause_queue(daemon: Daemon, request: Request, env: str) -> QueueInfo:
@@ -258,37 +233,43 @@ async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
     return RunPage(data=page, next_cursor=next_cursor)
 
 
+async def _run_id(daemon: Daemon, request: Request, env: str) -> str:
+    run_id: str = request.path_params["run_id"]
+    await check_run_env(daemon, request, env, run_id)
+    return run_id
+
+
 async def get_run(daemon: Daemon, request: Request, env: str) -> Run:
-    return await daemon.engine.get_run(request.path_params["run_id"])
+    return await daemon.engine.get_run(await _run_id(daemon, request, env))
 
 
 async def wait_run(daemon: Daemon, request: Request, env: str) -> Run:
     timeout_s = _float_param(request, "timeout_s", 30.0) or 0.0
     history = request.query_params.get("history", "true") != "false"
-    run_id = request.path_params["run_id"]
+    run_id = await _run_id(daemon, request, env)
     return await daemon.engine.wait_final(run_id, min(timeout_s, 3600.0), history)
 
 
 async def run_logs(daemon: Daemon, request: Request, env: str) -> LogPage:
-    run_id = request.path_params["run_id"]
+    run_id = await _run_id(daemon, request, env)
     await daemon.engine.get_run(run_id)  # 404 for an unknown run, not an empty list
     return LogPage(data=await daemon.db.read(lambda conn: store.get_logs(conn, run_id)))
 
 
 async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
-    run_id = request.path_params["run_id"]
+    run_id = await _run_id(daemon, request, env)
     await daemon.engine.cancel(run_id)
     return await daemon.engine.get_run(run_id)
 
 
 async def replay_run(daemon: Daemon, request: Request, env: str) -> TriggerResponse:
     req: ReplayRequest = _decode(await _body(request, 64 * 1024) or b"{}", ReplayRequest)
-    return await daemon.engine.replay(env, request.path_params["run_id"], req.version)
+    return await daemon.engine.replay(env, await _run_id(daemon, request, env), req.version)
 
 
 async def reschedule_run(daemon: Daemon, request: Request, env: str) -> Run:
     req: RescheduleRequest = _decode(await _body(request, 64 * 1024), RescheduleRequest)
-    run_id = request.path_params["run_id"]
+    run_id = await _run_id(daemon, request, env)
     await daemon.engine.reschedule(run_id, req.delay)
     return await daemon.engine.get_run(run_id)
 
@@ -296,15 +277,17 @@ async def reschedule_run(daemon: Daemon, request: Request, env: str) -> Run:
 async def register_version(daemon: Daemon, request: Request, env: str) -> VersionInfo:
     archive = await _body(request, MAX_VERSION_BYTES)
     promote = request.query_params.get("promote", "true") != "false"
-    return await daemon.register_version(env, archive, promote=promote)
+    wait = request.query_params.get("wait", "true") != "false"
+    return await daemon.register_version(env, archive, promote=promote, wait=wait)
 
 
 async def list_versions(daemon: Daemon, request: Request, env: str) -> VersionList:
-    return VersionList(data=daemon.engine.version_list(env))
+    building = daemon.builder.building(env)
+    return VersionList(data=building + daemon.engine.version_list(env))
 
 
 async def promote_version(daemon: Daemon, request: Request, env: str) -> VersionInfo:
-    return await daemon.engine.promote(env, request.path_params["version"])
+    return await daemon.promote(env, request.path_params["version"])
 
 
 async def list_tasks(daemon: Daemon, request: Request, env: str) -> TaskList:
@@ -446,7 +429,10 @@ ROUTES: tuple[RouteSpec, ...] = (
         register_version,
         "Register a version from a gzipped tar of the project",
         response=VersionInfo,
-        query=(("promote", "make it current when it builds (default true)"),),
+        query=(
+            ("promote", "make it current when it builds (default true)"),
+            ("wait", "answer when READY or FAILED (default true); false: answer BUILDING"),
+        ),
         content_type="application/gzip",
     ),
     RouteSpec(
@@ -518,6 +504,7 @@ ROUTES: tuple[RouteSpec, ...] = (
         response=TokenInfo,
     ),
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
+    *ADMIN_ROUTES,
 )
 
 
@@ -560,9 +547,9 @@ async def _authorize(daemon: Daemon, request: Request) -> str:
         Unauthorized: TCP without a valid key, or a key used for another environment.
     """
     named = request.headers.get("x-ember-env") or None
-    server = request.scope.get("server")
-    over_unix = server is None or server[1] is None
-    if over_unix:
+    if named is not None:
+        check_env_name(named)
+    if not over_tcp(request):
         return named or "dev"
     header = request.headers.get("authorization", "")
     if not header.startswith("Bearer "):

@@ -86,6 +86,7 @@ def discover(code_dir: Path) -> tuple[dict[str, Task[object, ..., object]], list
             ttl=task.ttl,
             machine=task.machine,
             description=task.description,
+            schedule=getattr(task, "schedule", None),  # set by @schedules.task
         )
         for task in found.values()
     ]

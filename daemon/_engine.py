@@ -281,7 +281,8 @@ class Engine:
             for (e, _), r in self.versions.items()
             if e == env
         ]
-        return sorted(found, key=lambda v: v.created_at, reverse=True)
+        # The id's sequence number breaks ties: versions made within one clock tick.
+        return sorted(found, key=lambda v: (v.created_at, _sequence(v.id)), reverse=True)
 
     def _target_version(self, run: ActiveRun) -> str | None:
         return run.version or run.pinned_version or self.current.get(run.env)
@@ -1463,6 +1464,11 @@ def retry_delay_s(retry: RetryOptions, failed_attempts: int) -> float:
     if retry.randomize:
         delay *= 1 + random.random()
     return delay
+
+
+def _sequence(version_id: str) -> tuple[int, int]:
+    day, _, number = version_id.partition(".")
+    return (int(day), int(number)) if day.isdigit() and number.isdigit() else (0, 0)
 
 
 def _system_error(exc: BaseException) -> RunError:

@@ -170,6 +170,40 @@ MIGRATIONS: list[str] = [
         WHERE idempotency_key IS NOT NULL;
     CREATE INDEX tokens_env_status ON tokens (env, status, id);
     """,
+    # 4: environment variables, cron schedules, and run lookup by idempotency key (a
+    # schedule's tick fired before a restart is found by its deterministic key)
+    """
+    CREATE TABLE env_vars (
+        env TEXT NOT NULL,
+        source TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (env, source, name)
+    );
+    CREATE TABLE schedules (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        cron TEXT NOT NULL,
+        timezone TEXT NOT NULL,
+        external_id TEXT,
+        deduplication_key TEXT,
+        active INTEGER NOT NULL DEFAULT 1,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        armed_at REAL NOT NULL,
+        last_tick_at REAL
+    );
+    CREATE INDEX schedules_env ON schedules (env, id);
+    CREATE UNIQUE INDEX schedules_dedup ON schedules (env, deduplication_key)
+        WHERE deduplication_key IS NOT NULL;
+    CREATE UNIQUE INDEX schedules_declared ON schedules (env, task_id)
+        WHERE type = 'DECLARATIVE';
+    CREATE INDEX runs_idempotency_key ON runs (env, task_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 ]
 
 

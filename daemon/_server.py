@@ -15,23 +15,27 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import IO
 
 import uvicorn
 
+from ember._admin_types import CreatedKey
 from ember._errors import ConfigError
 from ember._types import VersionInfo
 from ember.daemon import _store as store
 from ember.daemon._api import build_app, hash_key
+from ember.daemon._builds import Builder
 from ember.daemon._checkpoint import Checkpointer, CriuSupport, detect
 from ember.daemon._config import DaemonConfig
 from ember.daemon._db import Database
 from ember.daemon._engine import Engine
+from ember.daemon._environments import EnvVars, check_env_name, created_key, new_key
 from ember.daemon._events import EventHub
+from ember.daemon._schedules import Scheduler
 from ember.daemon._supervisor import Supervisor
-from ember.daemon._versions import unpack
+from ember.daemon._venvs import python_for
 
 log = logging.getLogger("ember.daemon")
 
@@ -55,11 +59,13 @@ class Daemon:
         self._lock_file: IO[str] | None = None
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
-        self._version_lock = asyncio.Lock()
         self.db: Database
         self.events = EventHub()
         self.engine: Engine
         self.supervisor: Supervisor
+        self.env_vars: EnvVars
+        self.builder: Builder
+        self.scheduler: Scheduler
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -76,9 +82,16 @@ class Daemon:
         self.engine = Engine(self.config, self.db, self.events)
         self.supervisor = Supervisor(self.config, self.engine, self.config.api_socket)
         self.engine.supervisor = self.supervisor
+        self.env_vars = EnvVars(self.db, self.clock, self.supervisor.refresh_env)
+        await self.env_vars.load()
+        self.supervisor.env_vars = self.env_vars.values
+        self.supervisor.interpreter = partial(python_for, state)
+        self.builder = Builder(state, self.engine, self.supervisor, self.clock, self._on_current)
+        self.scheduler = Scheduler(self.db, self.engine, self.clock)
         await self._choose_checkpoints()
         await self.supervisor.start()
         recovered = await self.engine.recover()
+        await self.scheduler.start()
         await self._serve_api()
         log.info(
             "Ember daemon %s ready on %s (%d runs recovered)",
@@ -208,6 +221,10 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await self._server.shutdown(sockets=self._sockets)
         self.config.api_socket.unlink(missing_ok=True)
+        if hasattr(self, "builder"):
+            await self.builder.close()
+        if hasattr(self, "scheduler"):
+            await self.scheduler.close()
         if hasattr(self, "engine"):
             await self.engine.close()
         if hasattr(self, "supervisor"):
@@ -217,36 +234,34 @@ class Daemon:
         if self._lock_file is not None:
             self._lock_file.close()
 
-    # -- versions -----------------------------------------------------------------------
+    # -- versions, environments -------------------------------------------------------
 
-    async def register_version(self, env: str, archive: bytes, *, promote: bool) -> VersionInfo:
-        """Unpack a project archive, index its tasks in a new zygote, and record the version.
+    async def register_version(
+        self, env: str, archive: bytes, *, promote: bool, wait: bool = True
+    ) -> VersionInfo:
+        """Build a version from a project archive (see :mod:`ember.daemon._builds`).
 
         Identical content to the current version registers nothing and returns it.
         """
-        async with self._version_lock:
-            code_root = self.config.state_dir / "code"
-            code_root.mkdir(exist_ok=True)
-            digest, code_dir = await asyncio.to_thread(unpack, archive, code_root)
-            current = self.engine.current.get(env)
-            if current is not None:
-                record = self.engine.versions[(env, current)]
-                if record.info.content_hash == digest:
-                    return record.info
-            now = self.clock()
-            day = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
-            version_id = self.engine.next_version_id(env, day)
-            indexed = await self.supervisor.index(env, version_id, str(code_dir))
-            info = VersionInfo(
-                id=version_id,
-                env=env,
-                content_hash=digest,
-                created_at=store.ts(now),
-                status="READY" if indexed.error is None else "FAILED",
-                tasks=indexed.tasks,
-                error=indexed.error,
-            )
-            return await self.engine.add_version(info, str(code_dir), promote)
+        return await self.builder.register(check_env_name(env), archive, promote=promote, wait=wait)
+
+    async def promote(self, env: str, version_id: str) -> VersionInfo:
+        """Make a READY version the current one of its environment."""
+        return await self.builder.promote(env, version_id)
+
+    async def _on_current(self, env: str) -> None:
+        """A version became current: old versions' processes go, declared schedules sync."""
+        self.supervisor.drop_stale(env)
+        record = self.engine.versions[(env, self.engine.current[env])]
+        await self.scheduler.sync_declared(env, record.tasks.values())
+
+    async def create_key(self, env: str, name: str) -> CreatedKey:
+        """Make an API key for an environment; the key itself is returned only here."""
+        key = new_key(check_env_name(env))
+        now = self.clock()
+        key_hash = hash_key(key)
+        await self.db.write(lambda conn: store.insert_key(conn, key_hash, env, name, now))
+        return created_key(key, env, name, now, key_hash)
 
 
 async def _answers(path: Path) -> bool:

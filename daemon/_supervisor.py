@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -86,6 +86,8 @@ class Worker:
     zygote_pid: int | None = None
     # Frames sent while the process is disconnected for a checkpoint, delivered on hello.
     outbox: list[Message] = field(default_factory=list)
+    # The environment's variables when it was forked (see Supervisor.refresh_env).
+    generation: int = 0
 
     def send(self, message: Message) -> None:
         """Write a frame to the process; held until it reconnects if it is checkpointing."""
@@ -108,6 +110,7 @@ class Zygote:
     pending_forks: list[Fork] = field(default_factory=list)
     alive: bool = True
     idle_since: float = field(default_factory=time.time)
+    outdated: bool = False
 
     def fork(self, message: Fork) -> None:
         """Ask for a run process now, or as soon as the modules are imported."""
@@ -198,6 +201,11 @@ class Supervisor:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._logs_dir = config.state_dir / "logs"
+        # Set by the daemon: the Python a version's code runs on (its own virtual environment
+        # when it has requirements), and the variables of an environment (``ember env set``).
+        self.interpreter: Callable[[str], str] = lambda code_dir: sys.executable
+        self.env_vars: Callable[[str], Mapping[str, str]] = lambda env: {}
+        self._generation: dict[str, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -238,7 +246,10 @@ class Supervisor:
     # -- zygotes ------------------------------------------------------------------------
 
     def _zygote_env(self, env: str, version: str) -> dict[str, str]:
-        child_env = {k: v for k, v in os.environ.items() if k not in _STRIPPED_ENV}
+        child_env = dict(os.environ)
+        child_env.update(self.env_vars(env))
+        for name in _STRIPPED_ENV:
+            child_env.pop(name, None)
         child_env.update(
             EMBER_SOCKET=str(self._api_socket),
             EMBER_ENV=env,
@@ -258,7 +269,7 @@ class Supervisor:
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 [
-                    sys.executable,
+                    self.interpreter(code_dir),
                     "-m",
                     "ember.daemon._zygote",
                     "--fd",
@@ -380,8 +391,57 @@ class Supervisor:
         """A run process has nothing to do: keep it warm for the next run."""
         if worker.gone or worker.retiring:
             return
+        if self._is_stale(worker.key) or self._outdated(worker):
+            self.retire(worker)  # an old version: its zygote goes once its last process has
+            return
         worker.idle_since = time.time()
         self._idle.setdefault(worker.key, []).append(worker)
+
+    def _is_stale(self, key: VersionKey) -> bool:
+        return self.engine.current.get(key[0]) != key[1]
+
+    def _outdated(self, worker: Worker) -> bool:
+        return worker.generation != self._generation.get(worker.key[0], 0)
+
+    def refresh_env(self, env: str) -> None:
+        """The environment's variables changed: replace its processes as they free up.
+
+        Idle run processes exit and zygotes restart with the new variables; a run
+        executing keeps the values it started with, and its process exits after it.
+        """
+        self._generation[env] = self._generation.get(env, 0) + 1
+        for key, idle in self._idle.items():
+            if key[0] == env:
+                while idle:
+                    self.retire(idle.pop())
+        for key, zygote in list(self._zygotes.items()):
+            starting = any(w.key == key and w.pid is None for w in self._workers.values())
+            if key[0] == env and zygote.indexed.done() and not starting:
+                self._stop_zygote(zygote)
+            elif key[0] == env:
+                zygote.outdated = True  # stopped by the sweep once its forks are done
+
+    def drop_stale(self, env: str) -> None:
+        """A new version is current: let the processes of the environment's older ones go.
+
+        Idle run processes of old versions exit now and each old zygote stops once none of
+        its processes is left, so runs executing on an old version finish on its code.
+        """
+        for key, idle in self._idle.items():
+            if key[0] == env and self._is_stale(key):
+                while idle:
+                    self.retire(idle.pop())
+        for key in [k for k in self._zygotes if k[0] == env]:
+            self._stop_if_unused(key)
+
+    def _stop_if_unused(self, key: VersionKey) -> None:
+        zygote = self._zygotes.get(key)
+        if zygote is None or not zygote.indexed.done() or not self._is_stale(key):
+            return  # (a zygote still importing belongs to a version being registered)
+        if self.engine.awaiting_count(key):
+            return
+        if not any(w.key == key for w in self._workers.values()):
+            self._stop_zygote(zygote)
 
     def spawn(self, env: str, version: str, code_dir: str) -> None:
         """Start run processes for the runs of a version that wait for one, within the cap."""
@@ -392,7 +452,9 @@ class Supervisor:
             running = len(self._workers) - self.parked_count()
             if running >= self.config.max_concurrent_runs and not self._evict_idle(key):
                 return  # at the cap: retried when a process idles or exits
-            worker = Worker(self._next_id, key, secrets.token_hex(16))
+            worker = Worker(
+                self._next_id, key, secrets.token_hex(16), generation=self._generation.get(env, 0)
+            )
             self._next_id += 1
             self._workers[worker.id] = worker
             self._starting[key] = self._starting.get(key, 0) + 1
@@ -449,7 +511,7 @@ class Supervisor:
 
     def release(self, worker: Worker) -> None:
         """A run process finished a run: recycle it or hand it the next one."""
-        if worker.runs_done >= self.config.max_runs_per_process:
+        if worker.runs_done >= self.config.max_runs_per_process or self._outdated(worker):
             self.retire(worker)
             self.engine.rebalance()
         else:
@@ -507,6 +569,7 @@ class Supervisor:
         if idle and worker in idle:
             idle.remove(worker)
         self.engine.on_worker_gone(worker, worker.exit_reason or "closed its channel")
+        self._stop_if_unused(worker.key)
         self.engine.rebalance()
 
     async def _sweep(self) -> None:
@@ -520,7 +583,10 @@ class Supervisor:
                     self.retire(worker)
             used = {w.key for w in self._workers.values()}
             for key, zygote in list(self._zygotes.items()):
-                if key in used or self.engine.current.get(key[0]) == key[1]:
+                starting = any(w.key == key and w.pid is None for w in self._workers.values())
+                if zygote.outdated and not starting:
+                    self._stop_zygote(zygote)
+                elif key in used or self.engine.current.get(key[0]) == key[1]:
                     zygote.idle_since = now
                 elif now - zygote.idle_since > self.config.process_idle_s:
                     self._stop_zygote(zygote)

@@ -19,7 +19,8 @@ fi
 # Reinstall when the dependencies or the set of modules change: the strict editable install
 # (which mypy and IDEs need to resolve ember.*) links files, so new modules need a reinstall.
 STAMP="$VENV/.ember-install-stamp"
-WANT="$(cat "$ROOT/pyproject.toml"; cd "$ROOT" && { find sdk daemon tui cli sync -name '*.py' 2>/dev/null || true; } | sort)"
+# Only the folders that exist: a branch may not have every part yet (find fails on a missing one).
+WANT="$(cat "$ROOT/pyproject.toml"; cd "$ROOT" && for d in sdk daemon tui cli sync; do [ -d "$d" ] && find "$d" -name '*.py'; done | sort)"
 WANT_HASH="$(printf '%s' "$WANT" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT_HASH" ]; then
   echo "○ installing Ember and its development tools into $VENV"

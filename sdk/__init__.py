@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from ember._client import Call, Client, configure, default_client
     from ember._config import ClientSettings
+    from ember._envvars import EnvVars, envvars
     from ember._errors import (
         AbortTaskRunError,
         ApiError,
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from ember._logger import logger
     from ember._runs import Runs, Tasks, runs, tasks
     from ember._runtime import Context
+    from ember._schedule_types import Schedule, ScheduledPayload, ScheduleList
+    from ember._schedules import ScheduledTask, Schedules, schedules
     from ember._task import Queue, Retry, RunHandle, Task, TriggerItem, task
     from ember._types import (
         Attempt,
@@ -76,6 +79,7 @@ _EXPORTS: dict[str, str] = {
     "Context": "ember._runtime",
     "DaemonUnavailable": "ember._errors",
     "EmberError": "ember._errors",
+    "EnvVars": "ember._envvars",
     "ExecutionSnapshot": "ember._types",
     "LogEvent": "ember._types",
     "LogLine": "ember._types",
@@ -93,6 +97,11 @@ _EXPORTS: dict[str, str] = {
     "RunStatus": "ember._types",
     "RunSummary": "ember._types",
     "Runs": "ember._runs",
+    "Schedule": "ember._schedule_types",
+    "ScheduleList": "ember._schedule_types",
+    "ScheduledPayload": "ember._schedule_types",
+    "ScheduledTask": "ember._schedules",
+    "Schedules": "ember._schedules",
     "SubtaskUnwrapError": "ember._errors",
     "Task": "ember._task",
     "TaskNotFoundError": "ember._errors",
@@ -108,9 +117,11 @@ _EXPORTS: dict[str, str] = {
     "WaitToken": "ember._types",
     "configure": "ember._client",
     "default_client": "ember._client",
+    "envvars": "ember._envvars",
     "idempotency_keys": "ember._wait",
     "logger": "ember._logger",
     "runs": "ember._runs",
+    "schedules": "ember._schedules",
     "task": "ember._task",
     "tasks": "ember._runs",
     "wait": "ember._wait",
@@ -129,6 +140,7 @@ __all__ = [
     "Context",
     "DaemonUnavailable",
     "EmberError",
+    "EnvVars",
     "ExecutionSnapshot",
     "LogEvent",
     "LogLine",
@@ -146,6 +158,11 @@ __all__ = [
     "RunStatus",
     "RunSummary",
     "Runs",
+    "Schedule",
+    "ScheduleList",
+    "ScheduledPayload",
+    "ScheduledTask",
+    "Schedules",
     "SubtaskUnwrapError",
     "Task",
     "TaskNotFoundError",
@@ -162,9 +179,11 @@ __all__ = [
     "__version__",
     "configure",
     "default_client",
+    "envvars",
     "idempotency_keys",
     "logger",
     "runs",
+    "schedules",
     "task",
     "tasks",
     "wait",

@@ -49,11 +49,10 @@ class Client:
     def __init__(self, settings: ClientSettings | None = None) -> None:
         self.settings = settings or ClientSettings.from_env()
         self._endpoint = Endpoint.parse(self.settings.url, self.settings.socket_path)
-        headers = {
-            "host": self._endpoint.host_header,
-            "content-type": "application/json",
-            "x-ember-env": self.settings.env,
-        }
+        headers = {"host": self._endpoint.host_header, "content-type": "application/json"}
+        if self.settings.url is None:
+            # Over TCP the API key decides the environment; on the socket the client names it.
+            headers["x-ember-env"] = self.settings.env
         if self.settings.api_key:
             headers["authorization"] = f"Bearer {self.settings.api_key}"
         self._headers = headers

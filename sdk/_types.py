@@ -284,6 +284,22 @@ class ReplayRequest(Request, frozen=True):
     version: str | None = None
 
 
+class TaskSchedule(Struct, frozen=True):
+    """How a scheduled task (``@schedules.task``) declares its schedule in code.
+
+    Attributes:
+        cron: a 5-field cron expression, or None for a task that only imperative schedules
+            (``schedules.create``) trigger.
+        timezone: the IANA timezone the expression is read in.
+        environments: where the declared schedule applies (``dev``, ``staging``, ``prod``,
+            ``preview`` or ``preview/<branch>``); every environment when empty.
+    """
+
+    cron: str | None = None
+    timezone: str = "UTC"
+    environments: list[str] = []
+
+
 class TaskInfo(Struct, frozen=True):
     """A task as indexed from a version's code."""
 
@@ -297,16 +313,21 @@ class TaskInfo(Struct, frozen=True):
     ttl: Duration | None = None
     machine: str | None = None
     description: str = ""
+    schedule: TaskSchedule | None = None
 
 
 class VersionInfo(Struct, frozen=True):
-    """A registered version of the project's code in one environment."""
+    """A registered version of the project's code in one environment.
+
+    ``BUILDING`` while its requirements install and its tasks are indexed (a deploy that
+    does not wait sees it so); then ``READY``, or ``FAILED`` with the reason in ``error``.
+    """
 
     id: str
     env: str
     content_hash: str
     created_at: datetime
-    status: Literal["READY", "FAILED"]
+    status: Literal["BUILDING", "READY", "FAILED"]
     is_current: bool = False
     tasks: list[TaskInfo] = []
     error: str | None = None

@@ -94,10 +94,12 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @asynccontextmanager
-async def running_daemon(state_dir: Path, **overrides: Any) -> AsyncIterator[Harness]:
+async def running_daemon(
+    state_dir: Path, clock: Callable[[], float] = time.time, **overrides: Any
+) -> AsyncIterator[Harness]:
     """Start a daemon in this event loop; stop it and close its client at the end."""
     config = DaemonConfig(state_dir=state_dir, socket_path=state_dir / "api.sock", **overrides)
-    daemon = Daemon(config)
+    daemon = Daemon(config, clock=clock)
     await daemon.start()
     client = Client(ClientSettings(socket_path=config.api_socket))
     try:
