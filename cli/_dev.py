@@ -201,7 +201,11 @@ def run_line(run: RunSummary) -> str | None:
             + f" ({duration_text(run.started_at, run.finished_at)})"
         )
     if status is RunStatus.QUEUED and run.attempt_count > 0:
-        return head + typer.style("Error (retrying…)", fg="yellow")
+        if run.error is None:
+            return head + "Resuming"
+        return head + typer.style(f"Error (retrying…): {run.error.message}", fg="yellow")
+    if status is RunStatus.WAITING:
+        return head + typer.style("Waiting", fg="cyan")
     if status is RunStatus.CANCELED:
         return head + typer.style("Cancelled", fg="yellow")
     if status.is_final:

@@ -886,7 +886,7 @@ class Engine:
                 hold=None,
             )
 
-        self.db.write(write).add_done_callback(lambda _: self._publish(run))
+        self.db.write(write).add_done_callback(lambda _: self._publish(run, error=error))
         run.timers.append(
             asyncio.get_running_loop().call_later(delay, self._enqueue, run, run.ready_at)
         )
@@ -997,9 +997,15 @@ class Engine:
             self.waits.arm(record)
         run.wait = record
         now = time.time()
+        threshold = self.config.wait_park_threshold_s
         remaining = (record.resume_at or now) - now
-        if record.kind == "DATETIME" and remaining < self.config.wait_park_threshold_s:
-            # Like Trigger.dev, a short wait keeps its process and its slot.
+        if record.kind != "DATETIME" or remaining < threshold:
+            # Like Trigger.dev, a short wait keeps its process and its slot; a wait on runs or
+            # a token may be short too, so it is suspended only if it lasts (its snapshot delay).
+            if record.kind != "DATETIME":
+                asyncio.get_running_loop().call_later(
+                    threshold, self._suspend_if_waiting, run, worker, record
+                )
             self.db.write(
                 lambda conn: store.set_status(
                     conn,
@@ -1013,6 +1019,10 @@ class Engine:
             )
             return
         self._suspend(run, worker, record, now)
+
+    def _suspend_if_waiting(self, run: ActiveRun, worker: Worker, record: WaitRecord) -> None:
+        if run.wait is record and run.worker is worker and run.status is RunStatus.EXECUTING:
+            self._suspend(run, worker, record, time.time())
 
     def _suspend(self, run: ActiveRun, worker: Worker, record: WaitRecord, now: float) -> None:
         """Release the run's slot and hold it by the daemon's strategy while it waits."""

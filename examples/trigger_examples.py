@@ -9,6 +9,7 @@ import asyncio
 import time
 
 from tasks.onboarding import NewUser, send_welcome_email
+from tasks.orders import place_order
 from tasks.reports import daily_report, sync_inventory
 
 from ember import RunFailedError, runs
@@ -22,11 +23,13 @@ async def main() -> None:
     report = await daily_report.trigger({"values": [3.0, 1.5, 4.25, 2.0]})
     empty = await daily_report.trigger({"values": []})
     inventory = await sync_inventory.trigger({"sku": "EMB-42"}, tags=["inventory"])
+    order = await place_order.trigger({"id": 1042, "cents": 1999})
 
     for handle in welcome:
         print(f"{handle.id}  send-welcome-email  ->", await handle.result(timeout_s=60))
     print(f"{report.id}  daily-report        ->", await report.result(timeout_s=60))
     print(f"{inventory.id}  sync-inventory      ->", await inventory.result(timeout_s=60))
+    print(f"{order.id}  place-order         ->", await order.result(timeout_s=60))
     try:
         await empty.result(timeout_s=60)
     except RunFailedError as exc:

@@ -96,7 +96,7 @@ def _dumped(h: Harness, run_id: str) -> bool:
     return (images / "meta.json").exists()
 
 
-async def test_a_parent_is_checkpointed_while_its_child_runs(criu: Harness) -> None:
+async def test_a_parent_awaits_its_child_with_checkpoints_on(criu: Harness) -> None:
     run = await criu.run("tree", {})
     assert run.output_as()["leaf"] == 42
 
