@@ -98,8 +98,12 @@ def measure(strategy: str, n: int, wait_s: float) -> dict[str, Any]:
                 if waiting >= n or time.time() > deadline_at - 0.5:
                     break
                 time.sleep(0.2)
-            time.sleep(0.5)  # let the last dumps finish
-            footprint = run.process_footprint([process.pid])
+            if strategy == "criu":
+                # WAITING is recorded before the dump: sample once every image is written.
+                images = Path(folder) / "state" / "checkpoints"
+                while len(list(images.glob("*/meta.json"))) < n and time.time() < deadline_at:
+                    time.sleep(0.2)
+            footprint = sample(process.pid)
             results = [h.result_sync(timeout_s=wait_s + 600) for h in handles]
             lateness = [(resumed - deadline) * 1000 for deadline, resumed in results]
             figures: dict[str, Any] = {
@@ -119,6 +123,18 @@ def measure(strategy: str, n: int, wait_s: float) -> dict[str, Any]:
             client.close()
             process.terminate()
             process.wait(60)
+
+
+def sample(pid: int) -> dict[str, float]:
+    """The daemon tree's footprint, sampled again if a process exits while it is read."""
+    import psutil
+
+    for _ in range(10):
+        try:
+            return run.process_footprint([pid])
+        except psutil.NoSuchProcess:
+            time.sleep(0.1)
+    return run.process_footprint([pid])
 
 
 def checkpoint_costs(runs: Runs, run_ids: list[str]) -> dict[str, float]:

@@ -314,7 +314,7 @@ class Checkpointer:
             except TimeoutError:
                 log.warning("run %s did not get ready for its checkpoint; it stays parked", run.id)
                 worker.checkpointing = None
-                self._keep_parked(run, worker)
+                self._keep_parked(run)
                 return
             ok = await self._dump(run, worker)
         finally:
@@ -339,7 +339,7 @@ class Checkpointer:
             # CRIU leaves a process it could not dump running: wake it to reconnect.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGUSR1)
-            self._keep_parked(run, worker)
+            self._keep_parked(run)
             return False
         size = sum(f.stat().st_size for f in images.iterdir() if f.is_file())
         (images / "meta.json").write_text(
@@ -363,12 +363,12 @@ class Checkpointer:
         )
         return True
 
-    def _keep_parked(self, run: ActiveRun, worker: Worker) -> None:
+    def _keep_parked(self, run: ActiveRun) -> None:
+        """The process could not be dumped: it stays alive, holding the run."""
         run.hold = "parked"
         self._engine.db.write(
             lambda conn: conn.execute("UPDATE runs SET hold = 'parked' WHERE id = ?", (run.id,))
         )
-        del worker
 
     async def restore(self, run: ActiveRun) -> None:
         """Bring a checkpointed run's process back; on failure, replay the run."""

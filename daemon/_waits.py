@@ -282,7 +282,6 @@ class Waitpoints:
 
     async def recover(self) -> list[tuple[WaitRecord, bytes | None]]:
         """Load tokens and the waits that were pending when the daemon stopped."""
-        now = time.time()
         for token_id, env, status, timeout_at in self.engine.db.read_now(
             lambda conn: conn.execute(
                 "SELECT id, env, status, timeout_at FROM tokens WHERE status = 'WAITING'"
@@ -308,7 +307,6 @@ class Waitpoints:
                 task_ids=_list_decoder.decode(row[7]),
             )
             found.append((record, await self._result_now(record)))
-        del now
         return found
 
     # -- tokens -------------------------------------------------------------------------
