@@ -225,6 +225,7 @@ async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
         tasks=_csv(request, "task"),
         tags=_csv(request, "tag"),
         version=request.query_params.get("version") or None,
+        parent=request.query_params.get("parent") or None,
         created_from=_time_param(request, "from"),
         created_to=_time_param(request, "to"),
     )
@@ -358,6 +359,7 @@ _RUN_FILTERS = (
     ("task", "comma-separated task ids"),
     ("tag", "comma-separated tags (any matches)"),
     ("version", "locked version"),
+    ("parent", "the parent run's id: its child runs"),
     ("from", "created at or after (ISO 8601 or epoch seconds)"),
     ("to", "created before (ISO 8601 or epoch seconds)"),
     ("limit", "page size, 1-1000 (default 50)"),

@@ -436,6 +436,7 @@ class RunFilter:
     version: str | None = None
     created_from: float | None = None
     created_to: float | None = None
+    parent: str | None = None
 
 
 def list_runs(
@@ -453,6 +454,9 @@ def list_runs(
     if flt.version is not None:
         where.append("r.version = ?")
         args.append(flt.version)
+    if flt.parent is not None:
+        where.append("r.parent_run_id = ?")
+        args.append(flt.parent)
     if flt.created_from is not None:
         where.append("r.created_at >= ?")
         args.append(flt.created_from)

@@ -69,6 +69,7 @@ class Runs:
         created_before: datetime | None,
         limit: int,
         cursor: str | None,
+        parent: str | None = None,
     ) -> Call[RunPage]:
         if isinstance(status, RunStatus):
             status = status.value
@@ -77,6 +78,7 @@ class Runs:
             "task": _csv(task),
             "tag": _csv(tag),
             "version": version,
+            "parent": parent,
             "from": _iso(created_after),
             "to": _iso(created_before),
             "limit": limit,
@@ -129,9 +131,15 @@ class Runs:
         created_before: datetime | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        parent: str | None = None,
     ) -> RunPage:
-        """Return one page of runs, newest first; pass ``page.next_cursor`` for the next."""
-        call = self._list(status, task, tag, version, created_after, created_before, limit, cursor)
+        """Return one page of runs, newest first; pass ``page.next_cursor`` for the next.
+
+        ``parent`` keeps the child runs of that run (those it triggered).
+        """
+        call = self._list(
+            status, task, tag, version, created_after, created_before, limit, cursor, parent
+        )
         return await self.client.request(call)
 
     async def iterate(self, **filters: Any) -> AsyncIterator[Any]:
@@ -182,9 +190,12 @@ class Runs:
         created_before: datetime | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        parent: str | None = None,
     ) -> RunPage:
         """Blocking twin of :meth:`list`."""
-        call = self._list(status, task, tag, version, created_after, created_before, limit, cursor)
+        call = self._list(
+            status, task, tag, version, created_after, created_before, limit, cursor, parent
+        )
         return self.client.request_sync(call)
 
     def cancel_sync(self, run_id: str) -> Run:

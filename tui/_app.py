@@ -26,7 +26,8 @@ from ember.tui._styles import APP_CSS
 
 
 class EmberApp(App[None]):
-    """``ember tui``: runs, tasks, queues, versions and processes of one daemon, live.
+    """``ember tui``: runs, tasks, queues, versions, processes, wait tokens and schedules of
+    one daemon, live.
 
     Args:
         settings: where the daemon is and which environment to show.
@@ -47,6 +48,8 @@ class EmberApp(App[None]):
         Binding("3", "switch_mode('queues')", "Queues", show=False),
         Binding("4", "switch_mode('versions')", "Versions", show=False),
         Binding("5", "switch_mode('processes')", "Processes", show=False),
+        Binding("6", "switch_mode('tokens')", "Tokens", show=False),
+        Binding("7", "switch_mode('schedules')", "Schedules", show=False),
         Binding("e", "switch_env", "Env", show=False),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("question_mark,f1", "help", "Help"),

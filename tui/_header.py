@@ -20,6 +20,8 @@ SCREENS = (
     ("queues", "3", "Queues"),
     ("versions", "4", "Versions"),
     ("processes", "5", "Processes"),
+    ("tokens", "6", "Tokens"),
+    ("schedules", "7", "Schedules"),
 )
 
 

@@ -12,6 +12,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
+from textual.content import Content
 from textual.widgets import DataTable, Static, TabbedContent, TabPane
 
 from ember._errors import EmberError
@@ -24,10 +25,12 @@ from ember.tui._overview import Overview
 from ember.tui._trace import TraceView
 
 RELOAD_DEBOUNCE_S = 0.05
+CHILDREN_SHOWN = 100
 
 
 class RunDetailScreen(EmberScreen):
-    """One run, live. Keys: o a h l w switch tabs; c r s act; p P O jump to related runs.
+    """One run, live. Keys: o a h l w switch tabs; c r s act; p P O jump to related runs;
+    enter on a child run in the trace tab opens it.
 
     Args:
         run_id: the run to show.
@@ -53,6 +56,7 @@ class RunDetailScreen(EmberScreen):
         super().__init__()
         self.run_id = run_id
         self.run: Run | None = None
+        self.child_runs: list[RunSummary] = []
         self._reload_pending = False
 
     def compose_body(self) -> ComposeResult:
@@ -68,12 +72,16 @@ class RunDetailScreen(EmberScreen):
                 yield LogView(self.run_id, self.ember.clock, id="log-view")
             with TabPane("Trace \\[w]", id="trace"), VerticalScroll():
                 yield TraceView(self.ember.clock, id="trace-view")
+                yield Static("", id="children-title", classes="section-title")
+                yield DataTable(id="child-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
         self.MODE = self.ember.current_mode
         table = self.query_one("#attempt-table", DataTable)
         table.add_columns("#", "Status", "Version", "PID", "Started", "Took", "CPU", "Peak RSS")
         table.add_column("Error", width=60)
+        children = self.query_one("#child-table", DataTable)
+        children.add_columns("Status", "Task", "Run", "Created", "Took")
         self.ember.run_changed.subscribe(self, self._on_run, immediate=True)
         self.ember.log_received.subscribe(self, self._on_log, immediate=True)
         self.set_interval(1.0, self._tick)
@@ -91,15 +99,18 @@ class RunDetailScreen(EmberScreen):
         self._reload_pending = False
         try:
             run = await self.runs.retrieve(self.run_id)
+            page = await self.runs.list(parent=self.run_id, limit=CHILDREN_SHOWN)
         except EmberError as exc:
             self.query_one("#run-title", Static).update(f"[$error]{exc}[/]")
             return
         self.run = run
+        self.child_runs = sorted(page.data, key=lambda child: (child.created_at, child.id))
         self._show(run)
         self.refresh_bindings()
 
     def _on_run(self, run: RunSummary) -> None:
-        if run.id == self.run_id and not self._reload_pending:
+        related = run.id == self.run_id or run.parent_run_id == self.run_id
+        if related and not self._reload_pending:
             self._reload_pending = True
             self.set_timer(RELOAD_DEBOUNCE_S, self._load)
 
@@ -119,7 +130,8 @@ class RunDetailScreen(EmberScreen):
         self.query_one(Overview).show(run)
         self._show_attempts(run)
         self._show_timeline(run)
-        self.query_one(TraceView).show(run)
+        self.query_one(TraceView).show(run, self.child_runs)
+        self._show_children()
 
     def _show_title(self, run: Run) -> None:
         now = self.ember.clock()
@@ -148,6 +160,34 @@ class RunDetailScreen(EmberScreen):
                 size(attempt.peak_rss_bytes),
                 f"{error.name}: {error.message}" if error else "",
             )
+
+    def _show_children(self) -> None:
+        table = self.query_one("#child-table", DataTable)
+        current = table.cursor_row
+        table.clear()
+        now = self.ember.clock()
+        for child in self.child_runs:
+            table.add_row(
+                Content.from_markup(status_markup(child.status)),
+                child.task_id,
+                child.id,
+                ago(child.created_at, now),
+                duration(span(child.started_at, child.finished_at, now)),
+                key=child.id,
+            )
+        table.display = bool(self.child_runs)
+        if self.child_runs:
+            table.move_cursor(row=min(current, len(self.child_runs) - 1), animate=False)
+        more = "+" if len(self.child_runs) >= CHILDREN_SHOWN else ""
+        self.query_one("#children-title", Static).update(
+            f"Child runs ({len(self.child_runs)}{more}) · enter opens one"
+            if self.child_runs
+            else "No child runs"
+        )
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "child-table" and event.row_key.value is not None:
+            self.ember.open_run(str(event.row_key.value))
 
     def _show_timeline(self, run: Run) -> None:
         lines = []

@@ -1,4 +1,4 @@
-"""The dashboard's top-level screens, one Textual mode each (keys 1-5)."""
+"""The dashboard's top-level screens, one Textual mode each (keys 1-7)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from textual.screen import Screen
 from ember.tui._processes_screen import ProcessesScreen
 from ember.tui._queues_screen import QueuesScreen
 from ember.tui._runs_screen import RunsScreen
+from ember.tui._schedules_screen import SchedulesScreen
 from ember.tui._tasks_screen import TasksScreen
+from ember.tui._tokens_screen import TokensScreen
 from ember.tui._versions_screen import VersionsScreen
 
 MODES: dict[str, type[Screen[None]]] = {
@@ -16,4 +18,6 @@ MODES: dict[str, type[Screen[None]]] = {
     "queues": QueuesScreen,
     "versions": VersionsScreen,
     "processes": ProcessesScreen,
+    "tokens": TokensScreen,
+    "schedules": SchedulesScreen,
 }

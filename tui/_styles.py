@@ -27,6 +27,9 @@ RunDetailScreen ContentSwitcher { height: 1fr; }
 RunDetailScreen TabPane { height: 1fr; padding: 0; }
 #run-title { height: 1; background: $boost; }
 #log-view { height: 1fr; }
+#child-table { height: auto; max-height: 20; }
+.complete-token { width: 90; height: 24; }
+#token-editor { height: 1fr; }
 .replay { width: 90; }
 #test-body { height: 1fr; }
 #test-payload { width: 2fr; padding: 0 1; }

@@ -1,20 +1,21 @@
 """The trace waterfall: a run's spans (waiting in the queue, each attempt, the waits between
 retries) as bars on one time axis, as Trigger.dev draws a run's trace.
 
-Spans come from the run's attempts and execution snapshots. Child runs are not drawn: the
-run list has no parent filter yet, so a run cannot find its children (its parent and root
-are links on the overview).
+Spans come from the run's attempts and execution snapshots; the runs it triggered (found
+with the run list's ``parent`` filter) follow as one bar each, and the run detail lists them
+under the waterfall to open them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from rich.text import Text
 from textual.widgets import Static
 
-from ember._types import Run
+from ember._types import Run, RunStatus, RunSummary
 from ember.tui._format import Clock, duration
 
 LABEL_WIDTH = 30
@@ -32,8 +33,9 @@ class TraceSpan:
     depth: int = 1
 
 
-def spans_of(run: Run) -> list[TraceSpan]:
-    """The spans of a run, in time order: the run, its queue wait, attempts and retry waits."""
+def spans_of(run: Run, children: Sequence[RunSummary] = ()) -> list[TraceSpan]:
+    """The spans of a run, in time order: the run, its queue wait, attempts and retry waits,
+    then its child runs from creation to end."""
     spans = [TraceSpan(f"{run.task_id}", run.created_at, run.finished_at, "bold", depth=0)]
     attempts = sorted(run.attempts, key=lambda a: a.number)
     first_start = attempts[0].started_at if attempts else None
@@ -61,19 +63,46 @@ def spans_of(run: Run) -> list[TraceSpan]:
             )
         )
         previous_end = attempt.finished_at
+    for child in sorted(children, key=lambda c: (c.created_at, c.id)):
+        final = child.status.is_final
+        spans.append(
+            TraceSpan(
+                f"↳ {child.task_id} · {child.status.value.lower()}",
+                child.created_at,
+                child.finished_at or (child.updated_at if final else None),
+                _child_style(child.status),
+            )
+        )
     return spans
 
 
-def render_trace(run: Run, now: datetime, width: int, styles: dict[str, str]) -> Text:
+def _child_style(status: RunStatus) -> str:
+    if status is RunStatus.COMPLETED:
+        return "$success"
+    if status in (RunStatus.CANCELED, RunStatus.QUEUED, RunStatus.DELAYED):
+        return "$text-muted"
+    if status is RunStatus.WAITING:
+        return "$accent"
+    return "$error" if status.is_final else "$primary"
+
+
+def render_trace(
+    run: Run,
+    now: datetime,
+    width: int,
+    styles: dict[str, str],
+    children: Sequence[RunSummary] = (),
+) -> Text:
     """The waterfall as text ``width`` cells wide.
 
     Args:
         run: the run.
+        children: the runs it triggered.
         now: where open spans end.
         width: cells available.
         styles: theme colours by variable name (``$error`` → ``#ff0000``).
     """
-    spans = spans_of(run)
+    spans = spans_of(run, children)
     origin = run.created_at
     end = max([s.end or now for s in spans] + [origin])
     total_s = max((end - origin).total_seconds(), 0.001)
@@ -113,10 +142,13 @@ class TraceView(Static):
         super().__init__(id=id)
         self.clock = clock
         self.run: Run | None = None
+        self.child_runs: list[RunSummary] = []
 
-    def show(self, run: Run) -> None:
-        """Draw this run."""
+    def show(self, run: Run, children: Sequence[RunSummary] | None = None) -> None:
+        """Draw this run (and its child runs; None keeps those drawn)."""
         self.run = run
+        if children is not None:
+            self.child_runs = list(children)
         self.redraw()
 
     def redraw(self) -> None:
@@ -126,7 +158,7 @@ class TraceView(Static):
         styles = dict(self.app.theme_variables)
         styles["text-muted"] = styles.get("foreground-darken-2", "grey50")
         width = max(40, self.size.width or 100)
-        self.update(render_trace(self.run, self.clock(), width, styles))
+        self.update(render_trace(self.run, self.clock(), width, styles, self.child_runs))
 
     def on_resize(self) -> None:
         self.redraw()

@@ -17,8 +17,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from ember._types import RetryOptions, RunError, RunStatus
 from ember.daemon import Daemon, DaemonConfig
+from ember.daemon import _admin_store as admin
 from ember.daemon import _store as store
 from ember.daemon._db import connect
 from ember.daemon._schema import migrate
@@ -74,14 +77,73 @@ SEEDED = (
 )
 
 
+# Tokens: id, status, age, timeout in (None: never), idempotency key, tags, run that made it.
+TOKENS = (
+    ("tok_01jhfk0000000000000000001", "COMPLETED", 3600, None, "refund-1042", ("refund",), 2),
+    ("tok_01jhfk0000000000000000002", "TIMED_OUT", 1800, -600, None, (), 3),
+    # A waiting token never times out here: its timer counts on the real clock, not the frozen one.
+    ("tok_01jhfk0000000000000000003", "WAITING", 300, None, "approve-1042", ("review", "vip"), 8),
+    ("tok_01jhfk0000000000000000004", "WAITING", 30, None, None, (), None),
+)
+
+# Imperative schedules (declarative ones follow the registered code, which declares none).
+SCHEDULES = (
+    ("sched_01jhfk000000000000000001", "echo", "0 9 * * *", "Europe/Paris", "customer-42", True),
+    ("sched_01jhfk000000000000000002", "flaky", "*/15 * * * *", "UTC", None, True),
+    ("sched_01jhfk000000000000000003", "charge", "0 0 1 * *", "America/New_York", None, False),
+)
+
+
+def _write_tokens_and_schedules(conn: Any, now: float) -> None:
+    for token_id, status, age_s, timeout_s, key, tags, run_n in TOKENS:
+        created = now - age_s
+        conn.execute(
+            "INSERT INTO tokens (id, env, status, created_at, timeout_at, completed_at, output,"
+            " idempotency_key, tags, run_id) VALUES (?, 'dev', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                token_id,
+                status,
+                created,
+                None if timeout_s is None else now + timeout_s,
+                created + 60 if status == "COMPLETED" else None,
+                b'{"ok": true}' if status == "COMPLETED" else None,
+                key,
+                msgspec.json.encode(list(tags)),
+                None if run_n is None else f"run_01jhfk{run_n:020d}",
+            ),
+        )
+    for schedule_id, task_id, expr, timezone, external_id, active in SCHEDULES:
+        created = now - 86400
+        admin.save_schedule(
+            conn,
+            admin.ScheduleRow(
+                id=schedule_id,
+                env="dev",
+                task_id=task_id,
+                type="IMPERATIVE",
+                cron=expr,
+                timezone=timezone,
+                external_id=external_id,
+                deduplication_key=None,
+                active=active,
+                created_at=created,
+                updated_at=created,
+                armed_at=now,  # ticks after the frozen now: none fires
+                last_tick_at=now - 1800 if task_id == "flaky" else None,
+            ),
+        )
+
+
 def seed_store(db_path: Path, now: datetime, runs: tuple[SeedRun, ...] = SEEDED) -> None:
-    """Write the seeded runs, with attempts, snapshots and logs, into a new state database."""
+    """Write the seeded runs (with attempts, snapshots and logs), tokens and schedules into a
+    new state database."""
     conn = connect(db_path, "normal")
     migrate(conn)
     blobs = store.BlobStore(db_path.parent / "blobs")
     conn.execute("BEGIN")
     for seed in runs:
         _write(conn, blobs, seed, now.timestamp())
+    _write_tokens_and_schedules(conn, now.timestamp())
     conn.execute("COMMIT")
     conn.close()
 

@@ -164,6 +164,35 @@ def test_processes_screen(snap_compare: Any, seeded_app: Callable[..., EmberApp]
     assert snap_compare(seeded_app(), terminal_size=SIZE, run_before=ready)
 
 
+def test_tokens_screen(snap_compare: Any, seeded_app: Callable[..., EmberApp]) -> None:
+    async def ready(pilot: Pilot[Any]) -> None:
+        await pilot.press("6")
+        await settle(pilot, rows_loaded(pilot))
+
+    assert snap_compare(seeded_app(), terminal_size=SIZE, run_before=ready)
+
+
+def test_complete_token_dialog(snap_compare: Any, seeded_app: Callable[..., EmberApp]) -> None:
+    async def ready(pilot: Pilot[Any]) -> None:
+        await pilot.press("6")
+        await settle(pilot, rows_loaded(pilot))
+        await pilot.press("enter")  # the newest token, waiting
+        await pilot.pause(0.2)
+        editor = pilot.app.screen.query_one("#token-editor")
+        editor.load_text('{"approved": true, "by": ')  # type: ignore[attr-defined]
+        await pilot.pause(0.2)
+
+    assert snap_compare(seeded_app(), terminal_size=SIZE, run_before=ready)
+
+
+def test_schedules_screen(snap_compare: Any, seeded_app: Callable[..., EmberApp]) -> None:
+    async def ready(pilot: Pilot[Any]) -> None:
+        await pilot.press("7")
+        await settle(pilot, rows_loaded(pilot))
+
+    assert snap_compare(seeded_app(), terminal_size=SIZE, run_before=ready)
+
+
 def test_help_screen(snap_compare: Any, seeded_app: Callable[..., EmberApp]) -> None:
     async def ready(pilot: Pilot[Any]) -> None:
         await settle(pilot, lambda: runs_loaded(pilot.app))  # type: ignore[arg-type]
