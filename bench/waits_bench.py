@@ -104,6 +104,8 @@ def measure(strategy: str, n: int, wait_s: float) -> dict[str, Any]:
                 while len(list(images.glob("*/meta.json"))) < n and time.time() < deadline_at:
                     time.sleep(0.2)
             footprint = sample(process.pid)
+            if strategy == "criu":
+                footprint["images_at_sample"] = len(list(images.glob("*/meta.json")))
             results = [h.result_sync(timeout_s=wait_s + 600) for h in handles]
             lateness = [(resumed - deadline) * 1000 for deadline, resumed in results]
             figures: dict[str, Any] = {
@@ -126,15 +128,21 @@ def measure(strategy: str, n: int, wait_s: float) -> dict[str, Any]:
 
 
 def sample(pid: int) -> dict[str, float]:
-    """The daemon tree's footprint, sampled again if a process exits while it is read."""
+    """Count, RSS and PSS of the daemon's tree; processes exiting meanwhile are left out."""
     import psutil
 
-    for _ in range(10):
+    root = psutil.Process(pid)
+    memory = []
+    for proc in (root, *root.children(recursive=True)):
         try:
-            return run.process_footprint([pid])
+            memory.append(proc.memory_full_info())
         except psutil.NoSuchProcess:
-            time.sleep(0.1)
-    return run.process_footprint([pid])
+            continue
+    return {
+        "procs": len(memory),
+        "rss_mb": round(sum(m.rss for m in memory) / run.MIB, 1),
+        "pss_mb": round(sum(m.pss for m in memory) / run.MIB, 1),
+    }
 
 
 def checkpoint_costs(runs: Runs, run_ids: list[str]) -> dict[str, float]:

@@ -428,13 +428,13 @@ class Waitpoints:
         info = await self.engine.db.read(lambda conn: _token_row(conn, token_id))
         if info is None or info.env != env:
             raise NotFound(404, f"token {token_id} does not exist in environment {env}")
+        return msgspec.structs.replace(info, waiting_runs=self._waiting_on(token_id))
+
+    def _waiting_on(self, token_id: str) -> list[str]:
         token = self._tokens.get(token_id)
-        waiting = (
-            sorted({self.pending[w].run_id for w in token.waits if w in self.pending})
-            if token
-            else []
-        )
-        return msgspec.structs.replace(info, waiting_runs=waiting)
+        if token is None:
+            return []
+        return sorted({self.pending[w].run_id for w in token.waits if w in self.pending})
 
     async def list_tokens(
         self, env: str, status: str | None, limit: int, cursor: str | None
@@ -457,7 +457,10 @@ class Waitpoints:
             return [_token_info(r) for r in rows]
 
         rows = await self.engine.db.read(read)
-        page = rows[:limit]
+        page = [
+            msgspec.structs.replace(info, waiting_runs=self._waiting_on(info.id))
+            for info in rows[:limit]
+        ]
         return page, (page[-1].id if len(rows) > limit and page else None)
 
 

@@ -23,6 +23,9 @@ from ember._task import Task
 from ember.daemon._discover import discover
 from ember.daemon._protocol import Exited, Fork, Forked, FrameDecoder, Indexed, encode
 
+# Imported before any fork: every run process starts with the runtime already in memory.
+from ember.daemon._worker import run_worker
+
 
 def _send(channel: socket.socket, message: Indexed | Forked | Exited) -> None:
     channel.sendall(encode(message))
@@ -66,7 +69,6 @@ def _child(
     channel.close()
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    from ember.daemon._worker import run_worker
 
     def run() -> int:
         return run_worker(

@@ -294,7 +294,8 @@ async def test_tokens_cli_completes_a_token(h: Harness) -> None:
         env=env,
         timeout=60,
     )
-    assert token.id in [t["id"] for t in json.loads(listed.stdout)["data"]]
+    listed_tokens = {t["id"]: t for t in json.loads(listed.stdout)["data"]}
+    assert listed_tokens[token.id]["waiting_runs"] == [handle.id]
     done = await asyncio.to_thread(
         subprocess.run,
         [
