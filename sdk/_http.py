@@ -150,6 +150,10 @@ class AsyncPool:
                 raise
             try:
                 data = await self._read_body(conn.reader, response_headers)
+            except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+                # The daemon went away between the answer's head and its body.
+                conn.close()
+                raise ConnectionError(f"the daemon closed the connection: {exc}") from exc
             except BaseException:
                 conn.close()
                 raise
