@@ -667,6 +667,31 @@ class Engine:
             if waiting:
                 self.supervisor.spawn(env, version, self.versions[(env, version)].code_dir)
 
+    def _bind(self, run: ActiveRun, worker: Worker, now: float) -> None:
+        """From now on the run executes in this process (a start, a replay or a resume)."""
+        run.hold = None
+        run.resume = None
+        run.status = RunStatus.EXECUTING
+        run.worker = worker
+        run.attempt_started = now
+        worker.run = run
+        worker.last_heartbeat = now
+
+    def _record_executing(self, run: ActiveRun, now: float, description: str) -> None:
+        """Record that an attempt under way executes again (after a wait or a replay)."""
+        self.db.write(
+            lambda conn: store.set_status(
+                conn,
+                run.id,
+                RunStatus.EXECUTING,
+                now,
+                "EXECUTING",
+                attempt=run.attempt,
+                description=description,
+                hold=None,
+            )
+        )
+
     def _start(self, run: ActiveRun, worker: Worker, journal: bytes | None = None) -> None:
         # The first execution of a run has no journal; any later one may (replay, retry).
         needs_journal = journal is None and (run.attempt > 0 or run.hold is not None)
@@ -678,27 +703,10 @@ class Engine:
         if not continuation:
             run.attempt += 1
             run.executing_s = 0.0
-        run.hold = None
-        run.resume = None
-        run.status = RunStatus.EXECUTING
-        run.worker = worker
         run.started_at = run.started_at or now
-        run.attempt_started = now
-        worker.run = run
-        worker.last_heartbeat = now
+        self._bind(run, worker, now)
         if continuation:
-            self.db.write(
-                lambda conn: store.set_status(
-                    conn,
-                    run.id,
-                    RunStatus.EXECUTING,
-                    now,
-                    "EXECUTING",
-                    attempt=run.attempt,
-                    description="replaying from the journal in a new process",
-                    hold=None,
-                )
-            )
+            self._record_executing(run, now, "replaying from the journal in a new process")
         else:
             self.db.write(lambda conn: store.start_attempt(conn, run, now, worker.pid))
         context = Context(
@@ -1103,25 +1111,8 @@ class Engine:
         assert run.resume is not None
         seq, result = run.resume
         now = time.time()
-        run.hold = None
-        run.resume = None
-        run.status = RunStatus.EXECUTING
-        run.worker = worker
-        run.attempt_started = now
-        worker.run = run
-        worker.last_heartbeat = now
-        self.db.write(
-            lambda conn: store.set_status(
-                conn,
-                run.id,
-                RunStatus.EXECUTING,
-                now,
-                "EXECUTING",
-                attempt=run.attempt,
-                description=how,
-                hold=None,
-            )
-        )
+        self._bind(run, worker, now)
+        self._record_executing(run, now, how)
         worker.send(Resume(run_id=run.id, seq=seq, result=result))
         self._publish(run)
 
