@@ -128,7 +128,7 @@ def _smoke_test(binary: str, work: Path) -> tuple[float, float]:
         start = time.perf_counter()
         _criu(
             binary,
-            ["dump", "-t", str(target), "-D", str(images), "-o", "dump.log", "--tcp-close"],
+            dump_args(target, images),
             images,
             "dump.log",
         )
@@ -137,18 +137,7 @@ def _smoke_test(binary: str, work: Path) -> tuple[float, float]:
         start = time.perf_counter()
         _criu(
             binary,
-            [
-                "restore",
-                "-d",
-                "-S",
-                "-D",
-                str(images),
-                "-o",
-                "restore.log",
-                "--tcp-close",
-                "--pidfile",
-                str(images / "pidfile"),
-            ],
+            restore_args(images),
             images,
             "restore.log",
         )
@@ -166,6 +155,27 @@ def _smoke_test(binary: str, work: Path) -> tuple[float, float]:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def dump_args(pid: int, images: Path) -> list[str]:
+    """criu's arguments to dump a run process (the smoke test uses exactly these too)."""
+    return ["dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "--tcp-close"]
+
+
+def restore_args(images: Path) -> list[str]:
+    """criu's arguments to restore a run process as the caller's child, its PID in a file."""
+    return [
+        "restore",
+        "-d",
+        "-S",
+        "-D",
+        str(images),
+        "-o",
+        "restore.log",
+        "--tcp-close",
+        "--pidfile",
+        str(images / "pidfile"),
+    ]
 
 
 def _criu(binary: str, args: list[str], images: Path, log_name: str) -> None:
@@ -329,7 +339,7 @@ class Checkpointer:
         self._root.chmod(0o700)
         assert worker.pid is not None
         error, dump_ms = await self._run(
-            ["dump", "-t", str(worker.pid), "-D", str(images), "-o", "dump.log", "--tcp-close"],
+            dump_args(worker.pid, images),
             images,
             "dump.log",
         )
@@ -395,18 +405,7 @@ class Checkpointer:
         run.parked = worker
         pidfile = images / "pidfile"
         error, restore_ms = await self._run(
-            [
-                "restore",
-                "-d",
-                "-S",
-                "-D",
-                str(images),
-                "-o",
-                "restore.log",
-                "--tcp-close",
-                "--pidfile",
-                str(pidfile),
-            ],
+            restore_args(images),
             images,
             "restore.log",
         )
