@@ -12,14 +12,15 @@ import asyncio
 import contextvars
 import io
 import os
+import resource
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import msgspec
-import psutil
 
 from ember._errors import (
     AbortTaskRunError,
@@ -52,15 +53,47 @@ _json = msgspec.json.Encoder()
 _context_decoder = msgspec.json.Decoder(Context)
 
 
-class _Channel:
-    """The write side of the connection to the daemon; replaced after a restore."""
+class _Channel(asyncio.Protocol):
+    """The connection to the daemon: frames are handled as they arrive, in order.
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    A protocol rather than a stream reader: a no-op run costs a few loop iterations less
+    without a reader task to create and wait for after every frame.
+    """
+
+    def __init__(self, handle: Callable[[ToWorker], None], lost: Callable[[], None]) -> None:
+        self._handle = handle
+        self._lost = lost
+        self._decoder = FrameDecoder(ToWorker)
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for message in self._decoder.feed(data):
+            self._handle(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._lost()
 
     def send(self, message: Message) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(encode(message))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode(message))
+
+
+class _Link:
+    """The current channel to the daemon: a new one after a checkpoint's restore."""
+
+    def __init__(self) -> None:
+        self.channel: _Channel | None = None
+
+    def send(self, message: Message) -> None:
+        if self.channel is not None:
+            self.channel.send(message)
 
 
 class _JournalEntry(msgspec.Struct, frozen=True):
@@ -79,7 +112,7 @@ class _RunRuntime:
     def __init__(
         self,
         context: Context,
-        channel: _Channel,
+        channel: _Link,
         generation: int,
         journal: list[_JournalEntry],
         waiters: dict[tuple[str, int], asyncio.Future[bytes]],
@@ -210,57 +243,73 @@ class RunProcess:
         self._tasks = tasks
         self._heartbeat_s = heartbeat_s
         self._current: asyncio.Task[None] | None = None
-        self._process = psutil.Process()
         self._waiters: dict[tuple[str, int], asyncio.Future[bytes]] = {}
+        self._link = _Link()
+        self._suspending: asyncio.Task[None] | None = None
+        self._beat: asyncio.TimerHandle | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self._socket = ("", 0, "")  # (path, worker id, token): what reconnecting needs
 
     async def serve(self, socket_path: str, worker_id: int, token: str) -> None:
-        reader, writer = await asyncio.open_unix_connection(socket_path)
-        channel = _Channel(writer)
-        channel.send(Hello(worker_id=worker_id, token=token, pid=host_pid()))
         loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
         # The daemon cancels with SIGTERM; stop the attempt and leave.
-        stop: asyncio.Future[None] = loop.create_future()
-
-        def on_sigterm() -> None:
-            if not stop.done():
-                stop.set_result(None)
-
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        decoder = FrameDecoder(ToWorker)
-        read: asyncio.Task[bytes] = loop.create_task(reader.read(65536))
+        loop.add_signal_handler(signal.SIGTERM, self._end)
+        await self._connect(socket_path, worker_id, token, restored=False)
         try:
-            while True:
-                waitables: list[asyncio.Future[Any]] = [read, stop]
-                await asyncio.wait(waitables, return_when=asyncio.FIRST_COMPLETED)
-                if stop.done():
-                    return
-                data = read.result()
-                if not data:
-                    return  # the daemon is gone: nothing we do now would be recorded
-                for message in decoder.feed(data):
-                    if isinstance(message, Execute):
-                        self._current = loop.create_task(self._execute(message, channel))
-                    elif isinstance(message, Resume):
-                        self._resume(message)
-                    elif isinstance(message, Suspend):
-                        reader = await self._suspend(socket_path, worker_id, token, channel)
-                        decoder = FrameDecoder(ToWorker)
-                    elif isinstance(message, Cancel | Evict) and self._current is not None:
-                        self._current.cancel()
-                        if isinstance(message, Evict):
-                            # The run resumes later by replay in a fresh process.
-                            await asyncio.wait({self._current})
-                            return
-                    elif isinstance(message, Shutdown):
-                        if self._current is not None:
-                            await asyncio.wait({self._current})
-                        return
-                read = loop.create_task(reader.read(65536))
+            await self._ended
         finally:
-            read.cancel()
             if self._current is not None:
                 self._current.cancel()
-            channel.writer.close()
+            if self._link.channel is not None and self._link.channel.transport is not None:
+                self._link.channel.transport.close()
+
+    async def _connect(self, socket_path: str, worker_id: int, token: str, restored: bool) -> None:
+        loop = asyncio.get_running_loop()
+        _, channel = await loop.create_unix_connection(
+            lambda: _Channel(self._on_message, self._on_lost), socket_path
+        )
+        self._link.channel = channel
+        channel.send(Hello(worker_id=worker_id, token=token, pid=host_pid(), restored=restored))
+        self._socket = (socket_path, worker_id, token)
+
+    def _end(self) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+    def _on_lost(self) -> None:
+        if self._suspending is None:
+            self._end()  # the daemon is gone: nothing we do now would be recorded
+
+    def _on_message(self, message: ToWorker) -> None:
+        loop = asyncio.get_running_loop()
+        if isinstance(message, Execute):
+            self._current = loop.create_task(self._execute(message))
+        elif isinstance(message, Resume):
+            self._resume(message)
+        elif isinstance(message, Suspend):
+            self._suspending = loop.create_task(self._suspend())
+            self._suspending.add_done_callback(self._suspended)
+        elif isinstance(message, Cancel | Evict) and self._current is not None:
+            self._current.cancel()
+            if isinstance(message, Evict):
+                # The run resumes later by replay in a fresh process.
+                self._end_after(self._current)
+        elif isinstance(message, Shutdown):
+            self._end_after(self._current)
+
+    def _suspended(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            # Without its channel back this process can do nothing more: it leaves.
+            traceback.print_exception(error)
+            self._end()
+
+    def _end_after(self, current: asyncio.Task[None] | None) -> None:
+        if current is None or current.done():
+            self._end()
+        else:
+            current.add_done_callback(lambda _: self._end())
 
     def _resume(self, message: Resume) -> None:
         future = self._waiters.get((message.run_id, message.seq))
@@ -272,9 +321,7 @@ class RunProcess:
         else:
             future.set_result(message.result)
 
-    async def _suspend(
-        self, socket_path: str, worker_id: int, token: str, channel: _Channel
-    ) -> asyncio.StreamReader:
+    async def _suspend(self) -> None:
         """Get ready for a checkpoint: close every channel, park until SIGUSR1, reconnect.
 
         The daemon dumps this process once the channel closes; after a restore (or if the
@@ -294,23 +341,27 @@ class RunProcess:
                 woke.set_result(None)
 
         loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
-        channel.writer.close()
-        await channel.writer.wait_closed()
+        channel = self._link.channel
+        assert channel is not None
+        assert channel.transport is not None
+        self._link.channel = None
+        channel.transport.close()
+        await channel.closed
         await woke
         loop.remove_signal_handler(signal.SIGUSR1)
-        reader, writer = await asyncio.open_unix_connection(socket_path)
-        channel.writer = writer
-        channel.send(Hello(worker_id=worker_id, token=token, pid=host_pid(), restored=True))
-        return reader
+        await self._connect(*self._socket, restored=True)
+        self._suspending = None
 
-    async def _execute(self, message: Execute, channel: _Channel) -> None:
+    async def _execute(self, message: Execute) -> None:
         context = _context_decoder.decode(message.context)
         journal = _journal_decoder.decode(message.journal)
-        runtime = _RunRuntime(context, channel, message.generation, journal, self._waiters)
+        runtime = _RunRuntime(context, self._link, message.generation, journal, self._waiters)
         token = set_runtime(runtime)
-        cpu_start = time.process_time()
-        peak_rss = self._process.memory_info().rss
-        beat = asyncio.get_running_loop().create_task(self._heartbeats(message.run_id, channel))
+        # One getrusage gives CPU time and peak RSS, where /proc reads would cost several calls.
+        cpu_start = _cpu_s(resource.getrusage(resource.RUSAGE_SELF))
+        self._beat = asyncio.get_running_loop().call_later(
+            self._heartbeat_s, self._heartbeat, message.run_id
+        )
         done: Done
         try:
             output = await self._call(message, context)
@@ -330,12 +381,14 @@ class RunProcess:
                 run_id=message.run_id, attempt=message.attempt, ok=False, error=_error_of(exc)
             )
         finally:
-            beat.cancel()
+            self._beat.cancel()
             reset_runtime(token)
-        peak_rss = max(peak_rss, self._process.memory_info().rss)
-        channel.send(
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self._link.send(
             msgspec.structs.replace(
-                done, cpu_s=time.process_time() - cpu_start, peak_rss_bytes=peak_rss
+                done,
+                cpu_s=_cpu_s(usage) - cpu_start,
+                peak_rss_bytes=usage.ru_maxrss * 1024,  # KiB on Linux
             )
         )
 
@@ -363,10 +416,15 @@ class RunProcess:
                 "JSON types, msgspec Structs or dataclasses"
             ) from exc
 
-    async def _heartbeats(self, run_id: str, channel: _Channel) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_s)
-            channel.send(Heartbeat(run_id=run_id))
+    def _heartbeat(self, run_id: str) -> None:
+        self._link.send(Heartbeat(run_id=run_id))
+        self._beat = asyncio.get_running_loop().call_later(
+            self._heartbeat_s, self._heartbeat, run_id
+        )
+
+
+def _cpu_s(usage: resource.struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_worker(
