@@ -709,6 +709,7 @@ class Engine:
             self._record_executing(run, now, "replaying from the journal in a new process")
         else:
             self.db.write(lambda conn: store.start_attempt(conn, run, now, worker.pid))
+        self.supervisor.prepare_successor(worker)
         context = Context(
             run_id=run.id,
             task_id=run.task_id,

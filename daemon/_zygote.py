@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import os
 import selectors
 import signal
@@ -98,6 +99,9 @@ def main() -> int:
         _send(channel, Indexed(error=traceback.format_exc()))
         return 1
     _send(channel, Indexed(tasks=index))
+    # Everything imported so far lives as long as the run processes: out of the collector's
+    # sight, a child's collections no longer touch (and so copy) every inherited page.
+    gc.freeze()
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
