@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run
 
 from ember import Call, Client, ClientSettings, DaemonUnavailable, RunHandle, Tasks
-from ember._types import Health, VersionInfo
+from ember._types import Health, QueueInfo, VersionInfo
 
 TASKS = """
 import time
@@ -67,6 +67,7 @@ class EmberPeer(run.Peer):
     workload_notes = {  # noqa: RUF012 - read-only, as in run.Peer
         "cold": "daemon start + version registration (zygote imports the tasks) + first run; "
         "a run cannot be triggered before the daemon is up, since it is the broker",
+        "throughput": "held by pausing the task's queue (the daemon is the broker, so it runs)",
     }
 
     def __init__(self, workdir: Path, checkpoint: str = "auto") -> None:
@@ -133,6 +134,12 @@ class EmberPeer(run.Peer):
 
     def worker_pids(self) -> list[int]:
         return [self._process.pid] if self._process is not None else []
+
+    def hold(self) -> None:
+        self._client.request_sync(Call("POST", "/api/v1/queues/task/noop/pause", QueueInfo))
+
+    def release(self) -> None:
+        self._client.request_sync(Call("POST", "/api/v1/queues/task/noop/resume", QueueInfo))
 
     def enqueue(self) -> RunHandle[Any]:
         return self._tasks.trigger_sync("noop", None)

@@ -87,6 +87,7 @@ class DbosPeer(Peer):
         "batch": "DBOSClient.enqueue_in_transaction, 1,000 per SQLite transaction",
         "wait": "DBOS.sleep(2) inside the workflow; procs/RSS = the application process",
         "cold": "new process: interpreter start, import, DBOS.launch on an existing database",
+        "throughput": "held by DBOS.destroy(), enqueued meanwhile with DBOSClient.enqueue",
     }
 
     def __init__(self, scratch: Path) -> None:
@@ -116,8 +117,18 @@ class DbosPeer(Peer):
     def worker_pids(self) -> list[int]:
         return [os.getpid()]
 
+    def hold(self) -> None:
+        # The executor stops; the client stays, as an application enqueueing elsewhere would.
+        DBOS.destroy()
+        self.queue = None
+
+    def release(self) -> None:
+        self.queue = launch(self.url)
+
     def enqueue(self) -> WorkflowHandle[float]:
-        assert self.queue is not None, "workers not started"
+        if self.queue is None:  # held: enqueue through the client, with no executor running
+            assert self.client is not None, "workers not started"
+            return self.client.enqueue({"queue_name": QUEUE, "workflow_name": "noop"})
         return self.queue.enqueue(noop)
 
     def enqueue_batch(self, size: int) -> list[WorkflowHandle[float]]:
