@@ -24,6 +24,7 @@ import run
 
 from ember import Call, Client, ClientSettings, DaemonUnavailable, RunHandle, Tasks
 from ember._types import Health, QueueInfo, VersionInfo
+from ember.daemon._config import DaemonConfig
 
 TASKS = """
 import time
@@ -82,7 +83,8 @@ class EmberPeer(run.Peer):
         self._tasks = Tasks(self._client)
         self.setup = (
             f"ember daemon (uvloop, SQLite WAL), max {self.PROCESSES} run processes forked from "
-            f"a warm zygote, checkpoint={checkpoint}; client: the SDK's blocking calls"
+            f"a warm zygote, each recycled after {DaemonConfig().max_runs_per_process:,} runs, "
+            f"checkpoint={checkpoint}; client: the SDK's blocking calls"
         )
 
     def start_workers(self) -> None:

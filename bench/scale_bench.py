@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     sizes = (
-        {"trigger": 300, "e2e": 100, "throughput": 1000}
+        {"trigger": 300, "e2e": 100, "throughput": 2000}
         if args.quick
         else {"trigger": 1000, "e2e": 300, "throughput": 5000}
     )
