@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import secrets
@@ -93,6 +94,9 @@ class Daemon:
         recovered = await self.engine.recover()
         await self.scheduler.start()
         await self._serve_api()
+        # What start-up loaded (recovered runs, their timers, the imports) lives long: out of
+        # the collector's sight, full collections no longer walk it again and again.
+        gc.freeze()
         log.info(
             "Ember daemon %s ready on %s (%d runs recovered)",
             self.pid,
