@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,50 +45,37 @@ def _stored(path: Path) -> set[str]:
         conn.close()
 
 
-@pytest.mark.parametrize("durability", DURABILITIES)
-async def test_a_write_is_committed_when_its_future_resolves(
-    tmp_path: Path, durability: Durability
-) -> None:
-    db = Database(tmp_path / "ember.db", durability)
-    try:
-        assert await db.write(_insert(1)) == 1
-        # Another connection sees it: the commit happened before the caller went on.
-        assert _stored(db.path) == {"k1"}
-    finally:
-        db.close()
+@pytest.fixture(params=DURABILITIES)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A fresh database under each durability."""
+    database = Database(tmp_path / "ember.db", request.param)
+    yield database
+    database.close()
 
 
-@pytest.mark.parametrize("durability", DURABILITIES)
-async def test_a_failing_write_fails_alone_and_its_batch_commits(
-    tmp_path: Path, durability: Durability
-) -> None:
-    db = Database(tmp_path / "ember.db", durability)
-    try:
-        # Issued in one loop iteration, so they share one transaction until k2 conflicts.
-        futures = [db.write(_insert(n)) for n in (1, 2, 2, 3)]
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        assert results[0] == 1
-        assert results[3] == 3
-        # Exactly one of the two k2 writes lost, with SQLite's own error.
-        assert sorted(r for r in results[1:3] if isinstance(r, int)) == [2]
-        assert sum(isinstance(r, sqlite3.IntegrityError) for r in results) == 1
-        assert _stored(db.path) == {"k1", "k2", "k3"}
-    finally:
-        db.close()
+async def test_a_write_is_committed_when_its_future_resolves(db: Database) -> None:
+    assert await db.write(_insert(1)) == 1
+    # Another connection sees it: the commit happened before the caller went on.
+    assert _stored(db.path) == {"k1"}
 
 
-@pytest.mark.parametrize("durability", DURABILITIES)
-async def test_writes_of_one_loop_iteration_share_one_commit(
-    tmp_path: Path, durability: Durability
-) -> None:
-    db = Database(tmp_path / "ember.db", durability)
-    try:
-        await db.write(_insert(0))
-        before = _wal_frames(db.path)
-        await asyncio.gather(*(db.write(_insert(n)) for n in range(1, 101)))
-        # Every commit appends the pages it changed to the WAL: 100 commits would add at
-        # least 100 frames, one commit adds a handful.
-        assert 0 < _wal_frames(db.path) - before < 10
-        assert len(_stored(db.path)) == 101
-    finally:
-        db.close()
+async def test_a_failing_write_fails_alone_and_its_batch_commits(db: Database) -> None:
+    # Issued in one loop iteration, so they share one transaction until a k2 conflicts.
+    futures = [db.write(_insert(n)) for n in (1, 2, 2, 3)]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[0] == 1
+    assert results[3] == 3
+    # Exactly one of the two k2 writes lost, with SQLite's own error.
+    assert sorted(r for r in results[1:3] if isinstance(r, int)) == [2]
+    assert sum(isinstance(r, sqlite3.IntegrityError) for r in results) == 1
+    assert _stored(db.path) == {"k1", "k2", "k3"}
+
+
+async def test_writes_of_one_loop_iteration_share_one_commit(db: Database) -> None:
+    await db.write(_insert(0))
+    before = _wal_frames(db.path)
+    await asyncio.gather(*(db.write(_insert(n)) for n in range(1, 101)))
+    # Every commit appends the pages it changed to the WAL: 100 commits would add at least
+    # 100 frames, one commit adds a handful.
+    assert 0 < _wal_frames(db.path) - before < 10
+    assert len(_stored(db.path)) == 101
