@@ -36,6 +36,9 @@ class DaemonConfig:
             ``auto`` (criu where a real dump/restore works, else park).
         wait_park_threshold_s: waits shorter than this keep their process and slot.
         max_parked_processes: above this many parked processes, long waits use replay.
+        delayed_in_memory_s: DELAYED runs due further ahead than this stay in SQLite alone
+            (no object, no timer) until they come this close, so a million runs scheduled
+            for next week cost the daemon neither memory nor start-up time.
         criu_path: the criu binary (found on PATH when None).
     """
 
@@ -54,6 +57,7 @@ class DaemonConfig:
     checkpoint: CheckpointStrategy = "auto"
     wait_park_threshold_s: float = 5.0
     max_parked_processes: int = 500
+    delayed_in_memory_s: float = 600.0
     criu_path: str | None = None
 
     @property

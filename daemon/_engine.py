@@ -96,6 +96,8 @@ class Engine:
         self.queue = RunQueue()
         self.supervisor: Supervisor
         self.active: dict[str, ActiveRun] = {}
+        # DELAYED runs due later than this live in the table alone (set on recovery).
+        self._delayed_horizon = math.inf
         self.versions: dict[tuple[str, str], VersionRecord] = {}
         self.current: dict[str, str] = {}
         self._awaiting: dict[tuple[str, str], deque[ActiveRun]] = {}
@@ -135,7 +137,9 @@ class Engine:
                 self._make_current(info.env, info.id)
         now = time.time()
         interrupted: list[ActiveRun] = []
-        for run in self.db.read_now(store.load_active):
+        self._delayed_horizon = now + self.config.delayed_in_memory_s
+        horizon = self._delayed_horizon
+        for run in self.db.read_now(lambda conn: store.load_active(conn, horizon)):
             self.active[run.id] = run
             if run.hold == "parked":
                 run.hold = "exited"  # its process died with the previous daemon
@@ -334,8 +338,9 @@ class Engine:
             if existing is not None:
                 responses.append(TriggerResponse(id=existing, task_id=run.task_id, is_cached=True))
                 continue
-            self.active[run.id] = run
-            self._admit(run, now)
+            if run.id not in self.active and not self._dormant(run):
+                self.active[run.id] = run
+                self._admit(run, now)
             self._publish(run)
             responses.append(TriggerResponse(id=run.id, task_id=run.task_id))
         self._update_idle()
@@ -498,6 +503,45 @@ class Engine:
                 )
             else:
                 self._enqueue(run, run.ready_at or run.created_at)
+
+    def _dormant(self, run: ActiveRun) -> bool:
+        """A DELAYED run due beyond the horizon: the table alone holds it until it nears."""
+        return (
+            run.status is RunStatus.DELAYED
+            and run.delay_until is not None
+            and run.delay_until > self._delayed_horizon
+        )
+
+    def _load_delayed(self, now: float) -> None:
+        """Bring in the DELAYED runs that the moving horizon now reaches.
+
+        The read is synchronous on the loop, and the horizon moves with it: a trigger that
+        commits around it either finds the new horizon and keeps its run, or committed
+        before the read, which then finds the run.
+        """
+        horizon = now + self.config.delayed_in_memory_s
+        # Often enough that a run is in memory long before it is due, and rarely a read.
+        if horizon - self._delayed_horizon < min(60.0, self.config.delayed_in_memory_s / 10):
+            return
+        after = self._delayed_horizon
+        self._delayed_horizon = horizon
+        for run in self.db.read_point(lambda conn: store.load_delayed(conn, after, horizon)):
+            if run.id not in self.active:
+                self.active[run.id] = run
+                self._admit(run, now)
+        self._update_idle()
+
+    def _held(self, run_id: str) -> ActiveRun | None:
+        """The run if it is active, bringing a dormant DELAYED run into memory first."""
+        run = self.active.get(run_id)
+        if run is not None:
+            return run
+        run = self.db.read_point(lambda conn: store.load_delayed_run(conn, run_id))
+        if run is not None:
+            self.active[run.id] = run
+            self._admit(run, time.time())
+            self._update_idle()
+        return run
 
     def _enqueue(self, run: ActiveRun, queued_at: float) -> None:
         if run.status is not RunStatus.QUEUED:
@@ -949,10 +993,12 @@ class Engine:
                 self._finish(run, RunStatus.SYSTEM_FAILURE, error=error)
 
     async def _sweep(self) -> None:
-        """Once a second: stop attempts over max duration and attempts that stopped beating."""
+        """Once a second: stop attempts over max duration and attempts that stopped beating,
+        and bring in the DELAYED runs that come within the horizon."""
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
+            self._load_delayed(now)
             for worker in self.supervisor.busy_workers():
                 run = worker.run
                 if run is None:
@@ -1245,7 +1291,7 @@ class Engine:
             NotFound: no such run.
             Conflict: the run is already final.
         """
-        run = self.active.get(run_id)
+        run = self._held(run_id)
         if run is None:
             summary = await self.db.read(lambda conn: store.get_summary(conn, run_id))
             if summary is None:
@@ -1279,7 +1325,7 @@ class Engine:
             Conflict: the run is not DELAYED.
             BadRequest: the delay is not a duration or date.
         """
-        run = self.active.get(run_id)
+        run = self._held(run_id)
         if run is None or run.status is not RunStatus.DELAYED:
             if run is None and not await self._exists(run_id):
                 raise NotFound(404, f"run {run_id} does not exist")
@@ -1348,7 +1394,7 @@ class Engine:
 
     async def wait_final(self, run_id: str, timeout_s: float, history: bool = True) -> Run:
         """Return a run once it is final, or as it is after ``timeout_s``."""
-        if run_id in self.active and not self._closing:
+        if not self._closing and self._held(run_id) is not None:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(run_id, []).append(waiter)
             try:

@@ -204,6 +204,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX runs_idempotency_key ON runs (env, task_id, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     """,
+    # 5: DELAYED runs due beyond the engine's horizon are found by when they are due
+    """
+    CREATE INDEX runs_delayed ON runs (delay_until) WHERE status = 'DELAYED';
+    """,
 ]
 
 

@@ -603,44 +603,79 @@ _ACTIVE_COLUMNS = (
 )
 
 
-def load_active(conn: sqlite3.Connection) -> Iterable[ActiveRun]:
-    """Every run that is not final, oldest first, without payloads (loaded on dispatch)."""
+_NOT_FINAL = (
+    "status NOT IN ('COMPLETED', 'CANCELED', 'FAILED', 'CRASHED', 'SYSTEM_FAILURE', 'EXPIRED',"
+    " 'TIMED_OUT')"
+)
+
+
+def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[ActiveRun]:
+    """Every run that is not final, oldest first, without payloads (loaded on dispatch).
+
+    DELAYED runs due after ``delayed_until`` are left out: they stay in the table until
+    :func:`load_delayed` brings them in.
+    """
+    # Two indexed reads (runs_active, runs_delayed) so the far DELAYED runs are never visited;
+    # sorted here, as an ORDER BY over both would walk the whole id index instead.
     rows = conn.execute(
-        f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE status NOT IN ('COMPLETED', 'CANCELED',"
-        " 'FAILED', 'CRASHED', 'SYSTEM_FAILURE', 'EXPIRED', 'TIMED_OUT') ORDER BY id"
+        f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE {_NOT_FINAL} AND status != 'DELAYED'"
+    ).fetchall()
+    delayed = f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE status = 'DELAYED' AND delay_until"
+    rows += conn.execute(f"{delayed} <= ? UNION ALL {delayed} IS NULL", (delayed_until,)).fetchall()
+    rows.sort(key=lambda row: str(row[0]))
+    return map(_active_run, rows)
+
+
+def load_delayed(conn: sqlite3.Connection, after: float, until: float) -> list[ActiveRun]:
+    """DELAYED runs due in (``after``, ``until``], soonest first."""
+    rows = conn.execute(
+        f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE status = 'DELAYED'"
+        " AND delay_until > ? AND delay_until <= ? ORDER BY delay_until",
+        (after, until),
     )
-    for r in rows:
-        yield ActiveRun(
-            id=r[0],
-            env=r[1],
-            task_id=r[2],
-            status=RunStatus(r[3]),
-            queue=r[4],
-            created_at=r[5],
-            max_attempts=r[6],
-            retry=_retry_decoder.decode(r[7]) if r[7] else RetryOptions(),
-            concurrency_key=r[8],
-            priority=r[9],
-            tags=_tags_decoder.decode(r[10]) if r[10] else [],
-            metadata=_dict_decoder.decode(r[11]) if r[11] else None,
-            max_duration_s=r[12],
-            delay_until=r[13],
-            ready_at=r[14],
-            expires_at=r[15],
-            version=r[16],
-            pinned_version=r[17],
-            attempt=r[18],
-            interruptions=r[19],
-            parent_run_id=r[20],
-            root_run_id=r[21],
-            batch_id=r[22],
-            replayed_from=r[23],
-            started_at=r[24],
-            idempotency_key=r[25],
-            generation=r[26],
-            hold=r[27],
-            executing_s=r[28],
-        )
+    return [_active_run(r) for r in rows]
+
+
+def load_delayed_run(conn: sqlite3.Connection, run_id: str) -> ActiveRun | None:
+    """One run, if it is DELAYED."""
+    row = conn.execute(
+        f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE id = ? AND status = 'DELAYED'", (run_id,)
+    ).fetchone()
+    return None if row is None else _active_run(row)
+
+
+def _active_run(r: Sequence[Any]) -> ActiveRun:
+    return ActiveRun(
+        id=r[0],
+        env=r[1],
+        task_id=r[2],
+        status=RunStatus(r[3]),
+        queue=r[4],
+        created_at=r[5],
+        max_attempts=r[6],
+        retry=_retry_decoder.decode(r[7]) if r[7] else RetryOptions(),
+        concurrency_key=r[8],
+        priority=r[9],
+        tags=_tags_decoder.decode(r[10]) if r[10] else [],
+        metadata=_dict_decoder.decode(r[11]) if r[11] else None,
+        max_duration_s=r[12],
+        delay_until=r[13],
+        ready_at=r[14],
+        expires_at=r[15],
+        version=r[16],
+        pinned_version=r[17],
+        attempt=r[18],
+        interruptions=r[19],
+        parent_run_id=r[20],
+        root_run_id=r[21],
+        batch_id=r[22],
+        replayed_from=r[23],
+        started_at=r[24],
+        idempotency_key=r[25],
+        generation=r[26],
+        hold=r[27],
+        executing_s=r[28],
+    )
 
 
 def _version(row: Sequence[Any], current: str | None) -> VersionInfo:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from conftest import Harness, eventually
+from conftest import Harness, eventually, running_daemon
 
-from ember import Conflict, Runs, RunStatus, Tasks
+from ember import Call, Conflict, Runs, RunStatus, Tasks
+from ember._types import Health
 
 TASKS = {
     "tasks/__init__.py": "",
@@ -208,3 +210,46 @@ async def test_replay_runs_the_same_payload_again(h: Harness) -> None:
     replay = await Runs(h.client).replay(first.id)
     run = await h.wait(replay.id)
     assert run.output_as(int) == 9 and run.replayed_from == first.id and run.tags == ["a"]
+
+
+async def _active_runs(h: Harness) -> int:
+    return (await h.client.request(Call("GET", "/healthz", Health))).active_runs
+
+
+async def test_a_run_delayed_beyond_the_horizon_waits_in_the_table_alone(state_dir: Path) -> None:
+    async with running_daemon(state_dir, delayed_in_memory_s=60.0) as h:
+        await h.register(TASKS)
+        tasks, runs = Tasks(h.client), Runs(h.client)
+        later = await tasks.trigger("quick", {"i": 1}, delay="1h")
+        dropped = await tasks.trigger("quick", {}, delay="1h")
+        assert await _active_runs(h) == 0, "no object and no timer for a run due in an hour"
+        assert (await runs.retrieve(later.id)).status is RunStatus.DELAYED
+        assert (await runs.cancel(dropped.id)).status is RunStatus.CANCELED
+    # After a restart it is still only in the table, and every action still reaches it.
+    async with running_daemon(state_dir, delayed_in_memory_s=60.0) as h:
+        runs = Runs(h.client)
+        assert await _active_runs(h) == 0
+        assert (await runs.retrieve(later.id)).status is RunStatus.DELAYED
+        assert (await runs.retrieve(dropped.id)).status is RunStatus.CANCELED
+        await runs.reschedule(later.id, timedelta(seconds=0.2))
+        run = await h.wait(later.id, 10)
+        assert run.status is RunStatus.COMPLETED
+        assert run.output_as(int) == 1
+
+
+async def test_a_dormant_run_is_brought_in_as_its_start_nears(state_dir: Path) -> None:
+    async with running_daemon(state_dir, delayed_in_memory_s=1.0) as h:
+        await h.register(TASKS)
+        runs = Runs(h.client)
+        handle = await Tasks(h.client).trigger("quick", {"i": 7}, delay="3s")
+        assert await _active_runs(h) == 0
+        # Only reads that leave it where it is (retrieve, not a long poll) until it is done.
+        await eventually(lambda: _final(runs, handle.id), timeout_s=10, interval_s=0.1)
+        run = await runs.retrieve(handle.id)
+        assert run.status is RunStatus.COMPLETED
+        waited = (run.attempts[0].started_at - run.created_at).total_seconds()
+        assert 2.99 <= waited < 5.0
+
+
+async def _final(runs: Runs, run_id: str) -> bool:
+    return (await runs.retrieve(run_id)).is_final
