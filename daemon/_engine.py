@@ -275,7 +275,7 @@ class Engine:
 
     def next_version_id(self, env: str, day: str) -> str:
         """The id the next version of ``env`` registered on ``day`` gets."""
-        return self.db.read_now(lambda conn: store.next_version_id(conn, env, day))
+        return self.db.read_point(lambda conn: store.next_version_id(conn, env, day))
 
     def version_list(self, env: str) -> list[VersionInfo]:
         """Versions of an environment, newest first."""
