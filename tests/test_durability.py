@@ -42,8 +42,9 @@ TASKS = {
 class DaemonProcess:
     """``ember daemon`` as a real child process."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, durability: str = "normal") -> None:
         self.state = state
+        self.durability = durability
         self.socket = state / "api.sock"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -61,6 +62,8 @@ class DaemonProcess:
                 str(self.socket),
                 "--max-concurrent-runs",
                 "8",
+                "--durability",
+                self.durability,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -83,11 +86,12 @@ class DaemonProcess:
                 self.process.wait()
 
 
-@pytest.fixture
-def daemon_process(tmp_path: Path) -> Iterator[DaemonProcess]:
+@pytest.fixture(params=["normal", "fsync"])
+def daemon_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon under each durability: commits on its loop (normal) or on a thread (fsync)."""
     state = tmp_path / "state"
     state.mkdir()
-    daemon = DaemonProcess(state)
+    daemon = DaemonProcess(state, request.param)
     yield daemon
     daemon.stop()
 
