@@ -12,12 +12,24 @@ import asyncio
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.daemon._config import DaemonConfig
-from ember.daemon._server import Daemon
+
+if TYPE_CHECKING:
+    from ember.daemon._server import Daemon
 
 __all__ = ["Daemon", "DaemonConfig", "loop_factory", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    # The server (uvicorn, Starlette, the engine) loads on first use: CLI commands that only
+    # read settings or talk to a daemon start without it.
+    if name == "Daemon":
+        from ember.daemon._server import Daemon
+
+        return Daemon
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -52,5 +64,7 @@ async def _serve(daemon: Daemon) -> None:
 
 def serve(config: DaemonConfig) -> None:
     """Run a daemon on uvloop until SIGINT or SIGTERM."""
+    from ember.daemon._server import Daemon
+
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve(Daemon(config)))
