@@ -249,6 +249,7 @@ class RunProcess:
         self._beat: asyncio.TimerHandle | None = None
         self._ended: asyncio.Future[None] | None = None
         self._socket = ("", 0, "")  # (path, worker id, token): what reconnecting needs
+        self._memory = _Memory()
 
     async def serve(self, socket_path: str, worker_id: int, token: str) -> None:
         loop = asyncio.get_running_loop()
@@ -333,6 +334,7 @@ class RunProcess:
         sys.stderr.flush()
         # Connections to the API would be sockets leading out of the dumped tree.
         await default_client().aclose()
+        self._memory.close()
         loop = asyncio.get_running_loop()
         woke: asyncio.Future[None] = loop.create_future()
 
@@ -357,8 +359,8 @@ class RunProcess:
         journal = _journal_decoder.decode(message.journal)
         runtime = _RunRuntime(context, self._link, message.generation, journal, self._waiters)
         token = set_runtime(runtime)
-        # One getrusage gives CPU time and peak RSS, where /proc reads would cost several calls.
-        cpu_start = _cpu_s(resource.getrusage(resource.RUSAGE_SELF))
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        rss_before = self._memory.rss()
         self._beat = asyncio.get_running_loop().call_later(
             self._heartbeat_s, self._heartbeat, message.run_id
         )
@@ -383,12 +385,16 @@ class RunProcess:
         finally:
             self._beat.cancel()
             reset_runtime(token)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        # The process's high-water mark is this attempt's peak only if the attempt raised it;
+        # otherwise the larger of the sizes it started and ended with.
+        if after.ru_maxrss > before.ru_maxrss:
+            peak_rss = after.ru_maxrss * 1024  # KiB on Linux
+        else:
+            peak_rss = max(rss_before, self._memory.rss())
         self._link.send(
             msgspec.structs.replace(
-                done,
-                cpu_s=_cpu_s(usage) - cpu_start,
-                peak_rss_bytes=usage.ru_maxrss * 1024,  # KiB on Linux
+                done, cpu_s=_cpu_s(after) - _cpu_s(before), peak_rss_bytes=peak_rss
             )
         )
 
@@ -421,6 +427,29 @@ class RunProcess:
         self._beat = asyncio.get_running_loop().call_later(
             self._heartbeat_s, self._heartbeat, run_id
         )
+
+
+class _Memory:
+    """This process's resident set size, from /proc/self/statm kept open between reads.
+
+    One ``pread`` per read; psutil opens, reads and closes the file every time. The file is
+    closed before a checkpoint and reopened on the next read.
+    """
+
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def rss(self) -> int:
+        if self._fd is None:
+            self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+        return int(os.pread(self._fd, 128, 0).split()[1]) * self._PAGE
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _cpu_s(usage: resource.struct_rusage) -> float:

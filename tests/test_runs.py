@@ -46,6 +46,11 @@ TASKS = {
         @task(id="no-payload")
         async def no_payload() -> str:
             return "ok"
+
+        @task(id="allocates")
+        async def allocates(payload: dict) -> int:
+            block = b"x" * payload["bytes"]  # written, so resident, and freed on return
+            return len(block)
     """,
 }
 
@@ -67,6 +72,17 @@ async def test_trigger_completes_with_output_and_history(h: Harness) -> None:
     assert run.attempts[0].cpu_s is not None and run.attempts[0].peak_rss_bytes
     assert run.version is not None
     assert run.attempts[0].version == run.version
+
+
+async def test_peak_rss_is_the_attempts_own(h: Harness) -> None:
+    big = await h.run("allocates", {"bytes": 200 * 1024 * 1024})
+    small = await h.run("allocates", {"bytes": 1})
+    big_peak, small_peak = big.attempts[0].peak_rss_bytes, small.attempts[0].peak_rss_bytes
+    assert big_peak is not None and small_peak is not None
+    # The block was gone when the attempt ended: only the high-water mark saw it.
+    assert big_peak > 200 * 1024 * 1024
+    # A later attempt in the same process does not inherit that mark.
+    assert small_peak < 150 * 1024 * 1024
 
 
 async def test_logs_and_prints_are_recorded_with_the_run(h: Harness) -> None:
