@@ -1,7 +1,8 @@
 """The HTTP API: REST/JSON on the Unix socket and, when configured, on TCP with API keys.
 
-Routes are declared once in ``ROUTES`` with their request and response types; the Starlette
-app and the OpenAPI document (:mod:`ember.daemon._openapi`) are both built from that table.
+Routes are declared once in ``ROUTES`` with their request and response types; the ASGI app
+(:class:`Router`) and the OpenAPI document (:mod:`ember.daemon._openapi`) are both built from
+that table.
 
 The environment of a request comes from the ``x-ember-env`` header on the Unix socket (its
 owner may name any environment); over TCP the API key decides it and a header naming
@@ -12,15 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import compile_path
+from starlette.types import Receive, Scope, Send
 
 import ember
 from ember._duration import parse_duration_s
@@ -510,13 +512,16 @@ ROUTES: tuple[RouteSpec, ...] = (
 )
 
 
-def build_app(daemon: Daemon) -> Starlette:
-    """The Starlette app serving ``ROUTES`` and ``/openapi.json``."""
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def build_app(daemon: Daemon) -> Router:
+    """The ASGI app serving ``ROUTES`` and ``/openapi.json``."""
     from ember.daemon._openapi import openapi_document
 
     document = _json.encode(openapi_document(ROUTES))
 
-    def endpoint(spec: RouteSpec) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(spec: RouteSpec) -> Endpoint:
         async def handle(request: Request) -> Response:
             try:
                 env = await _authorize(daemon, request)
@@ -537,9 +542,55 @@ def build_app(daemon: Daemon) -> Starlette:
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
-    routes = [Route(s.path, endpoint(s), methods=[s.method]) for s in ROUTES]
-    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
-    return Starlette(routes=routes)
+    routes = [(s.method, s.path, endpoint(s)) for s in ROUTES]
+    routes.append(("GET", "/openapi.json", openapi))
+    return Router(routes)
+
+
+class Router:
+    """The ASGI app: each request goes straight to the first route that matches it.
+
+    Starlette's app wraps every request in three middleware layers and a router built for
+    mounts and websockets; with ``RouteSpec`` handlers catching their own errors none of it
+    is needed. Requests and responses are still Starlette's.
+    """
+
+    def __init__(self, routes: list[tuple[str, str, Endpoint]]) -> None:
+        self._routes: list[tuple[str, str | re.Pattern[str], dict[str, Any], Endpoint]] = []
+        for method, path, handler in routes:
+            if "{" in path:
+                regex, _, convertors = compile_path(path)
+                self._routes.append((method, regex, convertors, handler))
+            else:
+                self._routes.append((method, path, {}, handler))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no websockets; lifespan is off
+        response = await self._respond(scope, receive)
+        await response(scope, receive, send)
+
+    async def _respond(self, scope: Scope, receive: Receive) -> Response:
+        method, path = scope["method"], scope["path"]
+        other_method = False
+        for route_method, pattern, convertors, handler in self._routes:
+            if isinstance(pattern, str):
+                if pattern != path:
+                    continue
+                params: dict[str, Any] = {}
+            else:
+                match = pattern.match(path)
+                if match is None:
+                    continue
+                params = {k: convertors[k].convert(v) for k, v in match.groupdict().items()}
+            if route_method != method:
+                other_method = True
+                continue
+            scope["path_params"] = params
+            return await handler(Request(scope, receive))
+        if other_method:
+            return _error_response(405, f"{method} is not allowed on {path}")
+        return _error_response(404, f"no such endpoint: {method} {path} (see /openapi.json)")
 
 
 async def _authorize(daemon: Daemon, request: Request) -> str:

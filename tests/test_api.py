@@ -121,6 +121,20 @@ async def test_unknown_run_is_a_404(h: Harness) -> None:
         await Runs(h.client).retrieve("run_nope")
 
 
+async def test_unknown_endpoints_and_methods_answer_json_errors(h: Harness) -> None:
+    async with raw_client(h) as http:
+        missing = await http.get("/api/v1/nope")
+        wrong = await http.delete("/healthz")
+        run = await http.get("/api/v3/runs/run_nope")
+    assert missing.status_code == 404
+    assert "GET /api/v1/nope" in missing.json()["error"]
+    assert wrong.status_code == 405
+    assert "DELETE is not allowed" in wrong.json()["error"]
+    # A path parameter is matched and decoded: the run handler answers, not the router.
+    assert run.status_code == 404
+    assert "run_nope does not exist" in run.json()["error"]
+
+
 async def test_trigger_before_any_version_waits_as_pending_version(harness: Harness) -> None:
     handle = await Tasks(harness.client).trigger("echo", {"x": 1})
     assert (await Runs(harness.client).retrieve(handle.id)).status.value == "PENDING_VERSION"
