@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import json
 import logging
 import os
@@ -23,15 +24,18 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ember
+from ember._types import RunStatus
 from ember.daemon._config import DaemonConfig
 
 if TYPE_CHECKING:
@@ -45,6 +49,10 @@ DUMP_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 20.0
 # Dumps and restores are CPU- and disk-bound: a few at a time, as the research advises.
 PARALLEL_CRIU = 2
+# A process restored ahead of its deadline should be back this long before it.
+RESTORE_MARGIN_S = 0.25
+# Restores planned at once when timed waits end close together (the soonest ones).
+RESTORE_PLAN_DEPTH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +287,14 @@ class Checkpointer:
         self._supervisor = supervisor
         self._dumps: dict[str, asyncio.Future[bool]] = {}
         self._slots = asyncio.Semaphore(PARALLEL_CRIU)
+        # Timed waits whose process is restored ahead of the deadline: (deadline, run id).
+        self._ahead: list[tuple[float, str]] = []
+        self._ahead_runs: dict[str, ActiveRun] = {}
+        self._ahead_changed = asyncio.Event()
+        self._ahead_task: asyncio.Task[None] | None = None
+        self._restoring: dict[str, asyncio.Future[None]] = {}
+        self._ahead_restores: set[asyncio.Task[None]] = set()
+        self._restore_s: deque[float] = deque([0.2], maxlen=32)  # recent restore times
 
     def images(self, run: ActiveRun) -> Path:
         """The run's image directory."""
@@ -327,6 +343,8 @@ class Checkpointer:
                 self._keep_parked(run)
                 return
             ok = await self._dump(run, worker)
+            if ok:
+                self.restore_ahead(run)
         finally:
             if not done.done():
                 done.set_result(ok)
@@ -380,8 +398,86 @@ class Checkpointer:
             lambda conn: conn.execute("UPDATE runs SET hold = 'parked' WHERE id = ?", (run.id,))
         )
 
+    def restore_ahead(self, run: ActiveRun) -> None:
+        """Plan to restore a run waiting for a deadline before it comes, so it resumes on time.
+
+        Restores take ~100 ms and run two at a time: when many timed waits end in the same
+        second, restoring only at each deadline made the last ones seconds late.
+        """
+        wait = run.wait
+        if wait is None or wait.kind != "DATETIME" or wait.resume_at is None:
+            return
+        self._ahead_runs[run.id] = run
+        heapq.heappush(self._ahead, (wait.resume_at, run.id))
+        self._ahead_changed.set()
+        if self._ahead_task is None or self._ahead_task.done():
+            self._ahead_task = asyncio.get_running_loop().create_task(self._restore_ahead_loop())
+
+    def _next_restore_at(self) -> float:
+        """When the soonest planned restore must start for every one to be back in time."""
+        estimate = statistics.median(self._restore_s)
+        deadlines = heapq.nsmallest(RESTORE_PLAN_DEPTH, self._ahead)
+        return min(
+            deadline - (rank // PARALLEL_CRIU + 1) * estimate - RESTORE_MARGIN_S
+            for rank, (deadline, _) in enumerate(deadlines)
+        )
+
+    async def _restore_ahead_loop(self) -> None:
+        while self._ahead:
+            delay = self._next_restore_at() - time.time()
+            if delay > 0:
+                self._ahead_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ahead_changed.wait(), delay)
+                continue
+            _, run_id = heapq.heappop(self._ahead)
+            run = self._ahead_runs.pop(run_id, None)
+            if run is None or run.hold != "checkpoint" or run.id in self._restoring:
+                continue
+            if run.status is not RunStatus.WAITING:
+                continue  # its deadline came first: the queue restores it as usual
+            await self._slots.acquire()  # at most PARALLEL_CRIU restores, ahead or not
+            self._slots.release()
+            task = asyncio.get_running_loop().create_task(self._restore_tracked(run))
+            self._ahead_restores.add(task)
+            task.add_done_callback(self._ahead_restores.discard)
+            await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        """Plan no more restores; let the ones under way finish."""
+        if self._ahead_task is not None:
+            self._ahead_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ahead_task
+        if self._ahead_restores:
+            await asyncio.wait(self._ahead_restores)
+
+    async def _restore_tracked(self, run: ActiveRun) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._restoring[run.id] = done
+        try:
+            await self._bring_back(run)
+        finally:
+            self._restoring.pop(run.id, None)
+            done.set_result(None)
+
     async def restore(self, run: ActiveRun) -> None:
         """Bring a checkpointed run's process back; on failure, replay the run."""
+        ahead = self._restoring.get(run.id)
+        if ahead is not None:
+            # Its deadline came while it was being restored ahead of it.
+            await asyncio.shield(ahead)
+            if run.status is not RunStatus.DEQUEUED:
+                return  # resumed already, as its process said hello
+            if run.hold == "exited":
+                self._engine.place(run)  # the restore failed: it replays
+            else:
+                self._engine.resume_parked_or_replay(run)
+            return
+        await self._bring_back(run)
+
+    async def _bring_back(self, run: ActiveRun) -> None:
+        """Restore the run's process; a failed restore makes the run replay."""
         from ember.daemon._supervisor import Worker
 
         pending = self._dumps.get(run.id)
@@ -414,6 +510,7 @@ class Checkpointer:
             run.parked = None
             self._fail(run, error)
             return
+        self._restore_s.append(restore_ms / 1000)
         pid = int(pidfile.read_text().strip())
         worker.pid = pid
         self._reap_later(pid, worker)
@@ -427,7 +524,8 @@ class Checkpointer:
         log.warning("restoring run %s failed (%s); it re-executes from its journal", run.id, reason)
         shutil.rmtree(self.images(run), ignore_errors=True)
         self._engine.replay_instead(run)
-        self._engine.place(run)
+        if run.status is RunStatus.DEQUEUED:
+            self._engine.place(run)  # (restored ahead, it replays when its wait ends)
 
     def _reap_later(self, pid: int, worker: Worker) -> None:
         """A restored process is the daemon's child: collect its exit through a pidfd."""

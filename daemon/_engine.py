@@ -159,6 +159,8 @@ class Engine:
                 self._spawn(self.waits.complete(record, result))
             else:
                 self.waits.arm(record)
+                if waiting.hold == "checkpoint" and self.checkpointer is not None:
+                    self.checkpointer.restore_ahead(waiting)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._update_idle()
         return len(self.active)
@@ -223,6 +225,8 @@ class Engine:
         """Stop timers; queued and executing runs stay in the table for the next start."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.checkpointer is not None:
+            await self.checkpointer.close()
         for run in self.active.values():
             for handle in run.timers:
                 handle.cancel()
@@ -1174,7 +1178,7 @@ class Engine:
             run.parked = None
             self.resume_on(run, worker, "restored from its checkpoint")
             return
-        # The dump failed: the process is back, parked, until the wait completes.
+        # Restored ahead of its deadline, or its dump failed: parked until the wait completes.
         run.hold = "parked"
         run.parked = worker
 

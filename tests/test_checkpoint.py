@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -87,8 +88,14 @@ async def test_a_checkpointed_run_resumes_with_its_memory(criu: Harness) -> None
     output = done.output_as()
     assert output["secret"] == await logged_secret(runs, handle.id)
     assert output["count"] == 1000
-    assert "restored from its checkpoint" in [s.description for s in done.snapshots]
     assert not any((criu.config.state_dir / "checkpoints").iterdir()), "images are single-use"
+    # Restored ahead of its deadline (the restore began before it), then resumed on time.
+    held = next(s for s in done.snapshots if s.description.endswith("held by checkpoint"))
+    restored = next(s for s in done.snapshots if s.description.startswith("restored its process"))
+    restore_ms = float(restored.description.split()[-2])
+    restore_began = restored.created_at - timedelta(milliseconds=restore_ms)
+    assert restore_began < held.created_at + timedelta(seconds=2)
+    assert "resumed in its parked process" in [s.description for s in done.snapshots]
 
 
 def _dumped(h: Harness, run_id: str) -> bool:
