@@ -457,6 +457,9 @@ class Checkpointer:
         self._restoring[run.id] = done
         try:
             await self._bring_back(run)
+        except Exception as exc:  # its image vanished meanwhile, say: the run replays
+            log.exception("restoring run %s ahead of its deadline failed", run.id)
+            self._fail(run, f"{type(exc).__name__}: {exc}")
         finally:
             self._restoring.pop(run.id, None)
             done.set_result(None)
@@ -525,7 +528,8 @@ class Checkpointer:
         shutil.rmtree(self.images(run), ignore_errors=True)
         self._engine.replay_instead(run)
         if run.status is RunStatus.DEQUEUED:
-            self._engine.place(run)  # (restored ahead, it replays when its wait ends)
+            self._engine.place(run)
+        # (else it was being restored ahead of its deadline: it replays when its wait ends)
 
     def _reap_later(self, pid: int, worker: Worker) -> None:
         """A restored process is the daemon's child: collect its exit through a pidfd."""

@@ -997,8 +997,7 @@ class Engine:
                 self._finish(run, RunStatus.SYSTEM_FAILURE, error=error)
 
     async def _sweep(self) -> None:
-        """Once a second: stop attempts over max duration and attempts that stopped beating,
-        and bring in the DELAYED runs that come within the horizon."""
+        """Once a second: stop overdue and silent attempts, and bring in nearing DELAYED runs."""
         while True:
             await asyncio.sleep(1.0)
             now = time.time()

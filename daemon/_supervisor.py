@@ -457,8 +457,7 @@ class Supervisor:
     def prepare_successor(self, worker: Worker) -> None:
         """The process starts its last run before recycling: fork its successor meanwhile.
 
-        Recycling then costs no run a wait for a fork (a few ms with a PID namespace, which
-        cut drain throughput by a third when every 100th run waited for one).
+        Recycling then costs no run a wait for a fork (a few ms, with a PID namespace).
         """
         if worker.runs_done + 1 < self.config.max_runs_per_process or worker.last_run:
             return
