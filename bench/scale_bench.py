@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/scale_bench.py [--finished 1000000] [--delayed 100000] [--rounds 3]
 
-For an empty store and a full one, alternately: the daemon's RSS and idle CPU once started
-(the delayed runs are loaded and timed on start), then trigger, e2e and throughput through
-the harness's drivers (``bench/run.py``), and the ratios full / empty.
+For an empty store and a full one, alternately: the daemon's start time, RSS and idle CPU
+(the delayed runs, due in a day, stay in the table until they near), then trigger, e2e and
+throughput through the harness's drivers (``bench/run.py``), and the ratios full / empty.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil
 import run
-from ember_bench import EmberPeer
+from ember_bench import EmberPeer, write_runs
 
-from ember.daemon._db import connect
 from ember.daemon._ids import _encode
-from ember.daemon._schema import migrate
 
 TASKS = ("send-email", "charge-card", "sync-inventory", "daily-report", "resize-image")
 
 
 def seed(db_path: Path, finished: int, delayed: int) -> float:
     """Write ``finished`` final runs (the newest now) and ``delayed`` runs due in a day."""
-    started = time.perf_counter()
-    conn = connect(db_path, "normal")
-    migrate(conn)
-    conn.execute("PRAGMA synchronous = OFF")
     now = time.time()
-    conn.execute("BEGIN")
-    rows: list[tuple[Any, ...]] = []
-    for i in range(finished + delayed):
-        is_delayed = i >= finished
-        created = now - (finished + delayed - i) * 0.01
-        task = "noop" if is_delayed else TASKS[i % len(TASKS)]
-        rows.append(
-            (
+    total = finished + delayed
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(total):
+            is_delayed = i >= finished
+            created = now - (total - i) * 0.01
+            task = "noop" if is_delayed else TASKS[i % len(TASKS)]
+            yield (
                 "run_" + _encode(int(created * 1000), 10) + _encode(i, 16),
                 "dev",
                 task,
@@ -57,22 +52,11 @@ def seed(db_path: Path, finished: int, delayed: int) -> float:
                 None if is_delayed else created + 0.2,
                 b"null",
             )
-        )
-        if len(rows) == 50_000:
-            _insert(conn, rows)
-            rows.clear()
-    _insert(conn, rows)
-    conn.execute("COMMIT")
-    conn.close()
-    return time.perf_counter() - started
 
-
-def _insert(conn: Any, rows: list[tuple[Any, ...]]) -> None:
-    conn.executemany(
-        "INSERT INTO runs (id, env, task_id, status, created_at, updated_at, queue,"
-        " delay_until, finished_at, payload) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        rows,
+    columns = (
+        "id, env, task_id, status, created_at, updated_at, queue, delay_until, finished_at, payload"
     )
+    return write_runs(db_path, columns, rows())
 
 
 def one_round(store: Path | None, sizes: dict[str, int]) -> dict[str, float]:

@@ -20,29 +20,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 from textual.strip import Strip
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ember_bench import register, start_daemon, write_runs
+
 import ember.tui._runs_screen as runs_screen
-from ember import Call, ClientSettings, Runs, Tasks
+from ember import ClientSettings, Runs, Tasks
 from ember._types import RunStatus
-from ember.daemon._db import connect
 from ember.daemon._ids import _encode
-from ember.daemon._schema import migrate
 from ember.tui import EmberApp
 from ember.tui._run_table import RunTable
 
@@ -52,92 +51,32 @@ STATUSES = ("COMPLETED",) * 8 + ("FAILED", "CANCELED")
 
 def generate(db_path: Path, n: int) -> float:
     """Write ``n`` finished runs, the newest now; returns seconds taken."""
-    started = time.perf_counter()
-    conn = connect(db_path, "normal")
-    migrate(conn)
-    conn.execute("PRAGMA synchronous = OFF")
     now = time.time()
-    conn.execute("BEGIN")
-    batch: list[tuple[Any, ...]] = []
-    for i in range(n):
-        created = now - (n - i) * 0.05  # one run every 50 ms, oldest first
-        run_id = "run_" + _encode(int(created * 1000), 10) + _encode(i, 16)
-        task = TASKS[i % len(TASKS)]
-        status = STATUSES[i % len(STATUSES)]
-        tags = b'["bench"]' if i % 7 == 0 else None
-        batch.append(
-            (
-                run_id,
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(n):
+            created = now - (n - i) * 0.05  # one run every 50 ms, oldest first
+            task = TASKS[i % len(TASKS)]
+            yield (
+                "run_" + _encode(int(created * 1000), 10) + _encode(i, 16),
                 "dev",
                 task,
-                status,
+                STATUSES[i % len(STATUSES)],
                 created,
                 created + 0.3,
                 f"task/{task}",
-                tags,
+                b'["bench"]' if i % 7 == 0 else None,
                 "20250101.1",
                 1,
                 created + 0.01,
                 created + 0.3,
             )
-        )
-        if len(batch) == 50_000:
-            _insert(conn, batch)
-            batch.clear()
-    _insert(conn, batch)
-    conn.execute("COMMIT")
-    conn.close()
-    return time.perf_counter() - started
 
-
-def _insert(conn: Any, rows: list[tuple[Any, ...]]) -> None:
-    conn.executemany(
-        "INSERT INTO runs (id, env, task_id, status, created_at, updated_at, queue, tags,"
-        " version, attempt_count, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        rows,
+    columns = (
+        "id, env, task_id, status, created_at, updated_at, queue, tags, version, attempt_count,"
+        " started_at, finished_at"
     )
-
-
-def start_daemon(state: Path, socket: Path) -> subprocess.Popen[bytes]:
-    """``ember daemon`` on the state directory; returns once it answers."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ember.cli",
-            "daemon",
-            "--state-dir",
-            str(state),
-            "--socket",
-            str(socket),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not socket.exists():
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise SystemExit("the daemon did not start")
-        time.sleep(0.05)
-    return process
-
-
-def archive() -> bytes:
-    """A version with one no-op task."""
-    buffer = io.BytesIO()
-    files = {
-        "tasks/__init__.py": "",
-        "tasks/noop.py": "from ember import task\n\n@task(id='noop')\nasync def noop() -> None:\n"
-        "    return None\n",
-        ".ember/manifest.json": '{"dirs": ["tasks"]}',
-    }
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, text in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(text.encode())
-            tar.addfile(info, io.BytesIO(text.encode()))
-    return buffer.getvalue()
+    return write_runs(db_path, columns, rows())
 
 
 class TimedRunTable(RunTable):
@@ -256,13 +195,10 @@ def main() -> None:
     results: dict[str, Any] = {"runs_in_store": args.runs}
     if not (state / "ember.db").exists():
         results["generate_s"] = round(generate(state / "ember.db", args.runs), 1)
-    daemon = start_daemon(state, socket)
+    daemon, client, _ = start_daemon(state, socket)
     try:
         settings = ClientSettings(socket_path=socket)
-        client = EmberApp(settings).client
-        client.request_sync(
-            Call("POST", "/api/v1/versions", dict[str, Any], body=archive(), timeout_s=60)
-        )
+        register(client)
         paints = [asyncio.run(first_paint(settings)) for _ in range(5)]
         results["first_paint_headless_ms_median"] = round(statistics.median(paints) * 1000)
         results["first_paint_headless_ms_all"] = [round(p * 1000) for p in paints]

@@ -25,13 +25,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
-from ember_bench import archive
+from ember_bench import register, start_daemon
 
-from ember import Call, Client, ClientSettings, DaemonUnavailable, Runs, Tasks
-from ember._types import Health, VersionInfo
+from ember import Client, Runs, Tasks
 
 
-def start_daemon(work: Path, strategy: str, n: int) -> tuple[subprocess.Popen[bytes], Client]:
+def count_waiting(runs: Runs) -> int:
+    """WAITING runs, page by page (a page holds at most 1,000)."""
+    count, cursor = 0, None
+    while True:
+        page = runs.list_sync(status="WAITING", limit=1000, cursor=cursor)
+        count += len(page.data)
+        if page.next_cursor is None:
+            return count
+        cursor = page.next_cursor
+
+
+def start_strategy(work: Path, strategy: str, n: int) -> tuple[subprocess.Popen[bytes], Client]:
     """``ember daemon`` for one strategy, in a project folder holding its settings."""
     (work / "pyproject.toml").write_text(
         "[tool.ember]\n"
@@ -40,49 +50,21 @@ def start_daemon(work: Path, strategy: str, n: int) -> tuple[subprocess.Popen[by
         f"max_parked_processes = {n}\n"
         "max_concurrent_runs = 25\n"
     )
-    socket = work / "ember.sock"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ember.cli",
-            "daemon",
-            "--state-dir",
-            str(work / "state"),
-            "--socket",
-            str(socket),
-        ],
-        cwd=work,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = Client(ClientSettings(socket_path=socket))
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            health = client.request_sync(Call("GET", "/healthz", Health))
-            break
-        except DaemonUnavailable:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise
-            time.sleep(0.05)
+    process, client, health = start_daemon(work / "state", work / "ember.sock", cwd=work)
     if health.checkpoint_strategy != strategy:
         process.terminate()
         process.wait()
         raise RuntimeError(
             f"asked for {strategy}, the daemon holds waits by {health.checkpoint_strategy}"
         )
-    client.request_sync(
-        Call("POST", "/api/v1/versions", VersionInfo, body=archive(), timeout_s=120)
-    )
+    register(client)
     return process, client
 
 
 def measure(strategy: str, n: int, wait_s: float) -> dict[str, Any]:
     """One strategy: N runs waiting W seconds."""
     with tempfile.TemporaryDirectory(prefix="ember-waits-") as folder:
-        process, client = start_daemon(Path(folder), strategy, n)
+        process, client = start_strategy(Path(folder), strategy, n)
         try:
             tasks, runs = Tasks(client), Runs(client)
             deadline_at = time.time() + wait_s
@@ -94,7 +76,7 @@ def measure(strategy: str, n: int, wait_s: float) -> dict[str, Any]:
                 )
             ]
             while True:
-                waiting = len(runs.list_sync(status="WAITING", limit=1000).data)
+                waiting = count_waiting(runs)
                 if waiting >= n or time.time() > deadline_at - 0.5:
                     break
                 time.sleep(0.2)
