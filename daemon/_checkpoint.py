@@ -470,11 +470,9 @@ class Checkpointer:
         if ahead is not None:
             # Its deadline came while it was being restored ahead of it.
             await asyncio.shield(ahead)
-            if run.status is not RunStatus.DEQUEUED:
-                return  # resumed already, as its process said hello
-            if run.hold == "exited":
-                self._engine.place(run)  # the restore failed: it replays
-            else:
+            # Unless its process said hello and resumed it already, or the restore failed
+            # (and _fail placed it to replay), it resumes in the restored process.
+            if run.status is RunStatus.DEQUEUED and run.hold != "exited":
                 self._engine.resume_parked_or_replay(run)
             return
         await self._bring_back(run)

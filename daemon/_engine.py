@@ -652,7 +652,8 @@ class Engine:
             self._busy += 1
             assert version is not None
             if run.hold == "parked" and run.parked is not None:
-                self._resume_parked(run)
+                # (a process still reconnecting resumes it as it says hello)
+                self.resume_parked_or_replay(run)
                 continue
             if run.hold == "checkpoint" and self.checkpointer is not None:
                 self._spawn(self.checkpointer.restore(run))
@@ -1397,15 +1398,21 @@ class Engine:
 
     async def wait_final(self, run_id: str, timeout_s: float, history: bool = True) -> Run:
         """Return a run once it is final, or as it is after ``timeout_s``."""
-        if not self._closing and self._held(run_id) is not None:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(run_id, []).append(waiter)
-            try:
-                await asyncio.wait_for(waiter, timeout_s)
-            except TimeoutError:
-                waiters = self._waiters.get(run_id)
-                if waiters is not None and waiter in waiters:
-                    waiters.remove(waiter)
+        if self._closing:
+            return await self.get_run(run_id, history)
+        if run_id not in self.active:
+            # One read answers for a final run; only a dormant DELAYED one is brought in.
+            run = await self.get_run(run_id, history)
+            if run.status is not RunStatus.DELAYED or self._held(run_id) is None:
+                return run
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(run_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
         return await self.get_run(run_id, history)
 
     # -- queues -------------------------------------------------------------------------
