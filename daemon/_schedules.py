@@ -153,7 +153,9 @@ class Scheduler:
             for schedule_id, due in sorted(self.table.next_at.items(), key=lambda i: i[1]):
                 if due > now:
                     break
-                row = self.table.rows[schedule_id]
+                row = self.table.rows.get(schedule_id)
+                if row is None or self.table.next_at.get(schedule_id) != due:
+                    continue  # deleted or moved while an earlier schedule fired
                 try:
                     await self._fire(row, now)
                 except Exception:  # one bad schedule must not stop the others

@@ -195,8 +195,6 @@ class Supervisor:
         self._starting: dict[VersionKey, int] = {}
         # Ids stay unique across restarts: a restored process says hello with its old id.
         self._next_id = time.time_ns() // 1000
-        # Processes of checkpointed runs, by worker id, until they are restored.
-        self.dormant: dict[int, Worker] = {}
         self.pidns = False
         # psutil keeps the previous CPU sample per Process object: reuse them between calls.
         self._psutil: dict[int, psutil.Process] = {}
