@@ -169,5 +169,6 @@ async def test_kill_9_with_500_runs_in_flight_loses_none(daemon_process: DaemonP
     assert [r.status for r in results] == [RunStatus.COMPLETED] * len(accepted)
     assert [r.output_as(int) for r in results] == [i * 2 for _, i in accepted]
     interrupted = [r for r in results if any(a.status == "INTERRUPTED" for a in r.attempts)]
+    assert interrupted, "runs were executing at the kill: their attempts must show it"
     assert all(r.attempts[-1].status == "COMPLETED" for r in interrupted)
     await client.aclose()
