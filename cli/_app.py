@@ -15,7 +15,7 @@ from ember._errors import ConfigError, EmberError
 from ember._runs import Runs, Tasks
 from ember._types import Run, RunSummary
 from ember.cli import _output as out
-from ember.cli._common import EnvOption, JsonFlag, ProfileOption, fail
+from ember.cli._common import EnvOption, JsonFlag, ProfileOption, fail, project_config
 from ember.cli._common import make_client as _client
 from ember.cli._common import print_json as _print_json
 from ember.cli._common import run_async as _run_async
@@ -119,7 +119,7 @@ def daemon(
         fail(str(exc))
 
 
-def _payload(raw: str | None) -> Any:
+def _payload(raw: str | None, option: str = "--payload") -> Any:
     if raw is None:
         return None
     text = raw
@@ -131,7 +131,7 @@ def _payload(raw: str | None) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        fail(f"--payload is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+        fail(f"{option} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
 
 
 @app.command()
@@ -378,7 +378,7 @@ def tokens_complete(
     """Complete a wait token; the runs waiting on it resume with the data."""
     from ember._wait import Wait
 
-    value = _payload(data)
+    value = _payload(data, "--data")
     client = _client(env, profile)
     info = _run_async(Wait(client).complete_token(token_id, value))
     if as_json:
@@ -393,11 +393,7 @@ def doctor(env: EnvOption = None) -> None:
     from ember._types import Health
     from ember.daemon._checkpoint import detect
 
-    try:
-        project = find_project(Path.cwd())
-    except ConfigError:
-        project = None
-    config = daemon_config(project)
+    config = project_config()
     support = detect(config)
     mark = "✓" if support.ok else "✗"
     typer.echo(f"{mark} CRIU checkpoints: {support.reason}")
@@ -423,14 +419,7 @@ def tui(env: EnvOption = None) -> None:
     """Open the dashboard: runs, tasks, queues, versions and processes, live."""
     from ember.tui import DaemonLauncher, EmberApp
 
-    try:
-        project = find_project(Path.cwd())
-    except ConfigError:
-        project = None
-    try:
-        config = daemon_config(project)
-    except EmberError as exc:
-        fail(str(exc))
+    config = project_config()
     settings = client_settings(config, env)
     launcher = None
     if settings.url is None:

@@ -13,6 +13,7 @@ from ember._client import Client
 from ember._errors import ConfigError, EmberError
 from ember.cli._project import find_project
 from ember.cli._settings import client_settings, daemon_config
+from ember.daemon._config import DaemonConfig
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 EnvOption = Annotated[str | None, typer.Option("--env", "-e", help="Environment (default dev).")]
@@ -37,11 +38,22 @@ def make_client(env: str | None, profile: str | None = None) -> Client:
             if env is not None and env != settings.env:
                 fail(f"profile {profile} holds a key of environment {settings.env}, not {env}")
             return Client(settings)
-        try:
-            project = find_project(Path.cwd())
-        except ConfigError:
-            project = None
-        return Client(client_settings(daemon_config(project), env))
+        return Client(client_settings(project_config(), env))
+    except EmberError as exc:
+        fail(str(exc))
+
+
+def project_config() -> DaemonConfig:
+    """The daemon settings of the project around the current folder (defaults outside one).
+
+    A bad ``[tool.ember]`` ends the command with its message, not a traceback.
+    """
+    try:
+        project = find_project(Path.cwd())
+    except ConfigError:
+        project = None
+    try:
+        return daemon_config(project)
     except EmberError as exc:
         fail(str(exc))
 

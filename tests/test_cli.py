@@ -131,3 +131,12 @@ def test_init_then_snapshot_holds_the_starter_task(tmp_path: Path) -> None:
     assert count == 3
     again, _ = snapshot(project)
     assert unpack(again, store)[0] == digest, "same content, same version hash"
+
+
+async def test_bad_settings_are_one_line_with_the_fix(h: Harness, tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n[tool.ember]\nbogus = 1\n')
+    for command in (("doctor",), ("runs", "list")):
+        result = ember(h, *command, cwd=tmp_path)
+        assert result.returncode == 1, command
+        assert "unknown key 'bogus'" in result.stderr
+        assert "Traceback" not in result.stderr
