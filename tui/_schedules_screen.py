@@ -59,9 +59,7 @@ class SchedulesScreen(TableScreen):
                     s.timezone,
                     ago(s.next_run, now) if s.active else "—",
                     ago(s.last_run, now),
-                    Content.from_markup(
-                        "[$success]● active[/]" if s.active else "[$warning]○ off[/]"
-                    ),
+                    Content.from_markup(_ACTIVE if s.active else _INACTIVE),
                     s.type.lower(),
                     s.external_id or "—",
                 ),
