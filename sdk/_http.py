@@ -220,8 +220,9 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 class SyncConnection:
     """One keep-alive connection for blocking code (guard it with a lock across threads)."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, timeout_s: float) -> None:
         self._endpoint = endpoint
+        self._timeout_s = timeout_s
         self._conn: http.client.HTTPConnection | None = None
 
     def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
