@@ -17,7 +17,7 @@ import msgspec
 
 from ember._config import ClientSettings
 from ember._errors import DaemonUnavailable, EmberError, api_error
-from ember._http import AsyncPool, ConnectFailed, Endpoint, SyncConnection, target
+from ember._http import AsyncPool, Endpoint, SyncConnection, target
 from ember._types import ErrorBody, Event
 
 T = TypeVar("T")
@@ -58,7 +58,7 @@ class Client:
         self._headers = headers
         # Connections belong to the event loop that opened them: one pool per live loop.
         self._pools: dict[asyncio.AbstractEventLoop, AsyncPool] = {}
-        self._sync = SyncConnection(self._endpoint, self.settings.timeout_s)
+        self._sync = SyncConnection(self._endpoint)
         self._sync_lock = threading.Lock()
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
@@ -110,9 +110,7 @@ class Client:
             status, data = await asyncio.wait_for(
                 self._pool().request(call.method, path, self._headers, call.body), timeout_s
             )
-        except ConnectFailed as exc:
-            raise self._unavailable(str(exc)) from exc
-        except ConnectionError as exc:
+        except ConnectionError as exc:  # ConnectFailed included
             raise self._unavailable(str(exc)) from exc
         except TimeoutError as exc:
             raise self._unavailable(f"no answer within {timeout_s:.0f}s") from exc

@@ -220,9 +220,8 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 class SyncConnection:
     """One keep-alive connection for blocking code (guard it with a lock across threads)."""
 
-    def __init__(self, endpoint: Endpoint, timeout_s: float) -> None:
+    def __init__(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
-        self._timeout_s = timeout_s
         self._conn: http.client.HTTPConnection | None = None
 
     def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
