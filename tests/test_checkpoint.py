@@ -6,6 +6,7 @@ Skipped, with the reason, wherever `ember doctor` would say checkpoints do not w
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +18,8 @@ from ember import Runs, RunStatus, Tasks
 from ember.daemon import DaemonConfig
 from ember.daemon._checkpoint import detect
 
-SUPPORT = detect(DaemonConfig())
+with tempfile.TemporaryDirectory() as _state:
+    SUPPORT = detect(DaemonConfig(state_dir=Path(_state)))
 pytestmark = [
     pytest.mark.criu,
     pytest.mark.skipif(not SUPPORT.ok, reason=f"no working CRIU: {SUPPORT.reason}"),
