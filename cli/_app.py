@@ -435,7 +435,7 @@ def _check_state_modes(state: Path) -> None:
     )
     for path, mode in loose[:5]:
         typer.echo(f"  {mode:04o} {path}")
-    typer.echo(f"  the daemon makes them private when it starts, or run: chmod -R go-rwx {state}")
+    typer.echo(f"  make them private with: chmod -R go-rwx {state}")
 
 
 @app.command()
