@@ -401,6 +401,7 @@ def doctor(env: EnvOption = None) -> None:
         typer.echo(f"  smoke test: dump {support.dump_ms} ms, restore {support.restore_ms} ms")
     else:
         typer.echo("  long waits park their process (or use checkpoint = 'replay' to free it)")
+    _check_state_modes(config.state_dir)
     client = Client(client_settings(config, env))
     try:
         health = asyncio.run(client.request(Call("GET", "/healthz", Health)))
@@ -412,6 +413,29 @@ def doctor(env: EnvOption = None) -> None:
         f"by {health.checkpoint_strategy}; {health.active_runs} active runs, "
         f"{health.processes} processes"
     )
+
+
+def _check_state_modes(state: Path) -> None:
+    """Warn about state files others may read: the database, tokens, a process's memory."""
+    from ember.daemon._modes import loose_entries
+
+    if not state.is_dir():
+        return
+    try:
+        loose = list(loose_entries(state))
+    except PermissionError as exc:
+        typer.echo(f"✗ state files: cannot check {state} ({exc.strerror}); run doctor as its owner")
+        return
+    if not loose:
+        typer.echo(f"✓ state files: private under {state} (files 0600, folders 0700)")
+        return
+    typer.echo(
+        f"✗ state files: {len(loose)} under {state} are open to the group or others, and they "
+        "hold run data, tokens and checkpointed memory:"
+    )
+    for path, mode in loose[:5]:
+        typer.echo(f"  {mode:04o} {path}")
+    typer.echo(f"  make them private with: chmod -R go-rwx {state}")
 
 
 @app.command()

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import ember
 from ember._types import RunStatus
 from ember.daemon._config import DaemonConfig
+from ember.daemon._manifest import MANIFEST_FILE, mismatch, record
 
 if TYPE_CHECKING:
     from ember.daemon._engine import Engine
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.daemon")
 
 DUMP_TIMEOUT_S = 60.0
+RESTORE_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 20.0
 # Dumps and restores are CPU- and disk-bound: a few at a time, as the research advises.
 PARALLEL_CRIU = 2
@@ -67,16 +69,49 @@ class CriuSupport:
     restore_ms: float | None = None
 
 
-def _find_binary(config: DaemonConfig) -> str | None:
-    if config.criu_path:
-        return config.criu_path if os.access(config.criu_path, os.X_OK) else None
-    found = shutil.which("criu")
-    if found:
-        return found
-    for folder in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
-        candidate = os.path.join(folder, "criu")
-        if os.access(candidate, os.X_OK):
-            return candidate
+def _find_binary(config: DaemonConfig) -> tuple[str | None, str]:
+    """The criu binary to run: ``criu_path`` from the config, else the daemon's PATH.
+
+    Nothing else names it (not the smoke-test cache, not a file anyone can write): the
+    daemon runs it as root. Returns (the binary or None, why it was refused or not found).
+    """
+    candidates = [config.criu_path] if config.criu_path else _search_path()
+    refused = ""
+    for candidate in candidates:
+        if not os.access(candidate, os.X_OK):
+            continue
+        distrust = _untrusted(candidate)
+        if distrust is None:
+            return os.path.realpath(candidate), ""
+        refused = distrust
+    if refused:
+        return None, refused
+    return None, "no criu binary on PATH (CRIU >= 4.2 is needed on kernels >= 6.16)"
+
+
+def _search_path() -> list[str]:
+    folders = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/local/sbin", "/usr/sbin"]
+    return [os.path.join(folder, "criu") for folder in folders if os.path.isabs(folder)]
+
+
+def _untrusted(binary: str) -> str | None:
+    """Why a root daemon must not run this file (None: it may).
+
+    As root, the binary and every folder above it must belong to root and be writable by
+    nobody else, or whoever can write there chooses what runs as uid 0.
+    """
+    if os.geteuid() != 0:
+        return None  # an unprivileged daemon runs it as the user who could replace it anyway
+    path = Path(os.path.realpath(binary))
+    for part in (path, *path.parents):
+        info = part.stat()
+        if info.st_uid != 0 or info.st_mode & 0o022:
+            return (
+                f"refusing {binary}: {part} is "
+                + ("not owned by root" if info.st_uid != 0 else "writable by group or others")
+                + " and the daemon runs criu as root; install criu root-owned (e.g. in"
+                " /usr/local/sbin, mode 0755) or point criu_path at such a copy"
+            )
     return None
 
 
@@ -84,14 +119,14 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
+# SIGUSR1 stays blocked and is taken with sigwait: a handler plus pause() lost the signal
+# when it came before the restored process was back in pause() (half the smoke tests).
 _SMOKE_WORKER = r"""
-import os, signal, sys, time
-woke = []
-signal.signal(signal.SIGUSR1, lambda *_: woke.append(1))
+import signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 counter = 41
 sys.stdout.write("parked\n"); sys.stdout.flush()
-while not woke:
-    signal.pause()
+signal.sigwait({signal.SIGUSR1})
 sys.stdout.write(f"counter {counter + 1}\n"); sys.stdout.flush()
 """
 
@@ -204,18 +239,21 @@ def _errors(log_file: Path) -> str:
     return " | ".join(errors[-3:])
 
 
-def detect(config: DaemonConfig, cache_dir: Path | None = None) -> CriuSupport:
+CACHE_FILE = "criu-check.json"
+
+
+def detect(config: DaemonConfig) -> CriuSupport:
     """Decide whether CRIU checkpoints work here: version, privileges, and a real smoke test.
 
-    The smoke-test result is cached per (criu binary and version, kernel, Python, Ember).
+    The smoke-test result is cached in the state directory (0600) per (criu binary, its
+    size and mtime, version, kernel, Python, Ember). The cache only says whether the test
+    passed: the binary always comes from :func:`_find_binary`.
     """
     if sys.platform != "linux":
         return CriuSupport(False, f"CRIU needs Linux (this is {sys.platform})")
-    binary = _find_binary(config)
+    binary, refused = _find_binary(config)
     if binary is None:
-        return CriuSupport(
-            False, "no criu binary on PATH (CRIU >= 4.2 is needed on kernels >= 6.16)"
-        )
+        return CriuSupport(False, refused)
     try:
         version_text = subprocess.run(
             [binary, "--version"], capture_output=True, text=True, timeout=10
@@ -238,61 +276,118 @@ def detect(config: DaemonConfig, cache_dir: Path | None = None) -> CriuSupport:
         return CriuSupport(
             False, "checkpoints need root (or CAP_CHECKPOINT_RESTORE)", binary, version
         )
-    key = f"{binary}|{version}|{kernel}|{sys.version.split()[0]}|{ember.__version__}"
-    cache = (cache_dir or Path(tempfile.gettempdir())) / "ember-criu-check.json"
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        cached = json.loads(cache.read_text())
-        if cached["key"] == key:
-            return CriuSupport(**cached["support"])
+    info = os.stat(binary)
+    key = (
+        f"{binary}|{info.st_size}|{info.st_mtime_ns}|{version}|{kernel}|"
+        f"{sys.version.split()[0]}|{ember.__version__}"
+    )
+    cache = config.state_dir / CACHE_FILE
+    cached = _read_cache(cache, key)
+    if cached is not None:
+        return dataclasses.replace(cached, binary=binary, version=version)
+    support = _check(binary, version)
+    _write_cache(cache, key, support)
+    return support
+
+
+def _check(binary: str, version: str) -> CriuSupport:
     check = subprocess.run([binary, "check"], capture_output=True, text=True, timeout=30)
     if check.returncode != 0:
-        support = CriuSupport(
+        return CriuSupport(
             False, f"criu check failed: {check.stderr.strip()[-300:]}", binary, version
         )
-    else:
-        with tempfile.TemporaryDirectory(prefix="ember-criu-") as work:
-            try:
-                dump_ms, restore_ms = _smoke_test(binary, Path(work))
-                support = CriuSupport(
-                    True,
-                    f"criu {version}: a real dump and restore worked",
-                    binary,
-                    version,
-                    round(dump_ms, 1),
-                    round(restore_ms, 1),
-                )
-            except (RuntimeError, OSError, subprocess.SubprocessError, IndexError) as exc:
-                support = CriuSupport(False, f"the CRIU smoke test failed: {exc}", binary, version)
+    with tempfile.TemporaryDirectory(prefix="ember-criu-") as work:
+        try:
+            dump_ms, restore_ms = _smoke_test(binary, Path(work))
+        except (RuntimeError, OSError, subprocess.SubprocessError, IndexError) as exc:
+            return CriuSupport(False, f"the CRIU smoke test failed: {exc}", binary, version)
+    return CriuSupport(
+        True,
+        f"criu {version}: a real dump and restore worked",
+        binary,
+        version,
+        round(dump_ms, 1),
+        round(restore_ms, 1),
+    )
+
+
+def _read_cache(cache: Path, key: str) -> CriuSupport | None:
+    """A cached verdict, if the file is ours, private, and for this exact setup."""
+    try:
+        with open(cache, "rb") as file:
+            info = os.fstat(file.fileno())
+            if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+                return None
+            cached = json.loads(file.read())
+        if cached["key"] != key:
+            return None
+        verdict = cached["support"]
+        return CriuSupport(
+            ok=bool(verdict["ok"]),
+            reason=str(verdict["reason"]),
+            dump_ms=verdict.get("dump_ms"),
+            restore_ms=verdict.get("restore_ms"),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(cache: Path, key: str, support: CriuSupport) -> None:
+    verdict = {
+        "ok": support.ok,
+        "reason": support.reason,
+        "dump_ms": support.dump_ms,
+        "restore_ms": support.restore_ms,
+    }
     with contextlib.suppress(OSError):
-        cache.write_text(json.dumps({"key": key, "support": dataclasses.asdict(support)}))
-    return support
+        cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        staging = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as file:
+            json.dump({"key": key, "support": verdict}, file)
+        os.replace(staging, cache)
 
 
 class Checkpointer:
     """Dumps and restores the processes of waiting runs.
 
+    An image is restored at most once: every restore (ahead of the deadline or at it) goes
+    through one registry, and the run's state is checked again once a slot is free. The
+    image stays on disk until the resumed run reports back from the restored process, so a
+    daemon that dies in between restores it again on its next start.
+
     Args:
-        binary: the criu binary that passed :func:`detect`.
+        support: the CRIU that passed :func:`detect` (its binary and version).
         config: the daemon's configuration (images live under ``<state>/checkpoints``).
         engine: resumes runs and falls back to replay.
         supervisor: owns the processes.
     """
 
     def __init__(
-        self, binary: str, config: DaemonConfig, engine: Engine, supervisor: Supervisor
+        self, support: CriuSupport, config: DaemonConfig, engine: Engine, supervisor: Supervisor
     ) -> None:
-        self._binary = binary
+        assert support.binary is not None
+        assert support.version is not None
+        self._binary = support.binary
+        self._criu_version = support.version
         self._root = config.state_dir / "checkpoints"
         self._engine = engine
         self._supervisor = supervisor
         self._dumps: dict[str, asyncio.Future[bool]] = {}
         self._slots = asyncio.Semaphore(PARALLEL_CRIU)
+        self._sweeping = asyncio.Lock()
         # Timed waits whose process is restored ahead of the deadline: (deadline, run id).
         self._ahead: list[tuple[float, str]] = []
         self._ahead_runs: dict[str, ActiveRun] = {}
         self._ahead_changed = asyncio.Event()
         self._ahead_task: asyncio.Task[None] | None = None
+        # The one registry of restores: whoever registers a run first restores its image;
+        # anyone else (the deadline, an early restore) waits for that restore to end.
         self._restoring: dict[str, asyncio.Future[None]] = {}
+        # Images whose process is back, kept until the resumed run reports: worker id → run id.
+        self._kept: dict[int, str] = {}
+        # Restored processes alive now (the daemon's children): never taken for strays.
+        self._restored_pids: set[int] = set()
         self._ahead_restores: set[asyncio.Task[None]] = set()
         self._restore_s: deque[float] = deque([0.2], maxlen=32)  # recent restore times
 
@@ -301,29 +396,36 @@ class Checkpointer:
         return self._root / run.id
 
     async def _run(self, args: list[str], images: Path, log_name: str) -> tuple[str | None, float]:
-        """Run criu; return (None on success else the reason, milliseconds it took)."""
+        """Run criu in a slot; return (None on success else the reason, milliseconds taken)."""
         async with self._slots:
-            started = time.perf_counter()
-            error = await self._run_now(args, images, log_name)
-            return error, (time.perf_counter() - started) * 1000
+            return await self._run_now(args, images, log_name, DUMP_TIMEOUT_S)
 
-    async def _run_now(self, args: list[str], images: Path, log_name: str) -> str | None:
+    async def _run_now(
+        self, args: list[str], images: Path, log_name: str, timeout_s: float
+    ) -> tuple[str | None, float]:
+        started = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             self._binary,
             *args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # Its own process group, to kill criu and its helpers at once; images 0600.
+            start_new_session=True,
+            umask=0o077,
         )
         try:
-            _, stderr = await asyncio.wait_for(process.communicate(), DUMP_TIMEOUT_S)
+            _, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
         except TimeoutError:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
-            return f"criu {args[0]} took longer than {DUMP_TIMEOUT_S:.0f}s"
+            return f"criu {args[0]} took longer than {timeout_s:.0f}s", timeout_s * 1000
+        elapsed_ms = (time.perf_counter() - started) * 1000
         if process.returncode != 0:
-            return _errors(images / log_name) or stderr.decode(errors="replace").strip()
-        return None
+            reason = _errors(images / log_name) or stderr.decode(errors="replace").strip()
+            return reason or f"criu {args[0]} exited with status {process.returncode}", elapsed_ms
+        return None, elapsed_ms
 
     async def checkpoint(self, run: ActiveRun, worker: Worker) -> None:
         """Suspend the run's process and dump it; on failure it stays parked."""
@@ -356,11 +458,14 @@ class Checkpointer:
         images.mkdir(parents=True, mode=0o700)
         self._root.chmod(0o700)
         assert worker.pid is not None
-        error, dump_ms = await self._run(
-            dump_args(worker.pid, images),
-            images,
-            "dump.log",
-        )
+        try:
+            # What it runs on, while it still runs: a restore elsewhere is refused.
+            manifest = await asyncio.to_thread(record, worker.pid, self._criu_version)
+        except OSError as exc:
+            error: str | None = f"its interpreter and libraries cannot be read ({exc})"
+            dump_ms = 0.0
+        else:
+            error, dump_ms = await self._run(dump_args(worker.pid, images), images, "dump.log")
         if error is not None:
             log.warning("checkpoint of run %s failed (%s); it stays parked", run.id, error)
             shutil.rmtree(images, ignore_errors=True)
@@ -370,17 +475,17 @@ class Checkpointer:
             self._keep_parked(run)
             return False
         size = sum(f.stat().st_size for f in images.iterdir() if f.is_file())
-        (images / "meta.json").write_text(
-            json.dumps(
-                {
-                    "worker_id": worker.id,
-                    "token": worker.token,
-                    "env": worker.key[0],
-                    "version": worker.key[1],
-                    "dump_ms": dump_ms,
-                    "bytes": size,
-                }
-            )
+        _write_private(images / MANIFEST_FILE, manifest)
+        _write_private(
+            images / "meta.json",
+            {
+                "worker_id": worker.id,
+                "token": worker.token,
+                "env": worker.key[0],
+                "version": worker.key[1],
+                "dump_ms": dump_ms,
+                "bytes": size,
+            },
         )
         self._supervisor.forget(worker)
         worker.parked = None
@@ -436,9 +541,9 @@ class Checkpointer:
                 continue
             if run.status is not RunStatus.WAITING:
                 continue  # its deadline came first: the queue restores it as usual
-            await self._slots.acquire()  # at most PARALLEL_CRIU restores, ahead or not
+            await self._slots.acquire()  # pace: the next one starts when a slot is free
             self._slots.release()
-            task = asyncio.get_running_loop().create_task(self._restore_tracked(run))
+            task = asyncio.get_running_loop().create_task(self._restore_once(run))
             self._ahead_restores.add(task)
             task.add_done_callback(self._ahead_restores.discard)
             await asyncio.sleep(0)
@@ -452,78 +557,130 @@ class Checkpointer:
         if self._ahead_restores:
             await asyncio.wait(self._ahead_restores)
 
-    async def _restore_tracked(self, run: ActiveRun) -> None:
+    async def restore(self, run: ActiveRun) -> None:
+        """Its wait is over: bring a checkpointed run's process back and resume it there.
+
+        The process may be back already (restored ahead of the deadline), or its dump may
+        have failed (it stayed parked); a failed restore makes the run replay.
+        """
+        await self._restore_once(run)
+        # Unless the restored process resumed it already, or _fail placed it to replay:
+        if run.status is RunStatus.DEQUEUED and run.hold != "exited":
+            self._engine.resume_parked_or_replay(run)
+
+    async def _restore_once(self, run: ActiveRun) -> None:
+        """Restore the run's image, unless another restore of it is under way or done."""
+        under_way = self._restoring.get(run.id)
+        if under_way is not None:
+            await asyncio.shield(under_way)
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._restoring[run.id] = done
+        failed: str | None = None
+        criu_ran = False
         try:
-            await self._bring_back(run)
+            pending = self._dumps.get(run.id)
+            if pending is not None:
+                await asyncio.shield(pending)  # (outside a slot: the dump needs one)
+            async with self._slots:
+                # Checked again now that a slot is ours: meanwhile the run may have been
+                # canceled or finished, its dump may have failed (it stays parked), or its
+                # process may be back already.
+                if (
+                    self._engine.active.get(run.id) is run
+                    and run.hold == "checkpoint"
+                    and run.parked is None
+                ):
+                    failed, criu_ran = await self._bring_back(run)
         except Exception as exc:  # its image vanished meanwhile, say: the run replays
-            log.exception("restoring run %s ahead of its deadline failed", run.id)
-            self._fail(run, f"{type(exc).__name__}: {exc}")
+            log.exception("restoring run %s failed", run.id)
+            failed = f"{type(exc).__name__}: {exc}"
         finally:
             self._restoring.pop(run.id, None)
             done.set_result(None)
+        if failed is not None:
+            if criu_ran:
+                await self._sweep_strays()
+            self._fail(run, failed)
 
-    async def restore(self, run: ActiveRun) -> None:
-        """Bring a checkpointed run's process back; on failure, replay the run."""
-        ahead = self._restoring.get(run.id)
-        if ahead is not None:
-            # Its deadline came while it was being restored ahead of it.
-            await asyncio.shield(ahead)
-            # Unless its process said hello and resumed it already, or the restore failed
-            # (and _fail placed it to replay), it resumes in the restored process.
-            if run.status is RunStatus.DEQUEUED and run.hold != "exited":
-                self._engine.resume_parked_or_replay(run)
-            return
-        await self._bring_back(run)
-
-    async def _bring_back(self, run: ActiveRun) -> None:
-        """Restore the run's process; a failed restore makes the run replay."""
+    async def _bring_back(self, run: ActiveRun) -> tuple[str | None, bool]:
+        """Restore the run's process (a slot is held): (why it failed or None, criu ran)."""
         from ember.daemon._supervisor import Worker
 
-        pending = self._dumps.get(run.id)
-        if pending is not None and not await pending:
-            # The dump failed and the process is parked; resume it there.
-            self._engine.resume_parked_or_replay(run)
-            return
-        if run.hold == "parked":
-            self._engine.resume_parked_or_replay(run)
-            return
         images = self.images(run)
         try:
             meta = json.loads((images / "meta.json").read_text())
+            manifest = json.loads((images / MANIFEST_FILE).read_text())
         except (OSError, ValueError) as exc:
-            self._fail(run, f"its image is unreadable ({exc})")
-            return
+            return f"its image is unreadable ({exc})", False
+        refused = await asyncio.to_thread(mismatch, manifest, self._criu_version)
+        if refused is not None:
+            return f"its image does not fit this machine: {refused}", False
+        _kill_earlier_copy(images)
         worker = Worker(meta["worker_id"], (meta["env"], meta["version"]), meta["token"])
         worker.parked = run
         worker.checkpointing = asyncio.get_running_loop().create_future()
         self._supervisor.adopt(worker)
         run.parked = worker
         pidfile = images / "pidfile"
-        error, restore_ms = await self._run(
-            restore_args(images),
-            images,
-            "restore.log",
+        pidfile.unlink(missing_ok=True)
+        error, restore_ms = await self._run_now(
+            restore_args(images), images, "restore.log", RESTORE_TIMEOUT_S
         )
+        pid = 0
+        if error is None:
+            try:
+                pid = int(pidfile.read_text().strip())
+            except (OSError, ValueError) as exc:
+                error = f"criu restore left no pid ({exc})"
         if error is not None:
             self._supervisor.forget(worker)
             run.parked = None
-            self._fail(run, error)
-            return
+            return error, True
         self._restore_s.append(restore_ms / 1000)
-        pid = int(pidfile.read_text().strip())
+        self._restored_pids.add(pid)
+        # Kept until the resumed run reports back (see reported()): if the daemon dies first,
+        # the next one restores it again. _kill_earlier_copy makes sure only one copy lives.
+        self._kept[worker.id] = run.id
+        (images / "restored").write_text(f"{pid} {_start_time(pid)}")
         worker.pid = pid
         self._reap_later(pid, worker)
         os.kill(pid, signal.SIGUSR1)
         self._engine.note(run, "PENDING_EXECUTING", f"restored its process in {restore_ms:.0f} ms")
-        # The image is single-use: the restored process says hello (on_worker_back) and the
-        # image goes; two live copies of one run must never exist.
-        shutil.rmtree(images, ignore_errors=True)
+        return None, True
+
+    async def _sweep_strays(self) -> None:
+        """Kill and reap what failed restores left: the half-restored process tree, zombies.
+
+        ``criu restore -S`` makes the restored process the daemon's child, in a PID
+        namespace of its own. Once every slot is ours no restore is under way, so such a
+        child that no restored run process owns was left by a failed one: SIGKILL to a
+        namespace's init ends the whole namespace.
+        """
+        async with self._sweeping:
+            taken = 0
+            try:
+                for _ in range(PARALLEL_CRIU):
+                    await self._slots.acquire()
+                    taken += 1
+                for pid in _namespace_children(exclude=self._restored_pids):
+                    log.warning("killing process %d, left by a failed restore", pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        await asyncio.to_thread(os.waitpid, pid, 0)
+            finally:
+                for _ in range(taken):
+                    self._slots.release()
 
     def _fail(self, run: ActiveRun, reason: str) -> None:
         log.warning("restoring run %s failed (%s); it re-executes from its journal", run.id, reason)
-        shutil.rmtree(self.images(run), ignore_errors=True)
+        self._engine.note(
+            run,
+            "PENDING_EXECUTING",
+            f"its checkpoint was not restored: {reason}; it replays from its journal",
+        )
+        self.discard(run)
         self._engine.replay_instead(run)
         if run.status is RunStatus.DEQUEUED:
             self._engine.place(run)
@@ -535,6 +692,7 @@ class Checkpointer:
         try:
             fd = os.pidfd_open(pid)
         except OSError:
+            self._restored_pids.discard(pid)
             return
 
         def exited() -> None:
@@ -545,10 +703,93 @@ class Checkpointer:
                 from ember.daemon._supervisor import describe_exit
 
                 worker.exit_reason = describe_exit(os.waitstatus_to_exitcode(status))
+            self._restored_pids.discard(pid)
             self._supervisor.collect(worker)
 
         loop.add_reader(fd, exited)
 
+    def reported(self, worker: Worker) -> None:
+        """The run resumed in this restored process reported back: its image can go."""
+        run_id = self._kept.pop(worker.id, None)
+        if run_id is not None:
+            shutil.rmtree(self._root / run_id, ignore_errors=True)
+
+    def lost(self, worker: Worker, parked: bool) -> bool:
+        """A restored process exited; True if it was still ``parked`` (its run never resumed
+        there) and its kept image can restore the run again. Otherwise the image goes.
+        """
+        run_id = self._kept.pop(worker.id, None)
+        if run_id is None:
+            return False
+        images = self._root / run_id
+        if parked and (images / "meta.json").exists():
+            return True
+        shutil.rmtree(images, ignore_errors=True)
+        return False
+
     def discard(self, run: ActiveRun) -> None:
         """Delete a run's image (the run was canceled or finished otherwise)."""
+        for worker_id in [w for w, r in self._kept.items() if r == run.id]:
+            del self._kept[worker_id]
         shutil.rmtree(self.images(run), ignore_errors=True)
+
+    def prune(self, keep: set[str]) -> None:
+        """At start: delete the images of runs no checkpoint holds any more."""
+        if not self._root.is_dir():
+            return
+        for images in self._root.iterdir():
+            if images.name not in keep:
+                shutil.rmtree(images, ignore_errors=True)
+
+
+def _write_private(path: Path, value: object) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as file:
+        json.dump(value, file)
+
+
+def _start_time(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot): a PID with a birth date."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _kill_earlier_copy(images: Path) -> None:
+    """Kill a process restored from this image by a daemon that died before it reported.
+
+    Two live copies of one run must never exist; the PID alone could be another process
+    by now, so its start time must match too.
+    """
+    try:
+        pid_text, started = (images / "restored").read_text().split()
+    except (OSError, ValueError):
+        return
+    pid = int(pid_text)
+    if started and _start_time(pid) == started:
+        log.warning("killing process %d, an earlier restore of %s", pid, images.name)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _namespace_children(exclude: set[int]) -> list[int]:
+    """The daemon's children that are the init of a PID namespace, minus ``exclude``."""
+    me = os.getpid()
+    children: set[int] = set()
+    for task in os.listdir(f"/proc/{me}/task"):
+        with contextlib.suppress(OSError, ValueError):
+            text = Path(f"/proc/{me}/task/{task}/children").read_text()
+            children.update(int(pid) for pid in text.split())
+    found = []
+    for pid in sorted(children - exclude):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("NSpid:"):
+                levels = line.split()[1:]
+                if len(levels) >= 2 and levels[-1] == "1":
+                    found.append(pid)
+    return found

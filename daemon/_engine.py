@@ -147,6 +147,8 @@ class Engine:
                 interrupted.append(run)
             elif run.status is not RunStatus.WAITING:
                 self._admit(run, now)
+        if self.checkpointer is not None:
+            self.checkpointer.prune({r.id for r in self.active.values() if r.hold == "checkpoint"})
         if interrupted:
             await self._requeue_interrupted(interrupted, now)
         for record, result in await self.waits.recover():
@@ -809,6 +811,8 @@ class Engine:
     def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Wait | Done) -> None:
         """Handle a frame from a run process."""
         run = worker.run
+        if run is not None and self.checkpointer is not None:
+            self.checkpointer.reported(worker)  # its run resumed here: its image can go
         if isinstance(message, Log):
             if run is not None and run.id == message.run_id:
                 self._buffer_log(run.env, message)
@@ -956,13 +960,20 @@ class Engine:
             # A waiting run lost its process: it resumes by replaying its journal instead.
             worker.parked = None
             parked.parked = None
-            if parked.hold == "parked":
+            if self.checkpointer is not None and self.checkpointer.lost(worker, parked=True):
+                # Restored ahead of its deadline, then lost: its image, kept, restores it again.
+                parked.hold = "checkpoint"
+                if parked.status is RunStatus.DEQUEUED:
+                    self._spawn(self.checkpointer.restore(parked))
+            elif parked.hold == "parked":
                 parked.hold = "exited"
                 self.db.write(
                     lambda conn: conn.execute(
                         "UPDATE runs SET hold = 'exited' WHERE id = ?", (parked.id,)
                     )
                 )
+        elif self.checkpointer is not None:
+            self.checkpointer.lost(worker, parked=False)  # (its run resumed there: image goes)
         run = worker.run
         worker.run = None
         if run is None or run.worker is not worker:
@@ -1222,8 +1233,8 @@ class Engine:
             run.parked = None
             worker.parked = None
             self.supervisor.terminate(worker, self.config.cancel_grace_s)
-        if run.hold == "checkpoint" and self.checkpointer is not None:
-            self.checkpointer.discard(run)
+        if self.checkpointer is not None:
+            self.checkpointer.discard(run)  # (restored ahead, its image is kept until resumed)
         run.hold = None
 
     # -- final states -------------------------------------------------------------------

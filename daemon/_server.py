@@ -34,6 +34,7 @@ from ember.daemon._db import Database
 from ember.daemon._engine import Engine
 from ember.daemon._environments import EnvVars, check_env_name, created_key, new_key
 from ember.daemon._events import EventHub
+from ember.daemon._modes import PRIVATE_UMASK, tighten
 from ember.daemon._schedules import Scheduler
 from ember.daemon._supervisor import Supervisor
 from ember.daemon._venvs import python_for
@@ -58,6 +59,8 @@ class Daemon:
         self.criu: CriuSupport | None = None
         self._stop = asyncio.Event()
         self._lock_file: IO[str] | None = None
+        # The umask the daemon was started with, put back at stop and given to run processes.
+        self._user_umask: int | None = None
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
         self.db: Database
@@ -77,8 +80,14 @@ class Daemon:
             ConfigError: another daemon owns the state directory, or a socket is taken.
         """
         state = self.config.state_dir
+        # Everything the daemon writes in its state is private: the database, logs, blobs,
+        # code, tokens and CRIU images (a process's memory). Task code keeps the user's umask.
+        self._user_umask = os.umask(PRIVATE_UMASK)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_state_dir(state)
+        fixed = await asyncio.to_thread(tighten, state)
+        if fixed:
+            log.warning("made %d files and folders under %s private (0600/0700)", fixed, state)
         self.db = await asyncio.to_thread(Database, self.config.db_path, self.config.durability)
         self.engine = Engine(self.config, self.db, self.events)
         self.supervisor = Supervisor(self.config, self.engine, self.config.api_socket)
@@ -87,6 +96,7 @@ class Daemon:
         await self.env_vars.load()
         self.supervisor.env_vars = self.env_vars.values
         self.supervisor.interpreter = partial(python_for, state)
+        self.supervisor.child_umask = self._user_umask
         self.builder = Builder(state, self.engine, self.supervisor, self.clock, self._on_current)
         self.scheduler = Scheduler(self.db, self.engine, self.clock)
         await self._choose_checkpoints()
@@ -114,7 +124,7 @@ class Daemon:
         if self.criu.ok and self.criu.binary is not None:
             self.engine.strategy = "criu"
             self.engine.checkpointer = Checkpointer(
-                self.criu.binary, self.config, self.engine, self.supervisor
+                self.criu, self.config, self.engine, self.supervisor
             )
             self.supervisor.pidns = True
             self.checkpoint_strategy = "criu"
@@ -237,6 +247,8 @@ class Daemon:
             await asyncio.to_thread(self.db.close)
         if self._lock_file is not None:
             self._lock_file.close()
+        if self._user_umask is not None:
+            os.umask(self._user_umask)
 
     # -- versions, environments -------------------------------------------------------
 

@@ -196,6 +196,8 @@ class Supervisor:
         # Ids stay unique across restarts: a restored process says hello with its old id.
         self._next_id = time.time_ns() // 1000
         self.pidns = False
+        # Set by the daemon: zygotes (and the task code they fork) get the user's umask back.
+        self.child_umask: int | None = None
         # psutil keeps the previous CPU sample per Process object: reuse them between calls.
         self._psutil: dict[int, psutil.Process] = {}
         self._server: asyncio.Server | None = None
@@ -290,6 +292,7 @@ class Supervisor:
                 cwd=code_dir,
                 close_fds=True,
                 start_new_session=True,
+                umask=-1 if self.child_umask is None else self.child_umask,
             )
         theirs.close()
         loop = asyncio.get_running_loop()

@@ -72,6 +72,6 @@ def unpack(archive: bytes, code_root: Path) -> tuple[str, Path]:
         dest = staging / path
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
-    staging.chmod(0o755)
+    staging.chmod(0o700)  # code snapshots are private, like the rest of the state
     os.replace(staging, target)
     return digest, target

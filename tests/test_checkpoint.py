@@ -5,7 +5,12 @@ Skipped, with the reason, wherever `ember doctor` would say checkpoints do not w
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,9 +20,10 @@ from conftest import Harness, eventually, running_daemon
 
 from ember import Runs, RunStatus, Tasks
 from ember.daemon import DaemonConfig
-from ember.daemon._checkpoint import detect
+from ember.daemon._checkpoint import CACHE_FILE, detect
 
-SUPPORT = detect(DaemonConfig())
+with tempfile.TemporaryDirectory() as _state:
+    SUPPORT = detect(DaemonConfig(state_dir=Path(_state)))
 pytestmark = [
     pytest.mark.criu,
     pytest.mark.skipif(not SUPPORT.ok, reason=f"no working CRIU: {SUPPORT.reason}"),
@@ -37,6 +43,16 @@ TASKS = {
             logger.info("before the wait", secret=secret)
             await wait.for_(seconds=payload["s"])
             return {"secret": secret, "checksum": sum(numbers), "count": len(numbers)}
+
+        @task(id="holds_file")
+        async def holds_file(payload: dict) -> dict:
+            # Open read-only: criu refuses to restore it once its size changed.
+            held = open(payload["path"])
+            secret = random.random()
+            logger.info("before the wait", secret=secret)
+            await wait.for_(seconds=payload["s"])
+            held.close()
+            return {"secret": secret}
 
         @task(id="leaf")
         async def leaf(payload: dict) -> int:
@@ -134,3 +150,108 @@ def _dumped_in(state: Path, run_id: str) -> bool:
     return (state / "checkpoints" / run_id / "meta.json").exists() and os.stat(
         state / "checkpoints"
     ).st_mode & 0o777 == 0o700
+
+
+async def test_an_image_is_kept_until_its_resumed_run_reports_back(criu: Harness) -> None:
+    handle = await Tasks(criu.client).trigger("remember", {"s": 3})
+    images = criu.config.state_dir / "checkpoints" / handle.id
+    # Restored ahead of its deadline, the process is back and parked: the image stays, so a
+    # daemon that dies before the deadline restores it again instead of replaying.
+    await eventually(lambda: (images / "restored").exists(), timeout_s=20)
+    assert (images / "meta.json").exists() and (images / "pages-1.img").exists()
+    done = await criu.wait(handle.id)
+    assert done.output_as()["secret"] == await logged_secret(Runs(criu.client), handle.id)
+    assert not images.exists(), "deleted once the resumed run reported back"
+
+
+async def test_an_image_from_another_machine_is_refused_and_the_run_replays(
+    criu: Harness,
+) -> None:
+    runs = Runs(criu.client)
+    handle = await Tasks(criu.client).trigger("remember", {"s": 3})
+    await eventually(lambda: _dumped(criu, handle.id), timeout_s=20)
+    manifest_file = criu.config.state_dir / "checkpoints" / handle.id / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["criu"] == SUPPORT.version and manifest["interpreter"] in manifest["files"]
+    assert all(len(build_id) >= 32 for build_id in manifest["files"].values())
+    manifest["kernel"] = "2.6.32-elsewhere"
+    manifest_file.write_text(json.dumps(manifest))
+    done = await criu.wait(handle.id)
+    assert done.status is RunStatus.COMPLETED
+    descriptions = [s.description for s in done.snapshots]
+    assert any(
+        "not restored: its image does not fit this machine: it was dumped on kernel "
+        "2.6.32-elsewhere" in d
+        for d in descriptions
+    ), descriptions
+    assert done.output_as()["secret"] != await logged_secret(runs, handle.id), "it replayed"
+
+
+def namespace_zombies() -> list[int]:
+    """This process's children (the daemon is in-process) that are zombie namespace inits."""
+    found = []
+    for task_dir in Path("/proc/self/task").iterdir():
+        for pid in (task_dir / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                state = next(x for x in status.splitlines() if x.startswith("State:"))
+                nspid = next(x for x in status.splitlines() if x.startswith("NSpid:"))
+                if "Z" in state and len(nspid.split()) > 2:
+                    found.append(int(pid))
+    return found
+
+
+async def test_a_failed_restore_is_reaped_and_the_run_replays(
+    criu: Harness, tmp_path: Path
+) -> None:
+    held = tmp_path / "held.txt"
+    held.write_text("before")
+    runs = Runs(criu.client)
+    handle = await Tasks(criu.client).trigger("holds_file", {"path": str(held), "s": 2})
+    await eventually(lambda: _dumped(criu, handle.id), timeout_s=20)
+    held.write_text("changed size")  # criu's restore fails on it, half-way through
+    done = await criu.wait(handle.id)
+    assert done.status is RunStatus.COMPLETED
+    assert any("not restored" in s.description for s in done.snapshots)
+    assert done.output_as()["secret"] != await logged_secret(runs, handle.id), "it replayed"
+    assert namespace_zombies() == []
+
+
+def test_a_planted_cache_cannot_choose_the_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A program of the planter's choice; it leaves a mark if anything runs it.
+    evil = tmp_path / "evil"
+    evil.write_text(f"#!/bin/sh\ntouch {tmp_path}/ran\necho 'Version: 9.9'\n")
+    evil.chmod(0o755)
+    planted = tmp_path / "tmp"
+    planted.mkdir()
+    monkeypatch.setenv("TMPDIR", str(planted))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    real = shutil.which("criu") or ""
+    verdict = {"ok": True, "reason": "planted", "binary": str(evil), "version": SUPPORT.version}
+    old_key = f"{real}|{SUPPORT.version}|{os.uname().release}|{sys.version.split()[0]}|0.1.0"
+    (planted / "ember-criu-check.json").write_text(json.dumps({"key": old_key, "support": verdict}))
+    state = tmp_path / "state"
+    first = detect(DaemonConfig(state_dir=state))
+    assert first.ok and first.binary == os.path.realpath(real)
+    cache = state / CACHE_FILE
+    assert os.stat(cache).st_mode & 0o777 == 0o600
+    # Even the state directory's own cache only says whether the test passed.
+    cached = json.loads(cache.read_text())
+    cached["support"]["binary"] = str(evil)
+    cache.write_text(json.dumps(cached))
+    again = detect(DaemonConfig(state_dir=state))
+    assert again.ok and again.binary == os.path.realpath(real)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_binary_others_can_replace_is_refused(tmp_path: Path) -> None:
+    copy = tmp_path / "criu"
+    shutil.copy(shutil.which("criu") or "", copy)
+    copy.chmod(0o775)
+    support = detect(DaemonConfig(state_dir=tmp_path / "state", criu_path=str(copy)))
+    assert not support.ok
+    assert support.reason.startswith(f"refusing {copy}:") and "writable by group or others" in (
+        support.reason
+    )
