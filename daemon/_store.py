@@ -102,6 +102,8 @@ class ActiveRun:
     in_queue: bool = False
     attempt_started: float = 0.0
     timers: list[Any] = field(default_factory=list)
+    # The write recording the end of its last attempt, until it commits.
+    recording: Any = None
 
 
 class BlobStore:
@@ -624,6 +626,14 @@ def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[Acti
     rows += conn.execute(f"{delayed} <= ? UNION ALL {delayed} IS NULL", (delayed_until,)).fetchall()
     rows.sort(key=lambda row: str(row[0]))
     return map(_active_run, rows)
+
+
+def open_children(conn: sqlite3.Connection, parent_run_id: str) -> list[str]:
+    """Ids of the runs a run triggered that are not final."""
+    rows = conn.execute(
+        f"SELECT id FROM runs WHERE parent_run_id = ? AND {_NOT_FINAL}", (parent_run_id,)
+    )
+    return [str(row[0]) for row in rows]
 
 
 def load_delayed(conn: sqlite3.Connection, after: float, until: float) -> list[ActiveRun]:
