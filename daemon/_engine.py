@@ -68,9 +68,13 @@ MAX_INTERRUPTIONS = 5
 # A write recording the end of an attempt is retried until it commits, this far apart.
 WRITE_RETRY_MIN_S = 0.1
 WRITE_RETRY_MAX_S = 5.0
+# How long the answer to a trigger request is kept for a client that sends it again.
+TRIGGER_REQUEST_TTL_S = 600.0
 
 _json = msgspec.json.Encoder()
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
+_response_encoder = msgspec.msgpack.Encoder()
+_response_decoder = msgspec.msgpack.Decoder(tuple[str | None, list[TriggerResponse]])
 _QUEUE_WAITING = (RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.PENDING_VERSION)
 
 
@@ -121,6 +125,8 @@ class Engine:
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Trigger requests under way, by (environment, the client's request key).
+        self._trigger_requests: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -302,15 +308,55 @@ class Engine:
     # -- triggering ---------------------------------------------------------------------
 
     async def trigger(
-        self, env: str, items: Sequence[BatchItem], *, batch: bool = False
+        self,
+        env: str,
+        items: Sequence[BatchItem],
+        *,
+        batch: bool = False,
+        request_key: str | None = None,
     ) -> tuple[str | None, list[TriggerResponse]]:
         """Validate and commit new runs; return the batch id and one handle per item.
+
+        Args:
+            env: the environment.
+            items: the runs to make.
+            batch: whether they form a batch (it gets an id).
+            request_key: the client's key for this request: the same key sent again within
+                ``TRIGGER_REQUEST_TTL_S`` gets the first answer back (a retry after a lost
+                answer makes no second run).
 
         Raises:
             BadRequest: an option is invalid (the message names it).
             NotFound: a task id is unknown to every version of the environment.
             PayloadTooLarge: a payload is over the limit.
         """
+        if request_key is not None:
+            # The same request again while the first is still under way: its answer.
+            first = self._trigger_requests.get((env, request_key))
+            if first is not None:
+                return await asyncio.shield(first)
+            answer: asyncio.Future[tuple[str | None, list[TriggerResponse]]]
+            answer = asyncio.get_running_loop().create_future()
+            self._trigger_requests[(env, request_key)] = answer
+            try:
+                result = await self._trigger(env, items, batch, request_key)
+            except asyncio.CancelledError:
+                answer.cancel()
+                raise
+            except Exception as exc:
+                answer.set_exception(exc)
+                answer.exception()  # retrieved: nobody else may be waiting
+                raise
+            else:
+                answer.set_result(result)
+                return result
+            finally:
+                del self._trigger_requests[(env, request_key)]
+        return await self._trigger(env, items, batch, None)
+
+    async def _trigger(
+        self, env: str, items: Sequence[BatchItem], batch: bool, request_key: str | None
+    ) -> tuple[str | None, list[TriggerResponse]]:
         now = time.time()
         batch_id = new_batch_id() if batch else None
         prepared = [
@@ -319,7 +365,13 @@ class Engine:
         ]
         blobs = self.blobs
 
-        def write(conn: sqlite3.Connection) -> list[str | None]:
+        def write(conn: sqlite3.Connection) -> list[str | None] | bytes:
+            if request_key is not None:
+                answered = store.find_trigger_request(
+                    conn, env, request_key, now - TRIGGER_REQUEST_TTL_S
+                )
+                if answered is not None:
+                    return answered
             cached: list[str | None] = []
             for run, ttl_s, idem_expires, machine in prepared:
                 if run.idempotency_key is not None:
@@ -338,19 +390,21 @@ class Engine:
                     machine=machine,
                 )
                 cached.append(None)
+            if request_key is not None:
+                answer = _response_encoder.encode((batch_id, _responses(prepared, cached)))
+                store.save_trigger_request(conn, env, request_key, now, answer)
             return cached
 
         cached = await self.db.write(write)
-        responses = []
+        if isinstance(cached, bytes):
+            return _response_decoder.decode(cached)
         for (run, *_), existing in zip(prepared, cached, strict=True):
-            if existing is not None:
-                responses.append(TriggerResponse(id=existing, task_id=run.task_id, is_cached=True))
-                continue
-            if run.id not in self.active and not self._dormant(run):
-                self.active[run.id] = run
-                self._admit(run, now)
-            self._publish(run)
-            responses.append(TriggerResponse(id=run.id, task_id=run.task_id))
+            if existing is None:
+                if run.id not in self.active and not self._dormant(run):
+                    self.active[run.id] = run
+                    self._admit(run, now)
+                self._publish(run)
+        responses = _responses(prepared, cached)
         self._update_idle()
         # A parent canceled while its trigger was in flight: its new children go with it.
         await self._cancel_orphans(
@@ -1015,10 +1069,17 @@ class Engine:
 
     async def _sweep(self) -> None:
         """Once a second: stop overdue and silent attempts, and bring in nearing DELAYED runs."""
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
             self._load_delayed(now)
+            ticks += 1
+            if ticks % 60 == 0:
+                prune = functools.partial(
+                    store.prune_trigger_requests, before=now - TRIGGER_REQUEST_TTL_S
+                )
+                self.db.write(prune)
             for worker in self.supervisor.busy_workers():
                 run = worker.run
                 if run is None:
@@ -1603,6 +1664,17 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """Counts for health and the dashboard."""
         return {"active": len(self.active), "executing": self._busy, "queued": self.queue.size}
+
+
+def _responses(
+    prepared: Sequence[tuple[ActiveRun, Any, Any, Any]], cached: Sequence[str | None]
+) -> list[TriggerResponse]:
+    return [
+        TriggerResponse(id=existing, task_id=run.task_id, is_cached=True)
+        if existing is not None
+        else TriggerResponse(id=run.id, task_id=run.task_id)
+        for (run, *_), existing in zip(prepared, cached, strict=True)
+    ]
 
 
 def retry_delay_s(retry: RetryOptions, failed_attempts: int) -> float:

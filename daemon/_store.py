@@ -329,6 +329,34 @@ def finish_run(
     )
 
 
+def find_trigger_request(
+    conn: sqlite3.Connection, env: str, request_key: str, since: float
+) -> bytes | None:
+    """The answer recorded for a trigger request made after ``since``, or None."""
+    row = conn.execute(
+        "SELECT response FROM trigger_requests"
+        " WHERE env = ? AND request_key = ? AND created_at > ?",
+        (env, request_key, since),
+    ).fetchone()
+    return bytes(row[0]) if row else None
+
+
+def save_trigger_request(
+    conn: sqlite3.Connection, env: str, request_key: str, now: float, response: bytes
+) -> None:
+    """Record the answer to a trigger request, in the transaction that made its runs."""
+    conn.execute(
+        "INSERT OR REPLACE INTO trigger_requests (env, request_key, created_at, response)"
+        " VALUES (?, ?, ?, ?)",
+        (env, request_key, now, response),
+    )
+
+
+def prune_trigger_requests(conn: sqlite3.Connection, before: float) -> None:
+    """Forget the answers to trigger requests made before ``before``."""
+    conn.execute("DELETE FROM trigger_requests WHERE created_at <= ?", (before,))
+
+
 def insert_logs(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert log lines ``(run_id, attempt, ts, level, message, attrs)``."""
     conn.executemany(
