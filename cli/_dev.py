@@ -3,8 +3,8 @@
 If a daemon already answers on the socket, ``ember dev`` uses it; otherwise it runs one in
 its own event loop and stops it on exit. Every relevant code change registers a new version
 (unchanged content registers nothing); a version that fails to import leaves the last good
-one serving. Ctrl-C cancels the dev runs still executing, then stops; a second Ctrl-C exits
-at once.
+one serving. Ctrl-C cancels the dev runs in flight (executing or waiting), then stops; a
+second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from ember.cli._settings import client_settings
 from ember.daemon import Daemon, loop_factory
 from ember.daemon._config import DaemonConfig
 
-_IN_FLIGHT = (RunStatus.EXECUTING, RunStatus.DEQUEUED)
+# Runs that started and have not ended, like Trigger.dev's dev auto-cancel: executing,
+# waiting (on a duration, a token or a child), and queued between attempts or to resume.
+# A QUEUED run that never started stays for the next `ember dev`.
+_IN_FLIGHT = (RunStatus.EXECUTING, RunStatus.DEQUEUED, RunStatus.WAITING, RunStatus.QUEUED)
 
 
 def say(text: str, colour: str | None = None) -> None:
@@ -179,12 +182,19 @@ async def _watch(
 
 async def _cancel_in_flight(client: Client) -> None:
     runs = Runs(client)
-    page = await runs.list(status=list(_IN_FLIGHT), limit=1000)
-    for run in page.data:
-        with contextlib.suppress(EmberError):  # it may have finished meanwhile
-            await runs.cancel(run.id)
-    if page.data:
-        say(f"Canceled {len(page.data)} run(s)")
+    started = [
+        run.id
+        async for run in runs.iterate(status=list(_IN_FLIGHT), limit=1000)
+        if run.status is not RunStatus.QUEUED or run.attempt_count > 0
+    ]
+    canceled = 0
+    for run_id in started:
+        # It may have finished meanwhile, or gone with its canceled parent.
+        with contextlib.suppress(EmberError):
+            await runs.cancel(run_id)
+            canceled += 1
+    if canceled:
+        say(f"Canceled {canceled} run(s)")
 
 
 def run_line(run: RunSummary) -> str | None:

@@ -28,6 +28,7 @@ import ember
 from ember._duration import parse_duration_s
 from ember._errors import ApiError, BadRequest, ConfigError, EmberError, Unauthorized
 from ember._types import (
+    REQUEST_KEY_HEADER,
     BatchItem,
     BatchTriggerRequest,
     BatchTriggerResponse,
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
 _json = msgspec.json.Encoder()
 log = logging.getLogger("ember.daemon")
 MAX_BATCH_ITEMS = 1000
+MAX_REQUEST_KEY_CHARS = 200
 MAX_VERSION_BYTES = 256 * 1024 * 1024
 # JSON framing around a payload: options, keys, escaping.
 _BODY_OVERHEAD = 300 * 1024
@@ -193,8 +195,16 @@ async def trigger(daemon: Daemon, request: Request, env: str) -> TriggerResponse
     body = await _body(request, daemon.config.max_payload_bytes + _BODY_OVERHEAD)
     req: TriggerRequest = _decode(body, TriggerRequest)
     item = BatchItem(task=request.path_params["task_id"], payload=req.payload, options=req.options)
-    _, responses = await daemon.engine.trigger(env, [item])
+    _, responses = await daemon.engine.trigger(env, [item], request_key=_request_key(request))
     return responses[0]
+
+
+def _request_key(request: Request) -> str | None:
+    """The client's key for a trigger request: a retry of it gets the first answer back."""
+    key = request.headers.get(REQUEST_KEY_HEADER) or None
+    if key is not None and len(key) > MAX_REQUEST_KEY_CHARS:
+        raise BadRequest(400, f"{REQUEST_KEY_HEADER}: at most {MAX_REQUEST_KEY_CHARS} characters")
+    return key
 
 
 async def batch_trigger(daemon: Daemon, request: Request, env: str) -> BatchTriggerResponse:
@@ -204,7 +214,9 @@ async def batch_trigger(daemon: Daemon, request: Request, env: str) -> BatchTrig
         raise BadRequest(
             400, f"items: a batch holds 1 to {MAX_BATCH_ITEMS} runs, got {len(req.items)}"
         )
-    batch_id, responses = await daemon.engine.trigger(env, req.items, batch=True)
+    batch_id, responses = await daemon.engine.trigger(
+        env, req.items, batch=True, request_key=_request_key(request)
+    )
     assert batch_id is not None
     return BatchTriggerResponse(batch_id=batch_id, runs=responses)
 

@@ -10,6 +10,7 @@ included.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -64,9 +65,16 @@ DEFAULT_IDEMPOTENCY_TTL_S = 30 * 86400.0
 # A daemon restart interrupts attempts through no fault of the task: they do not use up the
 # retry budget, but a run interrupted this often is failed so that it cannot loop forever.
 MAX_INTERRUPTIONS = 5
+# A write recording the end of an attempt is retried until it commits, this far apart.
+WRITE_RETRY_MIN_S = 0.1
+WRITE_RETRY_MAX_S = 5.0
+# How long the answer to a trigger request is kept for a client that sends it again.
+TRIGGER_REQUEST_TTL_S = 600.0
 
 _json = msgspec.json.Encoder()
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
+_response_encoder = msgspec.msgpack.Encoder()
+_response_decoder = msgspec.msgpack.Decoder(tuple[str | None, list[TriggerResponse]])
 _QUEUE_WAITING = (RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.PENDING_VERSION)
 
 
@@ -117,6 +125,8 @@ class Engine:
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Trigger requests under way, by (environment, the client's request key).
+        self._trigger_requests: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -300,15 +310,55 @@ class Engine:
     # -- triggering ---------------------------------------------------------------------
 
     async def trigger(
-        self, env: str, items: Sequence[BatchItem], *, batch: bool = False
+        self,
+        env: str,
+        items: Sequence[BatchItem],
+        *,
+        batch: bool = False,
+        request_key: str | None = None,
     ) -> tuple[str | None, list[TriggerResponse]]:
         """Validate and commit new runs; return the batch id and one handle per item.
+
+        Args:
+            env: the environment.
+            items: the runs to make.
+            batch: whether they form a batch (it gets an id).
+            request_key: the client's key for this request: the same key sent again within
+                ``TRIGGER_REQUEST_TTL_S`` gets the first answer back (a retry after a lost
+                answer makes no second run).
 
         Raises:
             BadRequest: an option is invalid (the message names it).
             NotFound: a task id is unknown to every version of the environment.
             PayloadTooLarge: a payload is over the limit.
         """
+        if request_key is not None:
+            # The same request again while the first is still under way: its answer.
+            first = self._trigger_requests.get((env, request_key))
+            if first is not None:
+                return await asyncio.shield(first)
+            answer: asyncio.Future[tuple[str | None, list[TriggerResponse]]]
+            answer = asyncio.get_running_loop().create_future()
+            self._trigger_requests[(env, request_key)] = answer
+            try:
+                result = await self._trigger(env, items, batch, request_key)
+            except asyncio.CancelledError:
+                answer.cancel()
+                raise
+            except Exception as exc:
+                answer.set_exception(exc)
+                answer.exception()  # retrieved: nobody else may be waiting
+                raise
+            else:
+                answer.set_result(result)
+                return result
+            finally:
+                del self._trigger_requests[(env, request_key)]
+        return await self._trigger(env, items, batch, None)
+
+    async def _trigger(
+        self, env: str, items: Sequence[BatchItem], batch: bool, request_key: str | None
+    ) -> tuple[str | None, list[TriggerResponse]]:
         now = time.time()
         batch_id = new_batch_id() if batch else None
         prepared = [
@@ -317,7 +367,13 @@ class Engine:
         ]
         blobs = self.blobs
 
-        def write(conn: sqlite3.Connection) -> list[str | None]:
+        def write(conn: sqlite3.Connection) -> list[str | None] | bytes:
+            if request_key is not None:
+                answered = store.find_trigger_request(
+                    conn, env, request_key, now - TRIGGER_REQUEST_TTL_S
+                )
+                if answered is not None:
+                    return answered
             cached: list[str | None] = []
             for run, ttl_s, idem_expires, machine in prepared:
                 if run.idempotency_key is not None:
@@ -336,20 +392,26 @@ class Engine:
                     machine=machine,
                 )
                 cached.append(None)
+            if request_key is not None:
+                answer = _response_encoder.encode((batch_id, _responses(prepared, cached)))
+                store.save_trigger_request(conn, env, request_key, now, answer)
             return cached
 
         cached = await self.db.write(write)
-        responses = []
+        if isinstance(cached, bytes):
+            return _response_decoder.decode(cached)
         for (run, *_), existing in zip(prepared, cached, strict=True):
-            if existing is not None:
-                responses.append(TriggerResponse(id=existing, task_id=run.task_id, is_cached=True))
-                continue
-            if run.id not in self.active and not self._dormant(run):
-                self.active[run.id] = run
-                self._admit(run, now)
-            self._publish(run)
-            responses.append(TriggerResponse(id=run.id, task_id=run.task_id))
+            if existing is None:
+                if run.id not in self.active and not self._dormant(run):
+                    self.active[run.id] = run
+                    self._admit(run, now)
+                self._publish(run)
+        responses = _responses(prepared, cached)
         self._update_idle()
+        # A parent canceled while its trigger was in flight: its new children go with it.
+        await self._cancel_orphans(
+            [run for (run, *_), existing in zip(prepared, cached, strict=True) if not existing]
+        )
         return batch_id, responses
 
     def _prepare(
@@ -924,7 +986,7 @@ class Engine:
         now = time.time()
         delay = retry_delay_s(run.retry, used)
         run.status = RunStatus.QUEUED
-        run.ready_at = now + delay
+        run.ready_at = ready_at = now + delay
         number = run.attempt
         if final_status is RunStatus.FAILED:
             # An attempt that raised starts a new journal: its retry waits afresh.
@@ -948,10 +1010,18 @@ class Engine:
                 hold=None,
             )
 
-        self.db.write(write).add_done_callback(lambda _: self._publish(run, error=error))
-        run.timers.append(
-            asyncio.get_running_loop().call_later(delay, self._enqueue, run, run.ready_at)
-        )
+        def requeue(_: asyncio.Future[None]) -> None:
+            # Queued only once recorded: a later attempt's writes must not precede this one.
+            self._publish(run, error=error)
+            if run.status is not RunStatus.QUEUED:
+                return  # canceled meanwhile
+            wait_s = max(0.0, ready_at - time.time())
+            run.timers.append(
+                asyncio.get_running_loop().call_later(wait_s, self._enqueue, run, ready_at)
+            )
+
+        what = f"the failed attempt {number} of {run.id}"
+        self._write_until_recorded(run, write, what).add_done_callback(requeue)
 
     def on_worker_gone(self, worker: Worker, reason: str) -> None:
         """A run process exited or its channel closed: its attempt, if any, crashed."""
@@ -1010,10 +1080,17 @@ class Engine:
 
     async def _sweep(self) -> None:
         """Once a second: stop overdue and silent attempts, and bring in nearing DELAYED runs."""
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
             self._load_delayed(now)
+            ticks += 1
+            if ticks % 60 == 0:
+                prune = functools.partial(
+                    store.prune_trigger_requests, before=now - TRIGGER_REQUEST_TTL_S
+                )
+                self.db.write(prune)
             for worker in self.supervisor.busy_workers():
                 run = worker.run
                 if run is None:
@@ -1276,17 +1353,51 @@ class Engine:
                 description=f"from {previous.value}",
             )
 
-        future = self.db.write(write)
-        future.add_done_callback(lambda f: self._finished(run, error, f))
+        future = self._write_until_recorded(run, write, f"the end of {run.id}")
+        future.add_done_callback(lambda _: self._forget(run, run.status, error))
         return future
 
-    def _finished(
-        self, run: ActiveRun, error: RunError | None, future: asyncio.Future[None]
-    ) -> None:
-        if future.exception() is not None:
-            log.error("recording the end of %s failed: %s", run.id, future.exception())
-            return
-        self._forget(run, run.status, error)
+    def _write_until_recorded(
+        self, run: ActiveRun, write: Callable[[sqlite3.Connection], None], what: str
+    ) -> asyncio.Future[None]:
+        """Commit a write that must not be lost, retrying with backoff until it commits.
+
+        The end of an attempt exists only in memory until it is written: dropping it (the
+        disk is full, the file is locked) would leave the run EXECUTING in the table for
+        good. The run stays in memory meanwhile, so it is neither lost nor started again.
+        Such writes of one run commit in order (a cancel never lands before the retry it
+        follows).
+        """
+        loop = asyncio.get_running_loop()
+        recorded: asyncio.Future[None] = loop.create_future()
+        before = run.recording
+        run.recording = recorded
+        delay_s = WRITE_RETRY_MIN_S
+
+        def attempt() -> None:
+            self.db.write(write).add_done_callback(settle)
+
+        def settle(future: asyncio.Future[None]) -> None:
+            nonlocal delay_s
+            error = None if future.cancelled() else future.exception()
+            if error is None:
+                if not recorded.done():
+                    recorded.set_result(None)
+                return
+            if self._closing:
+                # Recovery reads the table, so the next start finds the attempt as it was
+                # recorded and requeues it: still never lost.
+                log.error("recording %s failed while stopping: %s", what, error)
+                return
+            log.error("recording %s failed (%s); retrying in %.1fs", what, error, delay_s)
+            loop.call_later(delay_s, attempt)
+            delay_s = min(WRITE_RETRY_MAX_S, delay_s * 2)
+
+        if before is None or before.done():
+            attempt()
+        else:
+            before.add_done_callback(lambda _: attempt())
+        return recorded
 
     def _forget(self, run: ActiveRun, status: RunStatus, error: RunError | None) -> None:
         self.active.pop(run.id, None)
@@ -1300,7 +1411,11 @@ class Engine:
     # -- actions ------------------------------------------------------------------------
 
     async def cancel(self, run_id: str) -> None:
-        """Cancel a run; an executing attempt gets SIGTERM, then SIGKILL after the grace.
+        """Cancel a run and, like Trigger.dev, every run it triggered that is not final.
+
+        An executing attempt gets SIGTERM, then SIGKILL after the grace. The parent goes
+        first, so that it does not resume on its children's cancellation; then its
+        children, grandchildren and so on.
 
         Raises:
             NotFound: no such run.
@@ -1312,6 +1427,42 @@ class Engine:
             if summary is None:
                 raise NotFound(404, f"run {run_id} does not exist")
             raise Conflict(409, f"run {run_id} is already {summary.status.value}")
+        if run.status.is_final:  # its end is being recorded
+            raise Conflict(409, f"run {run_id} is already {run.status.value}")
+        await self._cancel_run(run)
+        await self._cancel_descendants(run_id)
+
+    async def _cancel_descendants(self, root_id: str) -> None:
+        parents = [root_id]
+        seen = {root_id}
+        while parents:
+            parent_id = parents.pop()
+            child_ids = self.db.read_point(
+                functools.partial(store.open_children, parent_run_id=parent_id)
+            )
+            for child_id in child_ids:
+                if child_id in seen:
+                    continue
+                seen.add(child_id)
+                parents.append(child_id)
+                child = self._held(child_id)
+                if child is not None and not child.status.is_final:
+                    await self._cancel_run(child)
+
+    async def _cancel_orphans(self, runs: Sequence[ActiveRun]) -> None:
+        """Cancel new children whose parent was canceled while they were being triggered."""
+        parent_ids = {r.parent_run_id for r in runs if r.parent_run_id is not None}
+        for parent_id in parent_ids:
+            parent = self.active.get(parent_id)
+            if parent is not None:
+                canceled = parent.status is RunStatus.CANCELED
+            else:
+                summary = self.db.read_point(functools.partial(store.get_summary, run_id=parent_id))
+                canceled = summary is not None and summary.status is RunStatus.CANCELED
+            if canceled:
+                await self._cancel_descendants(parent_id)
+
+    async def _cancel_run(self, run: ActiveRun) -> None:
         self._drop_hold(run)
         if run.status in _QUEUE_WAITING:
             self._leave_waiting(run)
@@ -1524,6 +1675,17 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """Counts for health and the dashboard."""
         return {"active": len(self.active), "executing": self._busy, "queued": self.queue.size}
+
+
+def _responses(
+    prepared: Sequence[tuple[ActiveRun, Any, Any, Any]], cached: Sequence[str | None]
+) -> list[TriggerResponse]:
+    return [
+        TriggerResponse(id=existing, task_id=run.task_id, is_cached=True)
+        if existing is not None
+        else TriggerResponse(id=run.id, task_id=run.task_id)
+        for (run, *_), existing in zip(prepared, cached, strict=True)
+    ]
 
 
 def retry_delay_s(retry: RetryOptions, failed_attempts: int) -> float:

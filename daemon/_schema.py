@@ -208,6 +208,18 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX runs_delayed ON runs (delay_until) WHERE status = 'DELAYED';
     """,
+    # 6: the answers to recent trigger requests, by the client's request key: a client that
+    # lost an answer and sends the request again gets the same runs, not new ones
+    """
+    CREATE TABLE trigger_requests (
+        env TEXT NOT NULL,
+        request_key TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        response BLOB NOT NULL,
+        PRIMARY KEY (env, request_key)
+    ) WITHOUT ROWID;
+    CREATE INDEX trigger_requests_created ON trigger_requests (created_at);
+    """,
 ]
 
 

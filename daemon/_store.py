@@ -102,6 +102,8 @@ class ActiveRun:
     in_queue: bool = False
     attempt_started: float = 0.0
     timers: list[Any] = field(default_factory=list)
+    # The write recording the end of its last attempt, until it commits.
+    recording: Any = None
 
 
 class BlobStore:
@@ -325,6 +327,34 @@ def finish_run(
         description=description or status.value,
         **columns,
     )
+
+
+def find_trigger_request(
+    conn: sqlite3.Connection, env: str, request_key: str, since: float
+) -> bytes | None:
+    """The answer recorded for a trigger request made after ``since``, or None."""
+    row = conn.execute(
+        "SELECT response FROM trigger_requests"
+        " WHERE env = ? AND request_key = ? AND created_at > ?",
+        (env, request_key, since),
+    ).fetchone()
+    return bytes(row[0]) if row else None
+
+
+def save_trigger_request(
+    conn: sqlite3.Connection, env: str, request_key: str, now: float, response: bytes
+) -> None:
+    """Record the answer to a trigger request, in the transaction that made its runs."""
+    conn.execute(
+        "INSERT OR REPLACE INTO trigger_requests (env, request_key, created_at, response)"
+        " VALUES (?, ?, ?, ?)",
+        (env, request_key, now, response),
+    )
+
+
+def prune_trigger_requests(conn: sqlite3.Connection, before: float) -> None:
+    """Forget the answers to trigger requests made before ``before``."""
+    conn.execute("DELETE FROM trigger_requests WHERE created_at <= ?", (before,))
 
 
 def insert_logs(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -624,6 +654,14 @@ def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[Acti
     rows += conn.execute(f"{delayed} <= ? UNION ALL {delayed} IS NULL", (delayed_until,)).fetchall()
     rows.sort(key=lambda row: str(row[0]))
     return map(_active_run, rows)
+
+
+def open_children(conn: sqlite3.Connection, parent_run_id: str) -> list[str]:
+    """Ids of the runs a run triggered that are not final."""
+    rows = conn.execute(
+        f"SELECT id FROM runs WHERE parent_run_id = ? AND {_NOT_FINAL}", (parent_run_id,)
+    )
+    return [str(row[0]) for row in rows]
 
 
 def load_delayed(conn: sqlite3.Connection, after: float, until: float) -> list[ActiveRun]:

@@ -8,7 +8,9 @@ blocking twins share one implementation with the async calls.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -18,7 +20,7 @@ import msgspec
 from ember._config import ClientSettings
 from ember._errors import DaemonUnavailable, EmberError, api_error
 from ember._http import AsyncPool, Endpoint, SyncConnection, target
-from ember._types import ErrorBody, Event
+from ember._types import REQUEST_KEY_HEADER, ErrorBody, Event
 
 T = TypeVar("T")
 
@@ -36,6 +38,18 @@ class Call(Generic[T]):
     body: bytes | None = None
     params: Mapping[str, Any] | None = None
     timeout_s: float | None = None
+    # A key of this request alone (triggers): the daemon answers a request sent again with
+    # it as it answered the first, so the client may retry after a lost answer.
+    request_key: str | None = None
+
+
+def request_key() -> str:
+    """A new key for one request: random, so no two calls ever share one."""
+    return secrets.token_urlsafe(18)
+
+
+# Retries of a keyed request whose connection broke: the daemon may be restarting.
+RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 class Client:
@@ -106,15 +120,27 @@ class Client:
         """
         timeout_s = call.timeout_s or self.settings.timeout_s
         path = target(call.path, call.params)
-        try:
-            status, data = await asyncio.wait_for(
-                self._pool().request(call.method, path, self._headers, call.body), timeout_s
-            )
-        except ConnectionError as exc:  # ConnectFailed included
-            raise self._unavailable(str(exc)) from exc
-        except TimeoutError as exc:
-            raise self._unavailable(f"no answer within {timeout_s:.0f}s") from exc
-        return self._decode(call, status, data)
+        headers = self._headers_of(call)
+        delays = iter(RETRY_DELAYS_S if call.request_key else ())
+        while True:
+            try:
+                status, data = await asyncio.wait_for(
+                    self._pool().request(call.method, path, headers, call.body), timeout_s
+                )
+            except ConnectionError as exc:  # ConnectFailed included
+                delay_s = next(delays, None)
+                if delay_s is None:
+                    raise self._unavailable(str(exc)) from exc
+                await asyncio.sleep(delay_s)
+                continue
+            except TimeoutError as exc:
+                raise self._unavailable(f"no answer within {timeout_s:.0f}s") from exc
+            return self._decode(call, status, data)
+
+    def _headers_of(self, call: Call[Any]) -> Mapping[str, str]:
+        if call.request_key is None:
+            return self._headers
+        return {**self._headers, REQUEST_KEY_HEADER: call.request_key}
 
     def request_sync(self, call: Call[T]) -> T:
         """Send a call from blocking code and return its decoded answer.
@@ -125,16 +151,23 @@ class Client:
         """
         timeout_s = call.timeout_s or self.settings.timeout_s
         path = target(call.path, call.params)
-        try:
-            with self._sync_lock:
-                status, data = self._sync.request(
-                    call.method, path, self._headers, call.body, timeout_s
-                )
-        except TimeoutError as exc:
-            raise self._unavailable(f"no answer within {timeout_s:.0f}s") from exc
-        except OSError as exc:
-            raise self._unavailable(str(exc)) from exc
-        return self._decode(call, status, data)
+        headers = self._headers_of(call)
+        delays = iter(RETRY_DELAYS_S if call.request_key else ())
+        while True:
+            try:
+                with self._sync_lock:
+                    status, data = self._sync.request(
+                        call.method, path, headers, call.body, timeout_s
+                    )
+            except TimeoutError as exc:
+                raise self._unavailable(f"no answer within {timeout_s:.0f}s") from exc
+            except OSError as exc:  # ConnectionError included
+                delay_s = next(delays, None)
+                if delay_s is None:
+                    raise self._unavailable(str(exc)) from exc
+                time.sleep(delay_s)
+                continue
+            return self._decode(call, status, data)
 
     async def events(self, params: Mapping[str, Any] | None = None) -> AsyncIterator[Event]:
         """Stream run changes and log lines as they happen (server-sent events).

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from ember._client import Call, Client, default_client
+from ember._client import Call, Client, default_client, request_key
 from ember._task import RunHandle, _wire_delay, trigger_options
 from ember._types import (
     BatchItem,
@@ -237,7 +237,11 @@ class Tasks:
             payload=msgspec.Raw(_encoder.encode(payload)), options=trigger_options(**options)
         )
         return Call(
-            "POST", f"/api/v1/tasks/{task_id}/trigger", TriggerResponse, body=_encoder.encode(body)
+            "POST",
+            f"/api/v1/tasks/{task_id}/trigger",
+            TriggerResponse,
+            body=_encoder.encode(body),
+            request_key=request_key(),
         )
 
     def _batch(
@@ -252,7 +256,13 @@ class Tasks:
             for item in items
         ]
         body = _encoder.encode(BatchTriggerRequest(items=batch))
-        return Call("POST", "/api/v1/tasks/batch", BatchTriggerResponse, body=body)
+        return Call(
+            "POST",
+            "/api/v1/tasks/batch",
+            BatchTriggerResponse,
+            body=body,
+            request_key=request_key(),
+        )
 
     async def trigger(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle[Any]:
         """Queue a run of ``task_id``; options as for ``Task.trigger``."""

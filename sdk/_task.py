@@ -26,7 +26,7 @@ from typing import (
 
 import msgspec
 
-from ember._client import Call, Client, default_client
+from ember._client import Call, Client, default_client, request_key
 from ember._config import pinned_version
 from ember._duration import parse_duration_s
 from ember._errors import ConfigError, PayloadValidationError, RunFailedError
@@ -285,7 +285,11 @@ class Task(Generic[T, P, R]):
     def _trigger_call(self, payload: Any, options: TriggerOptions) -> Call[TriggerResponse]:
         body = TriggerRequest(payload=msgspec.Raw(self.encode_payload(payload)), options=options)
         return Call(
-            "POST", f"/api/v1/tasks/{self.id}/trigger", TriggerResponse, body=_encoder.encode(body)
+            "POST",
+            f"/api/v1/tasks/{self.id}/trigger",
+            TriggerResponse,
+            body=_encoder.encode(body),
+            request_key=request_key(),
         )
 
     def _batch_call(self, items: Iterable[T | TriggerItem[T]]) -> Call[BatchTriggerResponse]:
@@ -306,6 +310,7 @@ class Task(Generic[T, P, R]):
             "/api/v1/tasks/batch",
             BatchTriggerResponse,
             body=_encoder.encode(BatchTriggerRequest(items=batch)),
+            request_key=request_key(),
         )
 
     async def trigger(

@@ -40,6 +40,9 @@ class RunStatus(enum.StrEnum):
         return self in FINAL_STATUSES
 
 
+# The header carrying the client's key of one trigger request (the same on its retries).
+REQUEST_KEY_HEADER = "x-ember-request-key"
+
 FINAL_STATUSES = frozenset(
     {
         RunStatus.COMPLETED,

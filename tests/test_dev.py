@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 import textwrap
 import time
@@ -163,3 +164,71 @@ def test_only_snapshot_files_are_changes(tmp_path: Path) -> None:
     ]
     assert [p for p in relevant if _relevant(str(root / p), root)] == relevant
     assert [p for p in ignored if _relevant(str(root / p), root)] == []
+
+
+WAITERS = """
+import asyncio
+from ember import task, wait
+
+@task(id="forever")
+async def forever(payload: dict) -> None:
+    await asyncio.sleep(600)
+
+@task(id="on-token")
+async def on_token(payload: dict) -> None:
+    await wait.for_token(await wait.create_token(timeout="1d"))
+
+@task(id="on-duration")
+async def on_duration(payload: dict) -> None:
+    await wait.for_(hours=1)
+
+@task(id="on-child")
+async def on_child(payload: dict) -> None:
+    await forever.trigger_and_wait({})
+"""
+
+
+async def test_ctrl_c_cancels_waiting_runs(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    (root / "tasks").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(
+        '[tool.ember]\ndirs = ["tasks"]\nwait_park_threshold_s = 0.2\n'
+    )
+    (root / "tasks" / "__init__.py").write_text("")
+    (root / "tasks" / "w.py").write_text(WAITERS)
+    state = tmp_path / "state"
+    socket = tmp_path / "dev.sock"
+    env = {**os.environ, "EMBER_STATE_DIR": str(state), "EMBER_SOCKET": str(socket)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ember.cli",
+        "dev",
+        cwd=root,
+        env={**env, "NO_COLOR": "1"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    dev = DevProcess(process)
+    client = Client(ClientSettings(socket_path=socket))
+    try:
+        await dev.line("Local worker ready -> ")
+        tasks, runs = Tasks(client), Runs(client)
+        waiting = [(await tasks.trigger(t, {})).id for t in ("on-token", "on-duration", "on-child")]
+        executing = (await tasks.trigger("forever", {})).id
+
+        async def all_waiting() -> bool:
+            found = [await runs.retrieve(run_id) for run_id in waiting]
+            return all(r.status is RunStatus.WAITING for r in found)
+
+        await eventually(all_waiting, timeout_s=30)
+        child = (await runs.list(parent=waiting[2])).data[0].id
+    finally:
+        await client.aclose()
+        code = await dev.stop()
+    assert code == 0, dev.errors
+    assert any("Canceled" in line for line in dev.lines), dev.lines
+    # The daemon `ember dev` embedded is gone: the table says how each run ended.
+    with sqlite3.connect(state / "ember.db") as conn:
+        found = dict(conn.execute("SELECT id, status FROM runs").fetchall())
+    assert found == dict.fromkeys([*waiting, executing, child], "CANCELED")
