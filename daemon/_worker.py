@@ -64,6 +64,8 @@ _THREAD_QUEUE_BYTES = 4 * 1024 * 1024
 WAKE_CHECK_S = 1.0
 WAKE_TIMEOUT_S = 600.0
 WAKE_GRACE_CHECKS = 3
+# Room kept for the marker of a cut log line.
+_MARKER_BYTES = 64
 # Room left in a frame for everything but a Done's output.
 _FRAME_MARGIN_BYTES = 1024 * 1024
 
@@ -272,15 +274,19 @@ class _RunRuntime:
         )
 
 
-def cut(text: str, limit_bytes: int) -> str:
-    """``text`` if its UTF-8 form fits ``limit_bytes``, else its head and a marker."""
-    if len(text) <= limit_bytes // 4:
+def cut(text: str, limit_bytes: int, dropped_bytes: int = 0) -> str:
+    """``text`` if its UTF-8 form fits ``limit_bytes``, else its head and a marker.
+
+    The result always fits, marker included, so cutting it again changes nothing.
+    ``dropped_bytes`` counts what was cut off before (a stream's overlong line).
+    """
+    if not dropped_bytes and len(text) <= limit_bytes // 4:
         return text  # fits whatever its characters
     data = text.encode(errors="replace")
-    if len(data) <= limit_bytes:
+    if not dropped_bytes and len(data) <= limit_bytes:
         return text
-    head = data[:limit_bytes].decode(errors="ignore")
-    return f"{head}… [truncated {len(data) - len(head.encode())} bytes]"
+    head = data[: limit_bytes - _MARKER_BYTES].decode(errors="ignore")
+    return f"{head}… [truncated {len(data) - len(head.encode()) + dropped_bytes} bytes]"
 
 
 class _RunStream(io.TextIOBase):
@@ -290,6 +296,8 @@ class _RunStream(io.TextIOBase):
         self._underlying = underlying
         self._level = level
         self._partial = ""
+        # Bytes of the line under way cut off already (kept to MAX_LOG_LINE_BYTES characters).
+        self._dropped = 0
 
     def writable(self) -> bool:
         return True
@@ -300,9 +308,13 @@ class _RunStream(io.TextIOBase):
         if runtime is not None:
             lines = (self._partial + text).split("\n")
             self._partial = lines.pop()
+            if lines and self._dropped:
+                lines[0] = cut(lines[0], MAX_LOG_LINE_BYTES, self._dropped)
+                self._dropped = 0
             if len(self._partial) > MAX_LOG_LINE_BYTES:
-                lines.append(self._partial)  # no newline in sight: record it as it is
-                self._partial = ""
+                # No newline in sight: keep no more than a log line can hold.
+                self._dropped += len(self._partial[MAX_LOG_LINE_BYTES:].encode(errors="replace"))
+                self._partial = self._partial[:MAX_LOG_LINE_BYTES]
             for line in lines:
                 runtime.log(self._level, line, {})
         return len(text)
