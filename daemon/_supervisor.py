@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -61,6 +62,9 @@ _EXIT_STATUS_WAIT_S = 0.5
 # A process sent SIGKILL is gone within milliseconds; past this, the engine is told anyway
 # (one stuck in the kernel runs no more code of its task).
 _DEATH_WAIT_S = 10.0
+# How long a starting daemon waits for an earlier daemon's processes to exit on their own
+# (they notice within milliseconds) before it kills them.
+_PREDECESSOR_WAIT_S = 5.0
 # Variables of the daemon's environment that must not leak into run processes.
 _STRIPPED_ENV = ("EMBER_VERSION", "TRIGGER_VERSION")
 
@@ -228,6 +232,7 @@ class Supervisor:
 
     async def start(self) -> None:
         """Listen for run processes on the worker socket."""
+        await self._outlive_predecessors()
         path = self.config.worker_socket
         path.unlink(missing_ok=True)
         self._logs_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +240,34 @@ class Supervisor:
         self._server = await loop.create_unix_server(lambda: _WorkerProtocol(self), str(path))
         os.chmod(path, 0o600)
         self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def _processes_lock(self) -> Path:
+        # Every zygote holds a shared lock on it, and every process it forks inherits it.
+        return self.config.state_dir / "processes.lock"
+
+    async def _outlive_predecessors(self) -> None:
+        """Wait until no process of an earlier daemon is left; kill those that linger.
+
+        Recovery turns the runs they executed into new attempts: an old process still
+        running would be a second attempt at the same time.
+        """
+        path = self._processes_lock
+        with open(path, "a") as lock:  # noqa: ASYNC230 - a local file, opened once at start
+            for round_ in range(2):
+                deadline = time.monotonic() + _PREDECESSOR_WAIT_S
+                while time.monotonic() < deadline:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        await asyncio.sleep(0.02)
+                        continue
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                    return
+                killed = _kill_holders(path)
+                log.warning("killed %d process(es) an earlier daemon left running", killed)
+                if round_:
+                    log.error("processes of an earlier daemon hold %s still", path)
 
     async def stop(self) -> None:
         """Stop every process: run processes get SIGKILL, zygotes their channel closed.
@@ -298,6 +331,8 @@ class Supervisor:
                     str(self.config.worker_socket),
                     "--heartbeat-s",
                     str(self.config.heartbeat_interval_s),
+                    "--lock",
+                    str(self._processes_lock),
                     *(["--pidns"] if self.pidns else []),
                 ],
                 pass_fds=(theirs.fileno(),),
@@ -746,6 +781,20 @@ class Supervisor:
         for pid in [p for p in self._psutil if p not in live]:
             del self._psutil[pid]
         return sorted(found, key=lambda p: p.worker_id)
+
+
+def _kill_holders(path: Path) -> int:
+    """SIGKILL every process (but this one) that has ``path`` open; return how many."""
+    target = str(path.resolve())
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed
 
 
 def _exited(pidfd: int) -> bool:

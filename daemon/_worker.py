@@ -394,10 +394,12 @@ class RunProcess:
         tasks: dict[str, Task[Any, Any, Any]],
         heartbeat_s: float,
         daemon: ProcessIdentity | None = None,
+        lock_fd: int = -1,
     ) -> None:
         self._tasks = tasks
         self._heartbeat_s = heartbeat_s
         self._daemon = daemon
+        self._lock_fd = lock_fd
         self._current: asyncio.Task[None] | None = None
         self._waiters: dict[tuple[str, int], asyncio.Future[bytes]] = {}
         self._link = _Link()
@@ -498,6 +500,10 @@ class RunProcess:
         # Connections to the API would be sockets leading out of the dumped tree.
         await default_client().aclose()
         self._memory.close()
+        if self._lock_fd >= 0:
+            # CRIU dumps no file lock; the zygote's processes hold it meanwhile.
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         loop = asyncio.get_running_loop()
         woke: asyncio.Future[None] = loop.create_future()
 
@@ -658,10 +664,11 @@ def run_worker(
     tasks: dict[str, Task[Any, Any, Any]],
     heartbeat_s: float,
     daemon: ProcessIdentity | None = None,
+    lock_fd: int = -1,
 ) -> int:
     """Serve runs until the daemon says stop or goes away; returns the exit status."""
     sys.stdout = _RunStream(sys.stdout, "info")
     sys.stderr = _RunStream(sys.stderr, "error")
-    process = RunProcess(tasks, heartbeat_s, daemon)
+    process = RunProcess(tasks, heartbeat_s, daemon, lock_fd)
     asyncio.run(process.serve(socket_path, worker_id, token))
     return 0

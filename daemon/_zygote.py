@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import gc
 import os
 import selectors
@@ -86,6 +87,7 @@ def _child(
     tasks: dict[str, Task[Any, Any, Any]],
     zygote_pid: int,
     daemon: ProcessIdentity | None,
+    lock_fd: int,
 ) -> int:
     selector.close()
     channel.close()
@@ -105,6 +107,7 @@ def _child(
             tasks=tasks,
             heartbeat_s=args.heartbeat_s,
             daemon=daemon,
+            lock_fd=lock_fd,
         )
 
     if args.pidns:
@@ -122,8 +125,15 @@ def main() -> int:
     parser.add_argument("--worker-socket", required=True)
     parser.add_argument("--heartbeat-s", type=float, default=10.0)
     parser.add_argument("--pidns", action="store_true")
+    parser.add_argument("--lock")
     args = parser.parse_args()
     channel = socket.socket(fileno=args.fd)
+    lock_fd = -1
+    if args.lock:
+        # Shared by this zygote and every process it forks (they inherit it): a daemon that
+        # starts later waits until none of them is left (Supervisor._outlive_predecessors).
+        lock_fd = os.open(args.lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)
     try:
         tasks, index = discover(Path(args.code_dir))
     except BaseException:
@@ -177,7 +187,9 @@ def main() -> int:
                         # cannot dump it: close the zygote's own.
                         os.close(wake_r)
                         os.close(wake_w)
-                        code = _child(channel, selector, fork, args, tasks, zygote_pid, daemon)
+                        code = _child(
+                            channel, selector, fork, args, tasks, zygote_pid, daemon, lock_fd
+                        )
                     except BaseException:
                         traceback.print_exc()
                     finally:
