@@ -22,6 +22,9 @@ from ember._types import RunError, TaskInfo
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+# A log line's message (and its attributes) beyond this is cut by the run process, with a
+# marker, so that no log frame nears MAX_FRAME_BYTES.
+MAX_LOG_LINE_BYTES = 1024 * 1024
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag=True):

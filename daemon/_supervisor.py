@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -29,6 +31,7 @@ import psutil
 from ember._types import ProcessInfo
 from ember.daemon._config import DaemonConfig
 from ember.daemon._protocol import (
+    MAX_FRAME_BYTES,
     Done,
     Exited,
     Fork,
@@ -56,6 +59,12 @@ VersionKey = tuple[str, str]
 # After a run process's channel closes, wait this long for its exit status before reporting
 # it gone, so the reason says "killed by SIGKILL" rather than "closed its channel".
 _EXIT_STATUS_WAIT_S = 0.5
+# A process sent SIGKILL is gone within milliseconds; past this, the engine is told anyway
+# (one stuck in the kernel runs no more code of its task).
+_DEATH_WAIT_S = 10.0
+# How long a starting daemon waits for an earlier daemon's processes to exit on their own
+# (they notice within milliseconds) before it kills them.
+_PREDECESSOR_WAIT_S = 5.0
 # Variables of the daemon's environment that must not leak into run processes.
 _STRIPPED_ENV = ("EMBER_VERSION", "TRIGGER_VERSION")
 
@@ -90,6 +99,13 @@ class Worker:
     outbox: list[Message] = field(default_factory=list)
     # The environment's variables when it was forked (see Supervisor.refresh_env).
     generation: int = 0
+    # The zygote that forks it (None for a process restored from a checkpoint).
+    zygote: Zygote | None = None
+    # A handle on the process from its hello on: signals never reach a reused PID, and its
+    # death can be awaited though it is not the daemon's child.
+    pidfd: int | None = None
+    # Why the daemon ended the process itself, for the attempt's error.
+    fault: str | None = None
 
     def send(self, message: Message) -> None:
         """Write a frame to the process; held until it reconnects if it is checkpointing."""
@@ -150,8 +166,13 @@ class _WorkerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             messages = self._decoder.feed(data)
-        except ValueError:
-            log.warning("closing a worker channel that sent an undecodable frame")
+        except ValueError as exc:
+            log.warning("closing a worker channel: %s", exc)
+            if self.worker is not None:
+                self.worker.fault = (
+                    f"{exc} (at most {MAX_FRAME_BYTES} bytes): a log line, output or error "
+                    "that large cannot be recorded; return a reference to stored data instead"
+                )
             assert self._transport is not None
             self._transport.close()
             return
@@ -213,6 +234,7 @@ class Supervisor:
 
     async def start(self) -> None:
         """Listen for run processes on the worker socket."""
+        await self._outlive_predecessors()
         path = self.config.worker_socket
         path.unlink(missing_ok=True)
         self._logs_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +242,34 @@ class Supervisor:
         self._server = await loop.create_unix_server(lambda: _WorkerProtocol(self), str(path))
         os.chmod(path, 0o600)
         self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def _processes_lock(self) -> Path:
+        # Every zygote holds a shared lock on it, and every process it forks inherits it.
+        return self.config.state_dir / "processes.lock"
+
+    async def _outlive_predecessors(self) -> None:
+        """Wait until no process of an earlier daemon is left; kill those that linger.
+
+        Recovery turns the runs they executed into new attempts: an old process still
+        running would be a second attempt at the same time.
+        """
+        path = self._processes_lock
+        with open(path, "a") as lock:  # noqa: ASYNC230 - a local file, opened once at start
+            for round_ in range(2):
+                deadline = time.monotonic() + _PREDECESSOR_WAIT_S
+                while time.monotonic() < deadline:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        await asyncio.sleep(0.02)
+                        continue
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                    return
+                killed = _kill_holders(path)
+                log.warning("killed %d process(es) an earlier daemon left running", killed)
+                if round_:
+                    log.error("processes of an earlier daemon hold %s still", path)
 
     async def stop(self) -> None:
         """Stop every process: run processes get SIGKILL, zygotes their channel closed.
@@ -233,6 +283,7 @@ class Supervisor:
             self.kill(worker)
             if worker.transport is not None:
                 worker.transport.close()
+            _close_pidfd(worker)
         zygotes = list(self._zygotes.values()) + self._stopped_zygotes
         for zygote in zygotes:
             self._stop_zygote(zygote)
@@ -282,6 +333,8 @@ class Supervisor:
                     str(self.config.worker_socket),
                     "--heartbeat-s",
                     str(self.config.heartbeat_interval_s),
+                    "--lock",
+                    str(self._processes_lock),
                     *(["--pidns"] if self.pidns else []),
                 ],
                 pass_fds=(theirs.fileno(),),
@@ -342,7 +395,7 @@ class Supervisor:
             for worker in list(self._workers.values()):
                 if worker.checkpointing is not None:
                     continue  # dumped by CRIU on purpose, not a crash
-                if worker.zygote_pid == message.pid and worker.key == zygote.key:
+                if worker.zygote_pid == message.pid and worker.zygote is zygote:
                     worker.exit_reason = describe_exit(message.status)
                     self._gone(worker)
 
@@ -360,11 +413,13 @@ class Supervisor:
         self._fail_starting(zygote, "the version's zygote exited")
 
     def _fail_starting(self, zygote: Zygote, reason: str) -> None:
-        starting = [w for w in self._workers.values() if w.key == zygote.key and w.pid is None]
+        # Only this zygote's forks: a zygote stopped on purpose reports its end late, when a
+        # new zygote of the same version may be starting processes already.
+        starting = [w for w in self._workers.values() if w.zygote is zygote and w.pid is None]
         for worker in starting:
             self._workers.pop(worker.id, None)
         if starting:
-            self._starting[zygote.key] = 0
+            self._starting[zygote.key] = max(0, self._starting.get(zygote.key, 0) - len(starting))
             self.engine.on_spawn_failed(*zygote.key, reason)
 
     def _stop_zygote(self, zygote: Zygote) -> None:
@@ -490,6 +545,7 @@ class Supervisor:
         self._workers[worker.id] = worker
         self._starting[key] = self._starting.get(key, 0) + 1
         zygote = self._ensure_zygote(env, version, code_dir)
+        worker.zygote = zygote
         zygote.fork(Fork(worker_id=worker.id, token=worker.token))
 
     def _evict_idle(self, keep: VersionKey) -> bool:
@@ -508,6 +564,9 @@ class Supervisor:
         reconnected = worker.transport is None and (worker.pid is not None or hello.restored)
         worker.transport = transport
         worker.pid = hello.pid
+        _close_pidfd(worker)
+        with contextlib.suppress(OSError):  # (gone already: its channel's close follows)
+            worker.pidfd = os.pidfd_open(hello.pid)
         if hello.restored or (reconnected and worker.parked is not None):
             # Back from a checkpoint (or from a dump that failed): deliver what waited.
             worker.checkpointing = None
@@ -539,6 +598,7 @@ class Supervisor:
         """Stop tracking a process that was dumped: its image holds it now."""
         self._workers.pop(worker.id, None)
         worker.transport = None
+        _close_pidfd(worker)
 
     def release(self, worker: Worker) -> None:
         """A run process finished a run: recycle it or hand it the next one."""
@@ -560,14 +620,38 @@ class Supervisor:
         asyncio.get_running_loop().call_later(grace_s, self.kill, worker)
 
     def kill(self, worker: Worker) -> None:
-        """SIGKILL a run process."""
+        """SIGKILL a run process with everything it started."""
         worker.retiring = True
-        self._signal(worker, signal.SIGKILL)
+        self._kill_tree(worker)
 
     def _signal(self, worker: Worker, signum: int) -> None:
-        if worker.pid is not None and not worker.gone:
+        if worker.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(worker.pidfd, signum)
+        elif worker.pid is not None and not worker.gone:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum)
+
+    def _kill_tree(self, worker: Worker) -> None:
+        """SIGKILL the process, its process group and its descendants.
+
+        With a PID namespace, killing its init ends every process in it. Without, the run
+        process is a subreaper that leads its own group: while it lives, everything its
+        task forked is in its tree. (Once it is dead, its zygote kills its orphans.)
+        """
+        if worker.pid is None or (worker.pidfd is not None and _exited(worker.pidfd)):
+            return
+        descendants: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            descendants = psutil.Process(worker.pid).children(recursive=True)
+        if worker.pidfd is not None:
+            # Alive, so its PID (its group's id) is still its own.
+            with contextlib.suppress(OSError):
+                os.killpg(worker.pid, signal.SIGKILL)
+        self._signal(worker, signal.SIGKILL)
+        for process in descendants:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
     def busy_workers(self) -> Iterator[Worker]:
         """Run processes executing an attempt."""
@@ -599,7 +683,33 @@ class Supervisor:
         idle = self._idle.get(worker.key)
         if idle and worker in idle:
             idle.remove(worker)
-        self.engine.on_worker_gone(worker, worker.exit_reason or "closed its channel")
+        # Its run's next attempt may start once the engine hears of this: the process must
+        # be dead first, or two attempts of the run could execute at once.
+        self._kill_tree(worker)
+        pidfd, worker.pidfd = worker.pidfd, None
+        if pidfd is None or _exited(pidfd):
+            if pidfd is not None:
+                os.close(pidfd)
+            self._report_gone(worker)
+            return
+        loop = asyncio.get_running_loop()
+
+        def dead(late: bool) -> None:
+            loop.remove_reader(pidfd)
+            timer.cancel()
+            os.close(pidfd)
+            if late:
+                log.warning("run process %s outlived SIGKILL by %ss", worker.pid, _DEATH_WAIT_S)
+            self._report_gone(worker)
+
+        loop.add_reader(pidfd, dead, False)
+        timer = loop.call_later(_DEATH_WAIT_S, dead, True)
+
+    def _report_gone(self, worker: Worker) -> None:
+        reason = worker.exit_reason or "closed its channel"
+        if worker.fault is not None:
+            reason = f"{reason}: the daemon ended it because {worker.fault}"
+        self.engine.on_worker_gone(worker, reason)
         self._stop_if_unused(worker.key)
         self.engine.rebalance()
 
@@ -674,6 +784,33 @@ class Supervisor:
         for pid in [p for p in self._psutil if p not in live]:
             del self._psutil[pid]
         return sorted(found, key=lambda p: p.worker_id)
+
+
+def _kill_holders(path: Path) -> int:
+    """SIGKILL every process (but this one) that has ``path`` open; return how many."""
+    target = str(path.resolve())
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process behind a pidfd has exited (a pidfd polls readable then)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _close_pidfd(worker: Worker) -> None:
+    if worker.pidfd is not None:
+        os.close(worker.pidfd)
+        worker.pidfd = None
 
 
 def describe_exit(status: int) -> str:

@@ -9,12 +9,14 @@ Whatever a task prints is also recorded as log lines of its run, as Trigger.dev 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import io
 import os
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -31,7 +33,11 @@ from ember._errors import (
 from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
 from ember._task import Task
 from ember._types import RunError
+from ember.daemon import _lifeline
+from ember.daemon._lifeline import ProcessIdentity
 from ember.daemon._protocol import (
+    MAX_FRAME_BYTES,
+    MAX_LOG_LINE_BYTES,
     Cancel,
     Done,
     Evict,
@@ -51,6 +57,17 @@ from ember.daemon._protocol import (
 
 _json = msgspec.json.Encoder()
 _context_decoder = msgspec.json.Decoder(Context)
+# Frames queued by task threads (``def`` tasks that log or print) before a thread waits for
+# the loop to hand them to the channel: a flood of lines cannot grow memory without bound.
+_THREAD_QUEUE_BYTES = 4 * 1024 * 1024
+# How a parked process waits for SIGUSR1 (see await_wake).
+WAKE_CHECK_S = 1.0
+WAKE_TIMEOUT_S = 600.0
+WAKE_GRACE_CHECKS = 3
+# Room kept for the marker of a cut log line.
+_MARKER_BYTES = 64
+# Room left in a frame for everything but a Done's output.
+_FRAME_MARGIN_BYTES = 1024 * 1024
 
 
 class _Channel(asyncio.Protocol):
@@ -60,9 +77,15 @@ class _Channel(asyncio.Protocol):
     without a reader task to create and wait for after every frame.
     """
 
-    def __init__(self, handle: Callable[[ToWorker], None], lost: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        handle: Callable[[ToWorker], None],
+        lost: Callable[[], None],
+        flow: Callable[[bool], None],
+    ) -> None:
         self._handle = handle
         self._lost = lost
+        self._flow = flow
         self._decoder = FrameDecoder(ToWorker)
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -78,22 +101,75 @@ class _Channel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
+        self._flow(False)
         self._lost()
 
-    def send(self, message: Message) -> None:
+    def pause_writing(self) -> None:
+        self._flow(True)
+
+    def resume_writing(self) -> None:
+        self._flow(False)
+
+    def write(self, frames: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode(message))
+            self.transport.write(frames)
 
 
 class _Link:
-    """The current channel to the daemon: a new one after a checkpoint's restore."""
+    """The current channel to the daemon (a new one after a checkpoint's restore).
+
+    Only the loop's thread may touch a transport: frames sent from a ``def`` task's thread
+    are queued and handed over by the loop, in order, and the thread waits while the queue
+    is full or the channel's buffer is over its high-water mark.
+    """
 
     def __init__(self) -> None:
         self.channel: _Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = threading.get_ident()
+        self._queue: list[bytes] = []
+        self._queued_bytes = 0
+        self._paused = False
+        self._changed = threading.Condition()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand frames to this loop, running on the calling thread."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def set_paused(self, paused: bool) -> None:
+        """The channel's flow control (called on the loop's thread)."""
+        with self._changed:
+            self._paused = paused
+            self._changed.notify_all()
 
     def send(self, message: Message) -> None:
-        if self.channel is not None:
-            self.channel.send(message)
+        frame = encode(message)
+        if threading.get_ident() == self._loop_thread:
+            self._flush()  # frames queued by a thread go first, as they were sent first
+            if self.channel is not None:
+                self.channel.write(frame)
+            return
+        with self._changed:
+            # (Re-checked every second: a channel closed meanwhile frees the thread.)
+            while (self._paused or self._queued_bytes >= _THREAD_QUEUE_BYTES) and (
+                self.channel is not None
+            ):
+                self._changed.wait(1.0)
+            first = not self._queue
+            self._queue.append(frame)
+            self._queued_bytes += len(frame)
+        if first and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process is ending
+                self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._changed:
+            frames, self._queue = self._queue, []
+            self._queued_bytes = 0
+            self._changed.notify_all()
+        if frames and self.channel is not None:
+            self.channel.write(b"".join(frames))
 
 
 class _JournalEntry(msgspec.Struct, frozen=True):
@@ -182,6 +258,10 @@ class _RunRuntime:
             encoded = _json.encode(attrs) if attrs else b""
         except (TypeError, msgspec.EncodeError):
             encoded = _json.encode({k: repr(v) for k, v in attrs.items()})
+        # A frame over the channel's limit would end the channel: cut what is too large.
+        message = cut(message, MAX_LOG_LINE_BYTES)
+        if len(encoded) > MAX_LOG_LINE_BYTES:
+            encoded = _json.encode({"truncated": f"… [truncated {len(encoded)} bytes]"})
         self._channel.send(
             Log(
                 run_id=self._context.run_id,
@@ -194,6 +274,21 @@ class _RunRuntime:
         )
 
 
+def cut(text: str, limit_bytes: int, dropped_bytes: int = 0) -> str:
+    """``text`` if its UTF-8 form fits ``limit_bytes``, else its head and a marker.
+
+    The result always fits, marker included, so cutting it again changes nothing.
+    ``dropped_bytes`` counts what was cut off before (a stream's overlong line).
+    """
+    if not dropped_bytes and len(text) <= limit_bytes // 4:
+        return text  # fits whatever its characters
+    data = text.encode(errors="replace")
+    if not dropped_bytes and len(data) <= limit_bytes:
+        return text
+    head = data[: limit_bytes - _MARKER_BYTES].decode(errors="ignore")
+    return f"{head}… [truncated {len(data) - len(head.encode()) + dropped_bytes} bytes]"
+
+
 class _RunStream(io.TextIOBase):
     """stdout/stderr that also records each complete line as a log line of the current run."""
 
@@ -201,6 +296,8 @@ class _RunStream(io.TextIOBase):
         self._underlying = underlying
         self._level = level
         self._partial = ""
+        # Bytes of the line under way cut off already (kept to MAX_LOG_LINE_BYTES characters).
+        self._dropped = 0
 
     def writable(self) -> bool:
         return True
@@ -211,6 +308,13 @@ class _RunStream(io.TextIOBase):
         if runtime is not None:
             lines = (self._partial + text).split("\n")
             self._partial = lines.pop()
+            if lines and self._dropped:
+                lines[0] = cut(lines[0], MAX_LOG_LINE_BYTES, self._dropped)
+                self._dropped = 0
+            if len(self._partial) > MAX_LOG_LINE_BYTES:
+                # No newline in sight: keep no more than a log line can hold.
+                self._dropped += len(self._partial[MAX_LOG_LINE_BYTES:].encode(errors="replace"))
+                self._partial = self._partial[:MAX_LOG_LINE_BYTES]
             for line in lines:
                 runtime.log(self._level, line, {})
         return len(text)
@@ -222,9 +326,55 @@ class _RunStream(io.TextIOBase):
 def _error_of(exc: BaseException) -> RunError:
     return RunError(
         name=type(exc).__name__,
-        message=str(exc),
-        stack="".join(traceback.format_exception(exc)),
+        message=cut(str(exc), MAX_LOG_LINE_BYTES),
+        stack=cut("".join(traceback.format_exception(exc)), MAX_LOG_LINE_BYTES),
     )
+
+
+def host_ppid() -> int:
+    """The PID of this process's parent as the host sees it (0 if it cannot be read)."""
+    try:
+        with open("/proc/self/stat") as stat:
+            return int(stat.read().rsplit(") ", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+async def await_wake(
+    woke: asyncio.Future[None],
+    daemon: ProcessIdentity | None,
+    *,
+    timeout_s: float = WAKE_TIMEOUT_S,
+    check_s: float = WAKE_CHECK_S,
+    grace_checks: int = WAKE_GRACE_CHECKS,
+) -> bool:
+    """Wait for ``woke`` (SIGUSR1); False when it will not come: the daemon is gone, or late.
+
+    A parked process waits for its dump, or, once restored, for the signal that follows the
+    restore. The time is counted in checks, each on a fresh timer: the monotonic clock jumps
+    over the time a process spent as an image, so a restored process sees its pending timer
+    fire at once. The signal follows a restore within milliseconds, so giving up takes
+    ``grace_checks`` checks in a row that find the daemon gone (or the wait too long).
+
+    Args:
+        woke: resolved by the SIGUSR1 handler.
+        daemon: the daemon this process belongs to (None: unknown, only the timeout holds).
+        timeout_s: the longest wait for a dump or for the signal after a restore.
+        check_s: how often to look.
+        grace_checks: consecutive failed checks before giving up.
+    """
+    checks = failed = 0
+    while True:
+        try:
+            await asyncio.wait_for(asyncio.shield(woke), check_s)
+            return True
+        except TimeoutError:
+            pass
+        checks += 1
+        gone = daemon is not None and not daemon.alive()
+        failed = failed + 1 if gone or checks * check_s > timeout_s else 0
+        if failed >= grace_checks:
+            return False
 
 
 def host_pid() -> int:
@@ -239,9 +389,17 @@ def host_pid() -> int:
 class RunProcess:
     """One run process's loop: hello, then execute what the daemon sends."""
 
-    def __init__(self, tasks: dict[str, Task[Any, Any, Any]], heartbeat_s: float) -> None:
+    def __init__(
+        self,
+        tasks: dict[str, Task[Any, Any, Any]],
+        heartbeat_s: float,
+        daemon: ProcessIdentity | None = None,
+        lock_fd: int = -1,
+    ) -> None:
         self._tasks = tasks
         self._heartbeat_s = heartbeat_s
+        self._daemon = daemon
+        self._lock_fd = lock_fd
         self._current: asyncio.Task[None] | None = None
         self._waiters: dict[tuple[str, int], asyncio.Future[bytes]] = {}
         self._link = _Link()
@@ -253,6 +411,7 @@ class RunProcess:
 
     async def serve(self, socket_path: str, worker_id: int, token: str) -> None:
         loop = asyncio.get_running_loop()
+        self._link.bind(loop)
         self._ended = loop.create_future()
         # The daemon cancels with SIGTERM; stop the attempt and leave.
         loop.add_signal_handler(signal.SIGTERM, self._end)
@@ -264,14 +423,17 @@ class RunProcess:
                 self._current.cancel()
             if self._link.channel is not None and self._link.channel.transport is not None:
                 self._link.channel.transport.close()
+            _lifeline.kill_descendants()
 
     async def _connect(self, socket_path: str, worker_id: int, token: str, restored: bool) -> None:
         loop = asyncio.get_running_loop()
         _, channel = await loop.create_unix_connection(
-            lambda: _Channel(self._on_message, self._on_lost), socket_path
+            lambda: _Channel(self._on_message, self._on_lost, self._link.set_paused), socket_path
         )
         self._link.channel = channel
-        channel.send(Hello(worker_id=worker_id, token=token, pid=host_pid(), restored=restored))
+        channel.write(
+            encode(Hello(worker_id=worker_id, token=token, pid=host_pid(), restored=restored))
+        )
         self._socket = (socket_path, worker_id, token)
 
     def _end(self) -> None:
@@ -279,8 +441,11 @@ class RunProcess:
             self._ended.set_result(None)
 
     def _on_lost(self) -> None:
-        if self._suspending is None:
-            self._end()  # the daemon is gone: nothing we do now would be recorded
+        if self._suspending is None and self._ended is not None and not self._ended.done():
+            # The daemon is gone (or let this process go): nothing done now would be recorded,
+            # and the run's next attempt may start any moment. A ``def`` task's thread cannot
+            # be stopped, so the process leaves at once, with whatever its task started.
+            abandon()
 
     def _on_message(self, message: ToWorker) -> None:
         loop = asyncio.get_running_loop()
@@ -335,6 +500,10 @@ class RunProcess:
         # Connections to the API would be sockets leading out of the dumped tree.
         await default_client().aclose()
         self._memory.close()
+        if self._lock_fd >= 0:
+            # CRIU dumps no file lock; the zygote's processes hold it meanwhile.
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         loop = asyncio.get_running_loop()
         woke: asyncio.Future[None] = loop.create_future()
 
@@ -343,14 +512,19 @@ class RunProcess:
                 woke.set_result(None)
 
         loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
+        parent = host_ppid()
         channel = self._link.channel
         assert channel is not None
         assert channel.transport is not None
         self._link.channel = None
         channel.transport.close()
         await channel.closed
-        await woke
+        if not await await_wake(woke, self._daemon):
+            abandon()  # never dumped, or restored for a daemon that died before waking it
         loop.remove_signal_handler(signal.SIGUSR1)
+        if host_ppid() != parent:
+            # Restored: the daemon that restored this process is its parent now.
+            self._daemon = ProcessIdentity.of(host_ppid()) or self._daemon
         await self._connect(*self._socket, restored=True)
         self._suspending = None
 
@@ -385,6 +559,22 @@ class RunProcess:
         finally:
             self._beat.cancel()
             reset_runtime(token)
+            # What the task forked ends with its attempt (a subreaper holds even the orphans).
+            _lifeline.kill_descendants()
+        if done.output is not None and len(done.output) > MAX_FRAME_BYTES - _FRAME_MARGIN_BYTES:
+            done = Done(
+                run_id=message.run_id,
+                attempt=message.attempt,
+                ok=False,
+                retry=False,
+                error=RunError(
+                    name="OutputTooLarge",
+                    message=f"the output is {len(done.output)} bytes, more than the worker "
+                    f"channel carries ({MAX_FRAME_BYTES - _FRAME_MARGIN_BYTES}): return a "
+                    "reference to stored data instead",
+                    code="TASK_OUTPUT_TOO_LARGE",
+                ),
+            )
         after = resource.getrusage(resource.RUSAGE_SELF)
         # The process's high-water mark is this attempt's peak only if the attempt raised it;
         # otherwise the larger of the sizes it started and ended with.
@@ -429,6 +619,16 @@ class RunProcess:
         )
 
 
+def abandon() -> None:
+    """Leave now, with every descendant: the daemon is gone or this process was let go."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    with contextlib.suppress(Exception):
+        _lifeline.kill_descendants()
+    os._exit(1)
+
+
 class _Memory:
     """This process's resident set size, from /proc/self/statm kept open between reads.
 
@@ -463,10 +663,12 @@ def run_worker(
     token: str,
     tasks: dict[str, Task[Any, Any, Any]],
     heartbeat_s: float,
+    daemon: ProcessIdentity | None = None,
+    lock_fd: int = -1,
 ) -> int:
     """Serve runs until the daemon says stop or goes away; returns the exit status."""
     sys.stdout = _RunStream(sys.stdout, "info")
     sys.stderr = _RunStream(sys.stderr, "error")
-    process = RunProcess(tasks, heartbeat_s)
+    process = RunProcess(tasks, heartbeat_s, daemon, lock_fd)
     asyncio.run(process.serve(socket_path, worker_id, token))
     return 0

@@ -8,7 +8,9 @@ safe; each child builds its own loop in :mod:`ember.daemon._worker`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import fcntl
 import gc
 import os
 import selectors
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ember._task import Task
+from ember.daemon import _lifeline
 from ember.daemon._discover import discover
+from ember.daemon._lifeline import ProcessIdentity
 from ember.daemon._protocol import Exited, Fork, Forked, FrameDecoder, Indexed, encode
 
 # Imported before any fork: every run process starts with the runtime already in memory.
@@ -29,7 +33,9 @@ from ember.daemon._worker import run_worker
 
 
 def _send(channel: socket.socket, message: Indexed | Forked | Exited) -> None:
-    channel.sendall(encode(message))
+    # After the daemon is gone the zygote only waits for its children: nobody listens.
+    with contextlib.suppress(OSError):
+        channel.sendall(encode(message))
 
 
 CLONE_NEWPID = 0x20000000
@@ -46,15 +52,29 @@ def _in_own_pid_namespace(run: Callable[[], int]) -> int:
     if libc.unshare(CLONE_NEWPID) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"unshare(CLONE_NEWPID) failed: {os.strerror(errno)}")
+    # Held open by this process alone: the child reads EOF from it once this process is gone.
+    alive_r, alive_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            os.setsid()  # the session must lie inside the dumped tree
-            code = run()
+            os.close(alive_w)
+            # Killing this parent kills the namespace's init, and with it the namespace.
+            _lifeline.die_with_parent()
+            os.set_blocking(alive_r, False)
+            try:
+                parent_gone = os.read(alive_r, 1) == b""
+            except BlockingIOError:
+                parent_gone = False
+            os.close(alive_r)  # a pipe leading out of the tree would stop a checkpoint
+            if not parent_gone:
+                os.setsid()  # the session must lie inside the dumped tree
+                code = run()
         finally:
             os._exit(code)
+    os.close(alive_r)
     _, status = os.waitpid(pid, 0)
+    os.close(alive_w)
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
 
@@ -65,11 +85,19 @@ def _child(
     fork: Fork,
     args: argparse.Namespace,
     tasks: dict[str, Task[Any, Any, Any]],
+    zygote_pid: int,
+    daemon: ProcessIdentity | None,
+    lock_fd: int,
 ) -> int:
     selector.close()
     channel.close()
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # A run process (or its namespace's parent) dies with the zygote: once the zygote is
+    # gone nobody reports how it ended, and the daemon starts the run's next attempt.
+    _lifeline.die_with_parent()
+    if os.getppid() != zygote_pid:
+        return 1  # the zygote died before the signal was armed
 
     def run() -> int:
         return run_worker(
@@ -78,9 +106,15 @@ def _child(
             token=fork.token,
             tasks=tasks,
             heartbeat_s=args.heartbeat_s,
+            daemon=daemon,
+            lock_fd=lock_fd,
         )
 
-    return _in_own_pid_namespace(run) if args.pidns else run()
+    if args.pidns:
+        return _in_own_pid_namespace(run)
+    os.setsid()  # its own process group, which the daemon kills with it
+    _lifeline.become_subreaper()  # (PID 1 of a namespace adopts orphans anyway)
+    return run()
 
 
 def main() -> int:
@@ -91,8 +125,15 @@ def main() -> int:
     parser.add_argument("--worker-socket", required=True)
     parser.add_argument("--heartbeat-s", type=float, default=10.0)
     parser.add_argument("--pidns", action="store_true")
+    parser.add_argument("--lock")
     args = parser.parse_args()
     channel = socket.socket(fileno=args.fd)
+    lock_fd = -1
+    if args.lock:
+        # Shared by this zygote and every process it forks (they inherit it): a daemon that
+        # starts later waits until none of them is left (Supervisor._outlive_predecessors).
+        lock_fd = os.open(args.lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)
     try:
         tasks, index = discover(Path(args.code_dir))
     except BaseException:
@@ -102,6 +143,10 @@ def main() -> int:
     # Everything imported so far lives as long as the run processes: out of the collector's
     # sight, a child's collections no longer touch (and so copy) every inherited page.
     gc.freeze()
+    # Orphans of a run process that was killed come here, to be killed in turn (_reap).
+    _lifeline.become_subreaper()
+    zygote_pid = os.getpid()
+    daemon = ProcessIdentity.of(os.getppid())
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -124,7 +169,15 @@ def main() -> int:
             except InterruptedError:
                 continue
             if not data:
-                return 0  # the daemon is gone; run processes notice on their own channels
+                # The daemon is gone, or stopped this zygote: run processes end on their own
+                # (their channel closes, or their last run ends). Exiting before them would
+                # kill them by their parent-death signal, mid-run.
+                selector.unregister(channel)
+                while children:
+                    selector.select()
+                    os.read(wake_r, 4096)
+                    _reap(channel, children)
+                return 0
             for fork in decoder.feed(data):
                 pid = os.fork()
                 if pid == 0:
@@ -134,7 +187,9 @@ def main() -> int:
                         # cannot dump it: close the zygote's own.
                         os.close(wake_r)
                         os.close(wake_w)
-                        code = _child(channel, selector, fork, args, tasks)
+                        code = _child(
+                            channel, selector, fork, args, tasks, zygote_pid, daemon, lock_fd
+                        )
                     except BaseException:
                         traceback.print_exc()
                     finally:
@@ -146,15 +201,22 @@ def main() -> int:
 
 
 def _reap(channel: socket.socket, children: set[int]) -> None:
-    while children:
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
-        children.discard(pid)
-        _send(channel, Exited(pid=pid, status=os.waitstatus_to_exitcode(status)))
+            break
+        if pid in children:
+            children.discard(pid)
+            _send(channel, Exited(pid=pid, status=os.waitstatus_to_exitcode(status)))
+    # Any other child is what a killed run process forked, adopted by this subreaper: it
+    # must not outlive the run (its own exit brings SIGCHLD, and the reaping above).
+    for pid in _lifeline.children():
+        if pid not in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,21 @@ async def test_version_pins(harness: Harness, monkeypatch: pytest.MonkeyPatch) -
         await Tasks(harness.client).trigger("tag", {}, version="20000101.1")
 
 
+@pytest.mark.timeout(120)
+async def test_pinned_runs_after_the_pinned_zygote_stopped(harness: Harness) -> None:
+    # Each pinned run's process retires (its version is not current), its zygote stops, and
+    # the next run starts a new zygote of the same version: the old one's late end must not
+    # fail the new one's forks.
+    v1 = await harness.register(code("v1"))
+    await harness.register(code("v2"))
+    assert (await harness.run("tag", {}, version=v1.id)).version == v1.id
+    await eventually(lambda: harness.daemon.supervisor.stats()["zygotes"] == 1)
+    runs = [await harness.run("tag", {}, version=v1.id) for _ in range(50)]
+    assert [(r.status, r.version) for r in runs] == [(RunStatus.COMPLETED, v1.id)] * 50, [
+        r.error for r in runs if r.error is not None
+    ]
+
+
 async def test_missing_task_is_pending_version(harness: Harness) -> None:
     v1 = await harness.register(code("v1"))
     await harness.register(code("v2", old_task=False))
