@@ -410,9 +410,9 @@ class Checkpointer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            # Its own process group, to kill criu and its helpers at once; images 0600.
+            # Its own process group, to kill criu and its helpers at once. Images are 0600
+            # through the daemon's umask (077 from start): uvloop refuses a `umask` argument.
             start_new_session=True,
-            umask=0o077,
         )
         try:
             _, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
@@ -444,7 +444,17 @@ class Checkpointer:
                 worker.checkpointing = None
                 self._keep_parked(run)
                 return
-            ok = await self._dump(run, worker)
+            try:
+                ok = await self._dump(run, worker)
+            except Exception:
+                # Whatever broke, the process still holds the run: it must not be left in limbo.
+                log.exception("checkpoint of run %s failed; it stays parked", run.id)
+                if worker.pid is not None:
+                    # Ready for its dump, it waits for a wake-up to reconnect.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGUSR1)
+                self._keep_parked(run)
+                return
             if ok:
                 self.restore_ahead(run)
         finally:

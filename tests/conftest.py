@@ -8,7 +8,7 @@ import json
 import tarfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,24 @@ import pytest
 
 from ember import Client, ClientSettings, Run
 from ember._types import VersionInfo
-from ember.daemon import Daemon, DaemonConfig
+from ember.daemon import Daemon, DaemonConfig, loop_factory
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked ``criu`` run on both loops; the others on asyncio's own.
+
+    ``ember daemon`` runs on uvloop, whose subprocess API differs from asyncio's (it refuses a
+    ``umask`` argument): the checkpoint path broke there while every in-process test passed.
+    """
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    uvloop = loop_factory()
+    if uvloop is not None and item.get_closest_marker("criu") is not None:
+        factories["uvloop"] = uvloop
+    return factories
 
 
 def make_archive(files: dict[str, str], dirs: tuple[str, ...] = ("tasks",)) -> bytes:
