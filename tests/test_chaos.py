@@ -172,11 +172,10 @@ def alive(pid: int) -> bool:
     return not stat.split(") ", 1)[1].startswith("Z")
 
 
-@pytest.mark.timeout(400)
 @pytest.mark.parametrize(
     ("chaos_s", "leaves", "parents"),
     [
-        pytest.param(20.0, 45, 8, id="short"),
+        pytest.param(20.0, 45, 8, id="short", marks=pytest.mark.timeout(400)),
         pytest.param(
             180.0,
             300,
