@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sqlite3
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,21 @@ def diagnose(state: Path, stuck: list[str]) -> str:
     """What the store and the daemon's output say of runs that did not finish."""
     lines = []
     with sqlite3.connect(state / "ember.db") as conn:
+        now = time.time()
+        last_start, executing = conn.execute(
+            "SELECT max(started_at), (SELECT count(*) FROM runs WHERE status = 'EXECUTING')"
+            " FROM attempts"
+        ).fetchone()
+        lines.append(
+            f"{len(stuck)} not completed; last attempt started {now - last_start:.1f}s ago;"
+            f" {executing} EXECUTING"
+        )
+        for status, ready_in, n in conn.execute(
+            "SELECT status, min(coalesce(ready_at, delay_until, 0)) - ?, count(*) FROM runs"
+            " WHERE status != 'COMPLETED' GROUP BY status",
+            (now,),
+        ):
+            lines.append(f"  {n} {status}, earliest ready in {ready_in:.1f}s")
         for run_id in stuck[:5]:
             row = conn.execute(
                 "SELECT status, task_id, queue FROM runs WHERE id = ?", (run_id,)
