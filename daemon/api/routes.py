@@ -1,7 +1,7 @@
 """The HTTP API: REST/JSON on the Unix socket and, when configured, on TCP with API keys.
 
 Routes are declared once in ``ROUTES`` with their request and response types; the ASGI app
-(:class:`Router`) and the OpenAPI document (:mod:`ember.daemon._openapi`) are both built from
+(:class:`Router`) and the OpenAPI document (:mod:`ember.daemon.api.openapi`) are both built from
 that table.
 
 The environment of a request comes from the ``x-ember-env`` header on the Unix socket (its
@@ -55,15 +55,15 @@ from ember._types import (
     VersionList,
     WaitToken,
 )
-from ember.daemon import _store as store
-from ember.daemon._admin_api import ADMIN_ROUTES
-from ember.daemon._environments import check_env_name
-from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
-from ember.daemon._routing import read_body as _body
-from ember.daemon._routing import read_json as _decode
+from ember.daemon.api.admin import ADMIN_ROUTES
+from ember.daemon.api.routing import RouteSpec, check_run_env, over_tcp
+from ember.daemon.api.routing import read_body as _body
+from ember.daemon.api.routing import read_json as _decode
+from ember.daemon.engine.environments import check_env_name
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.server import Daemon
 
 _json = msgspec.json.Encoder()
 log = logging.getLogger("ember.daemon")
@@ -529,7 +529,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 def build_app(daemon: Daemon) -> Router:
     """The ASGI app serving ``ROUTES`` and ``/openapi.json``."""
-    from ember.daemon._openapi import openapi_document
+    from ember.daemon.api.openapi import openapi_document
 
     document = _json.encode(openapi_document(ROUTES))
 

@@ -18,12 +18,12 @@ from ember._schedule_types import (
     ScheduleList,
     UpdateScheduleRequest,
 )
-from ember.daemon._admin_store import ScheduleRow
-from ember.daemon._ids import ulid
-from ember.daemon._routing import RouteSpec, read_body, read_json
+from ember.daemon.api.routing import RouteSpec, read_body, read_json
+from ember.daemon.engine.ids import ulid
+from ember.daemon.store.admin import ScheduleRow
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.server import Daemon
 
 MAX_ID_CHARS = 256
 

@@ -22,12 +22,12 @@ import msgspec
 
 from ember._errors import BadRequest, Conflict, NotFound
 from ember._types import RunError, TokenInfo, WaitToken
-from ember.daemon import _store as store
-from ember.daemon._ids import ulid
+from ember.daemon.engine.ids import ulid
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon._engine import Engine
-    from ember.daemon._store import ActiveRun
+    from ember.daemon.engine.core import Engine
+    from ember.daemon.store.runs import ActiveRun
 
 _json = msgspec.json.Encoder()
 _list_decoder = msgspec.json.Decoder(list[str])

@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING
 
 import ember
 from ember._types import RunStatus
-from ember.daemon._config import DaemonConfig
-from ember.daemon._manifest import MANIFEST_FILE, mismatch, record
+from ember.daemon.config import DaemonConfig
+from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
 
 if TYPE_CHECKING:
-    from ember.daemon._engine import Engine
-    from ember.daemon._store import ActiveRun
-    from ember.daemon._supervisor import Supervisor, Worker
+    from ember.daemon.engine.core import Engine
+    from ember.daemon.procs.supervisor import Supervisor, Worker
+    from ember.daemon.store.runs import ActiveRun
 
 log = logging.getLogger("ember.daemon")
 
@@ -429,7 +429,7 @@ class Checkpointer:
 
     async def checkpoint(self, run: ActiveRun, worker: Worker) -> None:
         """Suspend the run's process and dump it; on failure it stays parked."""
-        from ember.daemon._protocol import Suspend
+        from ember.daemon.procs.protocol import Suspend
 
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._dumps[run.id] = done
@@ -615,7 +615,7 @@ class Checkpointer:
 
     async def _bring_back(self, run: ActiveRun) -> tuple[str | None, bool]:
         """Restore the run's process (a slot is held): (why it failed or None, criu ran)."""
-        from ember.daemon._supervisor import Worker
+        from ember.daemon.procs.supervisor import Worker
 
         images = self.images(run)
         try:
@@ -710,7 +710,7 @@ class Checkpointer:
             os.close(fd)
             with contextlib.suppress(ChildProcessError):
                 _, status = os.waitpid(pid, 0)
-                from ember.daemon._supervisor import describe_exit
+                from ember.daemon.procs.supervisor import describe_exit
 
                 worker.exit_reason = describe_exit(os.waitstatus_to_exitcode(status))
             self._restored_pids.discard(pid)

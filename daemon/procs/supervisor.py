@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import psutil
 
 from ember._types import ProcessInfo
-from ember.daemon._config import DaemonConfig
-from ember.daemon._protocol import (
+from ember.daemon.config import DaemonConfig
+from ember.daemon.procs.protocol import (
     MAX_FRAME_BYTES,
     Done,
     Exited,
@@ -50,8 +50,8 @@ from ember.daemon._protocol import (
 )
 
 if TYPE_CHECKING:
-    from ember.daemon._engine import Engine
-    from ember.daemon._store import ActiveRun
+    from ember.daemon.engine.core import Engine
+    from ember.daemon.store.runs import ActiveRun
 
 log = logging.getLogger("ember.daemon")
 
@@ -324,7 +324,7 @@ class Supervisor:
                 [
                     self.interpreter(code_dir),
                     "-m",
-                    "ember.daemon._zygote",
+                    "ember.daemon.child.zygote",
                     "--fd",
                     str(theirs.fileno()),
                     "--code-dir",

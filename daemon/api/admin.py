@@ -25,13 +25,13 @@ from ember._admin_types import (
 )
 from ember._errors import BadRequest, NotFound
 from ember._types import VersionInfo
-from ember.daemon import _admin_store as admin
-from ember.daemon._environments import check_env_name
-from ember.daemon._routing import RouteSpec, over_tcp, read_body, read_json, socket_only
-from ember.daemon._schedule_api import SCHEDULE_ROUTES
+from ember.daemon.api.routing import RouteSpec, over_tcp, read_body, read_json, socket_only
+from ember.daemon.api.schedules import SCHEDULE_ROUTES
+from ember.daemon.engine.environments import check_env_name
+from ember.daemon.store import admin as admin
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.server import Daemon
 
 _SMALL_BODY = 1024 * 1024
 
@@ -96,7 +96,7 @@ async def unset_env_var(daemon: Daemon, request: Request, env: str) -> EnvVar:
 
 
 def _now(daemon: Daemon) -> datetime:
-    from ember.daemon._store import ts
+    from ember.daemon.store.runs import ts
 
     return ts(daemon.clock())
 

@@ -1,6 +1,6 @@
 """What every API module shares: the route declaration, body reading, and run scoping.
 
-Routes are declared as :class:`RouteSpec` rows (in :mod:`ember.daemon._api` and the modules
+Routes are declared as :class:`RouteSpec` rows (in :mod:`ember.daemon.api.routes` and the modules
 of versions, environments and schedules); the app and the OpenAPI document are built from
 them.
 """
@@ -15,10 +15,10 @@ import msgspec
 from starlette.requests import Request
 
 from ember._errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
-from ember.daemon import _store as store
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.server import Daemon
 
 
 @dataclass(frozen=True, slots=True)
