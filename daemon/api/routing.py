@@ -18,7 +18,7 @@ from ember._errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon.api.server import Daemon
+    from ember.daemon.api.host import ApiDaemon
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,7 @@ class RouteSpec:
 
     method: str
     path: str
-    handler: Callable[[Daemon, Request, str], Awaitable[Any]]
+    handler: Callable[[ApiDaemon, Request, str], Awaitable[Any]]
     summary: str
     request: type[Any] | None = None
     response: type[Any] | None = None
@@ -84,7 +84,7 @@ def socket_only(request: Request, what: str) -> None:
         )
 
 
-async def check_run_env(daemon: Daemon, request: Request, env: str, run_id: str) -> None:
+async def check_run_env(daemon: ApiDaemon, request: Request, env: str, run_id: str) -> None:
     """Over TCP, refuse a run of another environment as if it did not exist.
 
     Over the Unix socket run ids reach runs of every environment: ids are unique, and the
