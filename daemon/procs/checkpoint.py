@@ -30,9 +30,10 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import ember
 from ember._types import RunStatus
@@ -40,8 +41,8 @@ from ember.daemon.config import DaemonConfig
 from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
 
 if TYPE_CHECKING:
-    from ember.daemon.engine.core import Engine
     from ember.daemon.procs.supervisor import Supervisor, Worker
+    from ember.daemon.store.db import Database
     from ember.daemon.store.runs import ActiveRun
 
 log = logging.getLogger("ember.daemon")
@@ -55,6 +56,36 @@ PARALLEL_CRIU = 2
 RESTORE_MARGIN_S = 0.25
 # Restores planned at once when timed waits end close together (the soonest ones).
 RESTORE_PLAN_DEPTH = 256
+
+
+class CheckpointEngine(Protocol):
+    """The engine as the checkpointer sees it: the runs, their journal, and the fallbacks."""
+
+    @property
+    def active(self) -> Mapping[str, ActiveRun]:
+        """The runs that are not final, by id."""
+        ...
+
+    @property
+    def db(self) -> Database:
+        """The state database."""
+        ...
+
+    def note(self, run: ActiveRun, snapshot: str, description: str) -> None:
+        """Record an execution snapshot that does not change the run's status."""
+        ...
+
+    def place(self, run: ActiveRun) -> None:
+        """Put a run on a process of its version."""
+        ...
+
+    def replay_instead(self, run: ActiveRun) -> None:
+        """A held process could not be resumed: the run re-executes from its journal."""
+        ...
+
+    def resume_parked_or_replay(self, run: ActiveRun) -> None:
+        """Resume a run whose dump failed: in its parked process, else by replay."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +395,11 @@ class Checkpointer:
     """
 
     def __init__(
-        self, support: CriuSupport, config: DaemonConfig, engine: Engine, supervisor: Supervisor
+        self,
+        support: CriuSupport,
+        config: DaemonConfig,
+        engine: CheckpointEngine,
+        supervisor: Supervisor,
     ) -> None:
         assert support.binary is not None
         assert support.version is not None
