@@ -391,7 +391,7 @@ def tokens_complete(
 def doctor(env: EnvOption = None) -> None:
     """Check this machine: CRIU checkpoints, and the daemon if one runs."""
     from ember._types import Health
-    from ember.daemon._checkpoint import detect
+    from ember.daemon.procs.checkpoint import detect
 
     config = project_config()
     support = detect(config)
@@ -417,7 +417,7 @@ def doctor(env: EnvOption = None) -> None:
 
 def _check_state_modes(state: Path) -> None:
     """Warn about state files others may read: the database, tokens, a process's memory."""
-    from ember.daemon._modes import loose_entries
+    from ember.daemon.store.modes import loose_entries
 
     if not state.is_dir():
         return

@@ -13,7 +13,7 @@ from typing import Any
 from ember._config import ClientSettings, default_socket_path, env_var
 from ember._errors import ConfigError
 from ember.cli._project import Project
-from ember.daemon._config import DaemonConfig
+from ember.daemon.config import DaemonConfig
 
 _DAEMON_KEYS = {
     "state_dir": Path,

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ember.daemon._config import DaemonConfig
+from ember.daemon.config import DaemonConfig
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.server import Daemon
 
 __all__ = ["Daemon", "DaemonConfig", "loop_factory", "serve"]
 
@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
     # The server (uvicorn, Starlette, the engine) loads on first use: CLI commands that only
     # read settings or talk to a daemon start without it.
     if name == "Daemon":
-        from ember.daemon._server import Daemon
+        from ember.daemon.api.server import Daemon
 
         return Daemon
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -64,7 +64,7 @@ async def _serve(daemon: Daemon) -> None:
 
 def serve(config: DaemonConfig) -> None:
     """Run a daemon on uvloop until SIGINT or SIGTERM."""
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.server import Daemon
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve(Daemon(config)))

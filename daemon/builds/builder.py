@@ -1,8 +1,8 @@
 """Version builds: from an uploaded archive to a READY (or FAILED) version.
 
-A build unpacks the archive (content-addressed, see :mod:`ember.daemon._versions`), takes
+A build unpacks the archive (content-addressed, see :mod:`ember.daemon.builds.versions`), takes
 the environment's next ``YYYYMMDD.N``, installs the requirements into the version's own
-virtual environment (:mod:`ember.daemon._venvs`), indexes the tasks in a fresh zygote, and
+virtual environment (:mod:`ember.daemon.builds.venvs`), indexes the tasks in a fresh zygote, and
 records the version, promoting it when asked. Builds of one environment run one at a time,
 so ids never collide; builds of different environments run side by side.
 
@@ -31,13 +31,13 @@ import msgspec
 from ember._admin_types import BuildProgress
 from ember._errors import Conflict, NotFound
 from ember._types import VersionInfo
-from ember.daemon import _store as store
-from ember.daemon._venvs import VenvFailed, ensure_venv
-from ember.daemon._versions import unpack
+from ember.daemon.builds.venvs import VenvFailed, ensure_venv
+from ember.daemon.builds.versions import unpack
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon._engine import Engine
-    from ember.daemon._supervisor import Supervisor
+    from ember.daemon.engine.core import Engine
+    from ember.daemon.procs.supervisor import Supervisor
 
 log = logging.getLogger("ember.daemon")
 

@@ -18,17 +18,17 @@ from ember._schedule_types import (
     ScheduleList,
     UpdateScheduleRequest,
 )
-from ember.daemon._admin_store import ScheduleRow
-from ember.daemon._ids import ulid
-from ember.daemon._routing import RouteSpec, read_body, read_json
+from ember.daemon.api.routing import RouteSpec, read_body, read_json
+from ember.daemon.engine.ids import ulid
+from ember.daemon.store.admin import ScheduleRow
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.host import ApiDaemon
 
 MAX_ID_CHARS = 256
 
 
-def _check_task(daemon: Daemon, env: str, task_id: str) -> None:
+def _check_task(daemon: ApiDaemon, env: str, task_id: str) -> None:
     """Refuse a task that no version of the environment declares as a scheduled task."""
     scheduled: set[str] = set()
     other: set[str] = set()
@@ -60,7 +60,7 @@ def _check(cron_expr: str, timezone: str, *extra: tuple[str, str | None]) -> Non
             raise BadRequest(400, f"{name} must be 1-{MAX_ID_CHARS} characters")
 
 
-def _row(daemon: Daemon, env: str, schedule_id: str) -> ScheduleRow:
+def _row(daemon: ApiDaemon, env: str, schedule_id: str) -> ScheduleRow:
     row = daemon.scheduler.table.rows.get(schedule_id)
     if row is None or row.env != env:
         raise NotFound(404, f"schedule {schedule_id} does not exist in environment {env}")
@@ -76,7 +76,7 @@ def _imperative(row: ScheduleRow) -> None:
         )
 
 
-async def create_schedule(daemon: Daemon, request: Request, env: str) -> Schedule:
+async def create_schedule(daemon: ApiDaemon, request: Request, env: str) -> Schedule:
     req: CreateScheduleRequest = read_json(
         await read_body(request, 64 * 1024), CreateScheduleRequest
     )
@@ -128,7 +128,7 @@ async def create_schedule(daemon: Daemon, request: Request, env: str) -> Schedul
     return table.view(row)
 
 
-async def list_schedules(daemon: Daemon, request: Request, env: str) -> ScheduleList:
+async def list_schedules(daemon: ApiDaemon, request: Request, env: str) -> ScheduleList:
     task = request.query_params.get("task") or None
     table = daemon.scheduler.table
     rows = [
@@ -139,12 +139,12 @@ async def list_schedules(daemon: Daemon, request: Request, env: str) -> Schedule
     return ScheduleList(data=[table.view(r) for r in rows])
 
 
-async def get_schedule(daemon: Daemon, request: Request, env: str) -> Schedule:
+async def get_schedule(daemon: ApiDaemon, request: Request, env: str) -> Schedule:
     row = _row(daemon, env, request.path_params["schedule_id"])
     return daemon.scheduler.table.view(row)
 
 
-async def update_schedule(daemon: Daemon, request: Request, env: str) -> Schedule:
+async def update_schedule(daemon: ApiDaemon, request: Request, env: str) -> Schedule:
     req: UpdateScheduleRequest = read_json(
         await read_body(request, 64 * 1024), UpdateScheduleRequest
     )
@@ -163,7 +163,7 @@ async def update_schedule(daemon: Daemon, request: Request, env: str) -> Schedul
     return daemon.scheduler.table.view(row)
 
 
-async def _set_active(daemon: Daemon, request: Request, env: str, active: bool) -> Schedule:
+async def _set_active(daemon: ApiDaemon, request: Request, env: str, active: bool) -> Schedule:
     row = _row(daemon, env, request.path_params["schedule_id"])
     if row.active != active:
         row.active, row.updated_at = active, daemon.clock()
@@ -172,15 +172,15 @@ async def _set_active(daemon: Daemon, request: Request, env: str, active: bool) 
     return daemon.scheduler.table.view(row)
 
 
-async def activate_schedule(daemon: Daemon, request: Request, env: str) -> Schedule:
+async def activate_schedule(daemon: ApiDaemon, request: Request, env: str) -> Schedule:
     return await _set_active(daemon, request, env, True)
 
 
-async def deactivate_schedule(daemon: Daemon, request: Request, env: str) -> Schedule:
+async def deactivate_schedule(daemon: ApiDaemon, request: Request, env: str) -> Schedule:
     return await _set_active(daemon, request, env, False)
 
 
-async def delete_schedule(daemon: Daemon, request: Request, env: str) -> Schedule:
+async def delete_schedule(daemon: ApiDaemon, request: Request, env: str) -> Schedule:
     row = _row(daemon, env, request.path_params["schedule_id"])
     _imperative(row)
     view = daemon.scheduler.table.view(row)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from ember._config import default_socket_path, default_state_dir
-from ember.daemon._db import Durability
+from ember.daemon.store.db import Durability
 
 CheckpointStrategy = Literal["auto", "criu", "park", "replay"]
 

@@ -1,7 +1,7 @@
 """The HTTP API: REST/JSON on the Unix socket and, when configured, on TCP with API keys.
 
 Routes are declared once in ``ROUTES`` with their request and response types; the ASGI app
-(:class:`Router`) and the OpenAPI document (:mod:`ember.daemon._openapi`) are both built from
+(:class:`Router`) and the OpenAPI document (:mod:`ember.daemon.api.openapi`) are both built from
 that table.
 
 The environment of a request comes from the ``x-ember-env`` header on the Unix socket (its
@@ -55,15 +55,15 @@ from ember._types import (
     VersionList,
     WaitToken,
 )
-from ember.daemon import _store as store
-from ember.daemon._admin_api import ADMIN_ROUTES
-from ember.daemon._environments import check_env_name
-from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
-from ember.daemon._routing import read_body as _body
-from ember.daemon._routing import read_json as _decode
+from ember.daemon.api.admin import ADMIN_ROUTES
+from ember.daemon.api.routing import RouteSpec, check_run_env, over_tcp
+from ember.daemon.api.routing import read_body as _body
+from ember.daemon.api.routing import read_json as _decode
+from ember.daemon.engine.environments import check_env_name
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.host import ApiDaemon
 
 _json = msgspec.json.Encoder()
 log = logging.getLogger("ember.daemon")
@@ -121,7 +121,7 @@ def _time_param(request: Request, name: str) -> float | None:
 # -- handlers ----------------------------------------------------------------------------
 
 
-async def health(daemon: Daemon, request: Request, env: str) -> Health:
+async def health(daemon: ApiDaemon, request: Request, env: str) -> Health:
     stats = daemon.engine.stats()
     processes = daemon.supervisor.stats()["processes"]
     if over_tcp(request):  # a key sees the load of its own environment only
@@ -148,37 +148,37 @@ async def health(daemon: Daemon, request: Request, env: str) -> Health:
     )
 
 
-async def list_processes(daemon: Daemon, request: Request, env: str) -> ProcessList:
+async def list_processes(daemon: ApiDaemon, request: Request, env: str) -> ProcessList:
     found = daemon.supervisor.processes()
     if over_tcp(request):
         found = [p for p in found if p.env == env]
     return ProcessList(data=found)
 
 
-async def pause_queue(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+async def pause_queue(daemon: ApiDaemon, request: Request, env: str) -> QueueInfo:
     await daemon.engine.pause_queue(env, request.path_params["name"], True)
     return _queue_info(daemon, env, request.path_params["name"])
 
 
-async def resume_queue(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+async def resume_queue(daemon: ApiDaemon, request: Request, env: str) -> QueueInfo:
     await daemon.engine.pause_queue(env, request.path_params["name"], False)
     return _queue_info(daemon, env, request.path_params["name"])
 
 
-async def queue_limit(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+async def queue_limit(daemon: ApiDaemon, request: Request, env: str) -> QueueInfo:
     req: QueueLimitRequest = _decode(await _body(request, 4096), QueueLimitRequest)
     name = request.path_params["name"]
     await daemon.engine.override_queue_limit(env, name, req.concurrency_limit, reset=False)
     return _queue_info(daemon, env, name)
 
 
-async def reset_queue_limit(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+async def reset_queue_limit(daemon: ApiDaemon, request: Request, env: str) -> QueueInfo:
     name = request.path_params["name"]
     await daemon.engine.override_queue_limit(env, name, None, reset=True)
     return _queue_info(daemon, env, name)
 
 
-def _queue_info(daemon: Daemon, env: str, name: str) -> QueueInfo:
+def _queue_info(daemon: ApiDaemon, env: str, name: str) -> QueueInfo:
     queue = daemon.engine.queue
     running, queued = queue.stats(env).get(name, (0, 0))
     return QueueInfo(
@@ -191,7 +191,7 @@ def _queue_info(daemon: Daemon, env: str, name: str) -> QueueInfo:
     )
 
 
-async def trigger(daemon: Daemon, request: Request, env: str) -> TriggerResponse:
+async def trigger(daemon: ApiDaemon, request: Request, env: str) -> TriggerResponse:
     body = await _body(request, daemon.config.max_payload_bytes + _BODY_OVERHEAD)
     req: TriggerRequest = _decode(body, TriggerRequest)
     item = BatchItem(task=request.path_params["task_id"], payload=req.payload, options=req.options)
@@ -207,7 +207,7 @@ def _request_key(request: Request) -> str | None:
     return key
 
 
-async def batch_trigger(daemon: Daemon, request: Request, env: str) -> BatchTriggerResponse:
+async def batch_trigger(daemon: ApiDaemon, request: Request, env: str) -> BatchTriggerResponse:
     limit = MAX_BATCH_ITEMS * (daemon.config.max_payload_bytes + _BODY_OVERHEAD)
     req: BatchTriggerRequest = _decode(await _body(request, limit), BatchTriggerRequest)
     if not 1 <= len(req.items) <= MAX_BATCH_ITEMS:
@@ -221,7 +221,7 @@ async def batch_trigger(daemon: Daemon, request: Request, env: str) -> BatchTrig
     return BatchTriggerResponse(batch_id=batch_id, runs=responses)
 
 
-async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
+async def list_runs(daemon: ApiDaemon, request: Request, env: str) -> RunPage:
     statuses = _csv(request, "status")
     for status in statuses:
         if status not in RunStatus.__members__:
@@ -248,64 +248,64 @@ async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
     return RunPage(data=page, next_cursor=next_cursor)
 
 
-async def _run_id(daemon: Daemon, request: Request, env: str) -> str:
+async def _run_id(daemon: ApiDaemon, request: Request, env: str) -> str:
     run_id: str = request.path_params["run_id"]
     await check_run_env(daemon, request, env, run_id)
     return run_id
 
 
-async def get_run(daemon: Daemon, request: Request, env: str) -> Run:
+async def get_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
     return await daemon.engine.get_run(await _run_id(daemon, request, env))
 
 
-async def wait_run(daemon: Daemon, request: Request, env: str) -> Run:
+async def wait_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
     timeout_s = _float_param(request, "timeout_s", 30.0) or 0.0
     history = request.query_params.get("history", "true") != "false"
     run_id = await _run_id(daemon, request, env)
     return await daemon.engine.wait_final(run_id, min(timeout_s, 3600.0), history)
 
 
-async def run_logs(daemon: Daemon, request: Request, env: str) -> LogPage:
+async def run_logs(daemon: ApiDaemon, request: Request, env: str) -> LogPage:
     run_id = await _run_id(daemon, request, env)
     await daemon.engine.get_run(run_id)  # 404 for an unknown run, not an empty list
     return LogPage(data=await daemon.db.read(lambda conn: store.get_logs(conn, run_id)))
 
 
-async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
+async def cancel_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
     run_id = await _run_id(daemon, request, env)
     await daemon.engine.cancel(run_id)
     return await daemon.engine.get_run(run_id)
 
 
-async def replay_run(daemon: Daemon, request: Request, env: str) -> TriggerResponse:
+async def replay_run(daemon: ApiDaemon, request: Request, env: str) -> TriggerResponse:
     req: ReplayRequest = _decode(await _body(request, 64 * 1024) or b"{}", ReplayRequest)
     return await daemon.engine.replay(env, await _run_id(daemon, request, env), req.version)
 
 
-async def reschedule_run(daemon: Daemon, request: Request, env: str) -> Run:
+async def reschedule_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
     req: RescheduleRequest = _decode(await _body(request, 64 * 1024), RescheduleRequest)
     run_id = await _run_id(daemon, request, env)
     await daemon.engine.reschedule(run_id, req.delay)
     return await daemon.engine.get_run(run_id)
 
 
-async def register_version(daemon: Daemon, request: Request, env: str) -> VersionInfo:
+async def register_version(daemon: ApiDaemon, request: Request, env: str) -> VersionInfo:
     archive = await _body(request, MAX_VERSION_BYTES)
     promote = request.query_params.get("promote", "true") != "false"
     wait = request.query_params.get("wait", "true") != "false"
     return await daemon.register_version(env, archive, promote=promote, wait=wait)
 
 
-async def list_versions(daemon: Daemon, request: Request, env: str) -> VersionList:
+async def list_versions(daemon: ApiDaemon, request: Request, env: str) -> VersionList:
     building = daemon.builder.building(env)
     return VersionList(data=building + daemon.engine.version_list(env))
 
 
-async def promote_version(daemon: Daemon, request: Request, env: str) -> VersionInfo:
+async def promote_version(daemon: ApiDaemon, request: Request, env: str) -> VersionInfo:
     return await daemon.promote(env, request.path_params["version"])
 
 
-async def list_tasks(daemon: Daemon, request: Request, env: str) -> TaskList:
+async def list_tasks(daemon: ApiDaemon, request: Request, env: str) -> TaskList:
     current = daemon.engine.current.get(env)
     if current is None:
         return TaskList(version=None, data=[])
@@ -313,12 +313,12 @@ async def list_tasks(daemon: Daemon, request: Request, env: str) -> TaskList:
     return TaskList(version=current, data=sorted(record.tasks.values(), key=lambda t: t.id))
 
 
-async def list_queues(daemon: Daemon, request: Request, env: str) -> QueueList:
+async def list_queues(daemon: ApiDaemon, request: Request, env: str) -> QueueList:
     names = sorted(daemon.engine.queue.stats(env))
     return QueueList(data=[_queue_info(daemon, env, name) for name in names])
 
 
-async def create_token(daemon: Daemon, request: Request, env: str) -> WaitToken:
+async def create_token(daemon: ApiDaemon, request: Request, env: str) -> WaitToken:
     req: CreateTokenRequest = _decode(await _body(request, 64 * 1024), CreateTokenRequest)
     try:
         timeout_s = parse_duration_s(req.timeout) if req.timeout is not None else None
@@ -336,7 +336,7 @@ async def create_token(daemon: Daemon, request: Request, env: str) -> WaitToken:
     )
 
 
-async def complete_token(daemon: Daemon, request: Request, env: str) -> TokenInfo:
+async def complete_token(daemon: ApiDaemon, request: Request, env: str) -> TokenInfo:
     limit = daemon.config.max_output_bytes + _BODY_OVERHEAD
     req: CompleteTokenRequest = _decode(await _body(request, limit), CompleteTokenRequest)
     token_id = request.path_params["token_id"]
@@ -344,11 +344,11 @@ async def complete_token(daemon: Daemon, request: Request, env: str) -> TokenInf
     return await daemon.engine.waits.retrieve_token(env, token_id)
 
 
-async def retrieve_token(daemon: Daemon, request: Request, env: str) -> TokenInfo:
+async def retrieve_token(daemon: ApiDaemon, request: Request, env: str) -> TokenInfo:
     return await daemon.engine.waits.retrieve_token(env, request.path_params["token_id"])
 
 
-async def list_tokens(daemon: Daemon, request: Request, env: str) -> TokenPage:
+async def list_tokens(daemon: ApiDaemon, request: Request, env: str) -> TokenPage:
     status = request.query_params.get("status") or None
     if status not in (None, "WAITING", "COMPLETED", "TIMED_OUT"):
         raise BadRequest(400, f"status={status!r}: use WAITING, COMPLETED or TIMED_OUT")
@@ -360,7 +360,7 @@ async def list_tokens(daemon: Daemon, request: Request, env: str) -> TokenPage:
     return TokenPage(data=page, next_cursor=next_cursor)
 
 
-async def events(daemon: Daemon, request: Request, env: str) -> StreamingResponse:
+async def events(daemon: ApiDaemon, request: Request, env: str) -> StreamingResponse:
     return StreamingResponse(
         daemon.events.stream(env),
         media_type="text/event-stream",
@@ -527,9 +527,9 @@ ROUTES: tuple[RouteSpec, ...] = (
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def build_app(daemon: Daemon) -> Router:
+def build_app(daemon: ApiDaemon) -> Router:
     """The ASGI app serving ``ROUTES`` and ``/openapi.json``."""
-    from ember.daemon._openapi import openapi_document
+    from ember.daemon.api.openapi import openapi_document
 
     document = _json.encode(openapi_document(ROUTES))
 
@@ -605,7 +605,7 @@ class Router:
         return _error_response(404, f"no such endpoint: {method} {path} (see /openapi.json)")
 
 
-async def _authorize(daemon: Daemon, request: Request) -> str:
+async def _authorize(daemon: ApiDaemon, request: Request) -> str:
     """The request's environment, checking the API key on TCP.
 
     Raises:

@@ -1,6 +1,6 @@
 """What every API module shares: the route declaration, body reading, and run scoping.
 
-Routes are declared as :class:`RouteSpec` rows (in :mod:`ember.daemon._api` and the modules
+Routes are declared as :class:`RouteSpec` rows (in :mod:`ember.daemon.api.routes` and the modules
 of versions, environments and schedules); the app and the OpenAPI document are built from
 them.
 """
@@ -15,10 +15,10 @@ import msgspec
 from starlette.requests import Request
 
 from ember._errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
-from ember.daemon import _store as store
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.host import ApiDaemon
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,7 @@ class RouteSpec:
 
     method: str
     path: str
-    handler: Callable[[Daemon, Request, str], Awaitable[Any]]
+    handler: Callable[[ApiDaemon, Request, str], Awaitable[Any]]
     summary: str
     request: type[Any] | None = None
     response: type[Any] | None = None
@@ -84,7 +84,7 @@ def socket_only(request: Request, what: str) -> None:
         )
 
 
-async def check_run_env(daemon: Daemon, request: Request, env: str, run_id: str) -> None:
+async def check_run_env(daemon: ApiDaemon, request: Request, env: str, run_id: str) -> None:
     """Over TCP, refuse a run of another environment as if it did not exist.
 
     Over the Unix socket run ids reach runs of every environment: ids are unique, and the

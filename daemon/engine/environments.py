@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 
 from ember._admin_types import CreatedKey, EnvVar
 from ember._errors import BadRequest, NotFound
-from ember.daemon import _admin_store as admin
-from ember.daemon import _store as store
-from ember.daemon._db import Database
+from ember.daemon.store import admin as admin
+from ember.daemon.store import runs as store
+from ember.daemon.store.db import Database
 
 ENVIRONMENT_KINDS = ("dev", "staging", "prod", "preview")
 SOURCES = ("user", "dotenv")

@@ -1,8 +1,8 @@
 """A version's zygote: imports the task modules once, then forks a run process on request.
 
-Run as ``python -m ember.daemon._zygote --fd N ...`` by the supervisor, with one end of a
+Run as ``python -m ember.daemon.child.zygote --fd N ...`` by the supervisor, with one end of a
 socketpair as fd N. It stays single-threaded and never runs an event loop, so forking it is
-safe; each child builds its own loop in :mod:`ember.daemon._worker`.
+safe; each child builds its own loop in :mod:`ember.daemon.child.worker`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from ember._task import Task
-from ember.daemon import _lifeline
-from ember.daemon._discover import discover
-from ember.daemon._lifeline import ProcessIdentity
-from ember.daemon._protocol import Exited, Fork, Forked, FrameDecoder, Indexed, encode
+from ember.daemon.child import lifeline as _lifeline
+from ember.daemon.child.discover import discover
+from ember.daemon.child.lifeline import ProcessIdentity
 
 # Imported before any fork: every run process starts with the runtime already in memory.
-from ember.daemon._worker import run_worker
+from ember.daemon.child.worker import run_worker
+from ember.daemon.procs.protocol import Exited, Fork, Forked, FrameDecoder, Indexed, encode
 
 
 def _send(channel: socket.socket, message: Indexed | Forked | Exited) -> None:

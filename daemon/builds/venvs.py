@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ember._errors import EmberError
-from ember.daemon._discover import MANIFEST
+from ember.daemon.child.discover import MANIFEST
 
 READY_MARKER = ".ember-ready"
 DEFAULT_REQUIREMENTS = "requirements.txt"

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ember.daemon._schema import migrate
+from ember.daemon.store.schema import migrate
 
 T = TypeVar("T")
 Durability = Literal["normal", "fsync"]

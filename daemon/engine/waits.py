@@ -14,20 +14,20 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from ember._errors import BadRequest, Conflict, NotFound
 from ember._types import RunError, TokenInfo, WaitToken
-from ember.daemon import _store as store
-from ember.daemon._ids import ulid
+from ember.daemon.engine.ids import ulid
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon._engine import Engine
-    from ember.daemon._store import ActiveRun
+    from ember.daemon.store.db import Database
+    from ember.daemon.store.runs import ActiveRun, BlobStore
 
 _json = msgspec.json.Encoder()
 _list_decoder = msgspec.json.Decoder(list[str])
@@ -68,10 +68,33 @@ class _Token:
     waits: set[str] = field(default_factory=set)
 
 
+class WaitsEngine(Protocol):
+    """The engine as the journal sees it (the engine builds the journal: no import back)."""
+
+    @property
+    def active(self) -> Mapping[str, ActiveRun]:
+        """The runs that are not final, by id."""
+        ...
+
+    @property
+    def db(self) -> Database:
+        """The state database."""
+        ...
+
+    @property
+    def blobs(self) -> BlobStore:
+        """Large payloads and outputs."""
+        ...
+
+    def wait_completed(self, record: WaitRecord, result: bytes) -> None:
+        """A wait is over: resume its run."""
+        ...
+
+
 class Waitpoints:
     """Registers, times and completes waits; creates and completes tokens."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: WaitsEngine) -> None:
         self.engine = engine
         self.pending: dict[str, WaitRecord] = {}
         self._by_child: dict[str, set[str]] = {}

@@ -1,6 +1,6 @@
 """SQL of environments: variables, API keys and cron schedules, as plain functions.
 
-Write functions run inside the group-commit writer's transaction (see :mod:`ember.daemon._db`)
+Write functions run inside the group-commit writer's transaction (see :mod:`ember.daemon.store.db`)
 and touch nothing but the database; read functions return plain rows or API types.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember._admin_types import ApiKeyInfo
-from ember.daemon._store import opt_ts, ts
+from ember.daemon.store.runs import opt_ts, ts
 
 KEY_ID_CHARS = 12
 

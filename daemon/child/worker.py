@@ -33,9 +33,9 @@ from ember._errors import (
 from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
 from ember._task import Task
 from ember._types import RunError
-from ember.daemon import _lifeline
-from ember.daemon._lifeline import ProcessIdentity
-from ember.daemon._protocol import (
+from ember.daemon.child import lifeline as _lifeline
+from ember.daemon.child.lifeline import ProcessIdentity
+from ember.daemon.procs.protocol import (
     MAX_FRAME_BYTES,
     MAX_LOG_LINE_BYTES,
     Cancel,

@@ -33,13 +33,13 @@ from ember import _cron as cron
 from ember._errors import EmberError
 from ember._schedule_types import Schedule, ScheduledPayload
 from ember._types import BatchItem, TaskInfo, TriggerOptions
-from ember.daemon import _admin_store as admin
-from ember.daemon._admin_store import ScheduleRow
-from ember.daemon._db import Database
-from ember.daemon._store import opt_ts, ts
+from ember.daemon.store import admin as admin
+from ember.daemon.store.admin import ScheduleRow
+from ember.daemon.store.db import Database
+from ember.daemon.store.runs import opt_ts, ts
 
 if TYPE_CHECKING:
-    from ember.daemon._engine import Engine
+    from ember.daemon.engine.core import Engine
 
 log = logging.getLogger("ember.daemon")
 
@@ -202,7 +202,7 @@ class Scheduler:
 
     async def sync_declared(self, env: str, tasks: Iterable[TaskInfo]) -> None:
         """Make the environment's declarative schedules match its current version's tasks."""
-        from ember.daemon._ids import ulid
+        from ember.daemon.engine.ids import ulid
 
         declared = {
             t.id: (t.schedule.cron, t.schedule.timezone)

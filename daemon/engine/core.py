@@ -41,19 +41,19 @@ from ember._types import (
     TriggerResponse,
     VersionInfo,
 )
-from ember.daemon import _store as store
-from ember.daemon._config import DaemonConfig
-from ember.daemon._db import Database
-from ember.daemon._events import EventHub
-from ember.daemon._ids import new_batch_id, new_run_id
-from ember.daemon._protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
-from ember.daemon._queue import RunQueue
-from ember.daemon._store import ActiveRun, BlobStore
-from ember.daemon._waits import NonDeterministic, Waitpoints, WaitRecord
+from ember.daemon.config import DaemonConfig
+from ember.daemon.engine.events import EventHub
+from ember.daemon.engine.ids import new_batch_id, new_run_id
+from ember.daemon.engine.queue import RunQueue
+from ember.daemon.engine.waits import NonDeterministic, Waitpoints, WaitRecord
+from ember.daemon.procs.protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
+from ember.daemon.store import runs as store
+from ember.daemon.store.db import Database
+from ember.daemon.store.runs import ActiveRun, BlobStore
 
 if TYPE_CHECKING:
-    from ember.daemon._checkpoint import Checkpointer
-    from ember.daemon._supervisor import Supervisor, Worker
+    from ember.daemon.procs.checkpoint import Checkpointer
+    from ember.daemon.procs.supervisor import Supervisor, Worker
 
 log = logging.getLogger("ember.daemon")
 

@@ -25,19 +25,19 @@ import uvicorn
 from ember._admin_types import CreatedKey
 from ember._errors import ConfigError
 from ember._types import VersionInfo
-from ember.daemon import _store as store
-from ember.daemon._api import build_app, hash_key
-from ember.daemon._builds import Builder
-from ember.daemon._checkpoint import Checkpointer, CriuSupport, detect
-from ember.daemon._config import DaemonConfig
-from ember.daemon._db import Database
-from ember.daemon._engine import Engine
-from ember.daemon._environments import EnvVars, check_env_name, created_key, new_key
-from ember.daemon._events import EventHub
-from ember.daemon._modes import PRIVATE_UMASK, tighten
-from ember.daemon._schedules import Scheduler
-from ember.daemon._supervisor import Supervisor
-from ember.daemon._venvs import python_for
+from ember.daemon.api.routes import build_app, hash_key
+from ember.daemon.builds.builder import Builder
+from ember.daemon.builds.venvs import python_for
+from ember.daemon.config import DaemonConfig
+from ember.daemon.engine.core import Engine
+from ember.daemon.engine.environments import EnvVars, check_env_name, created_key, new_key
+from ember.daemon.engine.events import EventHub
+from ember.daemon.engine.schedules import Scheduler
+from ember.daemon.procs.checkpoint import Checkpointer, CriuSupport, detect
+from ember.daemon.procs.supervisor import Supervisor
+from ember.daemon.store import runs as store
+from ember.daemon.store.db import Database
+from ember.daemon.store.modes import PRIVATE_UMASK, tighten
 
 log = logging.getLogger("ember.daemon")
 
@@ -255,7 +255,7 @@ class Daemon:
     async def register_version(
         self, env: str, archive: bytes, *, promote: bool, wait: bool = True
     ) -> VersionInfo:
-        """Build a version from a project archive (see :mod:`ember.daemon._builds`).
+        """Build a version from a project archive (see :mod:`ember.daemon.builds.builder`).
 
         Identical content to the current version registers nothing and returns it.
         """

@@ -30,19 +30,20 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import ember
 from ember._types import RunStatus
-from ember.daemon._config import DaemonConfig
-from ember.daemon._manifest import MANIFEST_FILE, mismatch, record
+from ember.daemon.config import DaemonConfig
+from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
 
 if TYPE_CHECKING:
-    from ember.daemon._engine import Engine
-    from ember.daemon._store import ActiveRun
-    from ember.daemon._supervisor import Supervisor, Worker
+    from ember.daemon.procs.supervisor import Supervisor, Worker
+    from ember.daemon.store.db import Database
+    from ember.daemon.store.runs import ActiveRun
 
 log = logging.getLogger("ember.daemon")
 
@@ -55,6 +56,36 @@ PARALLEL_CRIU = 2
 RESTORE_MARGIN_S = 0.25
 # Restores planned at once when timed waits end close together (the soonest ones).
 RESTORE_PLAN_DEPTH = 256
+
+
+class CheckpointEngine(Protocol):
+    """The engine as the checkpointer sees it: the runs, their journal, and the fallbacks."""
+
+    @property
+    def active(self) -> Mapping[str, ActiveRun]:
+        """The runs that are not final, by id."""
+        ...
+
+    @property
+    def db(self) -> Database:
+        """The state database."""
+        ...
+
+    def note(self, run: ActiveRun, snapshot: str, description: str) -> None:
+        """Record an execution snapshot that does not change the run's status."""
+        ...
+
+    def place(self, run: ActiveRun) -> None:
+        """Put a run on a process of its version."""
+        ...
+
+    def replay_instead(self, run: ActiveRun) -> None:
+        """A held process could not be resumed: the run re-executes from its journal."""
+        ...
+
+    def resume_parked_or_replay(self, run: ActiveRun) -> None:
+        """Resume a run whose dump failed: in its parked process, else by replay."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +395,11 @@ class Checkpointer:
     """
 
     def __init__(
-        self, support: CriuSupport, config: DaemonConfig, engine: Engine, supervisor: Supervisor
+        self,
+        support: CriuSupport,
+        config: DaemonConfig,
+        engine: CheckpointEngine,
+        supervisor: Supervisor,
     ) -> None:
         assert support.binary is not None
         assert support.version is not None
@@ -429,7 +464,7 @@ class Checkpointer:
 
     async def checkpoint(self, run: ActiveRun, worker: Worker) -> None:
         """Suspend the run's process and dump it; on failure it stays parked."""
-        from ember.daemon._protocol import Suspend
+        from ember.daemon.procs.protocol import Suspend
 
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._dumps[run.id] = done
@@ -615,7 +650,7 @@ class Checkpointer:
 
     async def _bring_back(self, run: ActiveRun) -> tuple[str | None, bool]:
         """Restore the run's process (a slot is held): (why it failed or None, criu ran)."""
-        from ember.daemon._supervisor import Worker
+        from ember.daemon.procs.supervisor import Worker
 
         images = self.images(run)
         try:
@@ -710,7 +745,7 @@ class Checkpointer:
             os.close(fd)
             with contextlib.suppress(ChildProcessError):
                 _, status = os.waitpid(pid, 0)
-                from ember.daemon._supervisor import describe_exit
+                from ember.daemon.procs.supervisor import describe_exit
 
                 worker.exit_reason = describe_exit(os.waitstatus_to_exitcode(status))
             self._restored_pids.discard(pid)

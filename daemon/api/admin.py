@@ -25,13 +25,13 @@ from ember._admin_types import (
 )
 from ember._errors import BadRequest, NotFound
 from ember._types import VersionInfo
-from ember.daemon import _admin_store as admin
-from ember.daemon._environments import check_env_name
-from ember.daemon._routing import RouteSpec, over_tcp, read_body, read_json, socket_only
-from ember.daemon._schedule_api import SCHEDULE_ROUTES
+from ember.daemon.api.routing import RouteSpec, over_tcp, read_body, read_json, socket_only
+from ember.daemon.api.schedules import SCHEDULE_ROUTES
+from ember.daemon.engine.environments import check_env_name
+from ember.daemon.store import admin
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.host import ApiDaemon
 
 _SMALL_BODY = 1024 * 1024
 
@@ -39,18 +39,18 @@ _SMALL_BODY = 1024 * 1024
 # -- versions and environments -----------------------------------------------------------
 
 
-async def get_version(daemon: Daemon, request: Request, env: str) -> VersionInfo:
+async def get_version(daemon: ApiDaemon, request: Request, env: str) -> VersionInfo:
     return daemon.builder.get(env, request.path_params["version"])
 
 
-async def version_build(daemon: Daemon, request: Request, env: str) -> BuildProgress:
+async def version_build(daemon: ApiDaemon, request: Request, env: str) -> BuildProgress:
     raw = request.query_params.get("from") or "0"
     if not raw.isdigit():
         raise BadRequest(400, f"query parameter from={raw!r} is not a line number")
     return daemon.builder.progress(env, request.path_params["version"], int(raw))
 
 
-async def list_environments(daemon: Daemon, request: Request, env: str) -> EnvironmentList:
+async def list_environments(daemon: ApiDaemon, request: Request, env: str) -> EnvironmentList:
     engine = daemon.engine
     names = {e for e, _ in engine.versions} | set(engine.current) | {env}
     if over_tcp(request):
@@ -70,33 +70,33 @@ async def list_environments(daemon: Daemon, request: Request, env: str) -> Envir
 # -- variables ---------------------------------------------------------------------------
 
 
-async def list_env_vars(daemon: Daemon, request: Request, env: str) -> EnvVarList:
+async def list_env_vars(daemon: ApiDaemon, request: Request, env: str) -> EnvVarList:
     show = request.query_params.get("show_values", "false") == "true"
     return EnvVarList(data=daemon.env_vars.listing(env, show))
 
 
-async def set_env_var(daemon: Daemon, request: Request, env: str) -> EnvVar:
+async def set_env_var(daemon: ApiDaemon, request: Request, env: str) -> EnvVar:
     req: SetEnvVarRequest = read_json(await read_body(request, _SMALL_BODY), SetEnvVarRequest)
     name = request.path_params["name"]
     await daemon.env_vars.set_many(env, {name: req.value}, "user")
     return EnvVar(name=name, source="user", updated_at=_now(daemon))
 
 
-async def import_env_vars(daemon: Daemon, request: Request, env: str) -> EnvVarList:
+async def import_env_vars(daemon: ApiDaemon, request: Request, env: str) -> EnvVarList:
     body = await read_body(request, _SMALL_BODY)
     req: ImportEnvVarsRequest = read_json(body, ImportEnvVarsRequest)
     await daemon.env_vars.set_many(env, req.variables, req.source)
     return EnvVarList(data=daemon.env_vars.listing(env, False))
 
 
-async def unset_env_var(daemon: Daemon, request: Request, env: str) -> EnvVar:
+async def unset_env_var(daemon: ApiDaemon, request: Request, env: str) -> EnvVar:
     name = request.path_params["name"]
     await daemon.env_vars.unset(env, name)
     return EnvVar(name=name, source="user", updated_at=_now(daemon))
 
 
-def _now(daemon: Daemon) -> datetime:
-    from ember.daemon._store import ts
+def _now(daemon: ApiDaemon) -> datetime:
+    from ember.daemon.store.runs import ts
 
     return ts(daemon.clock())
 
@@ -104,13 +104,13 @@ def _now(daemon: Daemon) -> datetime:
 # -- API keys ----------------------------------------------------------------------------
 
 
-async def create_key(daemon: Daemon, request: Request, env: str) -> CreatedKey:
+async def create_key(daemon: ApiDaemon, request: Request, env: str) -> CreatedKey:
     socket_only(request, "creating API keys")
     req: CreateKeyRequest = read_json(await read_body(request, 64 * 1024), CreateKeyRequest)
     return await daemon.create_key(req.env, req.name)
 
 
-async def list_keys(daemon: Daemon, request: Request, env: str) -> ApiKeyList:
+async def list_keys(daemon: ApiDaemon, request: Request, env: str) -> ApiKeyList:
     socket_only(request, "listing API keys")
     wanted = request.query_params.get("env") or None
     if wanted is not None:
@@ -118,7 +118,7 @@ async def list_keys(daemon: Daemon, request: Request, env: str) -> ApiKeyList:
     return ApiKeyList(data=await daemon.db.read(lambda conn: admin.list_keys(conn, wanted)))
 
 
-async def revoke_key(daemon: Daemon, request: Request, env: str) -> ApiKeyList:
+async def revoke_key(daemon: ApiDaemon, request: Request, env: str) -> ApiKeyList:
     socket_only(request, "revoking API keys")
     key_id = request.path_params["key_id"]
     now = daemon.clock()

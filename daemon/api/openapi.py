@@ -12,7 +12,7 @@ import ember
 from ember._types import ErrorBody
 
 if TYPE_CHECKING:
-    from ember.daemon._routing import RouteSpec
+    from ember.daemon.api.routing import RouteSpec
 
 _REF = "#/components/schemas/{name}"
 _ERRORS = {

@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import psutil
 
 from ember._types import ProcessInfo
-from ember.daemon._config import DaemonConfig
-from ember.daemon._protocol import (
+from ember.daemon.config import DaemonConfig
+from ember.daemon.procs.protocol import (
     MAX_FRAME_BYTES,
     Done,
     Exited,
@@ -50,8 +50,7 @@ from ember.daemon._protocol import (
 )
 
 if TYPE_CHECKING:
-    from ember.daemon._engine import Engine
-    from ember.daemon._store import ActiveRun
+    from ember.daemon.store.runs import ActiveRun
 
 log = logging.getLogger("ember.daemon")
 
@@ -67,6 +66,43 @@ _DEATH_WAIT_S = 10.0
 _PREDECESSOR_WAIT_S = 5.0
 # Variables of the daemon's environment that must not leak into run processes.
 _STRIPPED_ENV = ("EMBER_VERSION", "TRIGGER_VERSION")
+
+
+class SupervisorEngine(Protocol):
+    """The engine as the supervisor sees it: told when processes come, talk and go."""
+
+    @property
+    def current(self) -> Mapping[str, str]:
+        """The current version of each environment."""
+        ...
+
+    def awaiting_count(self, key: tuple[str, str]) -> int:
+        """How many runs wait for a process of (environment, version)."""
+        ...
+
+    def rebalance(self) -> None:
+        """Processes were freed or evicted: fork for the versions runs wait for."""
+        ...
+
+    def on_spawn_failed(self, env: str, version: str, reason: str) -> None:
+        """The version's zygote could not start."""
+        ...
+
+    def on_worker_ready(self, worker: Worker) -> None:
+        """A process connected and can take a run."""
+        ...
+
+    def on_worker_back(self, worker: Worker) -> None:
+        """A process reconnected after a checkpoint."""
+        ...
+
+    def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Wait | Done) -> None:
+        """A frame from a run process."""
+        ...
+
+    def on_worker_gone(self, worker: Worker, reason: str) -> None:
+        """A process exited or its channel closed."""
+        ...
 
 
 @dataclass(slots=True, eq=False)
@@ -204,7 +240,7 @@ class Supervisor:
         api_socket: the API socket run processes use to trigger child runs.
     """
 
-    def __init__(self, config: DaemonConfig, engine: Engine, api_socket: Path) -> None:
+    def __init__(self, config: DaemonConfig, engine: SupervisorEngine, api_socket: Path) -> None:
         self.config = config
         self.engine = engine
         self._api_socket = api_socket
@@ -324,7 +360,7 @@ class Supervisor:
                 [
                     self.interpreter(code_dir),
                     "-m",
-                    "ember.daemon._zygote",
+                    "ember.daemon.child.zygote",
                     "--fd",
                     str(theirs.fileno()),
                     "--code-dir",

@@ -1,7 +1,7 @@
 """RunStore: every SQL statement about runs, versions and keys, as plain functions.
 
 Write functions take a ``sqlite3.Connection`` inside a transaction opened by the group-commit
-writer (:mod:`ember.daemon._db`) and must have no effect outside the database (they may be
+writer (:mod:`ember.daemon.store.db`) and must have no effect outside the database (they may be
 replayed after a rollback). Read functions build the API types of :mod:`ember._types`.
 Payloads and outputs over ``OFFLOAD_BYTES`` live in content-addressed files beside the
 database, so the table stays small and fast to scan.
