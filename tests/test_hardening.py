@@ -1,0 +1,235 @@
+"""A daemon that bad input cannot break: floods, slow clients, huge headers, bombs, bad values."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import eventually, running_daemon
+from test_api import free_port
+
+from ember import Client, ClientSettings, DaemonUnavailable
+from ember._client import Call
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+async def read_response(reader: asyncio.StreamReader, timeout_s: float = 10.0) -> bytes:
+    """Everything the daemon sends until it closes the connection."""
+    return await asyncio.wait_for(reader.read(), timeout_s)
+
+
+def status_of(response: bytes) -> int:
+    """The status code of a raw HTTP response."""
+    return int(response.split(b" ", 2)[1])
+
+
+def body_of(response: bytes) -> dict[str, object]:
+    """The JSON body of a raw HTTP response."""
+    result: dict[str, object] = json.loads(response.partition(b"\r\n\r\n")[2])
+    return result
+
+
+@asynccontextmanager
+async def tcp(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw TCP connection to the daemon, closed at the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with suppress(OSError):
+            await writer.wait_closed()
+
+
+async def health_over_socket(socket_path: Path) -> bool:
+    """True when ``/healthz`` answers over the Unix socket."""
+    client = Client(ClientSettings(socket_path=socket_path))
+    try:
+        result = await client.request(Call("GET", "/healthz", dict[str, object]))
+        return result["ok"] is True
+    except DaemonUnavailable:
+        return False
+    finally:
+        await client.aclose()
+
+
+# -- TCP: headers, slow clients, connection caps ----------------------------------------
+
+
+async def test_an_oversized_header_gets_431_and_the_daemon_goes_on(state_dir: Path) -> None:
+    port = free_port()
+    async with running_daemon(state_dir, tcp=f"127.0.0.1:{port}", max_header_bytes=8192) as h:
+        async with tcp(port) as (reader, writer):
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: ")
+            # 8 MB, as the issue sent: refused long before the parser has buffered it.
+            with suppress(ConnectionError):
+                for _ in range(128):
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+            response = await read_response(reader)
+        assert status_of(response) == 431
+        assert "max_header_bytes" in str(body_of(response)["error"])
+        # The Unix socket has the same cap: a header is never a legitimate way to send data.
+        reader, writer = await asyncio.open_unix_connection(str(h.config.api_socket))
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20000 + b"\r\n\r\n")
+        assert status_of(await read_response(reader)) == 431
+        writer.close()
+        # Headers under the cap are fine.
+        async with tcp(port) as (reader, writer):
+            writer.write(b"GET /openapi.json HTTP/1.1\r\nx-ok: " + b"a" * 4000 + b"\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+        assert await health_over_socket(h.config.api_socket)
+
+
+async def test_idle_and_slow_tcp_clients_are_cut_off(state_dir: Path) -> None:
+    port = free_port()
+    async with running_daemon(
+        state_dir, tcp=f"127.0.0.1:{port}", idle_timeout_s=0.5, request_timeout_s=1.0
+    ) as h:
+        async with tcp(port) as (idle_reader, _), tcp(port) as (slow_reader, slow_writer):
+            # Slowloris: a header line every 0.2 s, never the blank line that ends them.
+            slow_writer.write(b"GET /healthz HTTP/1.1\r\n")
+
+            async def trickle() -> None:
+                with suppress(ConnectionError):
+                    for i in range(100):
+                        slow_writer.write(f"x-{i}: y\r\n".encode())
+                        await slow_writer.drain()
+                        await asyncio.sleep(0.2)
+
+            trickling = asyncio.create_task(trickle())
+            # The idle connection is closed without a word; the slow one gets a 408.
+            assert await read_response(idle_reader) == b""
+            slow = await read_response(slow_reader)
+            trickling.cancel()
+            assert status_of(slow) == 408
+            assert "request_timeout_s" in str(body_of(slow)["error"])
+        assert h.daemon.gate is not None
+        await eventually(lambda: h.daemon.gate is not None and h.daemon.gate.open == 0)
+        # A request that arrives in time, then a long poll, is served in full: the deadline
+        # covers receiving the request, not answering it.
+        async with tcp(port) as (reader, writer):
+            writer.write(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+
+
+async def test_connections_per_client_are_capped_with_a_503(state_dir: Path) -> None:
+    port = free_port()
+    async with running_daemon(
+        state_dir, tcp=f"127.0.0.1:{port}", max_connections_per_client=3, idle_timeout_s=30.0
+    ) as h:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        assert h.daemon.gate is not None
+        await eventually(lambda: h.daemon.gate is not None and h.daemon.gate.open == 3)
+        async with tcp(port) as (reader, _):
+            refused = await read_response(reader)
+        assert status_of(refused) == 503
+        assert "max_connections_per_client = 3" in str(body_of(refused)["error"])
+        assert await health_over_socket(h.config.api_socket)
+        for _, writer in held:
+            writer.close()
+        # Closed connections free their slots.
+        await eventually(lambda: h.daemon.gate is not None and h.daemon.gate.open == 0)
+        async with tcp(port) as (reader, writer):
+            writer.write(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+
+
+@dataclass
+class DaemonProcess:
+    """``ember daemon`` as its own process, configured by a project's ``[tool.ember]``."""
+
+    process: subprocess.Popen[bytes]
+    socket: Path
+    port: int
+    log: Path
+
+
+def limited_fds(soft: int, hard: int) -> None:
+    """Run in the child before exec: the usual 1,024 descriptors of a login shell."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon process started with 1,024 descriptors (soft and hard) and TCP on."""
+    project = tmp_path / "project"
+    (project / "tasks").mkdir(parents=True)
+    (project / "tasks" / "__init__.py").write_text("")
+    (project / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [project]
+            name = "flooded"
+            [tool.ember]
+            max_connections_per_client = 5000
+            idle_timeout_s = 120
+            checkpoint = "park"
+            """
+        )
+    )
+    state = tmp_path / "state"
+    port = free_port()
+    log = tmp_path / "daemon.out"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "ember.cli", "daemon", "--state-dir", str(state)),
+                *("--socket", str(tmp_path / "api.sock"), "--tcp", f"127.0.0.1:{port}"),
+            ],
+            cwd=project,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: limited_fds(1024, 1024),
+        )
+    yield DaemonProcess(process, tmp_path / "api.sock", port, log)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
+async def test_2000_idle_tcp_connections_leave_the_unix_socket_serving(
+    daemon_process: DaemonProcess,
+) -> None:
+    await eventually(lambda: health_over_socket(daemon_process.socket), timeout_s=60)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2500:
+        pytest.skip(f"this test needs 2,500 descriptors; the hard limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2500), hard))
+    writers: list[asyncio.StreamWriter] = []
+    readers: list[asyncio.StreamReader] = []
+    try:
+        for _ in range(2000):
+            reader, writer = await asyncio.open_connection("127.0.0.1", daemon_process.port)
+            readers.append(reader)
+            writers.append(writer)
+        # The local applications are served throughout the flood.
+        for _ in range(5):
+            assert await health_over_socket(daemon_process.socket)
+        # 1,024 descriptors minus the daemon's reserve are held; the rest got a 503 at once.
+        refusals = await asyncio.gather(*(asyncio.wait_for(r.read(), 10) for r in readers[-100:]))
+        assert all(status_of(r) == 503 for r in refusals)
+        assert "max_tcp_connections = 768" in str(body_of(refusals[0])["error"])
+    finally:
+        for writer in writers:
+            writer.close()
+    assert await health_over_socket(daemon_process.socket)
+    log = daemon_process.log.read_text()
+    assert "does not fit under the open-file limit of 1024" in log
+    assert "refusing TCP connections" in log
