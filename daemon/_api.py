@@ -69,7 +69,6 @@ _json = msgspec.json.Encoder()
 log = logging.getLogger("ember.daemon")
 MAX_BATCH_ITEMS = 1000
 MAX_REQUEST_KEY_CHARS = 200
-MAX_VERSION_BYTES = 256 * 1024 * 1024
 # JSON framing around a payload: options, keys, escaping.
 _BODY_OVERHEAD = 300 * 1024
 
@@ -290,7 +289,7 @@ async def reschedule_run(daemon: Daemon, request: Request, env: str) -> Run:
 
 
 async def register_version(daemon: Daemon, request: Request, env: str) -> VersionInfo:
-    archive = await _body(request, MAX_VERSION_BYTES)
+    archive = await _body(request, daemon.config.max_archive_bytes, "max_archive_bytes")
     promote = request.query_params.get("promote", "true") != "false"
     wait = request.query_params.get("wait", "true") != "false"
     return await daemon.register_version(env, archive, promote=promote, wait=wait)

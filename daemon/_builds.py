@@ -33,7 +33,7 @@ from ember._errors import Conflict, NotFound
 from ember._types import VersionInfo
 from ember.daemon import _store as store
 from ember.daemon._venvs import VenvFailed, ensure_venv
-from ember.daemon._versions import unpack
+from ember.daemon._versions import ArchiveLimits, unpack
 
 if TYPE_CHECKING:
     from ember.daemon._engine import Engine
@@ -103,7 +103,9 @@ class Builder:
         """
         code_root = self._state_dir / "code"
         code_root.mkdir(exist_ok=True)
-        digest, code_dir = await asyncio.to_thread(unpack, archive, code_root)
+        config = self._engine.config
+        limits = ArchiveLimits(config.max_unpacked_bytes, config.max_archive_files)
+        digest, code_dir = await asyncio.to_thread(unpack, archive, code_root, limits)
         started: asyncio.Future[VersionInfo] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(
             self._build(env, digest, code_dir, promote, started)

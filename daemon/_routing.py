@@ -35,21 +35,32 @@ class RouteSpec:
     content_type: str = "application/json"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body.
+async def read_body(request: Request, limit: int, setting: str = "") -> bytes:
+    """The request's body, read as it streams in and refused as soon as it is over ``limit``.
+
+    A chunked body declares no length: it is counted while it arrives, so a client cannot
+    make the daemon hold more than ``limit`` bytes of it.
+
+    Args:
+        request: the request.
+        limit: the most bytes accepted.
+        setting: the ``[tool.ember]`` key that sets ``limit``, named in the refusal.
 
     Raises:
         PayloadTooLarge: it is over ``limit`` bytes.
     """
+    named = f" ({setting})" if setting else ""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(413, f"request body of {declared} bytes is over the limit of {limit}")
-    body = await request.body()
-    if len(body) > limit:
         raise PayloadTooLarge(
-            413, f"request body of {len(body)} bytes is over the limit of {limit}"
+            413, f"request body of {declared} bytes is over the limit of {limit}{named}"
         )
-    return body
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(413, f"request body is over the limit of {limit} bytes{named}")
+    return bytes(body)
 
 
 def read_json(data: bytes, type_: type[Any]) -> Any:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
 import resource
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
-from conftest import eventually, running_daemon
+from conftest import Harness, eventually, running_daemon
 from test_api import free_port
 
 from ember import Client, ClientSettings, DaemonUnavailable
@@ -233,3 +238,104 @@ async def test_2000_idle_tcp_connections_leave_the_unix_socket_serving(
     log = daemon_process.log.read_text()
     assert "does not fit under the open-file limit of 1024" in log
     assert "refusing TCP connections" in log
+
+
+# -- bodies and archive bombs ------------------------------------------------------------
+
+
+def gzip_tar(members: list[tuple[str, int]]) -> bytes:
+    """A gzipped tar of zero-filled files, streamed so a bomb is built in constant memory."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=9) as tar:
+        for name, size in members:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, Zeros(size))
+    return buffer.getvalue()
+
+
+class Zeros(io.RawIOBase):
+    """``size`` zero bytes, read in pieces."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def leftovers(state: Path) -> list[str]:
+    """What the refused archives left in the code directory."""
+    return sorted(p.name for p in (state / "code").iterdir()) if (state / "code").exists() else []
+
+
+async def post_version(h: Harness, archive: bytes) -> httpx.Response:
+    """``POST /api/v1/versions`` over the Unix socket."""
+    transport = httpx.AsyncHTTPTransport(uds=str(h.config.api_socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://ember") as http:
+        return await http.post(
+            "/api/v1/versions",
+            content=archive,
+            headers={"content-type": "application/gzip"},
+            timeout=60,
+        )
+
+
+async def test_a_gzip_bomb_is_refused_while_it_unpacks(state_dir: Path) -> None:
+    async with running_daemon(state_dir, max_unpacked_bytes=8 * 1024 * 1024) as h:
+        # 64 MiB of zeros in one file: about 64 KB on the wire (the issue's sent 1 GB in 1 MB).
+        bomb = gzip_tar([(".ember/manifest.json", 0), ("tasks/zeros.bin", 64 * 1024 * 1024)])
+        assert len(bomb) < 200_000
+        response = await post_version(h, bomb)
+        assert response.status_code == 413
+        assert "max_unpacked_bytes" in response.json()["error"]
+        # Many small files add up the same way; the bytes of pax and long-name headers too.
+        spread = gzip_tar([(f"tasks/f{i}.py", 1024 * 1024) for i in range(12)])
+        assert (await post_version(h, spread)).status_code == 413
+        assert leftovers(state_dir) == []
+        # A good archive after them is a version as usual.
+        await h.register({"tasks/__init__.py": ""})
+        assert len(leftovers(state_dir)) == 1
+
+
+async def test_archive_file_count_and_size_are_capped(state_dir: Path) -> None:
+    async with running_daemon(state_dir, max_archive_files=50, max_archive_bytes=100_000) as h:
+        many = gzip_tar([(f"tasks/m{i}.py", 1) for i in range(51)])
+        response = await post_version(h, many)
+        assert response.status_code == 413
+        assert "max_archive_files" in response.json()["error"]
+        big = os.urandom(200_000)  # incompressible: over max_archive_bytes as sent
+        response = await post_version(h, big)
+        assert response.status_code == 413
+        assert "max_archive_bytes" in response.json()["error"]
+        assert leftovers(state_dir) == []
+
+
+async def test_a_chunked_body_is_refused_once_over_the_limit(state_dir: Path) -> None:
+    async with running_daemon(state_dir, max_payload_bytes=1024) as h:
+        reader, writer = await asyncio.open_unix_connection(str(h.config.api_socket))
+        writer.write(
+            b"POST /api/v1/tasks/x/trigger HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        chunk = b"a" * 65536
+
+        async def send() -> None:
+            with suppress(ConnectionError):
+                for _ in range(64):
+                    writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    await writer.drain()
+
+        # No length declared: the daemon counts and answers before the client is done.
+        sending = asyncio.create_task(send())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+        await sending
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 413")
+        assert await health_over_socket(h.config.api_socket)
