@@ -23,11 +23,11 @@ from ember._admin_types import (
     ImportEnvVarsRequest,
     SetEnvVarRequest,
 )
-from ember._errors import BadRequest, NotFound
+from ember._errors import NotFound
 from ember._types import VersionInfo
 from ember.daemon import _admin_store as admin
 from ember.daemon._environments import check_env_name
-from ember.daemon._routing import RouteSpec, over_tcp, read_body, read_json, socket_only
+from ember.daemon._routing import RouteSpec, int_param, over_tcp, read_body, read_json, socket_only
 from ember.daemon._schedule_api import SCHEDULE_ROUTES
 
 if TYPE_CHECKING:
@@ -44,10 +44,8 @@ async def get_version(daemon: Daemon, request: Request, env: str) -> VersionInfo
 
 
 async def version_build(daemon: Daemon, request: Request, env: str) -> BuildProgress:
-    raw = request.query_params.get("from") or "0"
-    if not raw.isdigit():
-        raise BadRequest(400, f"query parameter from={raw!r} is not a line number")
-    return daemon.builder.progress(env, request.path_params["version"], int(raw))
+    start = int_param(request, "from", 0, 0, 10**9)
+    return daemon.builder.progress(env, request.path_params["version"], start)
 
 
 async def list_environments(daemon: Daemon, request: Request, env: str) -> EnvironmentList:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -25,7 +26,7 @@ from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
 import ember
-from ember._duration import parse_duration_s
+from ember._duration import MAX_INSTANT, parse_duration_s, resolve_instant
 from ember._errors import ApiError, BadRequest, ConfigError, EmberError, Unauthorized
 from ember._types import (
     REQUEST_KEY_HEADER,
@@ -58,7 +59,7 @@ from ember._types import (
 from ember.daemon import _store as store
 from ember.daemon._admin_api import ADMIN_ROUTES
 from ember.daemon._environments import check_env_name
-from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
+from ember.daemon._routing import RouteSpec, check_run_env, int_param, over_tcp
 from ember.daemon._routing import read_body as _body
 from ember.daemon._routing import read_json as _decode
 
@@ -69,6 +70,8 @@ _json = msgspec.json.Encoder()
 log = logging.getLogger("ember.daemon")
 MAX_BATCH_ITEMS = 1000
 MAX_REQUEST_KEY_CHARS = 200
+# Epoch seconds in a query (an ISO date otherwise): digits, an optional fraction, exponent.
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
 # JSON framing around a payload: options, keys, escaping.
 _BODY_OVERHEAD = 300 * 1024
 
@@ -96,9 +99,12 @@ def _float_param(request: Request, name: str, default: float | None = None) -> f
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise BadRequest(400, f"query parameter {name}={raw!r} is not a number") from None
+        value = math.nan
+    if not math.isfinite(value):  # nan, inf and 1e400 are no answer to "how many seconds"
+        raise BadRequest(400, f"query parameter {name}={raw!r} is not a finite number")
+    return value
 
 
 def _time_param(request: Request, name: str) -> float | None:
@@ -106,15 +112,20 @@ def _time_param(request: Request, name: str) -> float | None:
     if not raw:
         return None
     try:
-        return float(raw)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(raw).timestamp()
-    except ValueError:
+        instant = (
+            float(raw)
+            if _NUMBER.fullmatch(raw)
+            else resolve_instant(datetime.fromisoformat(raw), 0)
+        )
+    except (ValueError, ConfigError):
+        instant = math.nan
+    if not 0 <= instant <= MAX_INSTANT:
         raise BadRequest(
-            400, f"query parameter {name}={raw!r} is not an ISO 8601 date-time or epoch seconds"
-        ) from None
+            400,
+            f"query parameter {name}={raw!r} is not an ISO 8601 date-time or epoch seconds "
+            "between 1970 and the year 9999",
+        )
+    return instant
 
 
 # -- handlers ----------------------------------------------------------------------------
@@ -229,9 +240,7 @@ async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
                 f"status={status!r} is not a run status; use one of "
                 + ", ".join(RunStatus.__members__),
             )
-    limit = int(_float_param(request, "limit", 50) or 50)
-    if not 1 <= limit <= 1000:
-        raise BadRequest(400, "limit must be between 1 and 1000")
+    limit = int_param(request, "limit", 50, 1, 1000)
     flt = store.RunFilter(
         env=env,
         statuses=statuses,
@@ -258,7 +267,7 @@ async def get_run(daemon: Daemon, request: Request, env: str) -> Run:
 
 
 async def wait_run(daemon: Daemon, request: Request, env: str) -> Run:
-    timeout_s = _float_param(request, "timeout_s", 30.0) or 0.0
+    timeout_s = max(_float_param(request, "timeout_s", 30.0) or 0.0, 0.0)
     history = request.query_params.get("history", "true") != "false"
     run_id = await _run_id(daemon, request, env)
     return await daemon.engine.wait_final(run_id, min(timeout_s, 3600.0), history)
@@ -319,20 +328,23 @@ async def list_queues(daemon: Daemon, request: Request, env: str) -> QueueList:
 
 async def create_token(daemon: Daemon, request: Request, env: str) -> WaitToken:
     req: CreateTokenRequest = _decode(await _body(request, 64 * 1024), CreateTokenRequest)
-    try:
-        timeout_s = parse_duration_s(req.timeout) if req.timeout is not None else None
-        key_ttl_s = (
-            parse_duration_s(req.idempotency_key_ttl)
-            if req.idempotency_key_ttl is not None
-            else None
-        )
-    except ConfigError as exc:
-        raise BadRequest(400, f"timeout: {exc}") from None
+    timeout_s = _duration_field("timeout", req.timeout)
+    key_ttl_s = _duration_field("idempotency_key_ttl", req.idempotency_key_ttl)
     if len(req.tags) > 10:
         raise BadRequest(400, "tags: at most 10 tags per token")
     return await daemon.engine.waits.create_token(
         env, timeout_s, req.idempotency_key, key_ttl_s, req.tags, req.run_id
     )
+
+
+def _duration_field(name: str, value: float | str | None) -> float | None:
+    """A duration from a request body, or a 400 that names its field."""
+    if value is None:
+        return None
+    try:
+        return parse_duration_s(value)
+    except ConfigError as exc:
+        raise BadRequest(400, f"{name}: {exc}") from None
 
 
 async def complete_token(daemon: Daemon, request: Request, env: str) -> TokenInfo:
@@ -351,9 +363,7 @@ async def list_tokens(daemon: Daemon, request: Request, env: str) -> TokenPage:
     status = request.query_params.get("status") or None
     if status not in (None, "WAITING", "COMPLETED", "TIMED_OUT"):
         raise BadRequest(400, f"status={status!r}: use WAITING, COMPLETED or TIMED_OUT")
-    limit = int(_float_param(request, "limit", 50) or 50)
-    if not 1 <= limit <= 1000:
-        raise BadRequest(400, "limit must be between 1 and 1000")
+    limit = int_param(request, "limit", 50, 1, 1000)
     cursor = request.query_params.get("cursor") or None
     page, next_cursor = await daemon.engine.waits.list_tokens(env, status, limit, cursor)
     return TokenPage(data=page, next_cursor=next_cursor)

@@ -45,14 +45,26 @@ _tags_decoder = msgspec.json.Decoder(list[str])
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
+_FIRST = datetime(1970, 1, 1, tzinfo=UTC)
+_LAST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
 def ts(epoch: float) -> datetime:
-    """An epoch time as an aware UTC datetime."""
-    return datetime.fromtimestamp(epoch, UTC)
+    """An epoch time as an aware UTC datetime, clamped to what a datetime can hold.
+
+    Values are bounded where they enter, but a store written before that may hold a delay of
+    ``inf`` or ``6e16``: such a row reads back as 9999-12-31T23:59:59Z ("never"), and one
+    too far in the past as 1970-01-01, so the row is shown and the page around it still loads.
+    """
+    try:
+        return datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, ValueError, OSError, TypeError):
+        return _FIRST if isinstance(epoch, (int, float)) and epoch < 0 else _LAST
 
 
 def opt_ts(epoch: float | None) -> datetime | None:
     """Like :func:`ts`, passing None through."""
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+    return None if epoch is None else ts(epoch)
 
 
 @dataclass(slots=True, eq=False)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -339,3 +341,137 @@ async def test_a_chunked_body_is_refused_once_over_the_limit(state_dir: Path) ->
         writer.close()
         assert head.startswith(b"HTTP/1.1 413")
         assert await health_over_socket(h.config.api_socket)
+
+
+# -- values bounded where they enter; old bad values still shown ------------------------
+
+BAD_VALUES = ["inf", "nan", "6e16", "-5", 6e16, -1, "1e400"]
+
+
+async def api(h: Harness, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """A request over the Unix socket, the answer whatever its status."""
+    transport = httpx.AsyncHTTPTransport(uds=str(h.config.api_socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://ember") as http:
+        return await http.request(method, path, timeout=30, **kwargs)
+
+
+def assert_refused(response: httpx.Response, field: str) -> None:
+    """A 400 whose message names the field."""
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"], response.text
+
+
+async def test_durations_dates_and_limits_are_bounded_where_they_enter(state_dir: Path) -> None:
+    async with running_daemon(state_dir) as h:
+        await h.register({"tasks/__init__.py": "", "tasks/t.py": SLEEPER})
+        trigger = "/api/v1/tasks/sleeper/trigger"
+        for value in BAD_VALUES:
+            for field in ("delay", "ttl", "idempotency_key_ttl"):
+                body = {"payload": {}, "options": {field: value, "idempotency_key": "k"}}
+                assert_refused(await api(h, "POST", trigger, json=body), f"options.{field}")
+        for number in (b"1e400", b"-1.0", b"1e300"):  # 1e400 decodes as inf
+            body_bytes = b'{"options": {"max_duration_s": %s}}' % number
+            assert_refused(await api(h, "POST", trigger, content=body_bytes), "max_duration_s")
+        for date in ("0001-01-01T00:00:00Z", "1900-01-01T00:00:00+00:00"):
+            body = {"payload": {}, "options": {"delay": date}}
+            assert_refused(await api(h, "POST", trigger, json=body), "options.delay")
+        for field in ("timeout", "idempotency_key_ttl"):
+            for value in BAD_VALUES:
+                response = await api(h, "POST", "/api/v1/waitpoints/tokens", json={field: value})
+                assert_refused(response, field)
+        for path in ("/api/v1/runs", "/api/v1/waitpoints/tokens"):
+            for limit in ("nan", "inf", "1e400", "-1", "0", "1001", "²", "5.5"):
+                assert_refused(await api(h, "GET", path, params={"limit": limit}), "limit")
+        for date in ("nan", "inf", "1e400", "99999-01-01", "2026-13-01"):
+            assert_refused(await api(h, "GET", "/api/v1/runs", params={"from": date}), "from")
+        run = (await api(h, "POST", trigger, json={"options": {"delay": "1h"}})).json()
+        reschedule = f"/api/v1/runs/{run['id']}/reschedule"
+        for value in BAD_VALUES:
+            assert_refused(await api(h, "POST", reschedule, json={"delay": value}), "delay")
+        wait = f"/api/v1/runs/{run['id']}/wait"
+        assert_refused(await api(h, "GET", wait, params={"timeout_s": "nan"}), "timeout_s")
+        # In range, all of these work.
+        ok = {"options": {"delay": "9999-12-31T00:00:00Z", "ttl": "1w", "max_duration_s": 60}}
+        assert (await api(h, "POST", trigger, json=ok)).status_code == 200
+        assert (await api(h, "GET", "/api/v1/runs", params={"from": "1e9"})).status_code == 200
+
+
+SLEEPER = """
+    import asyncio
+    from ember import task
+
+    @task(id="sleeper")
+    async def sleeper(payload: dict) -> None:
+        await asyncio.sleep(0)
+"""
+
+
+async def test_invalid_utf8_and_deep_json_are_refused(state_dir: Path) -> None:
+    async with running_daemon(state_dir) as h:
+        await h.register({"tasks/__init__.py": "", "tasks/t.py": SLEEPER})
+        trigger = "/api/v1/tasks/sleeper/trigger"
+        bad = b'{"payload": {"name": "\xff\xfe"}}'
+        response = await api(h, "POST", trigger, content=bad)
+        assert_refused(response, "UTF-8")
+        deep = b'{"payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        response = await api(h, "POST", trigger, content=deep)
+        assert_refused(response, "deep")
+        metadata = b'{"options": {"metadata": ' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}}"
+        assert_refused(await api(h, "POST", trigger, content=metadata), "deep")
+        assert (await api(h, "GET", "/api/v1/runs")).json()["data"] == []
+
+
+async def test_a_store_holding_bad_values_still_lists(state_dir: Path, tmp_path: Path) -> None:
+    async with running_daemon(state_dir) as h:
+        await h.register({"tasks/__init__.py": "", "tasks/t.py": SLEEPER})
+        trigger = "/api/v1/tasks/sleeper/trigger"
+        ids = [
+            (await api(h, "POST", trigger, json={"options": {"delay": "1h"}})).json()["id"]
+            for _ in range(3)
+        ]
+        tokens = [(await api(h, "POST", "/api/v1/waitpoints/tokens", json={})).json()["id"]]
+        tokens.append((await api(h, "POST", "/api/v1/waitpoints/tokens", json={})).json()["id"])
+    # What an older daemon let in, written straight into the real file.
+    with sqlite3.connect(state_dir / "ember.db") as conn:
+        conn.execute("UPDATE runs SET delay_until = ? WHERE id = ?", (math.inf, ids[0]))
+        conn.execute("UPDATE runs SET delay_until = ? WHERE id = ?", (6e16, ids[1]))
+        conn.execute("UPDATE runs SET expires_at = ? WHERE id = ?", (-6e16, ids[2]))
+        conn.execute("UPDATE tokens SET timeout_at = ? WHERE id = ?", (math.inf, tokens[0]))
+        conn.execute("UPDATE tokens SET timeout_at = ? WHERE id = ?", (6.2e16, tokens[1]))
+    async with running_daemon(state_dir) as h:
+        page = await api(h, "GET", "/api/v1/runs")
+        assert page.status_code == 200, page.text
+        listed = {run["id"]: run for run in page.json()["data"]}
+        assert set(ids) <= set(listed)
+        assert listed[ids[0]]["delay_until"].startswith("9999-12-31T23:59:59")
+        assert listed[ids[1]]["delay_until"].startswith("9999-12-31T23:59:59")
+        shown = await api(h, "GET", f"/api/v3/runs/{ids[0]}")
+        assert shown.status_code == 200, shown.text
+        token_page = await api(h, "GET", "/api/v1/waitpoints/tokens")
+        assert token_page.status_code == 200, token_page.text
+        assert {t["id"] for t in token_page.json()["data"]} == set(tokens)
+        for token in tokens:
+            assert (await api(h, "GET", f"/api/v1/waitpoints/tokens/{token}")).status_code == 200
+        # The command line too: list, show, cancel.
+        env = {**os.environ, "EMBER_SOCKET": str(h.config.api_socket), "NO_COLOR": "1"}
+
+        def ember(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "ember.cli", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+
+        listing = await asyncio.to_thread(ember, "runs", "list")
+        assert listing.returncode == 0, listing.stderr
+        assert ids[0] in listing.stdout
+        for run_id in ids[:2]:
+            shown_cli = await asyncio.to_thread(ember, "runs", "show", run_id)
+            assert shown_cli.returncode == 0, shown_cli.stderr
+            canceled = await asyncio.to_thread(ember, "runs", "cancel", run_id)
+            assert canceled.returncode == 0, canceled.stderr
+        assert (await api(h, "GET", f"/api/v3/runs/{ids[0]}")).json()["status"] == "CANCELED"
+        tokens_cli = await asyncio.to_thread(ember, "tokens", "list")
+        assert tokens_cli.returncode == 0, tokens_cli.stderr
