@@ -11,16 +11,19 @@ another environment is refused.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
 import re
+import secrets
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
@@ -551,9 +554,10 @@ def build_app(daemon: Daemon) -> Router:
                 return _error_response(exc.status, exc.detail)
             except EmberError as exc:
                 return _error_response(400, str(exc))
+            except ClientDisconnect:
+                return Response(status_code=499)  # nobody is left to read an answer
             except Exception as exc:
-                log.exception("%s %s failed", spec.method, request.url.path)
-                return _error_response(500, f"internal error ({type(exc).__name__}: {exc})")
+                return _server_error(daemon, spec, request, exc)
             if isinstance(result, Response):
                 return result
             return _json_response(result)
@@ -566,6 +570,36 @@ def build_app(daemon: Daemon) -> Router:
     routes = [(s.method, s.path, endpoint(s)) for s in ROUTES]
     routes.append(("GET", "/openapi.json", openapi))
     return Router(routes)
+
+
+def _server_error(daemon: Daemon, spec: RouteSpec, request: Request, exc: Exception) -> Response:
+    """A 507 for a full disk, else a 500 whose body holds no internals (the log has them)."""
+    if is_disk_full(exc):
+        log.error("%s %s: the disk is full (%s)", spec.method, request.url.path, exc)
+        return _error_response(
+            507,
+            f"the disk is full: free space under {daemon.config.state_dir} (the daemon's "
+            "database, blobs and logs), then retry; nothing of this request was kept",
+        )
+    reference = secrets.token_hex(4)
+    log.exception("%s %s failed (error %s)", spec.method, request.url.path, reference)
+    return _error_response(
+        500, f"the daemon failed on this request: its log has the details under error {reference}"
+    )
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it came from, is SQLite's or the OS's "no space left"."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) == (
+            sqlite3.SQLITE_FULL
+        ):
+            return True
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Router:
@@ -593,7 +627,7 @@ class Router:
 
     async def _respond(self, scope: Scope, receive: Receive) -> Response:
         method, path = scope["method"], scope["path"]
-        other_method = False
+        allowed: list[str] = []
         for route_method, pattern, convertors, handler in self._routes:
             if isinstance(pattern, str):
                 if pattern != path:
@@ -605,12 +639,17 @@ class Router:
                     continue
                 params = {k: convertors[k].convert(v) for k, v in match.groupdict().items()}
             if route_method != method:
-                other_method = True
+                allowed.append(route_method)
                 continue
             scope["path_params"] = params
             return await handler(Request(scope, receive))
-        if other_method:
-            return _error_response(405, f"{method} is not allowed on {path}")
+        if allowed:
+            methods = ", ".join(dict.fromkeys(allowed))
+            response = _error_response(
+                405, f"{method} is not allowed on {path}; it accepts {methods}"
+            )
+            response.headers["allow"] = methods
+            return response
         return _error_response(404, f"no such endpoint: {method} {path} (see /openapi.json)")
 
 

@@ -131,8 +131,12 @@ class BlobStore:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no half-written blob
+                raise
         return digest
 
     def get(self, ref: str) -> bytes:

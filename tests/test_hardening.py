@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import resource
 import signal
 import sqlite3
@@ -17,6 +18,7 @@ import textwrap
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import httpx
 import pytest
 from conftest import Harness, eventually, running_daemon
 from test_api import free_port
+from test_cli import ember as ember_cli
 
 from ember import Client, ClientSettings, DaemonUnavailable
 from ember._client import Call
@@ -453,17 +456,7 @@ async def test_a_store_holding_bad_values_still_lists(state_dir: Path, tmp_path:
         for token in tokens:
             assert (await api(h, "GET", f"/api/v1/waitpoints/tokens/{token}")).status_code == 200
         # The command line too: list, show, cancel.
-        env = {**os.environ, "EMBER_SOCKET": str(h.config.api_socket), "NO_COLOR": "1"}
-
-        def ember(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "ember.cli", *args],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=60,
-            )
-
+        ember = partial(ember_cli, h)
         listing = await asyncio.to_thread(ember, "runs", "list")
         assert listing.returncode == 0, listing.stderr
         assert ids[0] in listing.stdout
@@ -475,3 +468,38 @@ async def test_a_store_holding_bad_values_still_lists(state_dir: Path, tmp_path:
         assert (await api(h, "GET", f"/api/v3/runs/{ids[0]}")).json()["status"] == "CANCELED"
         tokens_cli = await asyncio.to_thread(ember, "tokens", "list")
         assert tokens_cli.returncode == 0, tokens_cli.stderr
+
+
+# -- methods and the OpenAPI document ---------------------------------------------------
+
+
+async def test_unknown_methods_get_405_with_allow(state_dir: Path) -> None:
+    async with running_daemon(state_dir) as h:
+        for method in ("TRACE", "DELETE", "PATCH"):
+            response = await api(h, method, "/healthz")
+            assert response.status_code == 405
+            assert response.headers["allow"] == "GET"
+            assert "GET" in response.json()["error"]
+        response = await api(h, "TRACE", "/api/v1/waitpoints/tokens")
+        assert response.status_code == 405
+        assert response.headers["allow"] == "POST, GET"
+        assert (await api(h, "TRACE", "/nowhere")).status_code == 404
+
+
+async def test_openapi_declares_the_environment_header_pattern(state_dir: Path) -> None:
+    async with running_daemon(state_dir) as h:
+        document = (await api(h, "GET", "/openapi.json")).json()
+        (header,) = [
+            p
+            for p in document["paths"]["/healthz"]["get"]["parameters"]
+            if p["name"] == "x-ember-env"
+        ]
+        pattern = re.compile(header["schema"]["pattern"])
+        for name in ("dev", "staging", "prod", "preview/feat-1", "preview/a/b.c_d"):
+            assert pattern.fullmatch(name), name
+            assert (await api(h, "GET", "/healthz", headers={"x-ember-env": name})).is_success
+        for name in ("", "qa", "preview/", "preview/-x", "preview/x/", "dev\n"):
+            assert not pattern.fullmatch(name), name
+        for name in ("qa", "preview/x/", "preview/-x"):
+            response = await api(h, "GET", "/healthz", headers={"x-ember-env": name})
+            assert response.status_code == 400
