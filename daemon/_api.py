@@ -659,9 +659,9 @@ async def _authorize(daemon: Daemon, request: Request) -> str:
     Raises:
         Unauthorized: TCP without a valid key, or a key used for another environment.
     """
-    named = request.headers.get("x-ember-env") or None
+    named = request.headers.get("x-ember-env")
     if named is not None:
-        check_env_name(named)
+        check_env_name(named)  # an empty header is a mistake too, not "the default"
     if not over_tcp(request):
         return named or "dev"
     header = request.headers.get("authorization", "")

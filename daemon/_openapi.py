@@ -83,9 +83,11 @@ def openapi_document(routes: Sequence[RouteSpec]) -> dict[str, Any]:
                 "content": {route.content_type: {"schema": refs[route.request]}},
             }
         elif route.content_type != "application/json":
+            # Bytes are bytes: the daemon reads the body whatever its declared type.
+            binary = {"schema": {"type": "string", "format": "binary"}}
             operation["requestBody"] = {
                 "required": True,
-                "content": {route.content_type: {"schema": {"type": "string", "format": "binary"}}},
+                "content": {route.content_type: binary, "application/octet-stream": binary},
             }
         path = re.sub(r"{(\w+):\w+}", r"{\1}", route.path)
         paths.setdefault(path, {})[route.method.lower()] = operation

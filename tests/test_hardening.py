@@ -15,8 +15,8 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -164,6 +164,7 @@ class DaemonProcess:
     socket: Path
     port: int
     log: Path
+    state: Path
 
 
 def limited_fds(soft: int, hard: int) -> None:
@@ -189,6 +190,15 @@ def daemon_process(tmp_path: Path) -> Iterator[DaemonProcess]:
             """
         )
     )
+    with spawn_daemon(tmp_path, project, preexec_fn=lambda: limited_fds(1024, 1024)) as daemon:
+        yield daemon
+
+
+@contextmanager
+def spawn_daemon(
+    tmp_path: Path, cwd: Path, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[DaemonProcess]:
+    """``ember daemon`` with TCP on, as its own process in ``cwd``; stopped at the end."""
     state = tmp_path / "state"
     port = free_port()
     log = tmp_path / "daemon.out"
@@ -198,19 +208,21 @@ def daemon_process(tmp_path: Path) -> Iterator[DaemonProcess]:
                 *(sys.executable, "-m", "ember.cli", "daemon", "--state-dir", str(state)),
                 *("--socket", str(tmp_path / "api.sock"), "--tcp", f"127.0.0.1:{port}"),
             ],
-            cwd=project,
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: limited_fds(1024, 1024),
+            preexec_fn=preexec_fn,
         )
-    yield DaemonProcess(process, tmp_path / "api.sock", port, log)
-    process.send_signal(signal.SIGTERM)
     try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        yield DaemonProcess(process, tmp_path / "api.sock", port, log, state)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.slow
