@@ -62,6 +62,23 @@ def ts(epoch: float) -> datetime:
         return _FIRST if isinstance(epoch, (int, float)) and epoch < 0 else _LAST
 
 
+def stored_json(data: bytes | None) -> msgspec.Raw:
+    """Stored JSON bytes to serve as they are, or a string saying why they cannot be.
+
+    Bodies are checked for UTF-8 where they enter, but an older daemon let invalid bytes
+    into the store; served raw they would make the whole answer invalid JSON.
+    """
+    if data is None:
+        return msgspec.Raw(b"null")
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            note = f"<{len(data)} stored bytes that are not UTF-8 JSON, written by an older daemon>"
+            return msgspec.Raw(_json.encode(note))
+    return msgspec.Raw(data)
+
+
 def opt_ts(epoch: float | None) -> datetime | None:
     """Like :func:`ts`, passing None through."""
     return None if epoch is None else ts(epoch)
@@ -587,8 +604,8 @@ def get_run(
         env=row[3],
         created_at=ts(row[4]),
         updated_at=ts(row[5]),
-        payload=msgspec.Raw(payload if payload is not None else b"null"),
-        output=msgspec.Raw(output if output is not None else b"null"),
+        payload=stored_json(payload),
+        output=stored_json(output),
         error=_error_decoder.decode(row[10]) if row[10] else None,
         version=row[11],
         pinned_version=row[12],

@@ -442,7 +442,7 @@ async def test_a_store_holding_bad_values_still_lists(state_dir: Path, tmp_path:
         trigger = "/api/v1/tasks/sleeper/trigger"
         ids = [
             (await api(h, "POST", trigger, json={"options": {"delay": "1h"}})).json()["id"]
-            for _ in range(3)
+            for _ in range(4)
         ]
         tokens = [(await api(h, "POST", "/api/v1/waitpoints/tokens", json={})).json()["id"]]
         tokens.append((await api(h, "POST", "/api/v1/waitpoints/tokens", json={})).json()["id"])
@@ -451,6 +451,7 @@ async def test_a_store_holding_bad_values_still_lists(state_dir: Path, tmp_path:
         conn.execute("UPDATE runs SET delay_until = ? WHERE id = ?", (math.inf, ids[0]))
         conn.execute("UPDATE runs SET delay_until = ? WHERE id = ?", (6e16, ids[1]))
         conn.execute("UPDATE runs SET expires_at = ? WHERE id = ?", (-6e16, ids[2]))
+        conn.execute("UPDATE runs SET payload = ? WHERE id = ?", (b'{"a": "\xff"}', ids[3]))
         conn.execute("UPDATE tokens SET timeout_at = ? WHERE id = ?", (math.inf, tokens[0]))
         conn.execute("UPDATE tokens SET timeout_at = ? WHERE id = ?", (6.2e16, tokens[1]))
     async with running_daemon(state_dir) as h:
@@ -462,6 +463,9 @@ async def test_a_store_holding_bad_values_still_lists(state_dir: Path, tmp_path:
         assert listed[ids[1]]["delay_until"].startswith("9999-12-31T23:59:59")
         shown = await api(h, "GET", f"/api/v3/runs/{ids[0]}")
         assert shown.status_code == 200, shown.text
+        # The invalid bytes are named, and the answer around them is valid JSON.
+        garbled = (await api(h, "GET", f"/api/v3/runs/{ids[3]}")).json()
+        assert "not UTF-8 JSON" in garbled["payload"]
         token_page = await api(h, "GET", "/api/v1/waitpoints/tokens")
         assert token_page.status_code == 200, token_page.text
         assert {t["id"] for t in token_page.json()["data"]} == set(tokens)
@@ -472,7 +476,7 @@ async def test_a_store_holding_bad_values_still_lists(state_dir: Path, tmp_path:
         listing = await asyncio.to_thread(ember, "runs", "list")
         assert listing.returncode == 0, listing.stderr
         assert ids[0] in listing.stdout
-        for run_id in ids[:2]:
+        for run_id in (ids[0], ids[1], ids[3]):
             shown_cli = await asyncio.to_thread(ember, "runs", "show", run_id)
             assert shown_cli.returncode == 0, shown_cli.stderr
             canceled = await asyncio.to_thread(ember, "runs", "cancel", run_id)
