@@ -31,6 +31,7 @@ _DAEMON_KEYS = {
     "wait_park_threshold_s": float,
     "max_parked_processes": int,
     "criu_path": str,
+    "criu_restore_timeout_s": float,
     "max_header_bytes": int,
     "max_archive_bytes": int,
     "max_unpacked_bytes": int,
@@ -91,7 +92,7 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
     for key in _AT_LEAST_ONE:
         if key in values and values[key] < 1:
             raise ConfigError(f"{key} must be at least 1")
-    for key in ("idle_timeout_s", "request_timeout_s"):
+    for key in ("idle_timeout_s", "request_timeout_s", "criu_restore_timeout_s"):
         if key in values and not 0 < values[key] < 86400:
             raise ConfigError(f"{key} must be more than 0 and less than a day (seconds)")
     fields = {f.name for f in dataclasses.fields(DaemonConfig)}

@@ -40,6 +40,8 @@ class DaemonConfig:
             (no object, no timer) until they come this close, so a million runs scheduled
             for next week cost the daemon neither memory nor start-up time.
         criu_path: the criu binary (found on PATH when None).
+        criu_restore_timeout_s: a criu restore taking longer is killed, with the process tree
+            it was restoring, and the run re-executes from its journal.
         max_header_bytes: largest request head (request line and headers) accepted (431).
         max_archive_bytes: largest version archive accepted, compressed (413).
         max_unpacked_bytes: largest total size of a version archive's files once unpacked.
@@ -70,6 +72,7 @@ class DaemonConfig:
     max_parked_processes: int = 500
     delayed_in_memory_s: float = 600.0
     criu_path: str | None = None
+    criu_restore_timeout_s: float = 60.0
     max_header_bytes: int = 64 * 1024
     max_archive_bytes: int = 256 * 1024 * 1024
     max_unpacked_bytes: int = 256 * 1024 * 1024
