@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -519,3 +520,24 @@ async def test_openapi_declares_the_environment_header_pattern(state_dir: Path) 
         for name in ("qa", "preview/x/", "preview/-x"):
             response = await api(h, "GET", "/healthz", headers={"x-ember-env": name})
             assert response.status_code == 400
+
+
+async def test_a_server_error_names_no_internals_and_the_log_has_them(
+    state_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_daemon(state_dir) as h:
+        await h.register({"tasks/__init__.py": "", "tasks/t.py": SLEEPER})
+        trigger = "/api/v1/tasks/sleeper/trigger"
+        run_id = (await api(h, "POST", trigger, json={"options": {"delay": "1h"}})).json()["id"]
+        # A blob deleted behind the daemon's back: reading the run fails inside the daemon.
+        missing = "ab" * 32
+        with sqlite3.connect(state_dir / "ember.db") as conn:
+            conn.execute("UPDATE runs SET payload_ref = ? WHERE id = ?", (missing, run_id))
+        with caplog.at_level(logging.ERROR, logger="ember.daemon"):
+            response = await api(h, "GET", f"/api/v3/runs/{run_id}")
+        assert response.status_code == 500
+        message = response.json()["error"]
+        assert "FileNotFoundError" not in message and str(state_dir) not in message
+        reference = message.rsplit(" ", 1)[1]
+        (record,) = [r for r in caplog.records if reference in r.getMessage()]
+        assert record.exc_info is not None and record.exc_info[0] is FileNotFoundError
