@@ -198,18 +198,20 @@ def guarded_protocol(
                 # The first byte of a request: from now on it has a deadline to be complete.
                 self._receiving = True
                 self._arm(request_timeout_s, self._request_expired)
-            if not self._in_headers and (self.cycle is None or self.cycle.response_complete):
-                self._in_headers = True
-                self._header_bytes = 0
+            super().data_received(data)
+            # Counted after the parser ran, from the read where a request began (see
+            # on_message_begin): a read that also ends the headers is checked exactly in
+            # on_headers_complete; one that leaves them unfinished past the cap is refused
+            # before the next read, so the parser never buffers more than one read beyond.
             if self._in_headers:
                 self._header_bytes += len(data)
-            super().data_received(data)
-            # Checked after the parser ran: a chunk that also ends the headers is fine; one
-            # that leaves them unfinished past the cap is refused before the next read.
-            if self._in_headers and self._header_bytes > max_header_bytes:
-                self._refuse_headers()
+                if self._header_bytes > max_header_bytes:
+                    self._refuse_headers()
 
         def on_message_begin(self) -> None:
+            # Also for a request pipelined behind one still answered: its headers count too.
+            self._in_headers = True
+            self._header_bytes = 0
             self._head_bytes = 0
             super().on_message_begin()
 
@@ -272,8 +274,9 @@ def guarded_protocol(
         def _refuse(self, status: bytes, message: str) -> None:
             if self.transport.is_closing() or self._lingering:
                 return
-            if self.cycle is not None and self.cycle.response_started:
-                self.transport.close()
+            cycle = self.cycle
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                self.transport.close()  # an answer is half-sent: no room for another
                 return
             self.transport.write(_raw_response(status, message))
             if gate.lingering >= _MAX_LINGERING:
