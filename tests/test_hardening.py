@@ -31,6 +31,9 @@ from test_cli import ember as ember_cli
 
 from ember import Client, ClientSettings, DaemonUnavailable
 from ember._client import Call
+from ember._errors import ConfigError
+from ember.cli._project import Project, find_project
+from ember.cli._settings import daemon_config
 
 # -- helpers -----------------------------------------------------------------------------
 
@@ -556,3 +559,37 @@ async def test_a_server_error_names_no_internals_and_the_log_has_them(
         reference = message.rsplit(" ", 1)[1]
         (record,) = [r for r in caplog.records if reference in r.getMessage()]
         assert record.exc_info is not None and record.exc_info[0] is FileNotFoundError
+
+
+# -- the limits are settings ------------------------------------------------------------
+
+LIMIT_KEYS = {
+    "max_header_bytes": 64 * 1024,
+    "max_archive_bytes": 256 * 1024 * 1024,
+    "max_unpacked_bytes": 256 * 1024 * 1024,
+    "max_archive_files": 20_000,
+    "idle_timeout_s": 5.0,
+    "request_timeout_s": 30.0,
+    "max_connections_per_client": 64,
+    "max_tcp_connections": 1000,
+    "criu_restore_timeout_s": 60.0,
+}
+
+
+def project_with(tmp_path: Path, settings: str) -> Project:
+    """A project whose ``[tool.ember]`` holds ``settings``."""
+    (tmp_path / "pyproject.toml").write_text(f'[project]\nname = "x"\n[tool.ember]\n{settings}\n')
+    return find_project(tmp_path)
+
+
+def test_every_limit_is_a_setting_with_its_default_documented(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    defaults = daemon_config(project_with(tmp_path, ""))
+    for key, default in LIMIT_KEYS.items():
+        assert getattr(defaults, key) == default, key
+        assert f"| `{key}` |" in readme, f"{key} is not in the README's configuration table"
+        chosen = daemon_config(project_with(tmp_path, f"{key} = 7"))
+        assert getattr(chosen, key) == 7, key
+    for bad in ("max_tcp_connections = 0", "idle_timeout_s = 0", "request_timeout_s = 1e9"):
+        with pytest.raises(ConfigError, match=bad.split(" ")[0]):
+            daemon_config(project_with(tmp_path, bad))
