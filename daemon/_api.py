@@ -29,7 +29,7 @@ from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
 import ember
-from ember._duration import MAX_INSTANT, parse_duration_s, resolve_instant
+from ember._duration import MAX_INSTANT, parse_duration_s
 from ember._errors import ApiError, BadRequest, ConfigError, EmberError, Unauthorized
 from ember._types import (
     REQUEST_KEY_HEADER,
@@ -115,12 +115,9 @@ def _time_param(request: Request, name: str) -> float | None:
     if not raw:
         return None
     try:
-        instant = (
-            float(raw)
-            if _NUMBER.fullmatch(raw)
-            else resolve_instant(datetime.fromisoformat(raw), 0)
-        )
-    except (ValueError, ConfigError):
+        # A naive date-time is local time, as datetime.timestamp() has always read it.
+        instant = float(raw) if _NUMBER.fullmatch(raw) else datetime.fromisoformat(raw).timestamp()
+    except (ValueError, OverflowError, OSError):
         instant = math.nan
     if not 0 <= instant <= MAX_INSTANT:
         raise BadRequest(
