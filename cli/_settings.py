@@ -31,7 +31,26 @@ _DAEMON_KEYS = {
     "wait_park_threshold_s": float,
     "max_parked_processes": int,
     "criu_path": str,
+    "criu_restore_timeout_s": float,
+    "max_header_bytes": int,
+    "max_archive_bytes": int,
+    "max_unpacked_bytes": int,
+    "max_archive_files": int,
+    "idle_timeout_s": float,
+    "request_timeout_s": float,
+    "max_connections_per_client": int,
+    "max_tcp_connections": int,
 }
+_AT_LEAST_ONE = (
+    "max_concurrent_runs",
+    "max_runs_per_process",
+    "max_header_bytes",
+    "max_archive_bytes",
+    "max_unpacked_bytes",
+    "max_archive_files",
+    "max_connections_per_client",
+    "max_tcp_connections",
+)
 _PROJECT_KEYS = {"dirs", "project", "requirements"}
 _CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}
 
@@ -70,9 +89,12 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
     for key, allowed in _CHOICES.items():
         if key in values and values[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {values[key]!r}")
-    for key in ("max_concurrent_runs", "max_runs_per_process"):
+    for key in _AT_LEAST_ONE:
         if key in values and values[key] < 1:
             raise ConfigError(f"{key} must be at least 1")
+    for key in ("idle_timeout_s", "request_timeout_s", "criu_restore_timeout_s"):
+        if key in values and not 0 < values[key] < 86400:
+            raise ConfigError(f"{key} must be more than 0 and less than a day (seconds)")
     fields = {f.name for f in dataclasses.fields(DaemonConfig)}
     return DaemonConfig(**{k: v for k, v in values.items() if k in fields})
 

@@ -40,6 +40,19 @@ class DaemonConfig:
             (no object, no timer) until they come this close, so a million runs scheduled
             for next week cost the daemon neither memory nor start-up time.
         criu_path: the criu binary (found on PATH when None).
+        criu_restore_timeout_s: a criu restore taking longer is killed, with the process tree
+            it was restoring, and the run re-executes from its journal.
+        max_header_bytes: largest request head (request line and headers) accepted (431).
+        max_archive_bytes: largest version archive accepted, compressed (413).
+        max_unpacked_bytes: largest total size of a version archive's files once unpacked.
+        max_archive_files: most files a version archive may hold.
+        idle_timeout_s: a TCP connection that sends no request this long (after it opens,
+            or between requests) is closed.
+        request_timeout_s: a TCP request must arrive in full (headers and body) within this
+            long of its first byte (408 beyond), so slow senders cannot hold connections.
+        max_connections_per_client: TCP connections one client address may hold open (503).
+        max_tcp_connections: TCP connections held open at once (503); lowered at start to
+            fit under the open-file limit. The Unix socket is never capped.
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -59,6 +72,15 @@ class DaemonConfig:
     max_parked_processes: int = 500
     delayed_in_memory_s: float = 600.0
     criu_path: str | None = None
+    criu_restore_timeout_s: float = 60.0
+    max_header_bytes: int = 64 * 1024
+    max_archive_bytes: int = 256 * 1024 * 1024
+    max_unpacked_bytes: int = 256 * 1024 * 1024
+    max_archive_files: int = 20_000
+    idle_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+    max_connections_per_client: int = 64
+    max_tcp_connections: int = 1000
 
     @property
     def api_socket(self) -> Path:

@@ -23,9 +23,16 @@ from ember._admin_types import (
     ImportEnvVarsRequest,
     SetEnvVarRequest,
 )
-from ember._errors import BadRequest, NotFound
+from ember._errors import NotFound
 from ember._types import VersionInfo
-from ember.daemon.api.routing import RouteSpec, over_tcp, read_body, read_json, socket_only
+from ember.daemon.api.routing import (
+    RouteSpec,
+    int_param,
+    over_tcp,
+    read_body,
+    read_json,
+    socket_only,
+)
 from ember.daemon.api.schedules import SCHEDULE_ROUTES
 from ember.daemon.engine.environments import check_env_name
 from ember.daemon.store import admin
@@ -44,10 +51,8 @@ async def get_version(daemon: ApiDaemon, request: Request, env: str) -> VersionI
 
 
 async def version_build(daemon: ApiDaemon, request: Request, env: str) -> BuildProgress:
-    raw = request.query_params.get("from") or "0"
-    if not raw.isdigit():
-        raise BadRequest(400, f"query parameter from={raw!r} is not a line number")
-    return daemon.builder.progress(env, request.path_params["version"], int(raw))
+    start = int_param(request, "from", 0, 0, 10**9)
+    return daemon.builder.progress(env, request.path_params["version"], start)
 
 
 async def list_environments(daemon: ApiDaemon, request: Request, env: str) -> EnvironmentList:

@@ -10,6 +10,7 @@ import msgspec
 
 import ember
 from ember._types import ErrorBody
+from ember.daemon.engine.environments import ENV_NAME_PATTERN
 
 if TYPE_CHECKING:
     from ember.daemon.api.routing import RouteSpec
@@ -18,9 +19,15 @@ _REF = "#/components/schemas/{name}"
 _ERRORS = {
     "400": "A field is invalid; the message names it",
     "401": "Missing or unknown API key (TCP only)",
+    "403": "The API key belongs to another environment, or the action needs the Unix socket",
     "404": "No such run, task or version",
+    "405": "The path does not accept this method (the Allow header lists those it does)",
+    "408": "The request did not arrive in full within request_timeout_s (TCP)",
     "409": "The run's state does not allow this",
-    "413": "Payload over the limit",
+    "413": "Body, payload or archive over the limit",
+    "431": "Headers over max_header_bytes",
+    "503": "Too many TCP connections (max_connections_per_client, max_tcp_connections)",
+    "507": "The daemon's disk is full",
 }
 
 
@@ -49,7 +56,7 @@ def openapi_document(routes: Sequence[RouteSpec]) -> dict[str, Any]:
                     "name": "x-ember-env",
                     "in": "header",
                     "description": "environment (Unix socket only; a key decides it over TCP)",
-                    "schema": {"type": "string", "default": "dev"},
+                    "schema": {"type": "string", "default": "dev", "pattern": ENV_NAME_PATTERN},
                 }
             ],
             "responses": {
@@ -76,9 +83,11 @@ def openapi_document(routes: Sequence[RouteSpec]) -> dict[str, Any]:
                 "content": {route.content_type: {"schema": refs[route.request]}},
             }
         elif route.content_type != "application/json":
+            # Bytes are bytes: the daemon reads the body whatever its declared type.
+            binary = {"schema": {"type": "string", "format": "binary"}}
             operation["requestBody"] = {
                 "required": True,
-                "content": {route.content_type: {"schema": {"type": "string", "format": "binary"}}},
+                "content": {route.content_type: binary, "application/octet-stream": binary},
             }
         path = re.sub(r"{(\w+):\w+}", r"{\1}", route.path)
         paths.setdefault(path, {})[route.method.lower()] = operation

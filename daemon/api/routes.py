@@ -11,21 +11,25 @@ another environment is refused.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import math
 import re
+import secrets
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
 import ember
-from ember._duration import parse_duration_s
+from ember._duration import MAX_INSTANT, parse_duration_s
 from ember._errors import ApiError, BadRequest, ConfigError, EmberError, Unauthorized
 from ember._types import (
     REQUEST_KEY_HEADER,
@@ -56,7 +60,7 @@ from ember._types import (
     WaitToken,
 )
 from ember.daemon.api.admin import ADMIN_ROUTES
-from ember.daemon.api.routing import RouteSpec, check_run_env, over_tcp
+from ember.daemon.api.routing import RouteSpec, check_run_env, int_param, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
 from ember.daemon.engine.environments import check_env_name
@@ -69,7 +73,8 @@ _json = msgspec.json.Encoder()
 log = logging.getLogger("ember.daemon")
 MAX_BATCH_ITEMS = 1000
 MAX_REQUEST_KEY_CHARS = 200
-MAX_VERSION_BYTES = 256 * 1024 * 1024
+# Epoch seconds in a query (an ISO date otherwise): digits, an optional fraction, exponent.
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
 # JSON framing around a payload: options, keys, escaping.
 _BODY_OVERHEAD = 300 * 1024
 
@@ -97,9 +102,12 @@ def _float_param(request: Request, name: str, default: float | None = None) -> f
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise BadRequest(400, f"query parameter {name}={raw!r} is not a number") from None
+        value = math.nan
+    if not math.isfinite(value):  # nan, inf and 1e400 are no answer to "how many seconds"
+        raise BadRequest(400, f"query parameter {name}={raw!r} is not a finite number")
+    return value
 
 
 def _time_param(request: Request, name: str) -> float | None:
@@ -107,15 +115,17 @@ def _time_param(request: Request, name: str) -> float | None:
     if not raw:
         return None
     try:
-        return float(raw)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(raw).timestamp()
-    except ValueError:
+        # A naive date-time is local time, as datetime.timestamp() has always read it.
+        instant = float(raw) if _NUMBER.fullmatch(raw) else datetime.fromisoformat(raw).timestamp()
+    except (ValueError, OverflowError, OSError):
+        instant = math.nan
+    if not 0 <= instant <= MAX_INSTANT:
         raise BadRequest(
-            400, f"query parameter {name}={raw!r} is not an ISO 8601 date-time or epoch seconds"
-        ) from None
+            400,
+            f"query parameter {name}={raw!r} is not an ISO 8601 date-time or epoch seconds "
+            "between 1970 and the year 9999",
+        )
+    return instant
 
 
 # -- handlers ----------------------------------------------------------------------------
@@ -230,9 +240,7 @@ async def list_runs(daemon: ApiDaemon, request: Request, env: str) -> RunPage:
                 f"status={status!r} is not a run status; use one of "
                 + ", ".join(RunStatus.__members__),
             )
-    limit = int(_float_param(request, "limit", 50) or 50)
-    if not 1 <= limit <= 1000:
-        raise BadRequest(400, "limit must be between 1 and 1000")
+    limit = int_param(request, "limit", 50, 1, 1000)
     flt = store.RunFilter(
         env=env,
         statuses=statuses,
@@ -259,7 +267,7 @@ async def get_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
 
 
 async def wait_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
-    timeout_s = _float_param(request, "timeout_s", 30.0) or 0.0
+    timeout_s = max(_float_param(request, "timeout_s", 30.0) or 0.0, 0.0)
     history = request.query_params.get("history", "true") != "false"
     run_id = await _run_id(daemon, request, env)
     return await daemon.engine.wait_final(run_id, min(timeout_s, 3600.0), history)
@@ -290,7 +298,7 @@ async def reschedule_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
 
 
 async def register_version(daemon: ApiDaemon, request: Request, env: str) -> VersionInfo:
-    archive = await _body(request, MAX_VERSION_BYTES)
+    archive = await _body(request, daemon.config.max_archive_bytes, "max_archive_bytes")
     promote = request.query_params.get("promote", "true") != "false"
     wait = request.query_params.get("wait", "true") != "false"
     return await daemon.register_version(env, archive, promote=promote, wait=wait)
@@ -320,20 +328,23 @@ async def list_queues(daemon: ApiDaemon, request: Request, env: str) -> QueueLis
 
 async def create_token(daemon: ApiDaemon, request: Request, env: str) -> WaitToken:
     req: CreateTokenRequest = _decode(await _body(request, 64 * 1024), CreateTokenRequest)
-    try:
-        timeout_s = parse_duration_s(req.timeout) if req.timeout is not None else None
-        key_ttl_s = (
-            parse_duration_s(req.idempotency_key_ttl)
-            if req.idempotency_key_ttl is not None
-            else None
-        )
-    except ConfigError as exc:
-        raise BadRequest(400, f"timeout: {exc}") from None
+    timeout_s = _duration_field("timeout", req.timeout)
+    key_ttl_s = _duration_field("idempotency_key_ttl", req.idempotency_key_ttl)
     if len(req.tags) > 10:
         raise BadRequest(400, "tags: at most 10 tags per token")
     return await daemon.engine.waits.create_token(
         env, timeout_s, req.idempotency_key, key_ttl_s, req.tags, req.run_id
     )
+
+
+def _duration_field(name: str, value: float | str | None) -> float | None:
+    """A duration from a request body, or a 400 that names its field."""
+    if value is None:
+        return None
+    try:
+        return parse_duration_s(value)
+    except ConfigError as exc:
+        raise BadRequest(400, f"{name}: {exc}") from None
 
 
 async def complete_token(daemon: ApiDaemon, request: Request, env: str) -> TokenInfo:
@@ -352,9 +363,7 @@ async def list_tokens(daemon: ApiDaemon, request: Request, env: str) -> TokenPag
     status = request.query_params.get("status") or None
     if status not in (None, "WAITING", "COMPLETED", "TIMED_OUT"):
         raise BadRequest(400, f"status={status!r}: use WAITING, COMPLETED or TIMED_OUT")
-    limit = int(_float_param(request, "limit", 50) or 50)
-    if not 1 <= limit <= 1000:
-        raise BadRequest(400, "limit must be between 1 and 1000")
+    limit = int_param(request, "limit", 50, 1, 1000)
     cursor = request.query_params.get("cursor") or None
     page, next_cursor = await daemon.engine.waits.list_tokens(env, status, limit, cursor)
     return TokenPage(data=page, next_cursor=next_cursor)
@@ -542,9 +551,10 @@ def build_app(daemon: ApiDaemon) -> Router:
                 return _error_response(exc.status, exc.detail)
             except EmberError as exc:
                 return _error_response(400, str(exc))
+            except ClientDisconnect:
+                return Response(status_code=499)  # nobody is left to read an answer
             except Exception as exc:
-                log.exception("%s %s failed", spec.method, request.url.path)
-                return _error_response(500, f"internal error ({type(exc).__name__}: {exc})")
+                return _server_error(daemon, spec, request, exc)
             if isinstance(result, Response):
                 return result
             return _json_response(result)
@@ -557,6 +567,36 @@ def build_app(daemon: ApiDaemon) -> Router:
     routes = [(s.method, s.path, endpoint(s)) for s in ROUTES]
     routes.append(("GET", "/openapi.json", openapi))
     return Router(routes)
+
+
+def _server_error(daemon: ApiDaemon, spec: RouteSpec, request: Request, exc: Exception) -> Response:
+    """A 507 for a full disk, else a 500 whose body holds no internals (the log has them)."""
+    if is_disk_full(exc):
+        log.error("%s %s: the disk is full (%s)", spec.method, request.url.path, exc)
+        return _error_response(
+            507,
+            f"the disk is full: free space under {daemon.config.state_dir} (the daemon's "
+            "database, blobs and logs), then retry; nothing of this request was kept",
+        )
+    reference = secrets.token_hex(4)
+    log.exception("%s %s failed (error %s)", spec.method, request.url.path, reference)
+    return _error_response(
+        500, f"the daemon failed on this request: its log has the details under error {reference}"
+    )
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it came from, is SQLite's or the OS's "no space left"."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) == (
+            sqlite3.SQLITE_FULL
+        ):
+            return True
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Router:
@@ -584,7 +624,7 @@ class Router:
 
     async def _respond(self, scope: Scope, receive: Receive) -> Response:
         method, path = scope["method"], scope["path"]
-        other_method = False
+        allowed: list[str] = []
         for route_method, pattern, convertors, handler in self._routes:
             if isinstance(pattern, str):
                 if pattern != path:
@@ -596,12 +636,17 @@ class Router:
                     continue
                 params = {k: convertors[k].convert(v) for k, v in match.groupdict().items()}
             if route_method != method:
-                other_method = True
+                allowed.append(route_method)
                 continue
             scope["path_params"] = params
             return await handler(Request(scope, receive))
-        if other_method:
-            return _error_response(405, f"{method} is not allowed on {path}")
+        if allowed:
+            methods = ", ".join(dict.fromkeys(allowed))
+            response = _error_response(
+                405, f"{method} is not allowed on {path}; it accepts {methods}"
+            )
+            response.headers["allow"] = methods
+            return response
         return _error_response(404, f"no such endpoint: {method} {path} (see /openapi.json)")
 
 
@@ -611,9 +656,9 @@ async def _authorize(daemon: ApiDaemon, request: Request) -> str:
     Raises:
         Unauthorized: TCP without a valid key, or a key used for another environment.
     """
-    named = request.headers.get("x-ember-env") or None
+    named = request.headers.get("x-ember-env")
     if named is not None:
-        check_env_name(named)
+        check_env_name(named)  # an empty header is a mistake too, not "the default"
     if not over_tcp(request):
         return named or "dev"
     header = request.headers.get("authorization", "")

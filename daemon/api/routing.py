@@ -35,35 +35,77 @@ class RouteSpec:
     content_type: str = "application/json"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body.
+async def read_body(request: Request, limit: int, setting: str = "") -> bytes:
+    """The request's body, read as it streams in and refused as soon as it is over ``limit``.
+
+    A chunked body declares no length: it is counted while it arrives, so a client cannot
+    make the daemon hold more than ``limit`` bytes of it.
+
+    Args:
+        request: the request.
+        limit: the most bytes accepted.
+        setting: the ``[tool.ember]`` key that sets ``limit``, named in the refusal.
 
     Raises:
         PayloadTooLarge: it is over ``limit`` bytes.
     """
+    named = f" ({setting})" if setting else ""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(413, f"request body of {declared} bytes is over the limit of {limit}")
-    body = await request.body()
-    if len(body) > limit:
         raise PayloadTooLarge(
-            413, f"request body of {len(body)} bytes is over the limit of {limit}"
+            413, f"request body of {declared} bytes is over the limit of {limit}{named}"
         )
-    return body
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(413, f"request body is over the limit of {limit} bytes{named}")
+    return bytes(body)
+
+
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """A whole-number query parameter within ``[low, high]``.
+
+    Raises:
+        BadRequest: it is not a plain decimal number, or out of range.
+    """
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    # isascii: str.isdigit() accepts digits such as "²" that int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise BadRequest(400, f"query parameter {name}={raw!r}: a whole number {low}-{high}")
+    return int(raw)
 
 
 def read_json(data: bytes, type_: type[Any]) -> Any:
     """Decode a JSON body into ``type_``.
 
     Raises:
-        BadRequest: it is not JSON or does not match (the message names the field).
+        BadRequest: it is not JSON, not UTF-8 (payloads are kept raw, so msgspec alone
+            would let invalid bytes into the store), nested deeper than the decoder goes,
+            or does not match (the message names the field).
     """
     try:
-        return msgspec.json.decode(data, type=type_)
+        value = msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as exc:
         raise BadRequest(400, f"invalid request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(
+            400, "request body is JSON nested too deep (about 1,000 levels at most)"
+        ) from None
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(
+                400,
+                f"request body is not valid UTF-8 at byte {exc.start}: JSON, the payload "
+                "included, must be UTF-8 text",
+            ) from None
+    return value
 
 
 def over_tcp(request: Request) -> bool:

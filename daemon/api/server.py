@@ -25,6 +25,7 @@ import uvicorn
 from ember._admin_types import CreatedKey
 from ember._errors import ConfigError
 from ember._types import VersionInfo
+from ember.daemon.api.limits import ConnectionGate, fit_tcp_cap, guarded_protocol, raise_fd_limit
 from ember.daemon.api.routes import build_app, hash_key
 from ember.daemon.builds.builder import Builder
 from ember.daemon.builds.venvs import python_for
@@ -63,6 +64,7 @@ class Daemon:
         self._user_umask: int | None = None
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
+        self.gate: ConnectionGate | None = None
         self.db: Database
         self.events = EventHub()
         self.engine: Engine
@@ -171,12 +173,22 @@ class Daemon:
         if self.config.tcp:
             self._sockets.append(self._tcp_socket(self.config.tcp))
             await self._ensure_api_key()
+        # More descriptors than the usual 1,024, and a TCP cap under them: a TCP flood is
+        # refused with a 503 while the Unix socket keeps its room.
+        total = fit_tcp_cap(self.config.max_tcp_connections, raise_fd_limit())
+        self.gate = ConnectionGate(self.config.max_connections_per_client, total)
+        protocol = guarded_protocol(
+            self.gate,
+            max_header_bytes=self.config.max_header_bytes,
+            idle_timeout_s=self.config.idle_timeout_s,
+            request_timeout_s=self.config.request_timeout_s,
+        )
         config = uvicorn.Config(
             build_app(self),
             lifespan="off",
             access_log=False,
             log_level="warning",
-            http="httptools",
+            http=protocol,
             loop="none",
             date_header=False,
             server_header=False,

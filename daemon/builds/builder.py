@@ -32,7 +32,7 @@ from ember._admin_types import BuildProgress
 from ember._errors import Conflict, NotFound
 from ember._types import VersionInfo
 from ember.daemon.builds.venvs import VenvFailed, ensure_venv
-from ember.daemon.builds.versions import unpack
+from ember.daemon.builds.versions import ArchiveLimits, unpack
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -103,7 +103,9 @@ class Builder:
         """
         code_root = self._state_dir / "code"
         code_root.mkdir(exist_ok=True)
-        digest, code_dir = await asyncio.to_thread(unpack, archive, code_root)
+        config = self._engine.config
+        limits = ArchiveLimits(config.max_unpacked_bytes, config.max_archive_files)
+        digest, code_dir = await asyncio.to_thread(unpack, archive, code_root, limits)
         started: asyncio.Future[VersionInfo] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(
             self._build(env, digest, code_dir, promote, started)

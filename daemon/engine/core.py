@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ember._duration import parse_duration_s, resolve_instant
+from ember._duration import MAX_DURATION_S, parse_duration_s, resolve_instant
 from ember._errors import BadRequest, ConfigError, Conflict, EmberError, NotFound, PayloadTooLarge
 from ember._runtime import Context
 from ember._types import (
@@ -503,10 +503,18 @@ class Engine:
                 )
         if options.max_attempts is not None and not 1 <= options.max_attempts <= 100:
             raise BadRequest(400, f"{where}options.max_attempts: must be between 1 and 100")
-        if options.max_duration_s is not None and not options.max_duration_s > 0:
-            raise BadRequest(400, f"{where}options.max_duration_s: must be positive")
-        if not math.isfinite(options.priority):
-            raise BadRequest(400, f"{where}options.priority: must be a finite number of seconds")
+        if options.max_duration_s is not None and not 0 < options.max_duration_s <= MAX_DURATION_S:
+            raise BadRequest(
+                400,
+                f"{where}options.max_duration_s: must be more than 0 and at most a hundred "
+                f"years ({MAX_DURATION_S:.0f} s)",
+            )
+        if not abs(options.priority) <= MAX_DURATION_S:  # also refuses nan
+            raise BadRequest(
+                400,
+                f"{where}options.priority: must be a number of seconds within "
+                f"±{MAX_DURATION_S:.0f} (a hundred years)",
+            )
         if options.idempotency_key is not None and not (
             0 < len(options.idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
         ):

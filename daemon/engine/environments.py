@@ -26,11 +26,18 @@ from ember.daemon.store.db import Database
 
 ENVIRONMENT_KINDS = ("dev", "staging", "prod", "preview")
 SOURCES = ("user", "dotenv")
-_BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set by the supervisor for every run process; a variable of the same name would be ignored.
 _RESERVED_PREFIX = "EMBER_"
 MAX_VALUE_BYTES = 64 * 1024
+
+
+# The names of environments, also the OpenAPI document's pattern for them: a preview
+# branch is 1-100 letters, digits and . _ - /, not starting with . _ - / nor ending with /.
+ENV_NAME_PATTERN = (
+    r"^(dev|staging|prod|preview/[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,98}[A-Za-z0-9._-])?)$"
+)
+_ENV_NAME = re.compile(ENV_NAME_PATTERN)
 
 
 def check_env_name(name: str) -> str:
@@ -39,10 +46,7 @@ def check_env_name(name: str) -> str:
     Raises:
         BadRequest: it is not ``dev``, ``staging``, ``prod`` or ``preview/<branch>``.
     """
-    if name in ENVIRONMENT_KINDS[:3]:
-        return name
-    kind, _, branch = name.partition("/")
-    if kind == "preview" and _BRANCH.fullmatch(branch) and not branch.endswith("/"):
+    if _ENV_NAME.fullmatch(name):
         return name
     raise BadRequest(
         400,

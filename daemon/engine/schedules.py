@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -55,7 +55,7 @@ def applies_to(environments: Iterable[str], env: str) -> bool:
 
 
 def _at(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
+    return ts(epoch)
 
 
 class ScheduleTable:

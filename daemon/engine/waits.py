@@ -504,7 +504,7 @@ def _token_info(row: Sequence[Any]) -> TokenInfo:
         created_at=store.ts(row[3]),
         timeout_at=store.opt_ts(row[4]),
         completed_at=store.opt_ts(row[5]),
-        output=msgspec.Raw(bytes(row[6]) if row[6] is not None else b"null"),
+        output=store.stored_json(bytes(row[6]) if row[6] is not None else None),
         idempotency_key=row[7],
         tags=_list_decoder.decode(row[8]) if row[8] else [],
         run_id=row[9],

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.daemon")
 
 DUMP_TIMEOUT_S = 60.0
-RESTORE_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 20.0
 # Dumps and restores are CPU- and disk-bound: a few at a time, as the research advises.
 PARALLEL_CRIU = 2
@@ -406,6 +405,7 @@ class Checkpointer:
         self._binary = support.binary
         self._criu_version = support.version
         self._root = config.state_dir / "checkpoints"
+        self._restore_timeout_s = config.criu_restore_timeout_s
         self._engine = engine
         self._supervisor = supervisor
         self._dumps: dict[str, asyncio.Future[bool]] = {}
@@ -455,7 +455,7 @@ class Checkpointer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
-            return f"criu {args[0]} took longer than {timeout_s:.0f}s", timeout_s * 1000
+            return f"criu {args[0]} took longer than {timeout_s:g} s", timeout_s * 1000
         elapsed_ms = (time.perf_counter() - started) * 1000
         if process.returncode != 0:
             reason = _errors(images / log_name) or stderr.decode(errors="replace").strip()
@@ -670,7 +670,7 @@ class Checkpointer:
         pidfile = images / "pidfile"
         pidfile.unlink(missing_ok=True)
         error, restore_ms = await self._run_now(
-            restore_args(images), images, "restore.log", RESTORE_TIMEOUT_S
+            restore_args(images), images, "restore.log", self._restore_timeout_s
         )
         pid = 0
         if error is None:

@@ -45,14 +45,43 @@ _tags_decoder = msgspec.json.Decoder(list[str])
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
+_FIRST = datetime(1970, 1, 1, tzinfo=UTC)
+_LAST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
 def ts(epoch: float) -> datetime:
-    """An epoch time as an aware UTC datetime."""
-    return datetime.fromtimestamp(epoch, UTC)
+    """An epoch time as an aware UTC datetime, clamped to what a datetime can hold.
+
+    Values are bounded where they enter, but a store written before that may hold a delay of
+    ``inf`` or ``6e16``: such a row reads back as 9999-12-31T23:59:59Z ("never"), and one
+    too far in the past as 1970-01-01, so the row is shown and the page around it still loads.
+    """
+    try:
+        return datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, ValueError, OSError, TypeError):
+        return _FIRST if isinstance(epoch, (int, float)) and epoch < 0 else _LAST
+
+
+def stored_json(data: bytes | None) -> msgspec.Raw:
+    """Stored JSON bytes to serve as they are, or a string saying why they cannot be.
+
+    Bodies are checked for UTF-8 where they enter, but an older daemon let invalid bytes
+    into the store; served raw they would make the whole answer invalid JSON.
+    """
+    if data is None:
+        return msgspec.Raw(b"null")
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            note = f"<{len(data)} stored bytes that are not UTF-8 JSON, written by an older daemon>"
+            return msgspec.Raw(_json.encode(note))
+    return msgspec.Raw(data)
 
 
 def opt_ts(epoch: float | None) -> datetime | None:
     """Like :func:`ts`, passing None through."""
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+    return None if epoch is None else ts(epoch)
 
 
 @dataclass(slots=True, eq=False)
@@ -119,8 +148,12 @@ class BlobStore:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no half-written blob
+                raise
         return digest
 
     def get(self, ref: str) -> bytes:
@@ -571,8 +604,8 @@ def get_run(
         env=row[3],
         created_at=ts(row[4]),
         updated_at=ts(row[5]),
-        payload=msgspec.Raw(payload if payload is not None else b"null"),
-        output=msgspec.Raw(output if output is not None else b"null"),
+        payload=stored_json(payload),
+        output=stored_json(output),
         error=_error_decoder.decode(row[10]) if row[10] else None,
         version=row[11],
         pinned_version=row[12],
