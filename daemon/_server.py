@@ -38,8 +38,34 @@ from ember.daemon._modes import PRIVATE_UMASK, tighten
 from ember.daemon._schedules import Scheduler
 from ember.daemon._supervisor import Supervisor
 from ember.daemon._venvs import python_for
+from ember.daemon.ops.diskguard import DiskGuard
+from ember.daemon.ops.drain import DrainReport, drain
+from ember.daemon.ops.logrotate import rotate_logs
+from ember.daemon.ops.retention import prune_loop
+from ember.daemon.ops.systemd import Notifier, listen_sockets, status_line
 
 log = logging.getLogger("ember.daemon")
+
+# How often systemd's STATUS= line is refreshed.
+STATUS_EVERY_S = 5.0
+
+
+def group_id(name: str | None) -> int:
+    """The id of a group named in ``socket_group``.
+
+    Raises:
+        ConfigError: no such group.
+    """
+    import grp
+
+    assert name is not None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"socket_group = {name!r}: no such group; create it (`groupadd {name}`) and add "
+            "the applications' users to it, or drop socket_group"
+        ) from None
 
 
 class Daemon:
@@ -58,6 +84,12 @@ class Daemon:
         self.checkpoint_strategy = "park"
         self.criu: CriuSupport | None = None
         self._stop = asyncio.Event()
+        # A second stop request (SIGTERM/SIGINT again) ends the drain's grace at once.
+        self._force = asyncio.Event()
+        self.notifier = Notifier(config.systemd)
+        self.last_drain: DrainReport | None = None
+        self._activated = False  # the API socket came from systemd (socket activation)
+        self._chores: list[asyncio.Task[None]] = []
         self._lock_file: IO[str] | None = None
         # The umask the daemon was started with, put back at stop and given to run processes.
         self._user_umask: int | None = None
@@ -99,6 +131,7 @@ class Daemon:
         self.supervisor.child_umask = self._user_umask
         self.builder = Builder(state, self.engine, self.supervisor, self.clock, self._on_current)
         self.scheduler = Scheduler(self.db, self.engine, self.clock)
+        self.engine.disk_guard = DiskGuard(state, self.config.min_free_bytes)
         await self._choose_checkpoints()
         await self.supervisor.start()
         recovered = await self.engine.recover()
@@ -110,9 +143,46 @@ class Daemon:
         log.info(
             "Ember daemon %s ready on %s (%d runs recovered)",
             self.pid,
-            self.config.api_socket,
+            "a socket from systemd" if self._activated else self.config.api_socket,
             recovered,
         )
+        # Only now: systemd starts what depends on us once recovery is done and we listen.
+        self.notifier.ready(status_line(self.engine.stats()))
+        self._start_chores()
+
+    def _start_chores(self) -> None:
+        """Loops beside the engine: watchdog and status, log rotation, retention."""
+        loop = asyncio.get_running_loop()
+        if self.notifier.enabled:
+            self._chores.append(loop.create_task(self._keep_systemd_posted()))
+        self._chores.append(
+            loop.create_task(
+                rotate_logs(
+                    self.config.run_logs_dir, self.config.log_max_bytes, self.config.log_backups
+                )
+            )
+        )
+        if self.config.retention_s is not None:
+            self._chores.append(
+                loop.create_task(
+                    prune_loop(self.db, self.engine.blobs, self.config.retention_s, self.clock)
+                )
+            )
+
+    async def _keep_systemd_posted(self) -> None:
+        """WATCHDOG=1 at half the watchdog period, from the loop: a stuck loop sends none."""
+        interval = self.notifier.watchdog_interval_s
+        # STATUS= is refreshed every few seconds even without a watchdog.
+        tick = min(interval, STATUS_EVERY_S) if interval is not None else STATUS_EVERY_S
+        last_status = 0.0
+        while True:
+            if interval is not None:
+                self.notifier.watchdog()
+            now = time.monotonic()
+            if now - last_status >= STATUS_EVERY_S and not self.engine.draining:
+                self.notifier.status(status_line(self.engine.stats()))
+                last_status = now
+            await asyncio.sleep(tick)
 
     async def _choose_checkpoints(self) -> None:
         """Pick how long waits are held: CRIU where a real dump/restore works, else park."""
@@ -156,18 +226,14 @@ class Daemon:
         self._lock_file = lock
 
     async def _serve_api(self) -> None:
-        path = self.config.api_socket
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.exists():
-            if await _answers(path):
-                raise ConfigError(
-                    f"a daemon already listens on {path}: stop it, or set EMBER_SOCKET elsewhere"
-                )
-            path.unlink()
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind(str(path))
-        os.chmod(path, 0o600)
-        self._sockets = [unix]
+        activated = listen_sockets(self.config.systemd)
+        if activated:
+            # systemd made the socket (its path, owner and mode come from the .socket unit)
+            # and queues connections while we start: no bind, and no unlink at stop.
+            self._activated = True
+            self._sockets = activated
+        else:
+            self._sockets = [await self._bind_unix(self.config.api_socket)]
         if self.config.tcp:
             self._sockets.append(self._tcp_socket(self.config.tcp))
             await self._ensure_api_key()
@@ -187,6 +253,29 @@ class Daemon:
         # startup()/shutdown() rather than serve(): the daemon owns its signals and its loop.
         self._server.lifespan = config.lifespan_class(config)
         await self._server.startup(sockets=self._sockets)
+
+    async def _bind_unix(self, path: Path) -> socket.socket:
+        if await _answers(path):
+            raise ConfigError(
+                f"a daemon already listens on {path}: stop it, or set EMBER_SOCKET elsewhere"
+            )
+        return self._listen_unix(path)
+
+    def _listen_unix(self, path: Path) -> socket.socket:
+        # With a socket_group the folder must let the group through to the socket.
+        shared = self.config.socket_group is not None
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750 if shared else 0o700)
+        path.unlink(missing_ok=True)  # (left by a daemon that died: nobody answers on it)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(str(path))
+        if shared:
+            gid = group_id(self.config.socket_group)
+            os.chown(path, -1, gid)
+            if path.parent != self.config.state_dir:
+                os.chown(path.parent, -1, gid)
+                path.parent.chmod(0o750)
+        os.chmod(path, self.config.api_socket_mode)
+        return unix
 
     def _tcp_socket(self, address: str) -> socket.socket:
         host, _, port = address.rpartition(":")
@@ -215,26 +304,38 @@ class Daemon:
         log.warning("created an API key for environment dev in %s", key_file)
 
     def request_stop(self) -> None:
-        """Ask :meth:`run` to stop (safe from a signal handler)."""
+        """Ask :meth:`run` to drain and stop; asked again, to stop at once (signal-safe)."""
+        if self._stop.is_set():
+            self._force.set()
         self._stop.set()
 
     async def run(self) -> None:
-        """Start, serve until :meth:`request_stop`, then stop."""
+        """Start, serve until :meth:`request_stop`, drain (see ``ops/drain.py``), then stop."""
         await self.start()
         try:
             await self._stop.wait()
+            self.last_drain = await drain(
+                self.engine,
+                self.supervisor,
+                self.notifier,
+                self.config.shutdown_grace_s,
+                self._force,
+            )
         finally:
             await self.stop()
 
     async def stop(self) -> None:
         """Stop serving and stop every process; the table keeps what was in flight."""
+        for chore in self._chores:
+            chore.cancel()
         if hasattr(self, "engine"):
             self.engine.begin_close()
         if self._server is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await self._server.shutdown(sockets=self._sockets)
-        self.config.api_socket.unlink(missing_ok=True)
+        if not self._activated:
+            self.config.api_socket.unlink(missing_ok=True)
         if hasattr(self, "builder"):
             await self.builder.close()
         if hasattr(self, "scheduler"):
@@ -249,6 +350,7 @@ class Daemon:
             self._lock_file.close()
         if self._user_umask is not None:
             os.umask(self._user_umask)
+        self.notifier.close()
 
     # -- versions, environments -------------------------------------------------------
 
