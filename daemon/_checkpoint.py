@@ -410,9 +410,9 @@ class Checkpointer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            # Its own process group, to kill criu and its helpers at once; images 0600.
+            # Its own process group, to kill criu and its helpers at once. Images are 0600 by
+            # the daemon's own umask (PRIVATE_UMASK): uvloop's subprocess_exec takes no umask=.
             start_new_session=True,
-            umask=0o077,
         )
         try:
             _, stderr = await asyncio.wait_for(process.communicate(), timeout_s)

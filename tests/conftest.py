@@ -98,7 +98,8 @@ async def running_daemon(
     state_dir: Path, clock: Callable[[], float] = time.time, **overrides: Any
 ) -> AsyncIterator[Harness]:
     """Start a daemon in this event loop; stop it and close its client at the end."""
-    config = DaemonConfig(state_dir=state_dir, socket_path=state_dir / "api.sock", **overrides)
+    overrides.setdefault("socket_path", state_dir / "api.sock")
+    config = DaemonConfig(state_dir=state_dir, **overrides)
     daemon = Daemon(config, clock=clock)
     await daemon.start()
     client = Client(ClientSettings(socket_path=config.api_socket))

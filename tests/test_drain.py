@@ -7,6 +7,7 @@ from what happened, not from what the daemon says.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -17,7 +18,7 @@ import pytest
 from conftest import eventually
 from daemon_proc import DaemonProc, register_version, wait_answering
 
-from ember import Client, ClientSettings, Runs, RunStatus, Tasks, Wait
+from ember import Client, ClientSettings, Run, Runs, RunStatus, Tasks, Wait
 
 TASKS = {
     "tasks/__init__.py": "",
@@ -83,16 +84,34 @@ def ledger(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def executing_in_table(state: Path) -> list[str]:
-    """Runs the table calls EXECUTING (or DEQUEUED): with the daemon gone, none may be."""
+def table_rows(state: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """Read the state's SQLite file directly (the daemon is down)."""
     conn = sqlite3.connect(f"file:{state / 'ember.db'}?mode=ro", uri=True)
     try:
-        rows = conn.execute(
-            "SELECT id, status FROM runs WHERE status IN ('EXECUTING', 'DEQUEUED')"
-        ).fetchall()
+        return [tuple(row) for row in conn.execute(sql, params)]
     finally:
         conn.close()
+
+
+def executing_in_table(state: Path) -> list[str]:
+    """Runs the table calls EXECUTING (or DEQUEUED): with the daemon gone, none may be."""
+    sql = "SELECT id, status FROM runs WHERE status IN ('EXECUTING', 'DEQUEUED')"
+    rows = table_rows(state, sql)
     return [f"{r[0]} {r[1]}" for r in rows]
+
+
+async def after_restart(state: Path, flags: tuple[str, ...], run_id: str, gate: Path) -> Run:
+    """Start the daemon again, open the gate, and return the run once it is final."""
+    second = DaemonProc(state, *flags)
+    second.start()
+    client = Client(ClientSettings(socket_path=second.socket))
+    try:
+        await wait_answering(client)
+        await asyncio.to_thread(gate.touch)
+        return await Runs(client).poll(run_id, timeout_s=120)
+    finally:
+        await client.aclose()
+        second.stop()
 
 
 @pytest.mark.slow
@@ -199,15 +218,6 @@ async def test_second_sigterm_stops_at_once_and_leaves_nothing_executing(tmp_pat
     assert executing_in_table(state) == []
     assert "1 interrupted" in first.output()
 
-    second = DaemonProc(state)
-    second.start()
-    client = Client(ClientSettings(socket_path=second.socket))
-    try:
-        await wait_answering(client)
-        gate.touch()
-        run = await Runs(client).poll(run_id, timeout_s=120)
-        assert run.status is RunStatus.COMPLETED
-        assert [a.status for a in run.attempts] == ["INTERRUPTED", "COMPLETED"]
-    finally:
-        await client.aclose()
-        second.stop()
+    run = await after_restart(state, (), run_id, gate)
+    assert run.status is RunStatus.COMPLETED
+    assert [a.status for a in run.attempts] == ["INTERRUPTED", "COMPLETED"]
