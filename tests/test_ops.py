@@ -304,3 +304,22 @@ async def test_app_of_another_user_triggers_through_a_0660_socket(
             _curl_as, stranger, sock, "/api/v1/tasks/echo/trigger", "{}"
         )
         assert "Permission denied" in denied or "Couldn't connect" in denied, denied
+
+
+def test_server_settings_are_read_as_people_write_them() -> None:
+    from ember._errors import ConfigError
+    from ember.cli._settings import daemon_config
+
+    config = daemon_config(None, retention="30d", socket_mode="0660", socket_group="www-data")
+    assert config.retention_s == 30 * 86400
+    assert config.api_socket_mode == 0o660
+    assert daemon_config(None, socket_group="www-data").api_socket_mode == 0o660
+    assert daemon_config(None).api_socket_mode == 0o600
+    assert daemon_config(None).shutdown_grace_s == 30.0
+    assert daemon_config(None).min_free_bytes == 256 * 1024 * 1024
+    with pytest.raises(ConfigError, match='retention = "30d"'):
+        daemon_config(None, retention="a month")
+    with pytest.raises(ConfigError, match="not an octal mode"):
+        daemon_config(None, socket_mode="rw-rw----")
+    with pytest.raises(ConfigError, match="shutdown_grace_s must be zero or more"):
+        daemon_config(None, shutdown_grace_s=-1.0)

@@ -6,12 +6,14 @@ Every test runs ``ember daemon`` as a real process, with the variables systemd w
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +110,8 @@ async def test_ready_after_recovery_then_watchdog_then_stopping(
         assert "1 waiting" in ready["STATUS"], ready
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.connect(str(second.socket))
+        # STATUS= is refreshed while the daemon runs, not only sent with READY.
+        assert "waiting" in listener.receive_until("STATUS", timeout_s=30)["STATUS"]
         pings = []
         while len(pings) < 4:
             listener.receive_until("WATCHDOG")
@@ -282,3 +286,122 @@ def test_uninstall_removes_the_units(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert not list(units.glob("ember.*"))
     assert "state" in done.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "service", "status", "--unit-dir", str(units)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert status.returncode == 0 and "not installed" in status.stdout
+
+
+def _config_as_seen(env: dict[str, str], user: int | None = None) -> dict[str, str]:
+    """What ``ember._config`` works out in a fresh process with exactly this environment."""
+    import ember
+
+    build = str(Path(ember.__file__).parent.parent)
+    code = (
+        "import json; from ember import _config as c; print(json.dumps({"
+        "'state': str(c.default_state_dir()), 'socket': str(c.default_socket_path()),"
+        "'client': str(c.client_socket_path()), 'logs': str(c.logs_dir())}))"
+    )
+    # The system's python as another user: this venv's interpreter lives under /root.
+    python = sys.executable if user is None else "/usr/bin/python3"
+    prefix = []
+    if user is not None:
+        prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    done = subprocess.run(
+        [*prefix, python, "-c", code],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": build, "HOME": "/nonexistent", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, str] = json.loads(done.stdout)
+    return result
+
+
+def test_systemd_directories_are_honoured() -> None:
+    seen = _config_as_seen(
+        {
+            "STATE_DIRECTORY": "/var/lib/ember:/var/lib/other",
+            "RUNTIME_DIRECTORY": "/run/ember",
+            "LOGS_DIRECTORY": "/var/log/ember",
+        }
+    )
+    assert seen["state"] == "/var/lib/ember"
+    assert seen["socket"] == "/run/ember/ember.sock"
+    assert seen["logs"] == "/var/log/ember"
+
+
+def test_root_without_settings_is_a_system_daemon() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the system defaults apply to root")
+    seen = _config_as_seen({})
+    assert seen["state"] == "/var/lib/ember"
+    assert seen["socket"] == "/run/ember/ember.sock"
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder another user can reach (the test's tmp_path sits in root's 0700 folder)."""
+    path = Path(tempfile.mkdtemp(prefix="ember-user-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_client_of_a_user_without_a_daemon_finds_the_system_socket(open_dir: Path) -> None:
+    if os.geteuid() != 0 or not Path("/usr/bin/python3").exists():
+        pytest.skip("needs root (to play another user) and the system's python3")
+    system = Path("/run/ember/ember.sock")
+    if system.exists():
+        pytest.skip("a system daemon's socket exists already: not touching it")
+    runtime = open_dir / "runtime"
+    runtime.mkdir()
+    os.chown(runtime, 65534, 65534)
+    # (a state dir named, so that the system python needs no platformdirs)
+    env = {"XDG_RUNTIME_DIR": str(runtime), "EMBER_STATE_DIR": str(open_dir / "state")}
+    assert _config_as_seen(env, user=65534)["client"] == f"{runtime}/ember/ember.sock"
+    made_dir = not system.parent.exists()
+    system.parent.mkdir(exist_ok=True)
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listening.bind(str(system))
+        assert _config_as_seen(env, user=65534)["client"] == str(system)
+        # A daemon of the user's own wins over the system one.
+        (runtime / "ember").mkdir()
+        (runtime / "ember" / "ember.sock").touch()
+        assert _config_as_seen(env, user=65534)["client"] == f"{runtime}/ember/ember.sock"
+    finally:
+        listening.close()
+        system.unlink(missing_ok=True)
+        if made_dir:
+            system.parent.rmdir()
+
+
+@pytest.mark.parametrize("log_format", ["journal", "json"])
+async def test_log_lines_for_journald_and_for_shippers(tmp_path: Path, log_format: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    # Under journald (JOURNAL_STREAM set) "auto" means the journal format.
+    flags = () if log_format == "journal" else ("--log-format", "json")
+    daemon = DaemonProc(state, *flags, env={"JOURNAL_STREAM": "8:12345"})
+    daemon.start()
+    client = Client(ClientSettings(socket_path=daemon.socket))
+    try:
+        await wait_answering(client)
+    finally:
+        await client.aclose()
+        daemon.stop()
+    lines = [line for line in daemon.output().splitlines() if line.strip()]
+    assert any("ready on" in line for line in lines)
+    if log_format == "journal":
+        assert all(line[:3] in ("<6>", "<4>", "<3>") for line in lines), lines
+        assert not any(line[3:5] == "20" for line in lines), "journald stamps the time itself"
+        assert any(line.startswith("<6>Ember daemon") for line in lines)
+    else:
+        entries = [json.loads(line) for line in lines]
+        assert {"ts", "level", "logger", "message"} <= set(entries[0])
+        assert any(e["level"] == "info" and "ready on" in e["message"] for e in entries)
