@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import tarfile
+import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,15 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder other users can reach, as /run is (tmp_path sits in root's 0700 folder)."""
+    path = Path(tempfile.mkdtemp(prefix="ember-open-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @asynccontextmanager

@@ -11,11 +11,9 @@ import grp
 import json
 import os
 import pwd
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -271,25 +269,17 @@ def _curl_as(user: pwd.struct_passwd, socket_path: Path, path: str, body: str) -
     return done.stdout + done.stderr
 
 
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    """A folder outside the test's private tmp, as /run is: others may enter it."""
-    path = Path(tempfile.mkdtemp(prefix="ember-run-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def _mode_and_group(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_mode & 0o777, stat.st_gid
 
 
 async def test_app_of_another_user_triggers_through_a_0660_socket(
-    state_dir: Path, run_dir: Path, other_users: tuple[pwd.struct_passwd, pwd.struct_passwd]
+    state_dir: Path, open_dir: Path, other_users: tuple[pwd.struct_passwd, pwd.struct_passwd]
 ) -> None:
     app, stranger = other_users
-    sock = run_dir / "ember" / "ember.sock"
+    # /run/ember as a system daemon has it: a folder others may enter, the socket 0660.
+    sock = open_dir / "ember" / "ember.sock"
     async with running_daemon(state_dir, socket_path=sock, socket_group=APP_GROUP) as h:
         await h.register(TASKS)
         assert _mode_and_group(sock) == (0o660, grp.getgrnam(APP_GROUP).gr_gid)

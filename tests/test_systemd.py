@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,15 +340,6 @@ def test_root_without_settings_is_a_system_daemon() -> None:
     seen = _config_as_seen({})
     assert seen["state"] == "/var/lib/ember"
     assert seen["socket"] == "/run/ember/ember.sock"
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A folder another user can reach (the test's tmp_path sits in root's 0700 folder)."""
-    path = Path(tempfile.mkdtemp(prefix="ember-user-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_client_of_a_user_without_a_daemon_finds_the_system_socket(open_dir: Path) -> None:
