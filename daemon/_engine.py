@@ -1086,6 +1086,10 @@ class Engine:
 
     def on_spawn_failed(self, env: str, version: str, reason: str) -> None:
         """The version's zygote could not start: runs waiting for it fail as system failures."""
+        if self._closing or self.draining:
+            # The daemon stopped it: the runs were only dequeued in memory and stay QUEUED in
+            # the table for the next start (a restart must not fail them).
+            return
         waiting = self._awaiting.pop((env, version), deque())
         error = RunError(name="WorkerStartFailed", message=reason, code="COULD_NOT_START_WORKER")
         for run in waiting:

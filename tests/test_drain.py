@@ -221,3 +221,55 @@ async def test_second_sigterm_stops_at_once_and_leaves_nothing_executing(tmp_pat
     run = await after_restart(state, (), run_id, gate)
     assert run.status is RunStatus.COMPLETED
     assert [a.status for a in run.attempts] == ["INTERRUPTED", "COMPLETED"]
+
+
+SLOW_IMPORT = {
+    "tasks/__init__.py": "",
+    "tasks/slow.py": """
+        import asyncio
+        import pathlib
+        import time
+        from ember import task
+
+        time.sleep(2)  # a heavy import: a new zygote takes a while to be ready
+
+        @task(id="gated")
+        async def gated(payload: dict) -> str:
+            pathlib.Path(payload["started"]).touch()
+            while not pathlib.Path(payload["gate"]).exists():
+                await asyncio.sleep(0.05)
+            return "done"
+    """,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_stop_while_runs_wait_for_a_new_process_fails_none(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    flags = ("--shutdown-grace-s", "0")
+    first = DaemonProc(state, *flags)
+    first.start()
+    client = Client(ClientSettings(socket_path=first.socket))
+    await wait_answering(client)
+    await register_version(client, SLOW_IMPORT)
+    payload = {"started": str(started), "gate": str(gate)}
+    run_id = (await Tasks(client).trigger("gated", payload)).id
+    await eventually(started.exists, timeout_s=60)
+    await client.aclose()
+    first.stop()
+    assert table_rows(state, "SELECT status FROM runs WHERE id = ?", run_id) == [("QUEUED",)]
+    # The next daemon dequeues the run at once, then waits seconds for its zygote: a stop
+    # now must leave the run queued, not fail it because the zygote was stopped.
+    second = DaemonProc(state, *flags)
+    second.start()
+    client = Client(ClientSettings(socket_path=second.socket))
+    await wait_answering(client)
+    await client.aclose()
+    second.stop()
+    assert "0 finished, 0 checkpointed, 0 interrupted" in second.output()
+    assert table_rows(state, "SELECT status FROM runs WHERE id = ?", run_id) == [("QUEUED",)]
+    run = await after_restart(state, flags, run_id, gate)
+    assert run.status is RunStatus.COMPLETED, run.error
