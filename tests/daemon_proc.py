@@ -100,3 +100,17 @@ async def register_version(client: Client, files: dict[str, str]) -> VersionInfo
     )
     assert version.status == "READY", version.error
     return version
+
+
+async def first_life(
+    state: Path, flags: tuple[str, ...], files: dict[str, str]
+) -> tuple[DaemonProc, Client]:
+    """A daemon started on ``state`` with a version of ``files``, and a client of it."""
+    from ember import ClientSettings
+
+    daemon = DaemonProc(state, *flags)
+    daemon.start()
+    client = Client(ClientSettings(socket_path=daemon.socket))
+    await wait_answering(client)
+    await register_version(client, files)
+    return daemon, client

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import eventually
-from daemon_proc import DaemonProc, register_version, wait_answering
+from daemon_proc import DaemonProc, first_life, wait_answering
 
 from ember import Client, ClientSettings, Run, Runs, RunStatus, Tasks, Wait
 
@@ -125,11 +125,7 @@ async def test_sigterm_finishes_or_requeues_every_run_and_redoes_no_step(
     book = tmp_path / "ledger"
     fast_gate, slow_gate = tmp_path / "fast-gate", tmp_path / "slow-gate"
     flags = ("--checkpoint", strategy, "--shutdown-grace-s", "3")
-    first = DaemonProc(state, *flags)
-    first.start()
-    client = Client(ClientSettings(socket_path=first.socket))
-    await wait_answering(client)
-    await register_version(client, TASKS)
+    first, client = await first_life(state, flags, TASKS)
     tasks, runs = Tasks(client), Runs(client)
     base = {"ledger": str(book)}
     fast = [
@@ -200,11 +196,14 @@ async def test_second_sigterm_stops_at_once_and_leaves_nothing_executing(tmp_pat
     state = tmp_path / "state"
     state.mkdir()
     book = tmp_path / "ledger"
-    first = DaemonProc(state, "--shutdown-grace-s", "600")
-    first.start()
-    client = Client(ClientSettings(socket_path=first.socket))
-    await wait_answering(client)
-    await register_version(client, TASKS)
+    first, client = await first_life(
+        state,
+        (
+            "--shutdown-grace-s",
+            "600",
+        ),
+        TASKS,
+    )
     gate = tmp_path / "gate"
     run_id = (
         await Tasks(client).trigger("steps", {"ledger": str(book), "i": 1, "gate": str(gate)})
@@ -250,11 +249,7 @@ async def test_stop_while_runs_wait_for_a_new_process_fails_none(tmp_path: Path)
     state.mkdir()
     started, gate = tmp_path / "started", tmp_path / "gate"
     flags = ("--shutdown-grace-s", "0")
-    first = DaemonProc(state, *flags)
-    first.start()
-    client = Client(ClientSettings(socket_path=first.socket))
-    await wait_answering(client)
-    await register_version(client, SLOW_IMPORT)
+    first, client = await first_life(state, flags, SLOW_IMPORT)
     payload = {"started": str(started), "gate": str(gate)}
     run_id = (await Tasks(client).trigger("gated", payload)).id
     await eventually(started.exists, timeout_s=60)

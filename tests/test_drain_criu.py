@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import eventually
-from daemon_proc import DaemonProc, register_version, wait_answering
+from daemon_proc import first_life
 from test_checkpoint import SUPPORT
 from test_drain import TASKS, after_restart, executing_in_table, ledger, table_rows
 
-from ember import Client, ClientSettings, RunStatus, Tasks
+from ember import RunStatus, Tasks
 
 pytestmark = [
     pytest.mark.criu,
@@ -32,11 +32,7 @@ async def test_run_mid_computation_resumes_with_its_memory_after_restart(tmp_pat
     state.mkdir()
     book, gate = tmp_path / "ledger", tmp_path / "gate"
     flags = ("--checkpoint", "criu", "--shutdown-grace-s", "1")
-    first = DaemonProc(state, *flags)
-    first.start()
-    client = Client(ClientSettings(socket_path=first.socket))
-    await wait_answering(client)
-    await register_version(client, TASKS)
+    first, client = await first_life(state, flags, TASKS)
     run_id = (await Tasks(client).trigger("memory", {"ledger": str(book), "gate": str(gate)})).id
     await eventually(lambda: any(e["run"] == run_id for e in ledger(book)), timeout_s=90)
     await client.aclose()
