@@ -78,7 +78,10 @@ async def test_end_of_attempt_written_once_the_disk_has_room(
     state = small_disk / "state"
     state.mkdir()
     gate = tmp_path / "gate"
-    async with running_daemon(state, durability=durability, cancel_grace_s=1.0) as h:
+    # min_free_bytes=0: this test fills the disk on purpose, past the 507 guard (test_ops).
+    async with running_daemon(
+        state, durability=durability, cancel_grace_s=1.0, min_free_bytes=0
+    ) as h:
         await h.register(TASKS)
         tasks, runs = Tasks(h.client), Runs(h.client)
         done = await tasks.trigger("gated", {"gate": str(gate)})

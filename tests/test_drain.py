@@ -69,6 +69,13 @@ TASKS = {
             note(payload, ctx, "end", secret=secret)
             return {"secret": secret, "ticks": ticks}
 
+        @task(id="napper", retry=Retry(max_attempts=1))
+        async def napper(payload: dict, ctx: Context) -> str:
+            note(payload, ctx, "start")
+            await wait.for_(seconds=3)  # short: the run keeps its process and its slot
+            note(payload, ctx, "end")
+            return "rested"
+
         @task(id="gate")
         async def gate(payload: dict) -> str:
             token = await wait.create_token(timeout="1h", idempotency_key=payload["key"])

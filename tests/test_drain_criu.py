@@ -7,6 +7,7 @@ Skipped, with the reason, wherever `ember doctor` would say checkpoints do not w
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
@@ -54,3 +55,23 @@ async def test_run_mid_computation_resumes_with_its_memory_after_restart(tmp_pat
     assert output["ticks"] > 0
     assert [a.status for a in run.attempts] == ["COMPLETED"]
     print(f"SIGTERM to exit with one run checkpointed: {exit_s:.2f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_run_in_a_short_wait_is_interrupted_not_dumped(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    book = tmp_path / "ledger"
+    flags = ("--checkpoint", "criu", "--shutdown-grace-s", "0")
+    first, client = await first_life(state, flags, TASKS)
+    run_id = (await Tasks(client).trigger("napper", {"ledger": str(book)})).id
+    await eventually(lambda: any(e["run"] == run_id for e in ledger(book)), timeout_s=90)
+    await asyncio.sleep(0.5)  # (its wait is registered)
+    await client.aclose()
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0
+    assert "0 checkpointed, 1 interrupted" in first.output(), first.output()
+    run = await after_restart(state, flags, run_id, tmp_path / "unused-gate")
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert [a.status for a in run.attempts] == ["INTERRUPTED", "COMPLETED"]

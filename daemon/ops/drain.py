@@ -138,11 +138,14 @@ async def _hold(
     to_interrupt = list(left.values())
     checkpointer = engine.checkpointer
     if checkpointer is not None:
-        pairs = list(left.values())
+        # A run in a short wait (it keeps its process) re-executes instead: its wait may
+        # complete before its image is restored, and the Resume would then never come.
+        pairs = [(run, worker) for run, worker in left.values() if run.wait is None]
+        to_interrupt = [(run, worker) for run, worker in left.values() if run.wait is not None]
         dumped = await asyncio.gather(
             *(checkpointer.checkpoint_executing(r, w, CHECKPOINT_READY_S) for r, w in pairs)
         )
-        to_interrupt = [pair for pair, ok in zip(pairs, dumped, strict=True) if not ok]
+        to_interrupt += [pair for pair, ok in zip(pairs, dumped, strict=True) if not ok]
         held = [run for (run, _), ok in zip(pairs, dumped, strict=True) if ok]
         await engine.db.write(lambda conn: _record_checkpointed(conn, held, time.time()))
         report.checkpointed = [run.id for run in held]
