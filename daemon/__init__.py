@@ -47,10 +47,11 @@ async def _serve(daemon: Daemon) -> None:
     presses = 0
 
     def on_signal(*_: Any) -> None:
-        # The handler only sets a flag; a second Ctrl-C gives up on a clean stop.
+        # The handler only sets flags: the first signal drains (runs get shutdown_grace_s),
+        # the second ends the grace at once, a third gives up on a clean stop.
         nonlocal presses
         presses += 1
-        if presses > 1:
+        if presses > 2:
             sys.stderr.write("\nforced exit\n")
             import os
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ember._config import default_socket_path, default_state_dir
+from ember._config import SystemdEnv, default_socket_path, default_state_dir, logs_dir
 from ember.daemon.store.db import Durability
 
 CheckpointStrategy = Literal["auto", "criu", "park", "replay"]
@@ -53,6 +53,19 @@ class DaemonConfig:
         max_connections_per_client: TCP connections one client address may hold open (503).
         max_tcp_connections: TCP connections held open at once (503); lowered at start to
             fit under the open-file limit. The Unix socket is never capped.
+        shutdown_grace_s: on SIGTERM, how long executing runs have to finish before they are
+            checkpointed (CRIU) or interrupted to re-execute from their journal.
+        socket_group: a group given the API socket, so its members' applications can trigger.
+        socket_mode: the API socket's mode; 0660 with a ``socket_group``, else 0600.
+        retention_s: finished runs older than this are pruned with their logs, attempts and
+            blobs (None keeps them forever).
+        min_free_bytes: below this much free space on the state's disk, new triggers get a
+            507 (reads keep working); 0 turns the guard off.
+        logs_dir: where run-process logs go (systemd's ``LOGS_DIRECTORY``; ``<state>/logs``).
+        log_max_bytes: a run-process log file beyond this size is rotated.
+        log_backups: rotated run-process log files kept (``.1`` newest).
+        systemd: what systemd handed over (notify socket, watchdog, sockets); the CLI reads it
+            from the environment, everyone else gets none.
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -81,11 +94,32 @@ class DaemonConfig:
     request_timeout_s: float = 30.0
     max_connections_per_client: int = 64
     max_tcp_connections: int = 1000
+    shutdown_grace_s: float = 30.0
+    socket_group: str | None = None
+    socket_mode: int | None = None
+    retention_s: float | None = None
+    min_free_bytes: int = 256 * 1024 * 1024
+    logs_dir: Path | None = field(default_factory=logs_dir)
+    log_max_bytes: int = 64 * 1024 * 1024
+    log_backups: int = 3
+    systemd: SystemdEnv = field(default_factory=SystemdEnv)
 
     @property
     def api_socket(self) -> Path:
         """The API socket path, defaulting beside the user's runtime dir."""
         return self.socket_path or default_socket_path()
+
+    @property
+    def api_socket_mode(self) -> int:
+        """The API socket's mode: ``socket_mode``, else 0660 with a group, else 0600."""
+        if self.socket_mode is not None:
+            return self.socket_mode
+        return 0o660 if self.socket_group else 0o600
+
+    @property
+    def run_logs_dir(self) -> Path:
+        """Where run processes' stdout and stderr go."""
+        return self.logs_dir or self.state_dir / "logs"
 
     @property
     def db_path(self) -> Path:

@@ -28,6 +28,14 @@ if ! command -v criu >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -r /etc/debian_v
   fi
 fi
 
+# The tests verify generated units with `systemd-analyze verify` (Debian's systemd package).
+# Installed only where that is possible without asking: as root, on Debian (or a derivative).
+if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then
+  echo "○ installing systemd (for systemd-analyze verify)"
+  install=(apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends systemd)
+  "${install[@]}" >/dev/null 2>&1 || { apt-get update -qq >/dev/null && "${install[@]}" >/dev/null; }
+fi
+
 # Reinstall when the dependencies or the set of modules change: the strict editable install
 # (which mypy and IDEs need to resolve ember.*) links files, so new modules need a reinstall.
 STAMP="$VENV/.ember-install-stamp"

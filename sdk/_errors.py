@@ -9,7 +9,7 @@
     │   ├── NotFound                404: unknown run, task or version
     │   ├── Conflict                409: the run is not in a state that allows the action
     │   ├── PayloadTooLarge         413: payload or output over the configured limit
-    │   └── InsufficientStorage     507: the daemon's disk is full
+    │   └── InsufficientStorage     507: the daemon's disk is full or nearly so
     ├── PayloadValidationError      the payload does not match the task's annotation
     ├── RunFailedError              a waited-for run ended without output
     ├── TaskNotFoundError           a task id is not known to this process's registry
@@ -74,7 +74,10 @@ class PayloadTooLarge(ApiError):
 
 
 class InsufficientStorage(ApiError):
-    """The daemon could not write: the disk holding its state directory is full."""
+    """The daemon could not write, or would not: its disk is full or under the free-space floor.
+
+    Nothing of the request was written; it can be sent again once space is freed.
+    """
 
 
 class PayloadValidationError(EmberError):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import tarfile
+import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +112,22 @@ def state_dir(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder other users can reach, as /run is (tmp_path sits in root's 0700 folder)."""
+    path = Path(tempfile.mkdtemp(prefix="ember-open-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @asynccontextmanager
 async def running_daemon(
     state_dir: Path, clock: Callable[[], float] = time.time, **overrides: Any
 ) -> AsyncIterator[Harness]:
     """Start a daemon in this event loop; stop it and close its client at the end."""
-    config = DaemonConfig(state_dir=state_dir, socket_path=state_dir / "api.sock", **overrides)
+    overrides.setdefault("socket_path", state_dir / "api.sock")
+    config = DaemonConfig(state_dir=state_dir, **overrides)
     daemon = Daemon(config, clock=clock)
     await daemon.start()
     client = Client(ClientSettings(socket_path=config.api_socket))

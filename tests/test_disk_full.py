@@ -79,7 +79,10 @@ async def test_end_of_attempt_written_once_the_disk_has_room(
     state = small_disk / "state"
     state.mkdir()
     gate = tmp_path / "gate"
-    async with running_daemon(state, durability=durability, cancel_grace_s=1.0) as h:
+    # min_free_bytes=0: this test fills the disk on purpose, past the 507 guard (test_ops).
+    async with running_daemon(
+        state, durability=durability, cancel_grace_s=1.0, min_free_bytes=0
+    ) as h:
         await h.register(TASKS)
         tasks, runs = Tasks(h.client), Runs(h.client)
         done = await tasks.trigger("gated", {"gate": str(gate)})
@@ -133,7 +136,7 @@ async def refused_trigger(tasks: Tasks, payload: dict[str, str]) -> Insufficient
 async def test_a_full_disk_answers_507_and_leaves_no_partial_blob(small_disk: Path) -> None:
     state = small_disk / "state"
     state.mkdir()
-    async with running_daemon(state) as h:
+    async with running_daemon(state, min_free_bytes=0) as h:  # the write itself fails
         await h.register(TASKS)
         tasks = Tasks(h.client)
         filler = fill(small_disk)

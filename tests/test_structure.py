@@ -32,7 +32,8 @@ MAY_IMPORT = {
     "procs": {"config", "store"},
     "engine": {"config", "procs", "store"},
     "builds": {"child", "config", "engine", "procs", "store"},
-    "api": {"builds", "config", "engine", "procs", "store"},
+    "ops": {"config", "engine", "procs", "store"},
+    "api": {"builds", "config", "engine", "ops", "procs", "store"},
 }
 ALLOWED_LONG = {
     "api.routes",

@@ -27,6 +27,7 @@ from ember._errors import ConfigError
 from ember._types import VersionInfo
 from ember.daemon.api.limits import ConnectionGate, fit_tcp_cap, guarded_protocol, raise_fd_limit
 from ember.daemon.api.routes import build_app, hash_key
+from ember.daemon.api.sockets import answers, listen_unix, tcp_socket
 from ember.daemon.builds.builder import Builder
 from ember.daemon.builds.venvs import python_for
 from ember.daemon.config import DaemonConfig
@@ -34,13 +35,21 @@ from ember.daemon.engine.core import Engine
 from ember.daemon.engine.environments import EnvVars, check_env_name, created_key, new_key
 from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.schedules import Scheduler
+from ember.daemon.ops.drain import DrainReport, drain
+from ember.daemon.ops.logrotate import rotate_logs
+from ember.daemon.ops.systemd import Notifier, listen_sockets, status_line
 from ember.daemon.procs.checkpoint import Checkpointer, CriuSupport, detect
 from ember.daemon.procs.supervisor import Supervisor
 from ember.daemon.store import runs as store
 from ember.daemon.store.db import Database
+from ember.daemon.store.diskguard import DiskGuard
 from ember.daemon.store.modes import PRIVATE_UMASK, tighten
+from ember.daemon.store.retention import prune_loop
 
 log = logging.getLogger("ember.daemon")
+
+# How often systemd's STATUS= line is refreshed.
+STATUS_EVERY_S = 5.0
 
 
 class Daemon:
@@ -59,6 +68,12 @@ class Daemon:
         self.checkpoint_strategy = "park"
         self.criu: CriuSupport | None = None
         self._stop = asyncio.Event()
+        # A second stop request (SIGTERM/SIGINT again) ends the drain's grace at once.
+        self._force = asyncio.Event()
+        self.notifier = Notifier(config.systemd)
+        self.last_drain: DrainReport | None = None
+        self._activated = False  # the API socket came from systemd (socket activation)
+        self._chores: list[asyncio.Task[None]] = []
         self._lock_file: IO[str] | None = None
         # The umask the daemon was started with, put back at stop and given to run processes.
         self._user_umask: int | None = None
@@ -101,6 +116,7 @@ class Daemon:
         self.supervisor.child_umask = self._user_umask
         self.builder = Builder(state, self.engine, self.supervisor, self.clock, self._on_current)
         self.scheduler = Scheduler(self.db, self.engine, self.clock)
+        self.engine.disk_guard = DiskGuard(state, self.config.min_free_bytes)
         await self._choose_checkpoints()
         await self.supervisor.start()
         recovered = await self.engine.recover()
@@ -112,9 +128,46 @@ class Daemon:
         log.info(
             "Ember daemon %s ready on %s (%d runs recovered)",
             self.pid,
-            self.config.api_socket,
+            "a socket from systemd" if self._activated else self.config.api_socket,
             recovered,
         )
+        # Only now: systemd starts what depends on us once recovery is done and we listen.
+        self.notifier.ready(status_line(self.engine.stats()))
+        self._start_chores()
+
+    def _start_chores(self) -> None:
+        """Loops beside the engine: watchdog and status, log rotation, retention."""
+        loop = asyncio.get_running_loop()
+        if self.notifier.enabled:
+            self._chores.append(loop.create_task(self._keep_systemd_posted()))
+        self._chores.append(
+            loop.create_task(
+                rotate_logs(
+                    self.config.run_logs_dir, self.config.log_max_bytes, self.config.log_backups
+                )
+            )
+        )
+        if self.config.retention_s is not None:
+            self._chores.append(
+                loop.create_task(
+                    prune_loop(self.db, self.engine.blobs, self.config.retention_s, self.clock)
+                )
+            )
+
+    async def _keep_systemd_posted(self) -> None:
+        """WATCHDOG=1 at half the watchdog period, from the loop: a stuck loop sends none."""
+        interval = self.notifier.watchdog_interval_s
+        # STATUS= is refreshed every few seconds even without a watchdog.
+        tick = min(interval, STATUS_EVERY_S) if interval is not None else STATUS_EVERY_S
+        last_status = 0.0
+        while True:
+            if interval is not None:
+                self.notifier.watchdog()
+            now = time.monotonic()
+            if now - last_status >= STATUS_EVERY_S and not self.engine.draining:
+                self.notifier.status(status_line(self.engine.stats()))
+                last_status = now
+            await asyncio.sleep(tick)
 
     async def _choose_checkpoints(self) -> None:
         """Pick how long waits are held: CRIU where a real dump/restore works, else park."""
@@ -158,20 +211,16 @@ class Daemon:
         self._lock_file = lock
 
     async def _serve_api(self) -> None:
-        path = self.config.api_socket
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.exists():
-            if await _answers(path):
-                raise ConfigError(
-                    f"a daemon already listens on {path}: stop it, or set EMBER_SOCKET elsewhere"
-                )
-            path.unlink()
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind(str(path))
-        os.chmod(path, 0o600)
-        self._sockets = [unix]
+        activated = listen_sockets(self.config.systemd)
+        if activated:
+            # systemd made the socket (its path, owner and mode come from the .socket unit)
+            # and queues connections while we start: no bind, and no unlink at stop.
+            self._activated = True
+            self._sockets = activated
+        else:
+            self._sockets = [await self._bind_unix(self.config.api_socket)]
         if self.config.tcp:
-            self._sockets.append(self._tcp_socket(self.config.tcp))
+            self._sockets.append(tcp_socket(self.config.tcp))
             await self._ensure_api_key()
         # More descriptors than the usual 1,024, and a TCP cap under them: a TCP flood is
         # refused with a 503 while the Unix socket keeps its room.
@@ -200,19 +249,12 @@ class Daemon:
         self._server.lifespan = config.lifespan_class(config)
         await self._server.startup(sockets=self._sockets)
 
-    def _tcp_socket(self, address: str) -> socket.socket:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"--tcp {address!r} must be host:port, e.g. 127.0.0.1:8030")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host.strip("[]"), int(port)))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
-        return sock
+    async def _bind_unix(self, path: Path) -> socket.socket:
+        if await answers(path):
+            raise ConfigError(
+                f"a daemon already listens on {path}: stop it, or set EMBER_SOCKET elsewhere"
+            )
+        return listen_unix(path, self.config)
 
     async def _ensure_api_key(self) -> None:
         """Over TCP a key is required: make one for ``dev`` if none exists yet."""
@@ -227,26 +269,38 @@ class Daemon:
         log.warning("created an API key for environment dev in %s", key_file)
 
     def request_stop(self) -> None:
-        """Ask :meth:`run` to stop (safe from a signal handler)."""
+        """Ask :meth:`run` to drain and stop; asked again, to stop at once (signal-safe)."""
+        if self._stop.is_set():
+            self._force.set()
         self._stop.set()
 
     async def run(self) -> None:
-        """Start, serve until :meth:`request_stop`, then stop."""
+        """Start, serve until :meth:`request_stop`, drain (see ``ops/drain.py``), then stop."""
         await self.start()
         try:
             await self._stop.wait()
+            self.last_drain = await drain(
+                self.engine,
+                self.supervisor,
+                self.notifier,
+                self.config.shutdown_grace_s,
+                self._force,
+            )
         finally:
             await self.stop()
 
     async def stop(self) -> None:
         """Stop serving and stop every process; the table keeps what was in flight."""
+        for chore in self._chores:
+            chore.cancel()
         if hasattr(self, "engine"):
             self.engine.begin_close()
         if self._server is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await self._server.shutdown(sockets=self._sockets)
-        self.config.api_socket.unlink(missing_ok=True)
+        if not self._activated:
+            self.config.api_socket.unlink(missing_ok=True)
         if hasattr(self, "builder"):
             await self.builder.close()
         if hasattr(self, "scheduler"):
@@ -261,6 +315,7 @@ class Daemon:
             self._lock_file.close()
         if self._user_umask is not None:
             os.umask(self._user_umask)
+        self.notifier.close()
 
     # -- versions, environments -------------------------------------------------------
 
@@ -290,12 +345,3 @@ class Daemon:
         key_hash = hash_key(key)
         await self.db.write(lambda conn: store.insert_key(conn, key_hash, env, name, now))
         return created_key(key, env, name, now, key_hash)
-
-
-async def _answers(path: Path) -> bool:
-    try:
-        _, writer = await asyncio.open_unix_connection(str(path))
-    except OSError:
-        return False
-    writer.close()
-    return True

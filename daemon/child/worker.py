@@ -149,6 +149,12 @@ class _Link:
             self._flush()  # frames queued by a thread go first, as they were sent first
             if self.channel is not None:
                 self.channel.write(frame)
+            else:
+                # Closed for a checkpoint: a run checkpointed mid-execution may end before
+                # the channel is back, and its Done must reach the daemon. Sent on reconnect.
+                with self._changed:
+                    self._queue.append(frame)
+                    self._queued_bytes += len(frame)
             return
         with self._changed:
             # (Re-checked every second: a channel closed meanwhile frees the thread.)
@@ -163,12 +169,18 @@ class _Link:
             with contextlib.suppress(RuntimeError):  # the loop closed: the process is ending
                 self._loop.call_soon_threadsafe(self._flush)
 
+    def flush(self) -> None:
+        """Hand over the frames queued while the channel was closed (after a reconnect)."""
+        self._flush()
+
     def _flush(self) -> None:
+        if self.channel is None:
+            return  # kept until the channel is back (see send)
         with self._changed:
             frames, self._queue = self._queue, []
             self._queued_bytes = 0
             self._changed.notify_all()
-        if frames and self.channel is not None:
+        if frames:
             self.channel.write(b"".join(frames))
 
 
@@ -435,6 +447,7 @@ class RunProcess:
             encode(Hello(worker_id=worker_id, token=token, pid=host_pid(), restored=restored))
         )
         self._socket = (socket_path, worker_id, token)
+        self._link.flush()  # (after the Hello: the daemon knows the process first)
 
     def _end(self) -> None:
         if self._ended is not None and not self._ended.done():

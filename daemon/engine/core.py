@@ -54,6 +54,7 @@ from ember.daemon.store.runs import ActiveRun, BlobStore
 if TYPE_CHECKING:
     from ember.daemon.procs.checkpoint import Checkpointer
     from ember.daemon.procs.supervisor import Supervisor, Worker
+    from ember.daemon.store.diskguard import DiskGuard
 
 log = logging.getLogger("ember.daemon")
 
@@ -118,6 +119,8 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        # Set when a SIGTERM drain begins (ops/drain.py): no attempt starts from then on.
+        self.draining = False
         # Queue settings changed at run time: (paused, limit, whether the limit is overridden).
         self._queue_overrides: dict[tuple[str, str], tuple[bool, int | None, bool]] = {}
         self.waits = Waitpoints(self)
@@ -127,6 +130,8 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Trigger requests under way, by (environment, the client's request key).
         self._trigger_requests: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        # Set by the daemon: refuses new runs while the disk is nearly full (store/diskguard.py).
+        self.disk_guard: DiskGuard | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -331,7 +336,10 @@ class Engine:
             BadRequest: an option is invalid (the message names it).
             NotFound: a task id is unknown to every version of the environment.
             PayloadTooLarge: a payload is over the limit.
+            InsufficientStorage: the disk is nearly full (nothing is written).
         """
+        if self.disk_guard is not None:
+            self.disk_guard.check()
         if request_key is not None:
             # The same request again while the first is still under way: its answer.
             first = self._trigger_requests.get((env, request_key))
@@ -709,6 +717,8 @@ class Engine:
     def _pump(self) -> None:
         """Start queued runs while there is room, taking lanes in turn."""
         self._pump_scheduled = False
+        if self.draining:
+            return  # the runs stay queued, in the table too, for the next start
         while self._busy < self.config.max_concurrent_runs:
             run = self.queue.pop()
             if run is None:
@@ -814,6 +824,11 @@ class Engine:
         )
 
     def _start(self, run: ActiveRun, worker: Worker, journal: bytes | None = None) -> None:
+        if self.draining:
+            # Dequeued before the drain began: the table still says QUEUED, so the next
+            # start runs it; this process just idles until the daemon stops.
+            self.supervisor.make_idle(worker)
+            return
         # The first execution of a run has no journal; any later one may (replay, retry).
         needs_journal = journal is None and (run.attempt > 0 or run.hold is not None)
         if run.payload is None or needs_journal:
@@ -1079,6 +1094,10 @@ class Engine:
 
     def on_spawn_failed(self, env: str, version: str, reason: str) -> None:
         """The version's zygote could not start: runs waiting for it fail as system failures."""
+        if self._closing or self.draining:
+            # The daemon stopped it: the runs were only dequeued in memory and stay QUEUED in
+            # the table for the next start (a restart must not fail them).
+            return
         waiting = self._awaiting.pop((env, version), deque())
         error = RunError(name="WorkerStartFailed", message=reason, code="COULD_NOT_START_WORKER")
         for run in waiting:
@@ -1273,6 +1292,15 @@ class Engine:
             worker.parked = None
             run.parked = None
             self.resume_on(run, worker, "restored from its checkpoint")
+            return
+        if run.status is RunStatus.DEQUEUED and run.wait is None:
+            # Checkpointed mid-execution by a shutdown drain: it carries on where it stood.
+            worker.parked = None
+            run.parked = None
+            now = time.time()
+            self._bind(run, worker, now)
+            self._record_executing(run, now, "restored mid-execution from its shutdown checkpoint")
+            self._publish(run)
             return
         # Restored ahead of its deadline, or its dump failed: parked until the wait completes.
         run.hold = "parked"
@@ -1682,7 +1710,13 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         """Counts for health and the dashboard."""
-        return {"active": len(self.active), "executing": self._busy, "queued": self.queue.size}
+        waiting = sum(1 for run in self.active.values() if run.status is RunStatus.WAITING)
+        return {
+            "active": len(self.active),
+            "executing": self._busy,
+            "queued": self.queue.size,
+            "waiting": waiting,
+        }
 
 
 def _responses(

@@ -497,6 +497,26 @@ class Checkpointer:
                 done.set_result(ok)
             self._dumps.pop(run.id, None)
 
+    async def checkpoint_executing(
+        self, run: ActiveRun, worker: Worker, ready_timeout_s: float = READY_TIMEOUT_S
+    ) -> bool:
+        """Dump a run that is executing (a shutdown drain's grace ran out); True on success.
+
+        The process closes its channel between two steps of its event loop and parks; its
+        task is frozen where it stands and carries on from there once restored.
+        """
+        from ember.daemon.procs.protocol import Suspend
+
+        worker.checkpointing = asyncio.get_running_loop().create_future()
+        worker.send(Suspend(run_id=run.id))
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.checkpointing), ready_timeout_s)
+        except TimeoutError:
+            # (its loop is busy in code that does not yield: it is interrupted instead)
+            worker.checkpointing = None
+            return False
+        return await self._dump(run, worker)
+
     async def _dump(self, run: ActiveRun, worker: Worker) -> bool:
         images = self.images(run)
         shutil.rmtree(images, ignore_errors=True)

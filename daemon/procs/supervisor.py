@@ -259,7 +259,7 @@ class Supervisor:
         self._psutil: dict[int, psutil.Process] = {}
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._logs_dir = config.state_dir / "logs"
+        self._logs_dir = config.run_logs_dir
         # Set by the daemon: the Python a version's code runs on (its own virtual environment
         # when it has requirements), and the variables of an environment (``ember env set``).
         self.interpreter: Callable[[str], str] = lambda code_dir: sys.executable
