@@ -143,7 +143,13 @@ ADMIN_ROUTES: tuple[RouteSpec, ...] = (
         version_build,
         "A version's build status and log",
         response=BuildProgress,
-        query=(("from", "first log line to return (default 0)"),),
+        query=(
+            (
+                "from",
+                "first log line to return (default 0)",
+                {"type": "integer", "minimum": 0, "maximum": 10**9},
+            ),
+        ),
     ),
     RouteSpec(
         "GET",

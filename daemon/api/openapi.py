@@ -48,8 +48,13 @@ def openapi_document(routes: Sequence[RouteSpec]) -> dict[str, Any]:
                 for name in re.findall(r"{(\w+)(?::\w+)?}", route.path)
             ]
             + [
-                {"name": name, "in": "query", "description": text, "schema": {"type": "string"}}
-                for name, text in route.query
+                {
+                    "name": query[0],
+                    "in": "query",
+                    "description": query[1],
+                    "schema": query[2] if len(query) > 2 else {"type": "string"},
+                }
+                for query in route.query
             ]
             + [
                 {

@@ -60,7 +60,7 @@ from ember._types import (
     WaitToken,
 )
 from ember.daemon.api.admin import ADMIN_ROUTES
-from ember.daemon.api.routing import RouteSpec, check_run_env, int_param, over_tcp
+from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, check_run_env, int_param, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
 from ember.daemon.engine.environments import check_env_name
@@ -385,7 +385,7 @@ _RUN_FILTERS = (
     ("parent", "the parent run's id: its child runs"),
     ("from", "created at or after (ISO 8601 or epoch seconds)"),
     ("to", "created before (ISO 8601 or epoch seconds)"),
-    ("limit", "page size, 1-1000 (default 50)"),
+    ("limit", "page size, 1-1000 (default 50)", PAGE_LIMIT),
     ("cursor", "next_cursor of the previous page"),
 )
 
@@ -426,7 +426,7 @@ ROUTES: tuple[RouteSpec, ...] = (
         "Wait until a run is final (long poll)",
         response=Run,
         query=(
-            ("timeout_s", "seconds to wait at most (default 30, max 3600)"),
+            ("timeout_s", "seconds to wait at most (default 30, max 3600)", {"type": "number"}),
             ("history", "false to leave out attempts and snapshots (default true)"),
         ),
     ),
@@ -511,7 +511,15 @@ ROUTES: tuple[RouteSpec, ...] = (
         list_tokens,
         "List wait tokens, newest first",
         response=TokenPage,
-        query=(("status", "WAITING, COMPLETED or TIMED_OUT"), ("limit", "1-1000"), ("cursor", "")),
+        query=(
+            (
+                "status",
+                "only tokens in this state",
+                {"enum": ["WAITING", "COMPLETED", "TIMED_OUT"]},
+            ),
+            ("limit", "page size, 1-1000 (default 50)", PAGE_LIMIT),
+            ("cursor", "next_cursor of the previous page"),
+        ),
     ),
     RouteSpec(
         "GET",

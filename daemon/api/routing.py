@@ -31,7 +31,8 @@ class RouteSpec:
     summary: str
     request: type[Any] | None = None
     response: type[Any] | None = None
-    query: tuple[tuple[str, str], ...] = ()
+    # (name, description) or (name, description, JSON schema); the schema defaults to a string.
+    query: tuple[tuple[str, str] | tuple[str, str, dict[str, Any]], ...] = ()
     content_type: str = "application/json"
 
 
@@ -61,6 +62,9 @@ async def read_body(request: Request, limit: int, setting: str = "") -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(413, f"request body is over the limit of {limit} bytes{named}")
     return bytes(body)
+
+
+PAGE_LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

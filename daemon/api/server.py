@@ -224,7 +224,9 @@ class Daemon:
             await self._ensure_api_key()
         # More descriptors than the usual 1,024, and a TCP cap under them: a TCP flood is
         # refused with a 503 while the Unix socket keeps its room.
-        total = fit_tcp_cap(self.config.max_tcp_connections, raise_fd_limit())
+        fd_limit = raise_fd_limit()
+        # Fitted (and warned about) only when TCP is served: the Unix socket has no cap.
+        total = fit_tcp_cap(self.config.max_tcp_connections, fd_limit) if self.config.tcp else 0
         self.gate = ConnectionGate(self.config.max_connections_per_client, total)
         protocol = guarded_protocol(
             self.gate,
