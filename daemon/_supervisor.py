@@ -106,6 +106,8 @@ class Worker:
     pidfd: int | None = None
     # Why the daemon ended the process itself, for the attempt's error.
     fault: str | None = None
+    # The run canceled in this process: its on_cancel hooks may still log, until it exits.
+    canceled: ActiveRun | None = None
 
     def send(self, message: Message) -> None:
         """Write a frame to the process; held until it reconnects if it is checkpointing."""

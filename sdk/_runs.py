@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Unpack
 
 import msgspec
 
 from ember._client import Call, Client, default_client, request_key
-from ember._task import RunHandle, _wire_delay, trigger_options
+from ember._hooks import GlobalHookRegistry
+from ember._task import RunHandle, TriggerKwargs, _wire_delay, json_default, trigger_options
 from ember._types import (
     BatchItem,
     BatchTriggerRequest,
@@ -28,7 +29,7 @@ from ember._types import (
     TriggerResponse,
 )
 
-_encoder = msgspec.json.Encoder()
+_encoder = msgspec.json.Encoder(enc_hook=json_default)
 
 
 def _csv(values: str | Iterable[str] | None) -> str | None:
@@ -219,8 +220,12 @@ class Runs:
         return self.client.request_sync(self._logs(run_id))
 
 
-class Tasks:
-    """Trigger tasks by id, without importing them: ``from ember import tasks``."""
+class Tasks(GlobalHookRegistry):
+    """Trigger tasks by id, without importing them: ``from ember import tasks``.
+
+    Also where global lifecycle hooks and middleware are registered, as in Trigger.dev:
+    ``tasks.on_success(fn)``, ``tasks.middleware("db", fn)`` (see ``ember._hooks``).
+    """
 
     def __init__(self, client: Client | None = None) -> None:
         self._client = client
@@ -230,9 +235,7 @@ class Tasks:
         """The client used: the one given, else the default."""
         return self._client or default_client()
 
-    def _trigger(
-        self, task_id: str, payload: Any, options: dict[str, Any]
-    ) -> Call[TriggerResponse]:
+    def _trigger(self, task_id: str, payload: Any, options: TriggerKwargs) -> Call[TriggerResponse]:
         body = TriggerRequest(
             payload=msgspec.Raw(_encoder.encode(payload)), options=trigger_options(**options)
         )
@@ -264,12 +267,20 @@ class Tasks:
             request_key=request_key(),
         )
 
-    async def trigger(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle[Any]:
-        """Queue a run of ``task_id``; options as for ``Task.trigger``."""
+    async def trigger(
+        self, task_id: str, payload: Any = None, **options: Unpack[TriggerKwargs]
+    ) -> RunHandle[Any]:
+        """Queue a run of ``task_id``; options as for ``Task.trigger`` (:class:`TriggerKwargs`).
+
+        Raises:
+            BadRequest: the payload does not match the task's schema, or an option is wrong.
+        """
         response = await self.client.request(self._trigger(task_id, payload, options))
         return RunHandle(response, self.client)
 
-    def trigger_sync(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle[Any]:
+    def trigger_sync(
+        self, task_id: str, payload: Any = None, **options: Unpack[TriggerKwargs]
+    ) -> RunHandle[Any]:
         """Blocking twin of :meth:`trigger`."""
         response = self.client.request_sync(self._trigger(task_id, payload, options))
         return RunHandle(response, self.client)
