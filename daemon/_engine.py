@@ -1547,20 +1547,33 @@ class Engine:
     async def _exists(self, run_id: str) -> bool:
         return await self.db.read(lambda conn: store.get_summary(conn, run_id)) is not None
 
-    async def replay(self, env: str, run_id: str, version: str | None) -> TriggerResponse:
-        """Trigger a new run with the payload, tags and metadata of another.
+    async def replay(
+        self,
+        env: str,
+        run_id: str,
+        version: str | None,
+        *,
+        payload: bytes | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> TriggerResponse:
+        """Trigger a new run with the payload, tags and metadata of another, or new ones.
+
+        A new payload is checked against the task's schema like any trigger's.
 
         Raises:
             NotFound: no such run.
+            BadRequest: the new payload does not match the task's schema.
         """
         run = await self.get_run(run_id)
         options = TriggerOptions(
-            tags=run.tags,
-            metadata=run.metadata,
+            tags=run.tags if tags is None else tags,
+            metadata=run.metadata if metadata is None else metadata,
             version=version,
             concurrency_key=run.concurrency_key,
         )
-        item = BatchItem(task=run.task_id, payload=run.payload, options=options)
+        raw = run.payload if payload is None else msgspec.Raw(payload)
+        item = BatchItem(task=run.task_id, payload=raw, options=options)
         _, responses = await self.trigger(run.env, [item])
         response = responses[0]
         await self.db.write(

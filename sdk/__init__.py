@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     )
     from ember._logger import logger
     from ember._retry import heartbeats, retry
-    from ember._runs import Runs, Tasks, runs, tasks
+    from ember._runs import ReplayChanges, Runs, Tasks, runs, tasks
     from ember._runtime import Context
     from ember._schedule_types import Schedule, ScheduledPayload, ScheduleList
     from ember._schedules import ScheduledTask, Schedules, schedules
@@ -114,6 +114,7 @@ _EXPORTS: dict[str, str] = {
     "PayloadTooLarge": "ember._errors",
     "PayloadValidationError": "ember._errors",
     "Queue": "ember._task",
+    "ReplayChanges": "ember._runs",
     "Retry": "ember._task",
     "Run": "ember._types",
     "RunError": "ember._types",
@@ -192,6 +193,7 @@ __all__ = [
     "PayloadTooLarge",
     "PayloadValidationError",
     "Queue",
+    "ReplayChanges",
     "Retry",
     "Run",
     "RunError",

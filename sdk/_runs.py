@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Unpack
+from typing import Any, TypedDict, Unpack
 
 import msgspec
 
@@ -30,6 +30,22 @@ from ember._types import (
 )
 
 _encoder = msgspec.json.Encoder(enc_hook=json_default)
+
+
+class ReplayChanges(TypedDict, total=False):
+    """What a replay changes; whatever is left out is the replayed run's.
+
+    Attributes:
+        payload: a new payload (``None`` too is a payload).
+        tags: new tags.
+        metadata: new metadata.
+        version: the version to run on; the current one when omitted.
+    """
+
+    payload: Any
+    tags: Iterable[str] | None
+    metadata: dict[str, Any] | None
+    version: str | None
 
 
 def _csv(values: str | Iterable[str] | None) -> str | None:
@@ -94,8 +110,19 @@ class Runs:
     def _cancel(self, run_id: str) -> Call[Run]:
         return Call("POST", f"/api/v2/runs/{run_id}/cancel", Run, body=b"{}")
 
-    def _replay(self, run_id: str, version: str | None) -> Call[TriggerResponse]:
-        body = _encoder.encode(ReplayRequest(version=version))
+    def _replay(self, run_id: str, changes: ReplayChanges) -> Call[TriggerResponse]:
+        tags = changes.get("tags")
+        request = ReplayRequest(
+            version=changes.get("version"),
+            payload=(
+                msgspec.Raw(_encoder.encode(changes["payload"]))
+                if "payload" in changes
+                else msgspec.UNSET
+            ),
+            tags=list(tags) if tags is not None else None,
+            metadata=changes.get("metadata"),
+        )
+        body = _encoder.encode(request)
         return Call("POST", f"/api/v1/runs/{run_id}/replay", TriggerResponse, body=body)
 
     def _reschedule(self, run_id: str, delay: float | str | timedelta | datetime) -> Call[Run]:
@@ -158,9 +185,13 @@ class Runs:
         """Cancel a run that has not finished; a running attempt is stopped."""
         return await self.client.request(self._cancel(run_id))
 
-    async def replay(self, run_id: str, *, version: str | None = None) -> TriggerResponse:
-        """Trigger a new run with the same payload, on the current version unless pinned."""
-        return await self.client.request(self._replay(run_id, version))
+    async def replay(self, run_id: str, **changes: Unpack[ReplayChanges]) -> TriggerResponse:
+        """Trigger a new run like ``run_id``, with any of :class:`ReplayChanges` applied.
+
+        Runs on the current version unless ``version`` pins one. A new payload is checked
+        against the task's schema (BadRequest naming the field otherwise).
+        """
+        return await self.client.request(self._replay(run_id, changes))
 
     async def reschedule(self, run_id: str, delay: float | str | timedelta | datetime) -> Run:
         """Move a DELAYED run's start to a new delay or date."""
@@ -203,9 +234,9 @@ class Runs:
         """Blocking twin of :meth:`cancel`."""
         return self.client.request_sync(self._cancel(run_id))
 
-    def replay_sync(self, run_id: str, *, version: str | None = None) -> TriggerResponse:
+    def replay_sync(self, run_id: str, **changes: Unpack[ReplayChanges]) -> TriggerResponse:
         """Blocking twin of :meth:`replay`."""
-        return self.client.request_sync(self._replay(run_id, version))
+        return self.client.request_sync(self._replay(run_id, changes))
 
     def reschedule_sync(self, run_id: str, delay: float | str | timedelta | datetime) -> Run:
         """Blocking twin of :meth:`reschedule`."""

@@ -291,9 +291,19 @@ class RescheduleRequest(Request, frozen=True):
 
 
 class ReplayRequest(Request, frozen=True):
-    """Body of ``POST /api/v1/runs/{id}/replay``."""
+    """Body of ``POST /api/v1/runs/{id}/replay``: what to change; the rest is the run's.
+
+    Attributes:
+        version: the version to run on; the current one when omitted.
+        payload: a new JSON payload (``null`` too); absent keeps the replayed run's.
+        tags: new tags instead of the run's.
+        metadata: new metadata instead of the run's.
+    """
 
     version: str | None = None
+    payload: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class TaskSchedule(Struct, frozen=True):
