@@ -396,3 +396,28 @@ async def test_heartbeats_yield_keeps_a_cpu_loop_alive(state_dir: Path, yields: 
             assert run.output_as(int) > 0
         else:
             assert run.status is not RunStatus.COMPLETED
+
+
+async def test_the_example_project_uses_hooks_and_middleware(harness: Harness) -> None:
+    examples = Path(__file__).parent.parent / "examples"
+    files = {
+        str(path.relative_to(examples)): path.read_text()
+        for path in (examples / "tasks").glob("*.py")
+    }
+    info = await harness.register(files)
+    assert info.status == "READY", info.error
+    run = await harness.run("place-order", {"id": 7, "cents": 1250}, timeout_s=60)
+    assert run.status is RunStatus.COMPLETED, run.error
+    messages = [line.message for line in (await Runs(harness.client).logs(run.id)).data]
+    assert "waiting on a run" in messages and "waiting on a duration" in messages  # on_wait
+    assert "attempt finished" in messages  # the global middleware in examples/tasks/init.py
+    assert f"run {run.id} succeeded" in messages  # the global on_complete
+
+
+async def test_locals_outside_a_run_say_where_they_work() -> None:
+    from ember import OutsideRunError, heartbeats, locals
+
+    key = locals.create("conn", str)
+    with pytest.raises(OutsideRunError, match="only works inside a task run"):
+        locals.set(key, "x")
+    await heartbeats.yield_()  # harmless anywhere: it only gives the loop a turn
