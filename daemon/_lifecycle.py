@@ -203,10 +203,10 @@ class Attempt:
         self.waiting = False
         await self._after("on_resume", WaitParams(self._ctx, self._payload, info))
 
-    async def canceled(self, run: Awaitable[Any]) -> None:
+    async def canceled(self, run: Awaitable[Any], grace_s: float) -> None:
         """The run is canceled while it executes (not while it waits): ``on_cancel``."""
         if not self.waiting and self._outcome is None:
-            await self._after("on_cancel", CancelParams(self._ctx, self._payload, run))
+            await self._after("on_cancel", CancelParams(self._ctx, self._payload, run, grace_s))
 
     # -- helpers --------------------------------------------------------------------------
 

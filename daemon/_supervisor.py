@@ -335,6 +335,8 @@ class Supervisor:
                     str(self.config.worker_socket),
                     "--heartbeat-s",
                     str(self.config.heartbeat_interval_s),
+                    "--cancel-grace-s",
+                    str(self.config.cancel_grace_s),
                     "--lock",
                     str(self._processes_lock),
                     *(["--pidns"] if self.pidns else []),

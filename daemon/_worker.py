@@ -62,6 +62,8 @@ _THREAD_QUEUE_BYTES = 4 * 1024 * 1024
 WAKE_CHECK_S = 1.0
 WAKE_TIMEOUT_S = 600.0
 WAKE_GRACE_CHECKS = 3
+# The share of the cancel grace that on_cancel hooks and the run's cleanup may use.
+_CANCEL_SHARE = 0.8
 # Room kept for the marker of a cut log line.
 _MARKER_BYTES = 64
 # Room left in a frame for everything but a Done's output.
@@ -416,8 +418,12 @@ class RunProcess:
         heartbeat_s: float,
         daemon: ProcessIdentity | None = None,
         lock_fd: int = -1,
+        cancel_grace_s: float = 5.0,
     ) -> None:
         self._tasks = tasks
+        # Of the daemon's grace between SIGTERM and SIGKILL, what on_cancel and the run's own
+        # cleanup may use: the rest is the margin for the process to report and leave.
+        self._cancel_budget_s = cancel_grace_s * _CANCEL_SHARE
         self._heartbeat_s = heartbeat_s
         self._daemon = daemon
         self._lock_fd = lock_fd
@@ -473,9 +479,16 @@ class RunProcess:
             return
 
         async def cancel_hooks() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._cancel_budget_s
             try:
-                # The daemon's SIGKILL after its cancel grace bounds how long this takes.
-                await attempt.canceled(current)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        attempt.canceled(current, self._cancel_budget_s), self._cancel_budget_s
+                    )
+                # Then the run function is canceled and its own cleanup (finally) runs.
+                current.cancel()
+                await asyncio.wait({current}, timeout=max(0.0, deadline - loop.time()))
             finally:
                 self._end()
 
@@ -732,10 +745,11 @@ def run_worker(
     heartbeat_s: float,
     daemon: ProcessIdentity | None = None,
     lock_fd: int = -1,
+    cancel_grace_s: float = 5.0,
 ) -> int:
     """Serve runs until the daemon says stop or goes away; returns the exit status."""
     sys.stdout = _RunStream(sys.stdout, "info")
     sys.stderr = _RunStream(sys.stderr, "error")
-    process = RunProcess(tasks, heartbeat_s, daemon, lock_fd)
+    process = RunProcess(tasks, heartbeat_s, daemon, lock_fd, cancel_grace_s)
     asyncio.run(process.serve(socket_path, worker_id, token))
     return 0

@@ -11,8 +11,9 @@ task's own. Every hook takes one params object and may be ``def`` or ``async def
   crashed, system-failed or canceled runs. Their errors are logged with the run and ignored.
 - ``on_wait`` / ``on_resume``: around each durable wait, once per wait (a re-execution that
   reads the wait from its journal does not fire them again).
-- ``on_cancel``: the run is canceled while it executes; it has ``cancel_grace_s`` before the
-  process is killed, and the run function is still running meanwhile.
+- ``on_cancel``: the run is canceled while it executes; the run function still runs while
+  the hooks do, then is canceled (its ``finally`` blocks run); both share most of the
+  daemon's ``cancel_grace_s`` before the process is killed (``params.grace_s``).
 - ``catch_error``: decides about an error: :class:`CatchErrorResult` to retry at a time,
   after a delay or not at all; ``None`` keeps the retry policy.
 - middleware wraps the hooks and the run: ``await params.next()`` runs the rest.
@@ -101,11 +102,18 @@ class WaitParams:
 
 @dataclass(frozen=True, slots=True)
 class CancelParams:
-    """What ``on_cancel`` receives; ``run`` is the run function's task, still running."""
+    """What ``on_cancel`` receives.
+
+    Attributes:
+        run: the run function's task, still running; it is canceled after the hooks.
+        grace_s: how long the hooks and then the run's own cleanup have, together, before
+            the process is killed (most of the daemon's ``cancel_grace_s``).
+    """
 
     ctx: Context
     payload: Any
     run: Awaitable[Any]
+    grace_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

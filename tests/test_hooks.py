@@ -126,10 +126,16 @@ HOOKED = """
     async def bad_batch(payload: dict) -> None:
         await hooked.batch_trigger([{} for _ in range(1001)])
 
-    @task(id="cancellable", on_cancel=mark("task:on_cancel"), on_failure=mark("task:on_failure"))
+    def on_cancel(params):
+        logger.info(f"hook:task:on_cancel:{params.grace_s > 0}:{params.run.done()}")
+
+    @task(id="cancellable", on_cancel=on_cancel, on_failure=mark("task:on_failure"))
     async def cancellable(payload: dict) -> None:
         logger.info("hook:run")
-        await asyncio.sleep(60)
+        try:
+            await asyncio.sleep(60)
+        finally:
+            logger.info("hook:run:cleanup")
 """
 
 WAITS = """
@@ -320,8 +326,12 @@ async def test_on_cancel_fires_while_executing_and_on_failure_does_not(h: Harnes
     await Runs(h.client).cancel(handle.id)
     run = await h.wait(handle.id)
     assert run.status is RunStatus.CANCELED
-    await eventually(lambda: _has_hook(h, handle.id, "task:on_cancel"))
-    assert "task:on_failure" not in await hooks_of(h, handle.id)
+    # on_cancel runs while the run function still runs (with time to spare), then the
+    # run function is canceled and its cleanup runs; on_failure does not fire.
+    await eventually(lambda: _has_hook(h, handle.id, "run:cleanup"))
+    events = await hooks_of(h, handle.id)
+    assert events[-2:] == ["task:on_cancel:True:False", "run:cleanup"]
+    assert "task:on_failure" not in events
 
 
 async def _has_hook(h: Harness, run_id: str, event: str) -> bool:
