@@ -35,6 +35,11 @@ class Order(msgspec.Struct, forbid_unknown_fields=True):
     kind: Literal["a", "b"] = "a"
 
 
+class Node(msgspec.Struct):
+    id: int
+    children: list[Node] = []
+
+
 TYPES: list[Any] = [
     int,
     float,
@@ -48,11 +53,12 @@ TYPES: list[Any] = [
     Line,
     Order,
     list[Order],
+    Node,  # recursive: its schema refers to itself
     Annotated[int, msgspec.Meta(ge=1, le=10)],
     Annotated[str, msgspec.Meta(pattern="^[a-z]+$", max_length=3)],
 ]
 # Hypothesis ignores msgspec's constraints when it builds values: only the plain types.
-BUILDABLE = [tp for tp in TYPES if getattr(tp, "__metadata__", None) is None]
+BUILDABLE = [tp for tp in TYPES if getattr(tp, "__metadata__", None) is None and tp is not Node]
 
 json_values = st.recursive(
     st.none()
@@ -64,7 +70,9 @@ json_values = st.recursive(
     lambda inner: (
         st.lists(inner, max_size=4)
         | st.dictionaries(
-            st.sampled_from(["id", "lines", "sku", "qty", "note", "colour", "kind", "extra"]),
+            st.sampled_from(
+                ["id", "lines", "sku", "qty", "note", "colour", "kind", "children", "extra"]
+            ),
             inner,
             max_size=5,
         )
