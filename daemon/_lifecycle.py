@@ -9,9 +9,10 @@ the outcome: their errors are logged with the run and ignored.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,28 +99,24 @@ class Attempt:
         """Run middleware, ``on_start_attempt``, ``call`` and the after-hooks; never raises.
 
         ``call`` runs the task function and returns its output and the output's JSON.
-        (Cancellation passes through.)
+        (Cancellation passes through.) Run it inside :func:`attempt_locals`.
         """
-        token = begin_attempt_locals()
         try:
-            try:
-                await self._through_middleware(0, call)
-            except (Exception, SystemExit) as exc:
-                if self._outcome is None:
-                    await self._failed(exc)  # a middleware failed before the attempt ended
-                else:
-                    self._hook_failed("middleware", exc)
+            await self._through_middleware(0, call)
+        except (Exception, SystemExit) as exc:
             if self._outcome is None:
-                await self._failed(
-                    MiddlewareError(
-                        "a middleware returned without awaiting params.next(), so the run "
-                        "function never ran: call `await params.next()` in every middleware"
-                    )
+                await self._failed(exc)  # a middleware failed before the attempt ended
+            else:
+                self._hook_failed("middleware", exc)
+        if self._outcome is None:
+            await self._failed(
+                MiddlewareError(
+                    "a middleware returned without awaiting params.next(), so the run "
+                    "function never ran: call `await params.next()` in every middleware"
                 )
-            assert self._outcome is not None
-            return self._outcome
-        finally:
-            end_attempt_locals(token)
+            )
+        assert self._outcome is not None
+        return self._outcome
 
     async def _through_middleware(
         self, index: int, call: Callable[[], Awaitable[tuple[Any, bytes]]]
@@ -225,6 +222,20 @@ class Attempt:
             "run's outcome)",
             {"stack": "".join(traceback.format_exception(exc))},
         )
+
+
+@contextlib.contextmanager
+def attempt_locals() -> Iterator[None]:
+    """The attempt's own ``locals``, empty at its start and dropped at its end.
+
+    A context copied inside shares them: ``on_cancel``, run in such a copy, sees what the
+    middleware set.
+    """
+    token = begin_attempt_locals()
+    try:
+        yield
+    finally:
+        end_attempt_locals(token)
 
 
 def _name(fn: Any) -> str:

@@ -31,7 +31,7 @@ from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
 from ember._task import Task, json_default
 from ember._types import RunError
 from ember.daemon import _lifeline
-from ember.daemon._lifecycle import Attempt
+from ember.daemon._lifecycle import Attempt, attempt_locals
 from ember.daemon._lifeline import ProcessIdentity
 from ember.daemon._protocol import (
     MAX_FRAME_BYTES,
@@ -679,8 +679,9 @@ class RunProcess:
             log=runtime.log,
         )
         runtime.attempt = self._attempt = attempt
-        self._run_context = contextvars.copy_context()
-        outcome = await attempt.run(call)
+        with attempt_locals():
+            self._run_context = contextvars.copy_context()
+            outcome = await attempt.run(call)
         if outcome.ok:
             return Done(
                 run_id=message.run_id, attempt=message.attempt, ok=True, output=outcome.output

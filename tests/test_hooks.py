@@ -127,9 +127,15 @@ HOOKED = """
         await hooked.batch_trigger([{} for _ in range(1001)])
 
     def on_cancel(params):
-        logger.info(f"hook:task:on_cancel:{params.grace_s > 0}:{params.run.done()}")
+        conn = locals.get(CONN)  # what the middleware set for this attempt
+        logger.info(f"hook:task:on_cancel:{params.grace_s > 0}:{params.run.done()}:{conn}")
 
-    @task(id="cancellable", on_cancel=on_cancel, on_failure=mark("task:on_failure"))
+    @task(
+        id="cancellable",
+        middleware=[connect],
+        on_cancel=on_cancel,
+        on_failure=mark("task:on_failure"),
+    )
     async def cancellable(payload: dict) -> None:
         logger.info("hook:run")
         try:
@@ -330,7 +336,7 @@ async def test_on_cancel_fires_while_executing_and_on_failure_does_not(h: Harnes
     # run function is canceled and its cleanup runs; on_failure does not fire.
     await eventually(lambda: _has_hook(h, handle.id, "run:cleanup"))
     events = await hooks_of(h, handle.id)
-    assert events[-2:] == ["task:on_cancel:True:False", "run:cleanup"]
+    assert events[-2:] == ["task:on_cancel:True:False:conn-1", "run:cleanup"]
     assert "task:on_failure" not in events
 
 
