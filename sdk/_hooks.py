@@ -173,11 +173,17 @@ class Hooks:
     middleware: list[tuple[str, Hook]] = field(default_factory=list)
 
     def __add__(self, other: Hooks) -> Hooks:
-        """These hooks first, then ``other``'s (global hooks, then a task's)."""
-        return Hooks(
+        """These hooks first, then ``other``'s (global hooks, then a task's).
+
+        Except ``catch_error``: ``other``'s decide first, so a task's own hook has the first
+        word and the global ones handle what it leaves alone.
+        """
+        combined = Hooks(
             **{name: getattr(self, name) + getattr(other, name) for name in _HOOK_NAMES},
             middleware=self.middleware + other.middleware,
         )
+        combined.catch_error = other.catch_error + self.catch_error
+        return combined
 
 
 _HOOK_NAMES = (
@@ -188,7 +194,6 @@ _HOOK_NAMES = (
     "on_wait",
     "on_resume",
     "on_cancel",
-    "catch_error",
 )
 
 

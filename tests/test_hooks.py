@@ -22,7 +22,7 @@ INIT = """
             logger.info("hook:" + what)
         return hook
 
-    for name in ("on_start_attempt", "on_success", "on_failure", "on_complete"):
+    for name in ("on_start_attempt", "on_success", "on_failure", "on_complete", "catch_error"):
         getattr(tasks, name)(mark("global:" + name))
 
     @tasks.middleware("global")
@@ -263,9 +263,11 @@ async def test_on_failure_fires_once_after_the_last_attempt(h: Harness) -> None:
         "global:on_start_attempt",
         "run:1",
         "catch_error:True",  # a retry is coming: catch_error is told its delay
+        "global:catch_error",  # the task's returned None: the global one decides next
         "global:on_start_attempt",
         "run:2",
         "catch_error:False",  # the last attempt: no retry to delay
+        "global:catch_error",
         "global:on_failure",
         "task:on_failure",
         "global:on_complete",
@@ -275,7 +277,9 @@ async def test_on_failure_fires_once_after_the_last_attempt(h: Harness) -> None:
 async def test_catch_error_can_skip_retrying(h: Harness) -> None:
     run = await h.run("skips", {})
     assert run.status is RunStatus.FAILED and len(run.attempts) == 1
-    assert "task:on_failure" in await hooks_of(h, run)
+    events = await hooks_of(h, run)
+    assert "task:on_failure" in events
+    assert "global:catch_error" not in events  # the task's own hook had the first word
 
 
 async def test_catch_error_can_choose_the_retry_delay(h: Harness) -> None:
