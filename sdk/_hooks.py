@@ -3,7 +3,8 @@
 Per task, pass hooks to ``@task(on_success=..., middleware=[...])``; for every task, register
 them with ``tasks.on_success(fn)``, ``tasks.middleware("db", fn)`` ... in the task directory's
 ``init.py``, which the zygote imports before any task module. Global hooks run before the
-task's own. Every hook takes one params object and may be ``def`` or ``async def``.
+task's own (``catch_error`` after: the task's own decides first). Every hook takes one
+params object and may be ``def`` or ``async def``.
 
 - ``on_start_attempt``: before each attempt's run function; an error fails the attempt.
 - ``on_success`` / ``on_failure`` / ``on_complete``: after the run function. ``on_failure``
