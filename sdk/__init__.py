@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     )
     from ember._logger import logger
     from ember._retry import heartbeats, retry
-    from ember._runs import ReplayChanges, Runs, Tasks, runs, tasks
+    from ember._runs import BatchEntry, ReplayChanges, Runs, Tasks, runs, tasks
     from ember._runtime import Context
     from ember._schedule_types import Schedule, ScheduledPayload, ScheduleList
     from ember._schedules import ScheduledTask, Schedules, schedules
@@ -88,6 +88,7 @@ _EXPORTS: dict[str, str] = {
     "ApiError": "ember._errors",
     "Attempt": "ember._types",
     "BadRequest": "ember._errors",
+    "BatchEntry": "ember._runs",
     "Call": "ember._client",
     "CancelParams": "ember._hooks",
     "CatchErrorParams": "ember._hooks",
@@ -167,6 +168,7 @@ __all__ = [
     "ApiError",
     "Attempt",
     "BadRequest",
+    "BatchEntry",
     "Call",
     "CancelParams",
     "CatchErrorParams",

@@ -32,6 +32,10 @@ from ember._types import (
 _encoder = msgspec.json.Encoder(enc_hook=json_default)
 
 
+BatchEntry = tuple[str, Any] | tuple[str, Any, TriggerKwargs]
+"""One run of ``tasks.batch_trigger``: ``(task_id, payload)`` or with its options."""
+
+
 class ReplayChanges(TypedDict, total=False):
     """What a replay changes; whatever is left out is the replayed run's.
 
@@ -278,9 +282,7 @@ class Tasks(GlobalHookRegistry):
             request_key=request_key(),
         )
 
-    def _batch(
-        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
-    ) -> Call[BatchTriggerResponse]:
+    def _batch(self, items: Sequence[BatchEntry]) -> Call[BatchTriggerResponse]:
         batch = [
             BatchItem(
                 task=item[0],
@@ -316,9 +318,7 @@ class Tasks(GlobalHookRegistry):
         response = self.client.request_sync(self._trigger(task_id, payload, options))
         return RunHandle(response, self.client)
 
-    async def batch_trigger(
-        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
-    ) -> list[RunHandle[Any]]:
+    async def batch_trigger(self, items: Sequence[BatchEntry]) -> list[RunHandle[Any]]:
         """Queue runs of several tasks in one commit.
 
         Args:
@@ -327,9 +327,7 @@ class Tasks(GlobalHookRegistry):
         response = await self.client.request(self._batch(items))
         return [RunHandle(r, self.client) for r in response.runs]
 
-    def batch_trigger_sync(
-        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
-    ) -> list[RunHandle[Any]]:
+    def batch_trigger_sync(self, items: Sequence[BatchEntry]) -> list[RunHandle[Any]]:
         """Blocking twin of :meth:`batch_trigger`."""
         response = self.client.request_sync(self._batch(items))
         return [RunHandle(r, self.client) for r in response.runs]

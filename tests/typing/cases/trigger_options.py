@@ -30,3 +30,5 @@ async def main() -> None:
     await tasks.trigger("ship", {"id": 1}, idempotency="k")  # E: Unexpected keyword argument
     TriggerItem(Order(id=2), queu="q")  # E: Unexpected keyword argument "queu"
     reveal_type(locals.get(DB))  # N: Revealed type is "str | None"
+    await tasks.batch_trigger([("ship", {"id": 1}, {"delay": "1m"})])
+    await tasks.batch_trigger([("ship", {"id": 1}, {"dealy": "1m"})])  # E: Extra key "dealy"
