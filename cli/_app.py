@@ -256,13 +256,6 @@ def _one_run(run_id: str, env: str | None, profile: str | None, action: str, as_
             result = await runs.retrieve(run_id)
         elif action == "cancel":
             result = await runs.cancel(run_id)
-        elif action == "replay":
-            replay = await runs.replay(run_id)
-            if as_json:
-                _print_json(replay)
-            else:
-                typer.echo(f"○ replayed {run_id} -> {replay.id}")
-            return
         else:
             logs = await runs.logs(run_id)
             if as_json:
@@ -304,10 +297,33 @@ def runs_cancel(
 
 @runs_app.command("replay")
 def runs_replay(
-    run_id: str, env: EnvOption = None, profile: ProfileOption = None, as_json: JsonFlag = False
+    run_id: str,
+    payload: Annotated[
+        str | None,
+        typer.Option("--payload", help="A new JSON payload, or @file.json (default: the run's)."),
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="New tags instead of the run's (repeatable).")
+    ] = None,
+    version: Annotated[str | None, typer.Option(help="Run on this version.")] = None,
+    env: EnvOption = None,
+    profile: ProfileOption = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Run a task again with the payload of a previous run."""
-    _one_run(run_id, env, profile, "replay", as_json)
+    """Run a task again like a previous run, optionally with a new payload or tags."""
+    changes: dict[str, Any] = {"version": version, "tags": tag or None}
+    if payload is not None:
+        changes["payload"] = _payload(payload)
+    client = _client(env, profile)
+
+    async def go() -> None:
+        replay = await Runs(client).replay(run_id, **changes)
+        if as_json:
+            _print_json(replay)
+        else:
+            typer.echo(f"○ replayed {run_id} -> {replay.id}")
+
+    _run_async(go())
 
 
 @app.command()

@@ -15,7 +15,8 @@
     ├── TaskNotFoundError           a task id is not known to this process's registry
     ├── SubtaskUnwrapError          ``TaskRunResult.unwrap()`` of a child that failed
     ├── NonDeterminismError         a replayed run took another path than its journal
-    ├── WaitOutsideRunError         a durable wait was called outside a task run
+    ├── OutsideRunError             a run-only API (locals, heartbeats) was used outside a run
+    │   └── WaitOutsideRunError     a durable wait was called outside a task run
     └── AbortTaskRunError           raised inside a task: fail now, never retry
 
 Control flow that user code must not swallow derives from BaseException instead
@@ -134,7 +135,11 @@ class NonDeterminismError(EmberError):
     """
 
 
-class WaitOutsideRunError(EmberError):
+class OutsideRunError(EmberError):
+    """An API that only works inside a task run was called outside one."""
+
+
+class WaitOutsideRunError(OutsideRunError):
     """A durable wait (``wait.for_``, ``trigger_and_wait``...) was called outside a task run."""
 
 

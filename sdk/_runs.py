@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import msgspec
 
 from ember._client import Call, Client, default_client, request_key
-from ember._task import RunHandle, _wire_delay, trigger_options
+from ember._hooks import GlobalHookRegistry
+from ember._task import RunHandle, TriggerKwargs, _wire_delay, json_default, trigger_options
 from ember._types import (
     BatchItem,
     BatchTriggerRequest,
@@ -28,7 +29,27 @@ from ember._types import (
     TriggerResponse,
 )
 
-_encoder = msgspec.json.Encoder()
+_encoder = msgspec.json.Encoder(enc_hook=json_default)
+
+
+BatchEntry = tuple[str, Any] | tuple[str, Any, TriggerKwargs]
+"""One run of ``tasks.batch_trigger``: ``(task_id, payload)`` or with its options."""
+
+
+class ReplayChanges(TypedDict, total=False):
+    """What a replay changes; whatever is left out is the replayed run's.
+
+    Attributes:
+        payload: a new payload (``None`` too is a payload).
+        tags: new tags.
+        metadata: new metadata.
+        version: the version to run on; the current one when omitted.
+    """
+
+    payload: Any
+    tags: Iterable[str] | None
+    metadata: dict[str, Any] | None
+    version: str | None
 
 
 def _csv(values: str | Iterable[str] | None) -> str | None:
@@ -93,8 +114,19 @@ class Runs:
     def _cancel(self, run_id: str) -> Call[Run]:
         return Call("POST", f"/api/v2/runs/{run_id}/cancel", Run, body=b"{}")
 
-    def _replay(self, run_id: str, version: str | None) -> Call[TriggerResponse]:
-        body = _encoder.encode(ReplayRequest(version=version))
+    def _replay(self, run_id: str, changes: ReplayChanges) -> Call[TriggerResponse]:
+        tags = changes.get("tags")
+        request = ReplayRequest(
+            version=changes.get("version"),
+            payload=(
+                msgspec.Raw(_encoder.encode(changes["payload"]))
+                if "payload" in changes
+                else msgspec.UNSET
+            ),
+            tags=list(tags) if tags is not None else None,
+            metadata=changes.get("metadata"),
+        )
+        body = _encoder.encode(request)
         return Call("POST", f"/api/v1/runs/{run_id}/replay", TriggerResponse, body=body)
 
     def _reschedule(self, run_id: str, delay: float | str | timedelta | datetime) -> Call[Run]:
@@ -157,9 +189,13 @@ class Runs:
         """Cancel a run that has not finished; a running attempt is stopped."""
         return await self.client.request(self._cancel(run_id))
 
-    async def replay(self, run_id: str, *, version: str | None = None) -> TriggerResponse:
-        """Trigger a new run with the same payload, on the current version unless pinned."""
-        return await self.client.request(self._replay(run_id, version))
+    async def replay(self, run_id: str, **changes: Unpack[ReplayChanges]) -> TriggerResponse:
+        """Trigger a new run like ``run_id``, with any of :class:`ReplayChanges` applied.
+
+        Runs on the current version unless ``version`` pins one. A new payload is checked
+        against the task's schema (BadRequest naming the field otherwise).
+        """
+        return await self.client.request(self._replay(run_id, changes))
 
     async def reschedule(self, run_id: str, delay: float | str | timedelta | datetime) -> Run:
         """Move a DELAYED run's start to a new delay or date."""
@@ -202,9 +238,9 @@ class Runs:
         """Blocking twin of :meth:`cancel`."""
         return self.client.request_sync(self._cancel(run_id))
 
-    def replay_sync(self, run_id: str, *, version: str | None = None) -> TriggerResponse:
+    def replay_sync(self, run_id: str, **changes: Unpack[ReplayChanges]) -> TriggerResponse:
         """Blocking twin of :meth:`replay`."""
-        return self.client.request_sync(self._replay(run_id, version))
+        return self.client.request_sync(self._replay(run_id, changes))
 
     def reschedule_sync(self, run_id: str, delay: float | str | timedelta | datetime) -> Run:
         """Blocking twin of :meth:`reschedule`."""
@@ -219,8 +255,12 @@ class Runs:
         return self.client.request_sync(self._logs(run_id))
 
 
-class Tasks:
-    """Trigger tasks by id, without importing them: ``from ember import tasks``."""
+class Tasks(GlobalHookRegistry):
+    """Trigger tasks by id, without importing them: ``from ember import tasks``.
+
+    Also where global lifecycle hooks and middleware are registered, as in Trigger.dev:
+    ``tasks.on_success(fn)``, ``tasks.middleware("db", fn)`` (see ``ember._hooks``).
+    """
 
     def __init__(self, client: Client | None = None) -> None:
         self._client = client
@@ -230,9 +270,7 @@ class Tasks:
         """The client used: the one given, else the default."""
         return self._client or default_client()
 
-    def _trigger(
-        self, task_id: str, payload: Any, options: dict[str, Any]
-    ) -> Call[TriggerResponse]:
+    def _trigger(self, task_id: str, payload: Any, options: TriggerKwargs) -> Call[TriggerResponse]:
         body = TriggerRequest(
             payload=msgspec.Raw(_encoder.encode(payload)), options=trigger_options(**options)
         )
@@ -244,9 +282,7 @@ class Tasks:
             request_key=request_key(),
         )
 
-    def _batch(
-        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
-    ) -> Call[BatchTriggerResponse]:
+    def _batch(self, items: Sequence[BatchEntry]) -> Call[BatchTriggerResponse]:
         batch = [
             BatchItem(
                 task=item[0],
@@ -264,19 +300,25 @@ class Tasks:
             request_key=request_key(),
         )
 
-    async def trigger(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle[Any]:
-        """Queue a run of ``task_id``; options as for ``Task.trigger``."""
+    async def trigger(
+        self, task_id: str, payload: Any = None, **options: Unpack[TriggerKwargs]
+    ) -> RunHandle[Any]:
+        """Queue a run of ``task_id``; options as for ``Task.trigger`` (:class:`TriggerKwargs`).
+
+        Raises:
+            BadRequest: the payload does not match the task's schema, or an option is wrong.
+        """
         response = await self.client.request(self._trigger(task_id, payload, options))
         return RunHandle(response, self.client)
 
-    def trigger_sync(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle[Any]:
+    def trigger_sync(
+        self, task_id: str, payload: Any = None, **options: Unpack[TriggerKwargs]
+    ) -> RunHandle[Any]:
         """Blocking twin of :meth:`trigger`."""
         response = self.client.request_sync(self._trigger(task_id, payload, options))
         return RunHandle(response, self.client)
 
-    async def batch_trigger(
-        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
-    ) -> list[RunHandle[Any]]:
+    async def batch_trigger(self, items: Sequence[BatchEntry]) -> list[RunHandle[Any]]:
         """Queue runs of several tasks in one commit.
 
         Args:
@@ -285,9 +327,7 @@ class Tasks:
         response = await self.client.request(self._batch(items))
         return [RunHandle(r, self.client) for r in response.runs]
 
-    def batch_trigger_sync(
-        self, items: Sequence[tuple[str, Any] | tuple[str, Any, dict[str, Any]]]
-    ) -> list[RunHandle[Any]]:
+    def batch_trigger_sync(self, items: Sequence[BatchEntry]) -> list[RunHandle[Any]]:
         """Blocking twin of :meth:`batch_trigger`."""
         response = self.client.request_sync(self._batch(items))
         return [RunHandle(r, self.client) for r in response.runs]

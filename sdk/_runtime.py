@@ -80,6 +80,10 @@ class RunRuntime(Protocol):
         """
         ...
 
+    async def replayed(self, seq: int, kind: str) -> None:
+        """Wait ``seq`` returned its result from the journal (its hooks may be due)."""
+        ...
+
     async def wait(
         self,
         seq: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import (
@@ -19,7 +19,10 @@ from typing import (
     Generic,
     ParamSpec,
     Protocol,
+    TypedDict,
     TypeVar,
+    Unpack,
+    cast,
     get_type_hints,
     overload,
 )
@@ -30,6 +33,7 @@ from ember._client import Call, Client, default_client, request_key
 from ember._config import pinned_version
 from ember._duration import parse_duration_s
 from ember._errors import ConfigError, PayloadValidationError, RunFailedError
+from ember._hooks import Hook, Hooks, task_hooks
 from ember._runtime import Context, current_runtime
 
 if TYPE_CHECKING:
@@ -50,7 +54,35 @@ P = ParamSpec("P")
 T = TypeVar("T")
 R = TypeVar("R")
 
-_encoder = msgspec.json.Encoder()
+
+def json_default(value: Any) -> Any:
+    """Encode what msgspec cannot on its own: pydantic models (as their JSON form)."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    raise TypeError(f"cannot encode a {type(value).__name__} as JSON")
+
+
+def is_pydantic_model(tp: Any) -> bool:
+    """Whether ``tp`` is a pydantic model class (without importing pydantic)."""
+    return isinstance(tp, type) and hasattr(tp, "model_validate_json")
+
+
+def json_schema_of(tp: Any) -> dict[str, Any] | None:
+    """The JSON Schema of a payload type (msgspec's, or a pydantic model's), if it has one.
+
+    None for types without a JSON Schema: the run process still checks their payloads.
+    """
+    if is_pydantic_model(tp):
+        schema: dict[str, Any] = tp.model_json_schema()
+        return schema
+    try:
+        return msgspec.json.schema(tp)
+    except (TypeError, ValueError):
+        return None
+
+
+_encoder = msgspec.json.Encoder(enc_hook=json_default)
 # One long poll waits this long at most; the handle polls again until its own timeout.
 _POLL_S = 60.0
 _TASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:/")
@@ -73,6 +105,40 @@ Retry = RetryOptions
 """Retry policy of a task: ``Retry(max_attempts=3, factor=2, min_timeout_s=1, ...)``."""
 
 
+class TriggerKwargs(TypedDict, total=False):
+    """The options of a trigger, as keyword arguments (mypy rejects a misspelt one).
+
+    Attributes:
+        delay: start no earlier than this: seconds, ``"1h30m"``, a timedelta or a datetime.
+        ttl: a run not started within this ends EXPIRED (0 opts out of the task's).
+        idempotency_key: the same key returns the existing run instead of a new one.
+        idempotency_key_ttl: how long the key holds (30 days by default).
+        tags: up to 10 tags, for filtering.
+        metadata: JSON metadata (up to 256 KB) the run can read in ``ctx.metadata``.
+        queue: a queue's name, instead of the task's own.
+        concurrency_key: one concurrency slot per key within the queue (per user, say).
+        priority: seconds ahead of runs queued at the same time.
+        max_attempts: overrides the task's retry policy for this run.
+        max_duration_s: wall-clock limit of one attempt.
+        version: the version to run on (``YYYYMMDD.N``); the current one when omitted.
+        machine: a resource preset name, recorded with the run.
+    """
+
+    delay: float | str | timedelta | datetime | None
+    ttl: float | str | timedelta | None
+    idempotency_key: str | None
+    idempotency_key_ttl: float | str | timedelta | None
+    tags: Iterable[str]
+    metadata: dict[str, Any] | None
+    queue: str | None
+    concurrency_key: str | None
+    priority: float
+    max_attempts: int | None
+    max_duration_s: float | None
+    version: str | None
+    machine: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class TriggerItem(Generic[T]):
     """One run of a batch with its own options: ``TriggerItem(payload, delay="1m")``."""
@@ -80,7 +146,7 @@ class TriggerItem(Generic[T]):
     payload: T
     options: TriggerOptions
 
-    def __init__(self, payload: T, **options: Any) -> None:
+    def __init__(self, payload: T, **options: Unpack[TriggerKwargs]) -> None:
         object.__setattr__(self, "payload", payload)
         object.__setattr__(self, "options", trigger_options(**options))
 
@@ -218,6 +284,8 @@ class Task(Generic[T, P, R]):
         ttl: float | str | None,
         machine: str | None,
         description: str,
+        hooks: Hooks | None = None,
+        schema: Any = None,
     ) -> None:
         if not id or not set(id) <= _TASK_ID_CHARS:
             raise ConfigError(
@@ -241,6 +309,9 @@ class Task(Generic[T, P, R]):
         self.description = description or (inspect.getdoc(fn) or "").split("\n", 1)[0]
         self.is_async = inspect.iscoroutinefunction(fn)
         self.payload_type, self.wants_context, self.output_type = _inspect_signature(fn)
+        if schema is not None:
+            self.payload_type = schema  # for functions whose argument is not annotated
+        self.hooks = hooks or Hooks()
         self.takes_payload = bool(inspect.signature(fn).parameters)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -253,21 +324,22 @@ class Task(Generic[T, P, R]):
 
     # -- payloads -----------------------------------------------------------------------
 
+    def payload_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema the daemon checks every trigger of this task against."""
+        return json_schema_of(self.payload_type) if self.payload_type is not None else None
+
     def encode_payload(self, payload: Any) -> bytes:
-        """Encode a payload to JSON, checking it against the task's payload type.
+        """Encode a payload to JSON; the daemon checks it against the task's schema.
 
         Raises:
-            PayloadValidationError: the payload does not match, with the path of the field.
+            PayloadValidationError: the payload cannot be encoded as JSON.
         """
         try:
-            data = _encoder.encode(payload)
+            return _encoder.encode(payload)
         except (TypeError, msgspec.EncodeError) as exc:
             raise PayloadValidationError(
                 f"payload of task {self.id!r} cannot be encoded as JSON: {exc}"
             ) from exc
-        if self.payload_type is not None:
-            self.decode_payload(data)
-        return data
 
     def decode_payload(self, data: bytes) -> Any:
         """Decode a JSON payload into the task's payload type (validating it).
@@ -275,6 +347,13 @@ class Task(Generic[T, P, R]):
         Raises:
             PayloadValidationError: the payload does not match, with the path of the field.
         """
+        if is_pydantic_model(self.payload_type):
+            try:
+                return self.payload_type.model_validate_json(data)
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                raise PayloadValidationError(
+                    f"payload of task {self.id!r} is invalid: {exc}"
+                ) from exc
         try:
             return msgspec.json.decode(data, type=self.payload_type or Any)
         except msgspec.ValidationError as exc:
@@ -314,23 +393,25 @@ class Task(Generic[T, P, R]):
         )
 
     async def trigger(
-        self, payload: T, *, client: Client | None = None, **options: Any
+        self, payload: T, *, client: Client | None = None, **options: Unpack[TriggerKwargs]
     ) -> RunHandle[R]:
         """Queue a run and return its handle once the daemon has committed it.
 
         Args:
-            payload: the task's input; checked against its annotation.
+            payload: the task's input; the daemon checks it against the task's schema.
             client: the daemon to use; the default client when omitted.
-            **options: ``delay``, ``ttl``, ``idempotency_key``, ``idempotency_key_ttl``,
-                ``tags``, ``metadata``, ``queue``, ``concurrency_key``, ``priority``,
-                ``max_attempts``, ``max_duration_s``, ``version``, ``machine``.
+            **options: see :class:`TriggerKwargs`.
+
+        Raises:
+            BadRequest: the payload does not match the task's schema (the message names
+                the field), or an option is invalid.
         """
         client = client or default_client()
         call = self._trigger_call(payload, trigger_options(**options))
         return RunHandle(await client.request(call), client, self.output_type)
 
     def trigger_sync(
-        self, payload: T, *, client: Client | None = None, **options: Any
+        self, payload: T, *, client: Client | None = None, **options: Unpack[TriggerKwargs]
     ) -> RunHandle[R]:
         """Blocking twin of :meth:`trigger`, for Django, Flask and scripts."""
         client = client or default_client()
@@ -350,7 +431,9 @@ class Task(Generic[T, P, R]):
         response = await client.request(self._batch_call(items))
         return [RunHandle(r, client, self.output_type) for r in response.runs]
 
-    async def trigger_and_wait(self, payload: T, **options: Any) -> TaskRunResult[R]:
+    async def trigger_and_wait(
+        self, payload: T, **options: Unpack[TriggerKwargs]
+    ) -> TaskRunResult[R]:
         """Inside a run: trigger a child on this run's version and wait for its result.
 
         The parent holds no concurrency slot while it waits. A replay of the parent (after a
@@ -361,7 +444,7 @@ class Task(Generic[T, P, R]):
         """
         from ember._wait import trigger_and_wait
 
-        return await trigger_and_wait(self, payload, dict(options))
+        return await trigger_and_wait(self, payload, cast(dict[str, Any], dict(options)))
 
     async def batch_trigger_and_wait(
         self, items: Iterable[T | TriggerItem[T]]
@@ -432,6 +515,16 @@ def task(
     ttl: float | str | None = None,
     machine: str | None = None,
     description: str = "",
+    schema: Any = None,
+    middleware: Sequence[Hook | tuple[str, Hook]] = (),
+    on_start_attempt: Hook | None = None,
+    on_success: Hook | None = None,
+    on_failure: Hook | None = None,
+    on_complete: Hook | None = None,
+    on_wait: Hook | None = None,
+    on_resume: Hook | None = None,
+    on_cancel: Hook | None = None,
+    catch_error: Hook | None = None,
 ) -> TaskDecorator: ...
 def task(
     fn: Callable[..., Any] | None = None,
@@ -443,6 +536,16 @@ def task(
     ttl: float | str | None = None,
     machine: str | None = None,
     description: str = "",
+    schema: Any = None,
+    middleware: Sequence[Hook | tuple[str, Hook]] = (),
+    on_start_attempt: Hook | None = None,
+    on_success: Hook | None = None,
+    on_failure: Hook | None = None,
+    on_complete: Hook | None = None,
+    on_wait: Hook | None = None,
+    on_resume: Hook | None = None,
+    on_cancel: Hook | None = None,
+    catch_error: Hook | None = None,
 ) -> Any:
     """Declare a task: ``@task`` or ``@task(id="send-email", retry=Retry(max_attempts=5))``.
 
@@ -458,7 +561,26 @@ def task(
         ttl: a run not started within this duration ends EXPIRED.
         machine: a resource preset name, recorded with the run.
         description: shown in listings; the docstring's first line when omitted.
+        schema: the payload's type when the function's argument is not annotated (a
+            msgspec Struct, a dataclass, a TypedDict, a pydantic model...); the daemon
+            checks every trigger against its JSON Schema.
+        middleware: functions (or ``(name, fn)``) wrapping this task's hooks and run; each
+            calls ``await params.next()``.
+        on_start_attempt, on_success, on_failure, on_complete, on_wait, on_resume,
+            on_cancel, catch_error: lifecycle hooks, with Trigger.dev's semantics (see
+            ``ember._hooks``); each takes one params object.
     """
+    hooks = task_hooks(
+        middleware,
+        on_start_attempt=on_start_attempt,
+        on_success=on_success,
+        on_failure=on_failure,
+        on_complete=on_complete,
+        on_wait=on_wait,
+        on_resume=on_resume,
+        on_cancel=on_cancel,
+        catch_error=catch_error,
+    )
 
     def wrap(f: Callable[..., Any]) -> Task[Any, Any, Any]:
         return Task(
@@ -470,6 +592,8 @@ def task(
             ttl=ttl,
             machine=machine,
             description=description,
+            hooks=hooks,
+            schema=schema,
         )
 
     if fn is not None:

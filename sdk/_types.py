@@ -7,6 +7,7 @@ older clients and daemons keep working. The OpenAPI document is generated from t
 from __future__ import annotations
 
 import enum
+import random
 from datetime import datetime
 from typing import Any, Literal
 
@@ -80,6 +81,14 @@ class RetryOptions(Struct, frozen=True):
     min_timeout_s: float = 1.0
     max_timeout_s: float = 60.0
     randomize: bool = True
+
+    def delay_s(self, failed_attempts: int) -> float:
+        """Seconds before the attempt that follows ``failed_attempts`` failures."""
+        base = self.min_timeout_s * self.factor ** max(0, failed_attempts - 1)
+        delay = min(self.max_timeout_s, max(self.min_timeout_s, base))
+        if self.randomize:
+            delay *= 1 + random.random()
+        return delay
 
 
 Duration = float | str
@@ -282,9 +291,19 @@ class RescheduleRequest(Request, frozen=True):
 
 
 class ReplayRequest(Request, frozen=True):
-    """Body of ``POST /api/v1/runs/{id}/replay``."""
+    """Body of ``POST /api/v1/runs/{id}/replay``: what to change; the rest is the run's.
+
+    Attributes:
+        version: the version to run on; the current one when omitted.
+        payload: a new JSON payload (``null`` too); absent keeps the replayed run's.
+        tags: new tags instead of the run's.
+        metadata: new metadata instead of the run's.
+    """
 
     version: str | None = None
+    payload: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class TaskSchedule(Struct, frozen=True):
@@ -317,6 +336,8 @@ class TaskInfo(Struct, frozen=True):
     machine: str | None = None
     description: str = ""
     schedule: TaskSchedule | None = None
+    payload_schema: dict[str, Any] | None = None
+    """The payload's JSON Schema; the daemon refuses triggers that do not match it."""
 
 
 class VersionInfo(Struct, frozen=True):

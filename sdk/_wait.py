@@ -104,6 +104,16 @@ def _runtime(what: str) -> RunRuntime:
     return runtime
 
 
+async def _from_journal(
+    runtime: RunRuntime, seq: int, kind: str, task_ids: list[str]
+) -> bytes | None:
+    """The journaled result of wait ``seq``, if an earlier execution got one."""
+    journaled = runtime.journaled(seq, kind, task_ids)
+    if journaled is not None:
+        await runtime.replayed(seq, kind)
+    return journaled
+
+
 def seed_key(runtime: RunRuntime, seq: int, index: int = 0) -> str:
     """The idempotency key of a child triggered at wait ``seq``: a replay finds the same child."""
     raw = f"{runtime.context.run_id}:{runtime.generation}:{seq}:{index}"
@@ -129,7 +139,7 @@ async def trigger_and_wait(
     """Trigger a child run on the parent's version and wait for it without holding a slot."""
     runtime = _runtime("trigger_and_wait")
     seq = runtime.next_seq()
-    journaled = runtime.journaled(seq, "RUN", [task.id])
+    journaled = await _from_journal(runtime, seq, "RUN", [task.id])
     if journaled is None:
         options.setdefault("idempotency_key", seed_key(runtime, seq))
         options["version"] = runtime.context.version
@@ -147,7 +157,7 @@ async def batch_trigger_and_wait(
     runtime = _runtime("batch_trigger_and_wait")
     seq = runtime.next_seq()
     entries = list(items)
-    journaled = runtime.journaled(seq, "BATCH", [task.id] * len(entries))
+    journaled = await _from_journal(runtime, seq, "BATCH", [task.id] * len(entries))
     if journaled is None:
         keyed: list[TriggerItem[Any]] = []
         for index, item in enumerate(entries):
@@ -204,7 +214,7 @@ class Wait:
     async def _until(self, moment: datetime, what: str) -> None:
         runtime = _runtime(what)
         seq = runtime.next_seq()
-        if runtime.journaled(seq, "DATETIME", []) is None:
+        if await _from_journal(runtime, seq, "DATETIME", []) is None:
             await runtime.wait(seq, "DATETIME", resume_at=moment.timestamp())
 
     # -- tokens -------------------------------------------------------------------------
@@ -262,7 +272,7 @@ class Wait:
         token_id = token if isinstance(token, str) else token.id
         runtime = _runtime("wait.for_token")
         seq = runtime.next_seq()
-        journaled = runtime.journaled(seq, "TOKEN", [])
+        journaled = await _from_journal(runtime, seq, "TOKEN", [])
         if journaled is None:
             journaled = await runtime.wait(seq, "TOKEN", targets=[token_id])
         return msgspec.json.decode(journaled, type=TokenResult)

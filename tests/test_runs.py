@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import Harness
 
-from ember import RunStatus, Tasks
+from ember import BadRequest, Runs, RunStatus, Tasks
 
 TASKS = {
     "tasks/__init__.py": "",
@@ -138,13 +138,13 @@ async def test_task_without_payload_parameter(h: Harness) -> None:
     assert run.output_as(str) == "ok"
 
 
-async def test_typed_payload_is_validated_in_the_run_process(h: Harness) -> None:
+async def test_typed_payload_is_validated_before_the_run_is_accepted(h: Harness) -> None:
     good = await h.run("charge", {"id": 1, "amount_cents": 250})
     assert good.output_as(int) == 500
-    bad = await h.run("charge", {"id": 1, "amount_cents": "lots"})
-    assert bad.status is RunStatus.FAILED
-    assert len(bad.attempts) == 1, "an invalid payload must not be retried"
-    assert bad.error is not None and "amount_cents" in bad.error.message
+    # Triggered by id, the daemon checks the payload against the task's schema: no run.
+    with pytest.raises(BadRequest, match=r"\$\.amount_cents: expected integer, got string"):
+        await Tasks(h.client).trigger("charge", {"id": 1, "amount_cents": "lots"})
+    assert len((await Runs(h.client).list(task="charge")).data) == 1
 
 
 async def test_batch_trigger_returns_handles_in_order(h: Harness) -> None:

@@ -39,5 +39,5 @@ RunDetailScreen TabPane { height: 1fr; padding: 0; }
 .filters { width: 100; }
 #filter-columns { height: auto; }
 #filter-status { width: 30; height: 17; }
-#replay-payload { height: auto; max-height: 14; background: $surface; padding: 0 1; }
+#replay-editor { height: 12; }
 """

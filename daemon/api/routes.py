@@ -287,7 +287,14 @@ async def cancel_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
 
 async def replay_run(daemon: ApiDaemon, request: Request, env: str) -> TriggerResponse:
     req: ReplayRequest = _decode(await _body(request, 64 * 1024) or b"{}", ReplayRequest)
-    return await daemon.engine.replay(env, await _run_id(daemon, request, env), req.version)
+    return await daemon.engine.replay(
+        env,
+        await _run_id(daemon, request, env),
+        req.version,
+        payload=None if req.payload is msgspec.UNSET else bytes(req.payload),
+        tags=req.tags,
+        metadata=req.metadata,
+    )
 
 
 async def reschedule_run(daemon: ApiDaemon, request: Request, env: str) -> Run:

@@ -2,6 +2,8 @@
 
 Tasks are found by scanning module globals, like pytest collects tests, so user code needs no
 registry. A project snapshot carries ``.ember/manifest.json`` naming its task directories.
+A task directory's ``init.py`` is imported before any other module, as Trigger.dev imports
+``trigger/init.ts`` first: global hooks and middleware (``tasks.on_success``...) go there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ember._task import Task
 from ember._types import TaskInfo
 
 MANIFEST = Path(".ember") / "manifest.json"
+INIT_MODULE = "init.py"
 
 
 def task_dirs(code_dir: Path) -> list[str]:
@@ -40,6 +43,8 @@ def _module_names(code_dir: Path, dirs: list[str]) -> list[str]:
                 f"task directory {entry!r} does not exist in the project: fix `dirs` in "
                 "[tool.ember] of pyproject.toml"
             )
+        # init.py first: the hooks it registers must exist before any task module runs.
+        files.sort(key=lambda p: p.parent != root or p.name != INIT_MODULE)
         for path in files:
             relative = path.relative_to(code_dir.resolve()).with_suffix("")
             parts = list(relative.parts)
@@ -87,6 +92,7 @@ def discover(code_dir: Path) -> tuple[dict[str, Task[object, ..., object]], list
             machine=task.machine,
             description=task.description,
             schedule=getattr(task, "schedule", None),  # set by @schedules.task
+            payload_schema=task.payload_schema(),
         )
         for task in found.values()
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import io
 import os
 import resource
@@ -24,16 +25,13 @@ from typing import Any, TextIO
 
 import msgspec
 
-from ember._errors import (
-    AbortTaskRunError,
-    EmberError,
-    NonDeterminismError,
-    PayloadValidationError,
-)
+from ember._errors import AbortTaskRunError, EmberError, NonDeterminismError
+from ember._hooks import WaitInfo, WaitKind, global_hooks
 from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
-from ember._task import Task
+from ember._task import Task, json_default
 from ember._types import RunError
 from ember.daemon.child import lifeline as _lifeline
+from ember.daemon.child.attempt import Attempt, attempt_locals
 from ember.daemon.child.lifeline import ProcessIdentity
 from ember.daemon.procs.protocol import (
     MAX_FRAME_BYTES,
@@ -55,7 +53,7 @@ from ember.daemon.procs.protocol import (
     encode,
 )
 
-_json = msgspec.json.Encoder()
+_json = msgspec.json.Encoder(enc_hook=json_default)
 _context_decoder = msgspec.json.Decoder(Context)
 # Frames queued by task threads (``def`` tasks that log or print) before a thread waits for
 # the loop to hand them to the channel: a flood of lines cannot grow memory without bound.
@@ -64,6 +62,8 @@ _THREAD_QUEUE_BYTES = 4 * 1024 * 1024
 WAKE_CHECK_S = 1.0
 WAKE_TIMEOUT_S = 600.0
 WAKE_GRACE_CHECKS = 3
+# The share of the cancel grace that on_cancel hooks and the run's cleanup may use.
+_CANCEL_SHARE = 0.8
 # Room kept for the marker of a cut log line.
 _MARKER_BYTES = 64
 # Room left in a frame for everything but a Done's output.
@@ -192,6 +192,13 @@ class _JournalEntry(msgspec.Struct, frozen=True):
 
 
 _journal_decoder = msgspec.json.Decoder(list[_JournalEntry])
+# Trigger.dev's names of the wait kinds, as the wait hooks see them.
+_WAIT_KINDS: dict[str, WaitKind] = {
+    "DATETIME": "duration",
+    "RUN": "run",
+    "BATCH": "batch",
+    "TOKEN": "token",
+}
 
 
 class _RunRuntime:
@@ -204,6 +211,7 @@ class _RunRuntime:
         generation: int,
         journal: list[_JournalEntry],
         waiters: dict[tuple[str, int], asyncio.Future[bytes]],
+        resumed_seq: int = 0,
     ) -> None:
         self._context = context
         self._channel = channel
@@ -211,6 +219,8 @@ class _RunRuntime:
         self._journal = {entry.seq: entry for entry in journal}
         self._waiters = waiters
         self._seq = 0
+        self._resumed_seq = resumed_seq
+        self.attempt: Attempt | None = None
 
     @property
     def context(self) -> Context:
@@ -237,6 +247,13 @@ class _RunRuntime:
             )
         return bytes(entry.result)
 
+    async def replayed(self, seq: int, kind: str) -> None:
+        if seq == self._resumed_seq and self.attempt is not None:
+            # The wait this execution resumes from: its on_wait fired in the process that
+            # waited, which has exited; its on_resume fires here, once.
+            self._resumed_seq = 0
+            await self.attempt.wait_over(WaitInfo(_WAIT_KINDS.get(kind, "duration"), seq))
+
     async def wait(
         self,
         seq: int,
@@ -246,6 +263,9 @@ class _RunRuntime:
         targets: list[str] | None = None,
         task_ids: list[str] | None = None,
     ) -> bytes:
+        info = WaitInfo(_WAIT_KINDS.get(kind, "duration"), seq, resume_at, tuple(targets or ()))
+        if self.attempt is not None:
+            await self.attempt.wait_started(info)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         key = (self._context.run_id, seq)
         self._waiters[key] = future
@@ -261,9 +281,12 @@ class _RunRuntime:
             )
         )
         try:
-            return await future
+            result = await future
         finally:
             self._waiters.pop(key, None)
+        if self.attempt is not None:
+            await self.attempt.wait_over(info)
+        return result
 
     def log(self, level: str, message: str, attrs: dict[str, Any]) -> None:
         try:
@@ -407,12 +430,19 @@ class RunProcess:
         heartbeat_s: float,
         daemon: ProcessIdentity | None = None,
         lock_fd: int = -1,
+        cancel_grace_s: float = 5.0,
     ) -> None:
         self._tasks = tasks
+        # Of the daemon's grace between SIGTERM and SIGKILL, what on_cancel and the run's own
+        # cleanup may use: the rest is the margin for the process to report and leave.
+        self._cancel_budget_s = cancel_grace_s * _CANCEL_SHARE
         self._heartbeat_s = heartbeat_s
         self._daemon = daemon
         self._lock_fd = lock_fd
         self._current: asyncio.Task[None] | None = None
+        self._attempt: Attempt | None = None
+        self._run_context: contextvars.Context | None = None  # the attempt's, for on_cancel
+        self._canceling: asyncio.Task[None] | None = None
         self._waiters: dict[tuple[str, int], asyncio.Future[bytes]] = {}
         self._link = _Link()
         self._suspending: asyncio.Task[None] | None = None
@@ -425,8 +455,8 @@ class RunProcess:
         loop = asyncio.get_running_loop()
         self._link.bind(loop)
         self._ended = loop.create_future()
-        # The daemon cancels with SIGTERM; stop the attempt and leave.
-        loop.add_signal_handler(signal.SIGTERM, self._end)
+        # The daemon cancels with SIGTERM; on_cancel hooks run, then the attempt stops.
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         await self._connect(socket_path, worker_id, token, restored=False)
         try:
             await self._ended
@@ -448,6 +478,37 @@ class RunProcess:
         )
         self._socket = (socket_path, worker_id, token)
         self._link.flush()  # (after the Hello: the daemon knows the process first)
+
+    def _on_sigterm(self) -> None:
+        attempt, current = self._attempt, self._current
+        if (
+            attempt is None
+            or current is None
+            or current.done()
+            or self._canceling is not None
+            or self._run_context is None
+        ):
+            self._end()
+            return
+
+        async def cancel_hooks() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._cancel_budget_s
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        attempt.canceled(current, self._cancel_budget_s), self._cancel_budget_s
+                    )
+                # Then the run function is canceled and its own cleanup (finally) runs.
+                current.cancel()
+                await asyncio.wait({current}, timeout=max(0.0, deadline - loop.time()))
+            finally:
+                self._end()
+
+        # In the run's context: the hooks' logs and locals are the run's.
+        self._canceling = asyncio.get_running_loop().create_task(
+            cancel_hooks(), context=self._run_context
+        )
 
     def _end(self) -> None:
         if self._ended is not None and not self._ended.done():
@@ -544,7 +605,9 @@ class RunProcess:
     async def _execute(self, message: Execute) -> None:
         context = _context_decoder.decode(message.context)
         journal = _journal_decoder.decode(message.journal)
-        runtime = _RunRuntime(context, self._link, message.generation, journal, self._waiters)
+        runtime = _RunRuntime(
+            context, self._link, message.generation, journal, self._waiters, message.resumed_seq
+        )
         token = set_runtime(runtime)
         before = resource.getrusage(resource.RUSAGE_SELF)
         rss_before = self._memory.rss()
@@ -553,23 +616,9 @@ class RunProcess:
         )
         done: Done
         try:
-            output = await self._call(message, context)
-            done = Done(run_id=message.run_id, attempt=message.attempt, ok=True, output=output)
-        except asyncio.CancelledError:
-            raise
-        except (AbortTaskRunError, PayloadValidationError, NonDeterminismError) as exc:
-            done = Done(
-                run_id=message.run_id,
-                attempt=message.attempt,
-                ok=False,
-                retry=False,
-                error=_error_of(exc),
-            )
-        except (Exception, SystemExit) as exc:
-            done = Done(
-                run_id=message.run_id, attempt=message.attempt, ok=False, error=_error_of(exc)
-            )
+            done = await self._call(message, context, runtime)
         finally:
+            self._attempt = self._run_context = None
             self._beat.cancel()
             reset_runtime(token)
             # What the task forked ends with its attempt (a subreaper holds even the orphans).
@@ -601,29 +650,61 @@ class RunProcess:
             )
         )
 
-    async def _call(self, message: Execute, context: Context) -> bytes:
+    async def _call(self, message: Execute, context: Context, runtime: _RunRuntime) -> Done:
+        """Run the attempt with its task's lifecycle; the Done that reports it."""
+        failed = functools.partial(Done, run_id=message.run_id, attempt=message.attempt, ok=False)
         task = self._tasks.get(message.task_id)
         if task is None:
-            raise AbortTaskRunError(
+            error = AbortTaskRunError(
                 f"task {message.task_id!r} is not defined in version {context.version}"
             )
-        args: tuple[Any, ...] = ()
-        if task.takes_payload:
-            args = (task.decode_payload(message.payload),)
+            return failed(retry=False, error=_error_of(error))
+        try:
+            payload = task.decode_payload(message.payload) if task.takes_payload else None
+        except EmberError as exc:  # a payload that does not match never will
+            return failed(retry=False, error=_error_of(exc))
+        args: tuple[Any, ...] = (payload,) if task.takes_payload else ()
         if task.wants_context:
             args = (*args, context)
-        if task.is_async:
-            result = await task.fn(*args)
-        else:
-            ctx = contextvars.copy_context()
-            result = await asyncio.get_running_loop().run_in_executor(None, ctx.run, task.fn, *args)
-        try:
-            return _json.encode(result)
-        except (TypeError, msgspec.EncodeError) as exc:
-            raise AbortTaskRunError(
-                f"the output of task {task.id!r} is not JSON-serializable: {exc}; return "
-                "JSON types, msgspec Structs or dataclasses"
-            ) from exc
+
+        async def call() -> tuple[Any, bytes]:
+            if task.is_async:
+                result = await task.fn(*args)
+            else:
+                ctx = contextvars.copy_context()
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(None, ctx.run, task.fn, *args)
+            try:
+                return result, _json.encode(result)
+            except (TypeError, msgspec.EncodeError) as exc:
+                raise AbortTaskRunError(
+                    f"the output of task {task.id!r} is not JSON-serializable: {exc}; return "
+                    "JSON types, msgspec Structs, dataclasses or pydantic models"
+                ) from exc
+
+        attempt = Attempt(
+            task_id=task.id,
+            hooks=global_hooks + task.hooks,
+            context=context,
+            payload=payload,
+            last_attempt=message.last_attempt,
+            policy_delay_s=message.retry_delay_s,
+            log=runtime.log,
+        )
+        runtime.attempt = self._attempt = attempt
+        with attempt_locals():
+            self._run_context = contextvars.copy_context()
+            outcome = await attempt.run(call)
+        if outcome.ok:
+            return Done(
+                run_id=message.run_id, attempt=message.attempt, ok=True, output=outcome.output
+            )
+        assert outcome.error is not None
+        return failed(
+            retry=outcome.retry,
+            retry_delay_s=outcome.retry_delay_s,
+            error=_error_of(outcome.error),
+        )
 
     def _heartbeat(self, run_id: str) -> None:
         self._link.send(Heartbeat(run_id=run_id))
@@ -678,10 +759,11 @@ def run_worker(
     heartbeat_s: float,
     daemon: ProcessIdentity | None = None,
     lock_fd: int = -1,
+    cancel_grace_s: float = 5.0,
 ) -> int:
     """Serve runs until the daemon says stop or goes away; returns the exit status."""
     sys.stdout = _RunStream(sys.stdout, "info")
     sys.stderr = _RunStream(sys.stderr, "error")
-    process = RunProcess(tasks, heartbeat_s, daemon, lock_fd)
+    process = RunProcess(tasks, heartbeat_s, daemon, lock_fd, cancel_grace_s)
     asyncio.run(process.serve(socket_path, worker_id, token))
     return 0

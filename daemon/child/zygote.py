@@ -106,6 +106,7 @@ def _child(
             token=fork.token,
             tasks=tasks,
             heartbeat_s=args.heartbeat_s,
+            cancel_grace_s=args.cancel_grace_s,
             daemon=daemon,
             lock_fd=lock_fd,
         )
@@ -124,6 +125,7 @@ def main() -> int:
     parser.add_argument("--code-dir", required=True)
     parser.add_argument("--worker-socket", required=True)
     parser.add_argument("--heartbeat-s", type=float, default=10.0)
+    parser.add_argument("--cancel-grace-s", type=float, default=5.0)
     parser.add_argument("--pidns", action="store_true")
     parser.add_argument("--lock")
     args = parser.parse_args()

@@ -13,7 +13,6 @@ import asyncio
 import functools
 import logging
 import math
-import random
 import sqlite3
 import time
 from collections import deque
@@ -44,6 +43,7 @@ from ember._types import (
 from ember.daemon.config import DaemonConfig
 from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.ids import new_batch_id, new_run_id
+from ember.daemon.engine.payloads import check_payload
 from ember.daemon.engine.queue import RunQueue
 from ember.daemon.engine.waits import NonDeterministic, Waitpoints, WaitRecord
 from ember.daemon.procs.protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
@@ -435,6 +435,15 @@ class Engine:
                 "reference, or raise max_payload_bytes in [tool.ember]",
             )
         task = self._resolve_task(env, item.task, options.version, where)
+        if task is not None and task.payload_schema is not None:
+            problem = check_payload(task.payload_schema, payload)
+            if problem is not None:
+                raise BadRequest(
+                    400,
+                    f"{where}payload of task {task.id!r} is invalid {problem}: send a payload "
+                    "that matches the task's payload type (its JSON Schema is the task's "
+                    "payload_schema in `GET /api/v1/tasks`)",
+                )
         status = RunStatus.QUEUED
 
         def field(name: str, fn: Callable[[], Any]) -> Any:
@@ -836,6 +845,8 @@ class Engine:
             return
         now = time.time()
         continuation = run.hold is not None
+        # A replay after a wait: the run process fires on_resume when it reaches that wait.
+        resumed_seq = run.resume[0] if continuation and run.resume is not None else 0
         if not continuation:
             run.attempt += 1
             run.executing_s = 0.0
@@ -869,6 +880,9 @@ class Engine:
                 context=_json.encode(context),
                 generation=run.generation,
                 journal=journal or b"[]",
+                last_attempt=run.attempt - run.interruptions >= run.max_attempts,
+                retry_delay_s=retry_delay_s(run.retry, run.attempt - run.interruptions),
+                resumed_seq=resumed_seq,
             )
         )
         self._publish(run)
@@ -899,8 +913,9 @@ class Engine:
         if run is not None and self.checkpointer is not None:
             self.checkpointer.reported(worker)  # its run resumed here: its image can go
         if isinstance(message, Log):
-            if run is not None and run.id == message.run_id:
-                self._buffer_log(run.env, message)
+            logged = run if run is not None else worker.canceled
+            if logged is not None and logged.id == message.run_id:
+                self._buffer_log(logged.env, message)
             return
         if run is None or run.id != message.run_id:
             return  # a late frame of an attempt already settled (canceled, timed out)
@@ -981,7 +996,13 @@ class Engine:
             return
         error = done.error or RunError(name="Error", message="the attempt failed")
         self._attempt_failed(
-            run, error, RunStatus.FAILED, done.retry, done.cpu_s, done.peak_rss_bytes
+            run,
+            error,
+            RunStatus.FAILED,
+            done.retry,
+            done.cpu_s,
+            done.peak_rss_bytes,
+            delay_s=done.retry_delay_s,
         )
 
     def _attempt_failed(
@@ -992,8 +1013,12 @@ class Engine:
         retryable: bool,
         cpu_s: float | None = None,
         peak_rss_bytes: int | None = None,
+        delay_s: float | None = None,
     ) -> None:
-        """Retry the run with backoff if its policy allows, else finish it."""
+        """Retry the run with backoff if its policy allows, else finish it.
+
+        ``delay_s`` overrides the policy's delay (a task's ``catch_error`` chose it).
+        """
         attempt_status = "CRASHED" if final_status is RunStatus.CRASHED else "FAILED"
         used = run.attempt - run.interruptions
         if not retryable or used >= run.max_attempts:
@@ -1007,7 +1032,7 @@ class Engine:
             )
             return
         now = time.time()
-        delay = retry_delay_s(run.retry, used)
+        delay = retry_delay_s(run.retry, used) if delay_s is None else delay_s
         run.status = RunStatus.QUEUED
         run.ready_at = ready_at = now + delay
         number = run.attempt
@@ -1511,6 +1536,7 @@ class Engine:
             self._release_slot(run)
             if worker is not None:
                 worker.run = None
+                worker.canceled = run  # what its on_cancel hooks log is kept
                 self.supervisor.terminate(worker, self.config.cancel_grace_s)
         await self._finish(
             run,
@@ -1557,20 +1583,33 @@ class Engine:
     async def _exists(self, run_id: str) -> bool:
         return await self.db.read(lambda conn: store.get_summary(conn, run_id)) is not None
 
-    async def replay(self, env: str, run_id: str, version: str | None) -> TriggerResponse:
-        """Trigger a new run with the payload, tags and metadata of another.
+    async def replay(
+        self,
+        env: str,
+        run_id: str,
+        version: str | None,
+        *,
+        payload: bytes | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> TriggerResponse:
+        """Trigger a new run with the payload, tags and metadata of another, or new ones.
+
+        A new payload is checked against the task's schema like any trigger's.
 
         Raises:
             NotFound: no such run.
+            BadRequest: the new payload does not match the task's schema.
         """
         run = await self.get_run(run_id)
         options = TriggerOptions(
-            tags=run.tags,
-            metadata=run.metadata,
+            tags=run.tags if tags is None else tags,
+            metadata=run.metadata if metadata is None else metadata,
             version=version,
             concurrency_key=run.concurrency_key,
         )
-        item = BatchItem(task=run.task_id, payload=run.payload, options=options)
+        raw = run.payload if payload is None else msgspec.Raw(payload)
+        item = BatchItem(task=run.task_id, payload=raw, options=options)
         _, responses = await self.trigger(run.env, [item])
         response = responses[0]
         await self.db.write(
@@ -1732,11 +1771,7 @@ def _responses(
 
 def retry_delay_s(retry: RetryOptions, failed_attempts: int) -> float:
     """Seconds before the attempt after ``failed_attempts`` failures (Trigger.dev's formula)."""
-    base = retry.min_timeout_s * retry.factor ** max(0, failed_attempts - 1)
-    delay = min(retry.max_timeout_s, max(retry.min_timeout_s, base))
-    if retry.randomize:
-        delay *= 1 + random.random()
-    return delay
+    return retry.delay_s(failed_attempts)
 
 
 def _sequence(version_id: str) -> tuple[int, int]:

@@ -84,6 +84,12 @@ class Execute(Message, frozen=True, tag="execute"):
     context: bytes
     generation: int = 0
     journal: bytes = b"[]"
+    # Whether a failure of this attempt ends the run (no attempts left): on_failure fires.
+    last_attempt: bool = False
+    # The retry policy's delay after a failure of this attempt (what catch_error is told).
+    retry_delay_s: float = 0.0
+    # The wait this execution resumes from, replayed from the journal: on_resume fires for it.
+    resumed_seq: int = 0
 
 
 class Cancel(Message, frozen=True, tag="cancel"):
@@ -160,7 +166,8 @@ class Done(Message, frozen=True, tag="done"):
     Attributes:
         output: the JSON output when ``ok``.
         error: why it failed otherwise.
-        retry: False when the error must not be retried (AbortTaskRunError, bad payload).
+        retry: False when the error must not be retried (AbortTaskRunError, bad payload,
+            a 4xx of the daemon, catch_error's skip_retrying).
     """
 
     run_id: str
@@ -169,6 +176,8 @@ class Done(Message, frozen=True, tag="done"):
     output: bytes | None = None
     error: RunError | None = None
     retry: bool = True
+    # catch_error's choice of delay before the retry; None: the retry policy's.
+    retry_delay_s: float | None = None
     cpu_s: float = 0.0
     peak_rss_bytes: int = 0
 

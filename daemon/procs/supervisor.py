@@ -142,6 +142,8 @@ class Worker:
     pidfd: int | None = None
     # Why the daemon ended the process itself, for the attempt's error.
     fault: str | None = None
+    # The run canceled in this process: its on_cancel hooks may still log, until it exits.
+    canceled: ActiveRun | None = None
 
     def send(self, message: Message) -> None:
         """Write a frame to the process; held until it reconnects if it is checkpointing."""
@@ -369,6 +371,8 @@ class Supervisor:
                     str(self.config.worker_socket),
                     "--heartbeat-s",
                     str(self.config.heartbeat_interval_s),
+                    "--cancel-grace-s",
+                    str(self.config.cancel_grace_s),
                     "--lock",
                     str(self._processes_lock),
                     *(["--pidns"] if self.pidns else []),

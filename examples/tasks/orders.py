@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from ember import Context, idempotency_keys, logger, task, wait
+from ember import Context, FailureParams, WaitParams, idempotency_keys, logger, task, wait
+
+
+def refund_if_charged(params: FailureParams) -> None:
+    """Runs once the order has failed for good (not between retries)."""
+    logger.error("order failed; refund anything charged", order=params.payload["id"])
+
+
+def note_wait(params: WaitParams) -> None:
+    """Fires once per wait, also when the run resumes from a checkpoint or a replay."""
+    logger.info(f"waiting on a {params.wait.kind}", seq=params.wait.seq)
 
 
 @task(id="charge-card")
@@ -12,7 +22,7 @@ async def charge_card(order: dict[str, int]) -> str:
     return f"rcpt_{order['id']}"
 
 
-@task(id="place-order")
+@task(id="place-order", on_failure=refund_if_charged, on_wait=note_wait)
 async def place_order(order: dict[str, int], ctx: Context) -> dict[str, str]:
     """Charge, give the customer a moment to cancel, then confirm.
 

@@ -33,6 +33,21 @@ async def open_detail(tui: Any, pilot: Any, run_id: str) -> RunDetailScreen:
     return detail(pilot.app)
 
 
+async def new_run_completes(tui: Any, pilot: Any, run_id: str) -> Any:
+    """Wait until the detail screen shows another run than ``run_id``, completed."""
+    app = pilot.app
+    await tui.until(
+        pilot,
+        lambda: (
+            isinstance(app.screen, RunDetailScreen)
+            and app.screen.run_id != run_id
+            and app.screen.run is not None
+            and app.screen.run.status is RunStatus.COMPLETED
+        ),
+    )
+    return detail(app).run
+
+
 async def test_a_failed_run_shows_its_error_attempts_and_history(tui: Any) -> None:
     run_id = await tui.run("charge", {"card": "declined"})
     app = tui.app()
@@ -98,16 +113,7 @@ async def test_replay_opens_the_new_run_and_o_jumps_back(tui: Any) -> None:
         await pilot.press("r")
         await tui.until(pilot, lambda: getattr(app.screen, "run", None) is not None)
         await pilot.press("y")
-        await tui.until(
-            pilot,
-            lambda: (
-                isinstance(app.screen, RunDetailScreen)
-                and app.screen.run_id != run_id
-                and app.screen.run is not None
-                and app.screen.run.status is RunStatus.COMPLETED
-            ),
-        )
-        replay = detail(app).run
+        replay = await new_run_completes(tui, pilot, run_id)
         assert replay is not None
         assert replay.replayed_from == run_id
         assert replay.tags == ["t1"]
@@ -180,3 +186,36 @@ async def test_actions_that_do_not_apply_are_hidden(tui: Any) -> None:
         assert "cancel" not in actions
         assert "reschedule" not in actions
         assert "jump('parent')" not in actions
+
+
+async def test_replay_with_an_edited_payload(tui: Any) -> None:
+    from textual.widgets import TextArea
+
+    run_id = await tui.run("echo", {"hello": "world"}, tags=["t1"])
+    app = tui.app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await open_detail(tui, pilot, run_id)
+        await pilot.press("r")
+        await tui.until(pilot, lambda: getattr(app.screen, "run", None) is not None)
+        dialog = app.screen
+        editor = dialog.query_one("#replay-editor", TextArea)
+        assert '"hello": "world"' in editor.text
+        error = dialog.query_one("#replay-error", Static)
+        # Not JSON: the dialog says so and sends nothing.
+        editor.load_text("{not json")
+        await pilot.press("ctrl+s")
+        await tui.until(pilot, lambda: "not valid JSON" in str(error.render()))
+        # JSON the task's schema refuses (echo takes an object): the daemon's 400 is shown.
+        editor.load_text("[1, 2]")
+        await pilot.press("ctrl+s")
+        await tui.until(pilot, lambda: "expected object, got array" in str(error.render()))
+        assert len((await Runs(tui.harness.client).list(task="echo")).data) == 1
+        # Typed into the editor as a user would.
+        editor.load_text("")
+        editor.focus()
+        await pilot.press(*'{"hello": "edited"}')
+        await pilot.press("ctrl+s")
+        replay = await new_run_completes(tui, pilot, run_id)
+        assert replay is not None and replay.replayed_from == run_id
+        assert replay.output_as()["echo"] == {"hello": "edited"}
+        assert replay.tags == ["t1"]
