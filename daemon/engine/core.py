@@ -45,15 +45,16 @@ from ember.daemon.config import DaemonConfig
 from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.ids import new_batch_id, new_run_id
 from ember.daemon.engine.queue import RunQueue
-from ember.daemon.engine.waits import NonDeterministic, Waitpoints, WaitRecord
+from ember.daemon.engine.waits import NonDeterministic, Waitpoints
+from ember.daemon.model import ActiveRun, Hold, WaitRecord, Worker
 from ember.daemon.procs.protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
 from ember.daemon.store import runs as store
 from ember.daemon.store.db import Database
-from ember.daemon.store.runs import ActiveRun, BlobStore
+from ember.daemon.store.runs import BlobStore
 
 if TYPE_CHECKING:
     from ember.daemon.procs.checkpoint import Checkpointer
-    from ember.daemon.procs.supervisor import Supervisor, Worker
+    from ember.daemon.procs.supervisor import Supervisor
 
 log = logging.getLogger("ember.daemon")
 
@@ -151,14 +152,15 @@ class Engine:
         horizon = self._delayed_horizon
         for run in self.db.read_now(lambda conn: store.load_active(conn, horizon)):
             self.active[run.id] = run
-            if run.hold == "parked":
-                run.hold = "exited"  # its process died with the previous daemon
+            if run.hold == Hold.PARKED:
+                run.hold = Hold.EXITED  # its process died with the previous daemon
             if run.status in (RunStatus.EXECUTING, RunStatus.DEQUEUED):
                 interrupted.append(run)
             elif run.status is not RunStatus.WAITING:
                 self._admit(run, now)
         if self.checkpointer is not None:
-            self.checkpointer.prune({r.id for r in self.active.values() if r.hold == "checkpoint"})
+            imaged = {r.id for r in self.active.values() if r.hold == Hold.CHECKPOINT}
+            self.checkpointer.prune(imaged)
         if interrupted:
             await self._requeue_interrupted(interrupted, now)
         for record, result in await self.waits.recover():
@@ -171,7 +173,7 @@ class Engine:
                 self._spawn(self.waits.complete(record, result))
             else:
                 self.waits.arm(record)
-                if waiting.hold == "checkpoint" and self.checkpointer is not None:
+                if waiting.hold == Hold.CHECKPOINT and self.checkpointer is not None:
                     self.checkpointer.restore_ahead(waiting)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._update_idle()
@@ -715,11 +717,11 @@ class Engine:
             run.status = RunStatus.DEQUEUED
             self._busy += 1
             assert version is not None
-            if run.hold == "parked" and run.parked is not None:
+            if run.hold == Hold.PARKED and run.parked is not None:
                 # (a process still reconnecting resumes it as it says hello)
                 self.resume_parked_or_replay(run)
                 continue
-            if run.hold == "checkpoint" and self.checkpointer is not None:
+            if run.hold == Hold.CHECKPOINT and self.checkpointer is not None:
                 self._spawn(self.checkpointer.restore(run))
                 continue
             self.place(run)
@@ -1032,11 +1034,11 @@ class Engine:
             parked.parked = None
             if self.checkpointer is not None and self.checkpointer.lost(worker, parked=True):
                 # Restored ahead of its deadline, then lost: its image, kept, restores it again.
-                parked.hold = "checkpoint"
+                parked.hold = Hold.CHECKPOINT
                 if parked.status is RunStatus.DEQUEUED:
                     self._spawn(self.checkpointer.restore(parked))
-            elif parked.hold == "parked":
-                parked.hold = "exited"
+            elif parked.hold == Hold.PARKED:
+                parked.hold = Hold.EXITED
                 self.db.write(
                     lambda conn: conn.execute(
                         "UPDATE runs SET hold = 'exited' WHERE id = ?", (parked.id,)
@@ -1179,16 +1181,16 @@ class Engine:
         run.status = RunStatus.WAITING
         parked = self.supervisor.parked_count()
         if self.strategy == "criu" and self.checkpointer is not None:
-            run.hold = "checkpoint"
+            run.hold = Hold.CHECKPOINT
             worker.parked = run
             run.parked = worker
             self._spawn(self.checkpointer.checkpoint(run, worker))
         elif self.strategy == "park" and parked < self.config.max_parked_processes:
-            run.hold = "parked"
+            run.hold = Hold.PARKED
             worker.parked = run
             run.parked = worker
         else:
-            run.hold = "exited"
+            run.hold = Hold.EXITED
             worker.send(Evict(run_id=run.id))
             self.supervisor.retire(worker)
         hold = run.hold
@@ -1267,7 +1269,7 @@ class Engine:
             self.resume_on(run, worker, "restored from its checkpoint")
             return
         # Restored ahead of its deadline, or its dump failed: parked until the wait completes.
-        run.hold = "parked"
+        run.hold = Hold.PARKED
         run.parked = worker
 
     def resume_parked_or_replay(self, run: ActiveRun) -> None:
@@ -1294,7 +1296,7 @@ class Engine:
 
     def replay_instead(self, run: ActiveRun) -> None:
         """A held process could not be resumed: the run re-executes from its journal."""
-        run.hold = "exited"
+        run.hold = Hold.EXITED
         run.parked = None
         self.db.write(
             lambda conn: conn.execute("UPDATE runs SET hold = 'exited' WHERE id = ?", (run.id,))

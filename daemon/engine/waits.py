@@ -23,31 +23,17 @@ import msgspec
 from ember._errors import BadRequest, Conflict, NotFound
 from ember._types import RunError, TokenInfo, WaitToken
 from ember.daemon.engine.ids import ulid
+from ember.daemon.model import WaitRecord
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
+    from ember.daemon.model import ActiveRun
     from ember.daemon.store.db import Database
-    from ember.daemon.store.runs import ActiveRun, BlobStore
+    from ember.daemon.store.runs import BlobStore
 
 _json = msgspec.json.Encoder()
 _list_decoder = msgspec.json.Decoder(list[str])
 DEFAULT_TOKEN_KEY_TTL_S = 3600.0
-
-
-@dataclass(slots=True, eq=False)
-class WaitRecord:
-    """A wait of a run that has not completed."""
-
-    id: str
-    run_id: str
-    generation: int
-    seq: int
-    kind: str
-    resume_at: float | None
-    targets: list[str]
-    task_ids: list[str]
-    timer: asyncio.TimerHandle | None = None
-    done: bool = False
 
 
 class _ChildResult(msgspec.Struct, frozen=True, omit_defaults=True):

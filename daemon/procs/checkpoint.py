@@ -38,12 +38,13 @@ from typing import TYPE_CHECKING, Protocol
 import ember
 from ember._types import RunStatus
 from ember.daemon.config import DaemonConfig
+from ember.daemon.model import Hold
 from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
 
 if TYPE_CHECKING:
-    from ember.daemon.procs.supervisor import Supervisor, Worker
+    from ember.daemon.model import ActiveRun, Worker
+    from ember.daemon.procs.supervisor import Supervisor
     from ember.daemon.store.db import Database
-    from ember.daemon.store.runs import ActiveRun
 
 log = logging.getLogger("ember.daemon")
 
@@ -543,7 +544,7 @@ class Checkpointer:
 
     def _keep_parked(self, run: ActiveRun) -> None:
         """The process could not be dumped: it stays alive, holding the run."""
-        run.hold = "parked"
+        run.hold = Hold.PARKED
         self._engine.db.write(
             lambda conn: conn.execute("UPDATE runs SET hold = 'parked' WHERE id = ?", (run.id,))
         )
@@ -582,7 +583,7 @@ class Checkpointer:
                 continue
             _, run_id = heapq.heappop(self._ahead)
             run = self._ahead_runs.pop(run_id, None)
-            if run is None or run.hold != "checkpoint" or run.id in self._restoring:
+            if run is None or run.hold != Hold.CHECKPOINT or run.id in self._restoring:
                 continue
             if run.status is not RunStatus.WAITING:
                 continue  # its deadline came first: the queue restores it as usual
@@ -610,7 +611,7 @@ class Checkpointer:
         """
         await self._restore_once(run)
         # Unless the restored process resumed it already, or _fail placed it to replay:
-        if run.status is RunStatus.DEQUEUED and run.hold != "exited":
+        if run.status is RunStatus.DEQUEUED and run.hold != Hold.EXITED:
             self._engine.resume_parked_or_replay(run)
 
     async def _restore_once(self, run: ActiveRun) -> None:
@@ -633,7 +634,7 @@ class Checkpointer:
                 # process may be back already.
                 if (
                     self._engine.active.get(run.id) is run
-                    and run.hold == "checkpoint"
+                    and run.hold == Hold.CHECKPOINT
                     and run.parked is None
                 ):
                     failed, criu_ran = await self._bring_back(run)
@@ -650,7 +651,7 @@ class Checkpointer:
 
     async def _bring_back(self, run: ActiveRun) -> tuple[str | None, bool]:
         """Restore the run's process (a slot is held): (why it failed or None, criu ran)."""
-        from ember.daemon.procs.supervisor import Worker
+        from ember.daemon.model import Worker
 
         images = self.images(run)
         try:

@@ -13,7 +13,7 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from ember._types import (
     TaskInfo,
     VersionInfo,
 )
+from ember.daemon.model import ActiveRun, Hold
 
 OFFLOAD_BYTES = 512 * 1024
 FINAL = FINAL_STATUSES
@@ -53,57 +54,6 @@ def ts(epoch: float) -> datetime:
 def opt_ts(epoch: float | None) -> datetime | None:
     """Like :func:`ts`, passing None through."""
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
-
-
-@dataclass(slots=True, eq=False)
-class ActiveRun:
-    """A run that is not final, as the engine keeps it in memory.
-
-    The table is the truth; this is its cache for scheduling, rebuilt from the table on start.
-    """
-
-    id: str
-    env: str
-    task_id: str
-    status: RunStatus
-    queue: str
-    created_at: float
-    max_attempts: int
-    retry: RetryOptions
-    payload: bytes | None = None
-    concurrency_key: str | None = None
-    priority: float = 0.0
-    tags: list[str] = field(default_factory=list)
-    metadata: dict[str, Any] | None = None
-    max_duration_s: float | None = None
-    delay_until: float | None = None
-    ready_at: float | None = None
-    expires_at: float | None = None
-    version: str | None = None
-    pinned_version: str | None = None
-    attempt: int = 0
-    interruptions: int = 0
-    parent_run_id: str | None = None
-    root_run_id: str | None = None
-    batch_id: str | None = None
-    replayed_from: str | None = None
-    started_at: float | None = None
-    idempotency_key: str | None = None
-    generation: int = 0
-    # How a WAITING run is held: "parked" (its process idles), "checkpoint" (a CRIU image),
-    # "exited" (no process: it resumes by replaying its journal); None while executing.
-    hold: str | None = None
-    executing_s: float = 0.0
-    # Engine bookkeeping, never stored.
-    wait: Any = None
-    parked: Any = None
-    resume: tuple[int, bytes] | None = None
-    worker: Any = None
-    in_queue: bool = False
-    attempt_started: float = 0.0
-    timers: list[Any] = field(default_factory=list)
-    # The write recording the end of its last attempt, until it commits.
-    recording: Any = None
 
 
 class BlobStore:
@@ -711,7 +661,7 @@ def _active_run(r: Sequence[Any]) -> ActiveRun:
         started_at=r[24],
         idempotency_key=r[25],
         generation=r[26],
-        hold=r[27],
+        hold=Hold(r[27]) if r[27] is not None else None,
         executing_s=r[28],
     )
 
