@@ -34,6 +34,7 @@ from ember._types import (
     VersionInfo,
 )
 from ember.daemon.model import ActiveRun, Hold
+from ember.daemon.store.schema import NOT_FINAL
 
 OFFLOAD_BYTES = 512 * 1024
 FINAL = FINAL_STATUSES
@@ -583,12 +584,6 @@ _ACTIVE_COLUMNS = (
 )
 
 
-_NOT_FINAL = (
-    "status NOT IN ('COMPLETED', 'CANCELED', 'FAILED', 'CRASHED', 'SYSTEM_FAILURE', 'EXPIRED',"
-    " 'TIMED_OUT')"
-)
-
-
 def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[ActiveRun]:
     """Every run that is not final, oldest first, without payloads (loaded on dispatch).
 
@@ -598,7 +593,7 @@ def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[Acti
     # Two indexed reads (runs_active, runs_delayed) so the far DELAYED runs are never visited;
     # sorted here, as an ORDER BY over both would walk the whole id index instead.
     rows = conn.execute(
-        f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE {_NOT_FINAL} AND status != 'DELAYED'"
+        f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE {NOT_FINAL} AND status != 'DELAYED'"
     ).fetchall()
     delayed = f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE status = 'DELAYED' AND delay_until"
     rows += conn.execute(f"{delayed} <= ? UNION ALL {delayed} IS NULL", (delayed_until,)).fetchall()
@@ -609,7 +604,7 @@ def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[Acti
 def open_children(conn: sqlite3.Connection, parent_run_id: str) -> list[str]:
     """Ids of the runs a run triggered that are not final."""
     rows = conn.execute(
-        f"SELECT id FROM runs WHERE parent_run_id = ? AND {_NOT_FINAL}", (parent_run_id,)
+        f"SELECT id FROM runs WHERE parent_run_id = ? AND {NOT_FINAL}", (parent_run_id,)
     )
     return [str(row[0]) for row in rows]
 
