@@ -16,6 +16,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -42,6 +43,17 @@ from ember.daemon.store.modes import PRIVATE_UMASK, tighten
 log = logging.getLogger("ember.daemon")
 
 
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What the daemon builds on its database: made together, so stop closes all or none."""
+
+    engine: Engine
+    supervisor: Supervisor
+    env_vars: EnvVars
+    builder: Builder
+    scheduler: Scheduler
+
+
 class Daemon:
     """An Ember daemon.
 
@@ -63,13 +75,64 @@ class Daemon:
         self._user_umask: int | None = None
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
-        self.db: Database
         self.events = EventHub()
-        self.engine: Engine
-        self.supervisor: Supervisor
-        self.env_vars: EnvVars
-        self.builder: Builder
-        self.scheduler: Scheduler
+        # Made by start(): the database, then the parts built on it, all at once.
+        self._db: Database | None = None
+        self._parts: _Parts | None = None
+
+    # -- parts ----------------------------------------------------------------------------
+
+    @property
+    def db(self) -> Database:
+        """The state database (from :meth:`start` on)."""
+        if self._db is None:
+            raise RuntimeError("the daemon is not started: await Daemon.start() first")
+        return self._db
+
+    @property
+    def engine(self) -> Engine:
+        """The engine (from :meth:`start` on)."""
+        return self._started().engine
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The supervisor of zygotes and run processes (from :meth:`start` on)."""
+        return self._started().supervisor
+
+    @property
+    def env_vars(self) -> EnvVars:
+        """The environments' variables (from :meth:`start` on)."""
+        return self._started().env_vars
+
+    @property
+    def builder(self) -> Builder:
+        """The builder of versions (from :meth:`start` on)."""
+        return self._started().builder
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler of cron schedules (from :meth:`start` on)."""
+        return self._started().scheduler
+
+    def _started(self) -> _Parts:
+        if self._parts is None:
+            raise RuntimeError("the daemon is not started: await Daemon.start() first")
+        return self._parts
+
+    def _build(self, db: Database, state: Path) -> _Parts:
+        """The parts on the database, wired; nothing here does I/O."""
+        engine = Engine(self.config, db, self.events)
+        supervisor = Supervisor(self.config, engine, self.config.api_socket)
+        engine.supervisor = supervisor
+        supervisor.interpreter = partial(python_for, state)
+        supervisor.child_umask = self._user_umask
+        return _Parts(
+            engine=engine,
+            supervisor=supervisor,
+            env_vars=EnvVars(db, self.clock, supervisor.refresh_env),
+            builder=Builder(state, engine, supervisor, self.clock, self._on_current),
+            scheduler=Scheduler(db, engine, self.clock),
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -88,17 +151,10 @@ class Daemon:
         fixed = await asyncio.to_thread(tighten, state)
         if fixed:
             log.warning("made %d files and folders under %s private (0600/0700)", fixed, state)
-        self.db = await asyncio.to_thread(Database, self.config.db_path, self.config.durability)
-        self.engine = Engine(self.config, self.db, self.events)
-        self.supervisor = Supervisor(self.config, self.engine, self.config.api_socket)
-        self.engine.supervisor = self.supervisor
-        self.env_vars = EnvVars(self.db, self.clock, self.supervisor.refresh_env)
+        self._db = await asyncio.to_thread(Database, self.config.db_path, self.config.durability)
+        self._parts = self._build(self._db, state)
         await self.env_vars.load()
         self.supervisor.env_vars = self.env_vars.values
-        self.supervisor.interpreter = partial(python_for, state)
-        self.supervisor.child_umask = self._user_umask
-        self.builder = Builder(state, self.engine, self.supervisor, self.clock, self._on_current)
-        self.scheduler = Scheduler(self.db, self.engine, self.clock)
         await self._choose_checkpoints()
         await self.supervisor.start()
         recovered = await self.engine.recover()
@@ -228,23 +284,21 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop serving and stop every process; the table keeps what was in flight."""
-        if hasattr(self, "engine"):
-            self.engine.begin_close()
+        parts = self._parts
+        if parts is not None:
+            parts.engine.begin_close()
         if self._server is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await self._server.shutdown(sockets=self._sockets)
         self.config.api_socket.unlink(missing_ok=True)
-        if hasattr(self, "builder"):
-            await self.builder.close()
-        if hasattr(self, "scheduler"):
-            await self.scheduler.close()
-        if hasattr(self, "engine"):
-            await self.engine.close()
-        if hasattr(self, "supervisor"):
-            await self.supervisor.stop()
-        if hasattr(self, "db"):
-            await asyncio.to_thread(self.db.close)
+        if parts is not None:
+            await parts.builder.close()
+            await parts.scheduler.close()
+            await parts.engine.close()
+            await parts.supervisor.stop()
+        if self._db is not None:
+            await asyncio.to_thread(self._db.close)
         if self._lock_file is not None:
             self._lock_file.close()
         if self._user_umask is not None:
