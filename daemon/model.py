@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import subprocess
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +156,8 @@ class Zygote:
     connecting: asyncio.Task[None] | None = None
     pending_forks: list[Fork] = field(default_factory=list)
     alive: bool = True
-    idle_since: float = field(default_factory=time.time)
+    # Set by the supervisor from the daemon's clock.
+    idle_since: float = 0.0
     outdated: bool = False
 
     def fork(self, message: Fork) -> None:

@@ -121,7 +121,7 @@ class Daemon:
 
     def _build(self, db: Database, state: Path) -> _Parts:
         """The parts on the database, wired; nothing here does I/O."""
-        engine = Engine(self.config, db, self.events)
+        engine = Engine(self.config, db, self.events, self.clock)
         supervisor = Supervisor(self.config, engine, self.config.api_socket)
         engine.supervisor = supervisor
         supervisor.interpreter = partial(python_for, state)

@@ -97,8 +97,17 @@ class Engine:
         events: where run changes are published.
     """
 
-    def __init__(self, config: DaemonConfig, db: Database, events: EventHub) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        db: Database,
+        events: EventHub,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        # Wall-clock seconds: every timestamp and timer of the engine, its journal, the
+        # supervisor and the checkpointer reads this (the daemon's clock, injectable in tests).
+        self.clock = clock
         self.db = db
         self.events = events
         self.blobs = BlobStore(config.state_dir / "blobs")
@@ -146,7 +155,7 @@ class Engine:
             self._add_version(info, code_dir)
             if info.is_current:
                 self._make_current(info.env, info.id)
-        now = time.time()
+        now = self.clock()
         interrupted: list[ActiveRun] = []
         self._delayed_horizon = now + self.config.delayed_in_memory_s
         horizon = self._delayed_horizon
@@ -361,7 +370,7 @@ class Engine:
     async def _trigger(
         self, env: str, items: Sequence[BatchItem], batch: bool, request_key: str | None
     ) -> tuple[str | None, list[TriggerResponse]]:
-        now = time.time()
+        now = self.clock()
         batch_id = new_batch_id() if batch else None
         prepared = [
             self._prepare(env, item, now, batch_id, f"items[{i}]." if batch else "")
@@ -609,7 +618,7 @@ class Engine:
         run = self.db.read_point(lambda conn: store.load_delayed_run(conn, run_id))
         if run is not None:
             self.active[run.id] = run
-            self._admit(run, time.time())
+            self._admit(run, self.clock())
             self._update_idle()
         return run
 
@@ -622,7 +631,7 @@ class Engine:
     def _undelay(self, run: ActiveRun) -> None:
         if run.status is not RunStatus.DELAYED:
             return
-        now = time.time()
+        now = self.clock()
         run.status = RunStatus.QUEUED
         self.db.write(
             lambda conn: store.set_status(
@@ -655,7 +664,7 @@ class Engine:
         run.timers.clear()
 
     async def _retry_pending_version(self, env: str) -> None:
-        now = time.time()
+        now = self.clock()
         ready = []
         for run in list(self._pending_version.values()):
             if run.env != env:
@@ -739,7 +748,7 @@ class Engine:
         self.supervisor.spawn(run.env, run.version, record.code_dir)
 
     def _to_pending_version(self, run: ActiveRun) -> None:
-        now = time.time()
+        now = self.clock()
         run.status = RunStatus.PENDING_VERSION
         self._pending_version[run.id] = run
         self.db.write(
@@ -813,7 +822,7 @@ class Engine:
         if run.payload is None or needs_journal:
             self._spawn(self._load_and_start(run, worker, needs_journal))
             return
-        now = time.time()
+        now = self.clock()
         continuation = run.hold is not None
         if not continuation:
             run.attempt += 1
@@ -884,7 +893,7 @@ class Engine:
         if run is None or run.id != message.run_id:
             return  # a late frame of an attempt already settled (canceled, timed out)
         if isinstance(message, Heartbeat):
-            worker.last_heartbeat = time.time()
+            worker.last_heartbeat = self.clock()
             return
         if message.attempt != run.attempt:
             return
@@ -985,7 +994,7 @@ class Engine:
                 peak_rss_bytes=peak_rss_bytes,
             )
             return
-        now = time.time()
+        now = self.clock()
         delay = retry_delay_s(run.retry, used)
         run.status = RunStatus.QUEUED
         run.ready_at = ready_at = now + delay
@@ -1017,7 +1026,7 @@ class Engine:
             self._publish(run, error=error)
             if run.status is not RunStatus.QUEUED:
                 return  # canceled meanwhile
-            wait_s = max(0.0, ready_at - time.time())
+            wait_s = max(0.0, ready_at - self.clock())
             run.timers.append(
                 asyncio.get_running_loop().call_later(wait_s, self._enqueue, run, ready_at)
             )
@@ -1085,7 +1094,7 @@ class Engine:
         ticks = 0
         while True:
             await asyncio.sleep(1.0)
-            now = time.time()
+            now = self.clock()
             self._load_delayed(now)
             ticks += 1
             if ticks % 60 == 0:
@@ -1145,7 +1154,7 @@ class Engine:
         else:
             self.waits.arm(record)
         run.wait = record
-        now = time.time()
+        now = self.clock()
         threshold = self.config.wait_park_threshold_s
         remaining = (record.resume_at or now) - now
         if record.kind != "DATETIME" or remaining < threshold:
@@ -1171,7 +1180,7 @@ class Engine:
 
     def _suspend_if_waiting(self, run: ActiveRun, worker: Worker, record: WaitRecord) -> None:
         if run.wait is record and run.worker is worker and run.status is RunStatus.EXECUTING:
-            self._suspend(run, worker, record, time.time())
+            self._suspend(run, worker, record, self.clock())
 
     def _suspend(self, run: ActiveRun, worker: Worker, record: WaitRecord, now: float) -> None:
         """Release the run's slot and hold it by the daemon's strategy while it waits."""
@@ -1223,7 +1232,7 @@ class Engine:
             return
         if run.status is not RunStatus.WAITING:
             return  # between attempts: the next execution reads the journal
-        now = time.time()
+        now = self.clock()
         run.resume = (record.seq, result)
         run.status = RunStatus.QUEUED
         self.db.write(
@@ -1251,7 +1260,7 @@ class Engine:
         """Continue a run in a live process (parked or restored); its slot is taken."""
         assert run.resume is not None
         seq, result = run.resume
-        now = time.time()
+        now = self.clock()
         self._bind(run, worker, now)
         self._record_executing(run, now, how)
         worker.send(Resume(run_id=run.id, seq=seq, result=result))
@@ -1285,7 +1294,7 @@ class Engine:
 
     def note(self, run: ActiveRun, snapshot: str, description: str) -> None:
         """Record an execution snapshot that does not change the run's status."""
-        now = time.time()
+        now = self.clock()
         self.db.write(
             lambda conn: conn.execute(
                 "INSERT INTO snapshots (run_id, status, created_at, attempt, description)"
@@ -1329,7 +1338,7 @@ class Engine:
         cpu_s: float | None = None,
         peak_rss_bytes: int | None = None,
     ) -> asyncio.Future[None]:
-        now = time.time()
+        now = self.clock()
         number = run.attempt
         previous = run.status
         run.status = status
@@ -1499,7 +1508,7 @@ class Engine:
                 raise NotFound(404, f"run {run_id} does not exist")
             state = run.status.value if run else "final"
             raise Conflict(409, f"run {run_id} is {state}; only DELAYED runs can be rescheduled")
-        now = time.time()
+        now = self.clock()
         try:
             when = resolve_instant(delay, now)
         except ConfigError as exc:
@@ -1638,7 +1647,7 @@ class Engine:
     ) -> None:
         if not self.events.has_subscribers(run.env):
             return
-        now = time.time()
+        now = self.clock()
         summary = RunSummary(
             id=run.id,
             task_id=run.task_id,

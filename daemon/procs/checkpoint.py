@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -61,6 +61,11 @@ RESTORE_PLAN_DEPTH = 256
 
 class CheckpointEngine(Protocol):
     """The engine as the checkpointer sees it: the runs, their journal, and the fallbacks."""
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Wall-clock seconds (the daemon's clock)."""
+        ...
 
     @property
     def active(self) -> Mapping[str, ActiveRun]:
@@ -575,7 +580,7 @@ class Checkpointer:
 
     async def _restore_ahead_loop(self) -> None:
         while self._ahead:
-            delay = self._next_restore_at() - time.time()
+            delay = self._next_restore_at() - self._engine.clock()
             if delay > 0:
                 self._ahead_changed.clear()
                 with contextlib.suppress(TimeoutError):

@@ -70,6 +70,11 @@ class SupervisorEngine(Protocol):
     """The engine as the supervisor sees it: told when processes come, talk and go."""
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """Wall-clock seconds (the daemon's clock)."""
+        ...
+
+    @property
     def current(self) -> Mapping[str, str]:
         """The current version of each environment."""
         ...
@@ -314,7 +319,9 @@ class Supervisor:
             )
         theirs.close()
         loop = asyncio.get_running_loop()
-        zygote = Zygote(key, code_dir, process, loop.create_future())
+        zygote = Zygote(
+            key, code_dir, process, loop.create_future(), idle_since=self.engine.clock()
+        )
         self._zygotes[key] = zygote
         zygote.connecting = loop.create_task(self._connect_zygote(zygote, ours))
         return zygote
@@ -417,7 +424,7 @@ class Supervisor:
         if self._is_stale(worker.key) or self._outdated(worker):
             self.retire(worker)  # an old version: its zygote goes once its last process has
             return
-        worker.idle_since = time.time()
+        worker.idle_since = self.engine.clock()
         self._idle.setdefault(worker.key, []).append(worker)
 
     def _is_stale(self, key: VersionKey) -> bool:
@@ -682,7 +689,7 @@ class Supervisor:
         """Every few seconds: retire idle processes and zygotes nobody needs."""
         while True:
             await asyncio.sleep(min(5.0, self.config.process_idle_s))
-            now = time.time()
+            now = self.engine.clock()
             for idle in self._idle.values():
                 for worker in [w for w in idle if now - w.idle_since > self.config.process_idle_s]:
                     idle.remove(worker)
