@@ -47,7 +47,7 @@ ALLOWED_LONG = {
     "procs.supervisor",
     "store.runs",
 }
-ALLOWED_SQL_OUTSIDE_STORE = {"engine.core", "engine.waits", "procs.checkpoint"}
+ALLOWED_SQL_OUTSIDE_STORE = {"engine.waits"}
 
 # The start of a string that is a statement or a clause of one. Upper case only: prose in
 # docstrings and messages is not SQL.

@@ -1048,11 +1048,7 @@ class Engine:
                     self._spawn(self.checkpointer.restore(parked))
             elif parked.hold == Hold.PARKED:
                 parked.hold = Hold.EXITED
-                self.db.write(
-                    lambda conn: conn.execute(
-                        "UPDATE runs SET hold = 'exited' WHERE id = ?", (parked.id,)
-                    )
-                )
+                self.db.write(lambda conn: store.set_hold(conn, parked.id, Hold.EXITED))
         elif self.checkpointer is not None:
             self.checkpointer.lost(worker, parked=False)  # (its run resumed there: image goes)
         run = worker.run
@@ -1296,20 +1292,14 @@ class Engine:
         """Record an execution snapshot that does not change the run's status."""
         now = self.clock()
         self.db.write(
-            lambda conn: conn.execute(
-                "INSERT INTO snapshots (run_id, status, created_at, attempt, description)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (run.id, snapshot, now, run.attempt, description),
-            )
+            lambda conn: store.add_snapshot(conn, run.id, snapshot, now, run.attempt, description)
         )
 
     def replay_instead(self, run: ActiveRun) -> None:
         """A held process could not be resumed: the run re-executes from its journal."""
         run.hold = Hold.EXITED
         run.parked = None
-        self.db.write(
-            lambda conn: conn.execute("UPDATE runs SET hold = 'exited' WHERE id = ?", (run.id,))
-        )
+        self.db.write(lambda conn: store.set_hold(conn, run.id, Hold.EXITED))
 
     def _drop_hold(self, run: ActiveRun) -> None:
         """A waiting run is canceled: stop its wait and free what holds it."""
@@ -1548,11 +1538,7 @@ class Engine:
         item = BatchItem(task=run.task_id, payload=run.payload, options=options)
         _, responses = await self.trigger(run.env, [item])
         response = responses[0]
-        await self.db.write(
-            lambda conn: conn.execute(
-                "UPDATE runs SET replayed_from = ? WHERE id = ?", (run_id, response.id)
-            )
-        )
+        await self.db.write(lambda conn: store.set_replayed_from(conn, response.id, run_id))
         replayed = self.active.get(response.id)
         if replayed is not None:
             replayed.replayed_from = run_id

@@ -40,6 +40,7 @@ from ember._types import RunStatus
 from ember.daemon.config import DaemonConfig
 from ember.daemon.model import Hold
 from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
     from ember.daemon.model import ActiveRun, Worker
@@ -550,9 +551,7 @@ class Checkpointer:
     def _keep_parked(self, run: ActiveRun) -> None:
         """The process could not be dumped: it stays alive, holding the run."""
         run.hold = Hold.PARKED
-        self._engine.db.write(
-            lambda conn: conn.execute("UPDATE runs SET hold = 'parked' WHERE id = ?", (run.id,))
-        )
+        self._engine.db.write(lambda conn: store.set_hold(conn, run.id, Hold.PARKED))
 
     def restore_ahead(self, run: ActiveRun) -> None:
         """Plan to restore a run waiting for a deadline before it comes, so it resumes on time.

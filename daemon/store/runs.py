@@ -191,11 +191,33 @@ def set_status(
         f"UPDATE runs SET status = ?, updated_at = ?{assignments} WHERE id = ?",
         (status.value, now, *columns.values(), run_id),
     )
+    add_snapshot(conn, run_id, snapshot, now, attempt, description)
+
+
+def add_snapshot(
+    conn: sqlite3.Connection,
+    run_id: str,
+    snapshot: str,
+    now: float,
+    attempt: int,
+    description: str,
+) -> None:
+    """Record an execution snapshot (with or without a change of status)."""
     conn.execute(
         "INSERT INTO snapshots (run_id, status, created_at, attempt, description)"
         " VALUES (?, ?, ?, ?, ?)",
         (run_id, snapshot, now, attempt, description),
     )
+
+
+def set_hold(conn: sqlite3.Connection, run_id: str, hold: Hold | None) -> None:
+    """Record how a waiting run is held (None: it is not)."""
+    conn.execute("UPDATE runs SET hold = ? WHERE id = ?", (hold, run_id))
+
+
+def set_replayed_from(conn: sqlite3.Connection, run_id: str, source_id: str) -> None:
+    """Mark a run as the replay of another."""
+    conn.execute("UPDATE runs SET replayed_from = ? WHERE id = ?", (source_id, run_id))
 
 
 def start_attempt(conn: sqlite3.Connection, run: ActiveRun, now: float, pid: int | None) -> None:
