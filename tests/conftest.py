@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,29 @@ class Harness:
         run = await Runs(self.client).poll(run_id, timeout_s=timeout_s)
         assert run.is_final, f"{run_id} still {run.status} after {timeout_s}s"
         return run
+
+
+class Clock:
+    """A clock that advances in real time and can be set, like a wall clock that jumps.
+
+    Give it to ``running_daemon(clock=...)``: every timestamp and timer of the daemon reads it.
+    """
+
+    def __init__(self, moment: datetime | None = None) -> None:
+        self._offset = 0.0
+        if moment is not None:
+            self.set(moment)
+
+    def set(self, moment: datetime) -> None:
+        """Jump to ``moment`` (then go on in real time)."""
+        self._offset = moment.timestamp() - time.time()
+
+    def advance(self, seconds: float) -> None:
+        """Jump ``seconds`` ahead."""
+        self._offset += seconds
+
+    def __call__(self) -> float:
+        return time.time() + self._offset
 
 
 @pytest.fixture

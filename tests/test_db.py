@@ -79,3 +79,28 @@ async def test_writes_of_one_loop_iteration_share_one_commit(db: Database) -> No
     # 100 frames, one commit adds a handful.
     assert 0 < _wal_frames(db.path) - before < 10
     assert len(_stored(db.path)) == 101
+
+
+def test_the_not_final_queries_use_the_partial_index(tmp_path: Path) -> None:
+    # The index and the queries share one fragment derived from FINAL_STATUSES; SQLite uses a
+    # partial index only when the query repeats its terms, so a drift here is a full scan.
+    from ember._types import FINAL_STATUSES
+    from ember.daemon.store import runs
+    from ember.daemon.store.schema import NOT_FINAL
+
+    assert all(f"'{status.value}'" in NOT_FINAL for status in FINAL_STATUSES)
+    assert NOT_FINAL.count("'") == 2 * len(FINAL_STATUSES)
+    Database(tmp_path / "ember.db", "normal").close()
+    conn = connect(tmp_path / "ember.db", "normal", readonly=True)
+    try:
+        (index_sql,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'runs_active'"
+        ).fetchone()
+        assert index_sql.endswith(NOT_FINAL)
+        plan = conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT id FROM runs WHERE {NOT_FINAL} AND status != 'DELAYED'"
+        ).fetchall()
+        assert any("runs_active" in str(row[-1]) for row in plan), plan
+        assert runs.open_children(conn, "run_x") == []
+    finally:
+        conn.close()

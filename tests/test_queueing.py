@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import Harness, eventually, running_daemon
+from conftest import Clock, Harness, eventually, running_daemon
 
 from ember import Call, Conflict, Runs, RunStatus, Tasks
 from ember._types import Health
@@ -103,12 +103,18 @@ async def test_idempotency_key_returns_the_same_run(h: Harness) -> None:
     assert (await h.wait(first.id)).output_as(int) == 1
 
 
-async def test_idempotency_key_expires_after_its_ttl(h: Harness) -> None:
-    tasks = Tasks(h.client)
-    first = await tasks.trigger("quick", {}, idempotency_key="k", idempotency_key_ttl="0.3s")
-    await asyncio.sleep(0.4)
-    later = await tasks.trigger("quick", {}, idempotency_key="k")
-    assert later.id != first.id
+async def test_idempotency_key_expires_after_its_ttl(state_dir: Path) -> None:
+    # The daemon's clock moves past the TTL: no sleeping for it to pass.
+    clock = Clock()
+    async with running_daemon(state_dir, clock=clock) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        tasks = Tasks(h.client)
+        first = await tasks.trigger("quick", {}, idempotency_key="k", idempotency_key_ttl="1h")
+        held = await tasks.trigger("quick", {}, idempotency_key="k")
+        assert held.id == first.id and held.is_cached
+        clock.advance(3601)
+        later = await tasks.trigger("quick", {}, idempotency_key="k")
+        assert later.id != first.id and not later.is_cached
 
 
 async def test_failed_run_frees_its_idempotency_key(h: Harness) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Harness, eventually, running_daemon
+from conftest import Clock, Harness, eventually, running_daemon
 
 from ember import BadRequest, Conflict, NotFound, Runs, ScheduledPayload, Schedules
 
@@ -55,19 +55,6 @@ def clock_at(moment: datetime) -> Callable[[], float]:
     """A clock that reads ``moment`` now and advances in real time."""
     offset = moment.timestamp() - time.time()
     return lambda: time.time() + offset
-
-
-class Clock:
-    """A clock that advances in real time and can be set, like a wall clock that jumps."""
-
-    def __init__(self, moment: datetime) -> None:
-        self.set(moment)
-
-    def set(self, moment: datetime) -> None:
-        self._offset = moment.timestamp() - time.time()
-
-    def __call__(self) -> float:
-        return time.time() + self._offset
 
 
 async def register_then_jump(h: Harness, clock: Clock, moment: datetime) -> None:

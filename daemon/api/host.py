@@ -33,13 +33,37 @@ class ApiDaemon(Protocol):
     started_at: float
     checkpoint_strategy: str
     criu: CriuSupport | None
-    db: Database
     events: EventHub
-    engine: Engine
-    supervisor: Supervisor
-    env_vars: EnvVars
-    builder: Builder
-    scheduler: Scheduler
+
+    @property
+    def db(self) -> Database:
+        """The state database."""
+        ...
+
+    @property
+    def engine(self) -> Engine:
+        """The engine."""
+        ...
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The supervisor of run processes."""
+        ...
+
+    @property
+    def env_vars(self) -> EnvVars:
+        """The environments' variables."""
+        ...
+
+    @property
+    def builder(self) -> Builder:
+        """The builder of versions."""
+        ...
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler."""
+        ...
 
     async def register_version(
         self, env: str, archive: bytes, *, promote: bool, wait: bool = True

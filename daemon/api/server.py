@@ -16,6 +16,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -37,7 +38,7 @@ from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.schedules import Scheduler
 from ember.daemon.ops.drain import DrainReport, drain
 from ember.daemon.ops.logrotate import rotate_logs
-from ember.daemon.ops.systemd import Notifier, listen_sockets, status_line
+from ember.daemon.ops.systemd import Notifier, keep_posted, listen_sockets, status_line
 from ember.daemon.procs.checkpoint import Checkpointer, CriuSupport, detect
 from ember.daemon.procs.supervisor import Supervisor
 from ember.daemon.store import runs as store
@@ -48,8 +49,16 @@ from ember.daemon.store.retention import prune_loop
 
 log = logging.getLogger("ember.daemon")
 
-# How often systemd's STATUS= line is refreshed.
-STATUS_EVERY_S = 5.0
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What the daemon builds on its database: made together, so stop closes all or none."""
+
+    engine: Engine
+    supervisor: Supervisor
+    env_vars: EnvVars
+    builder: Builder
+    scheduler: Scheduler
 
 
 class Daemon:
@@ -80,13 +89,65 @@ class Daemon:
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
         self.gate: ConnectionGate | None = None
-        self.db: Database
         self.events = EventHub()
-        self.engine: Engine
-        self.supervisor: Supervisor
-        self.env_vars: EnvVars
-        self.builder: Builder
-        self.scheduler: Scheduler
+        # Made by start(): the database, then the parts built on it, all at once.
+        self._db: Database | None = None
+        self._parts: _Parts | None = None
+
+    # -- parts ----------------------------------------------------------------------------
+
+    @property
+    def db(self) -> Database:
+        """The state database (from :meth:`start` on)."""
+        if self._db is None:
+            raise RuntimeError("the daemon is not started: await Daemon.start() first")
+        return self._db
+
+    @property
+    def engine(self) -> Engine:
+        """The engine (from :meth:`start` on)."""
+        return self._started().engine
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The supervisor of zygotes and run processes (from :meth:`start` on)."""
+        return self._started().supervisor
+
+    @property
+    def env_vars(self) -> EnvVars:
+        """The environments' variables (from :meth:`start` on)."""
+        return self._started().env_vars
+
+    @property
+    def builder(self) -> Builder:
+        """The builder of versions (from :meth:`start` on)."""
+        return self._started().builder
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler of cron schedules (from :meth:`start` on)."""
+        return self._started().scheduler
+
+    def _started(self) -> _Parts:
+        if self._parts is None:
+            raise RuntimeError("the daemon is not started: await Daemon.start() first")
+        return self._parts
+
+    def _build(self, db: Database, state: Path) -> _Parts:
+        """The parts on the database, wired; nothing here does I/O."""
+        engine = Engine(self.config, db, self.events, self.clock)
+        supervisor = Supervisor(self.config, engine, self.config.api_socket)
+        engine.supervisor = supervisor
+        supervisor.interpreter = partial(python_for, state)
+        supervisor.child_umask = self._user_umask
+        engine.disk_guard = DiskGuard(state, self.config.min_free_bytes)
+        return _Parts(
+            engine=engine,
+            supervisor=supervisor,
+            env_vars=EnvVars(db, self.clock, supervisor.refresh_env),
+            builder=Builder(state, engine, supervisor, self.clock, self._on_current),
+            scheduler=Scheduler(db, engine, self.clock),
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -105,18 +166,10 @@ class Daemon:
         fixed = await asyncio.to_thread(tighten, state)
         if fixed:
             log.warning("made %d files and folders under %s private (0600/0700)", fixed, state)
-        self.db = await asyncio.to_thread(Database, self.config.db_path, self.config.durability)
-        self.engine = Engine(self.config, self.db, self.events)
-        self.supervisor = Supervisor(self.config, self.engine, self.config.api_socket)
-        self.engine.supervisor = self.supervisor
-        self.env_vars = EnvVars(self.db, self.clock, self.supervisor.refresh_env)
+        self._db = await asyncio.to_thread(Database, self.config.db_path, self.config.durability)
+        self._parts = self._build(self._db, state)
         await self.env_vars.load()
         self.supervisor.env_vars = self.env_vars.values
-        self.supervisor.interpreter = partial(python_for, state)
-        self.supervisor.child_umask = self._user_umask
-        self.builder = Builder(state, self.engine, self.supervisor, self.clock, self._on_current)
-        self.scheduler = Scheduler(self.db, self.engine, self.clock)
-        self.engine.disk_guard = DiskGuard(state, self.config.min_free_bytes)
         await self._choose_checkpoints()
         await self.supervisor.start()
         recovered = await self.engine.recover()
@@ -139,7 +192,7 @@ class Daemon:
         """Loops beside the engine: watchdog and status, log rotation, retention."""
         loop = asyncio.get_running_loop()
         if self.notifier.enabled:
-            self._chores.append(loop.create_task(self._keep_systemd_posted()))
+            self._chores.append(loop.create_task(keep_posted(self.notifier, self._status)))
         self._chores.append(
             loop.create_task(
                 rotate_logs(
@@ -154,20 +207,9 @@ class Daemon:
                 )
             )
 
-    async def _keep_systemd_posted(self) -> None:
-        """WATCHDOG=1 at half the watchdog period, from the loop: a stuck loop sends none."""
-        interval = self.notifier.watchdog_interval_s
-        # STATUS= is refreshed every few seconds even without a watchdog.
-        tick = min(interval, STATUS_EVERY_S) if interval is not None else STATUS_EVERY_S
-        last_status = 0.0
-        while True:
-            if interval is not None:
-                self.notifier.watchdog()
-            now = time.monotonic()
-            if now - last_status >= STATUS_EVERY_S and not self.engine.draining:
-                self.notifier.status(status_line(self.engine.stats()))
-                last_status = now
-            await asyncio.sleep(tick)
+    def _status(self) -> str | None:
+        """systemd's STATUS= line; none while draining (the drain posts its own)."""
+        return None if self.engine.draining else status_line(self.engine.stats())
 
     async def _choose_checkpoints(self) -> None:
         """Pick how long waits are held: CRIU where a real dump/restore works, else park."""
@@ -295,24 +337,22 @@ class Daemon:
         """Stop serving and stop every process; the table keeps what was in flight."""
         for chore in self._chores:
             chore.cancel()
-        if hasattr(self, "engine"):
-            self.engine.begin_close()
+        parts = self._parts
+        if parts is not None:
+            parts.engine.begin_close()
         if self._server is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await self._server.shutdown(sockets=self._sockets)
         if not self._activated:
             self.config.api_socket.unlink(missing_ok=True)
-        if hasattr(self, "builder"):
-            await self.builder.close()
-        if hasattr(self, "scheduler"):
-            await self.scheduler.close()
-        if hasattr(self, "engine"):
-            await self.engine.close()
-        if hasattr(self, "supervisor"):
-            await self.supervisor.stop()
-        if hasattr(self, "db"):
-            await asyncio.to_thread(self.db.close)
+        if parts is not None:
+            await parts.builder.close()
+            await parts.scheduler.close()
+            await parts.engine.close()
+            await parts.supervisor.stop()
+        if self._db is not None:
+            await asyncio.to_thread(self._db.close)
         if self._lock_file is not None:
             self._lock_file.close()
         if self._user_umask is not None:

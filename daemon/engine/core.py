@@ -45,15 +45,16 @@ from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.ids import new_batch_id, new_run_id
 from ember.daemon.engine.payloads import check_payload
 from ember.daemon.engine.queue import RunQueue
-from ember.daemon.engine.waits import NonDeterministic, Waitpoints, WaitRecord
+from ember.daemon.engine.waits import NonDeterministic, Waitpoints
+from ember.daemon.model import ActiveRun, Hold, WaitRecord, Worker
 from ember.daemon.procs.protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
 from ember.daemon.store import runs as store
 from ember.daemon.store.db import Database
-from ember.daemon.store.runs import ActiveRun, BlobStore
+from ember.daemon.store.runs import BlobStore
 
 if TYPE_CHECKING:
     from ember.daemon.procs.checkpoint import Checkpointer
-    from ember.daemon.procs.supervisor import Supervisor, Worker
+    from ember.daemon.procs.supervisor import Supervisor
     from ember.daemon.store.diskguard import DiskGuard
 
 log = logging.getLogger("ember.daemon")
@@ -97,8 +98,17 @@ class Engine:
         events: where run changes are published.
     """
 
-    def __init__(self, config: DaemonConfig, db: Database, events: EventHub) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        db: Database,
+        events: EventHub,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        # Wall-clock seconds: every timestamp and timer of the engine, its journal, the
+        # supervisor and the checkpointer reads this (the daemon's clock, injectable in tests).
+        self.clock = clock
         self.db = db
         self.events = events
         self.blobs = BlobStore(config.state_dir / "blobs")
@@ -150,20 +160,21 @@ class Engine:
             self._add_version(info, code_dir)
             if info.is_current:
                 self._make_current(info.env, info.id)
-        now = time.time()
+        now = self.clock()
         interrupted: list[ActiveRun] = []
         self._delayed_horizon = now + self.config.delayed_in_memory_s
         horizon = self._delayed_horizon
         for run in self.db.read_now(lambda conn: store.load_active(conn, horizon)):
             self.active[run.id] = run
-            if run.hold == "parked":
-                run.hold = "exited"  # its process died with the previous daemon
+            if run.hold == Hold.PARKED:
+                run.hold = Hold.EXITED  # its process died with the previous daemon
             if run.status in (RunStatus.EXECUTING, RunStatus.DEQUEUED):
                 interrupted.append(run)
             elif run.status is not RunStatus.WAITING:
                 self._admit(run, now)
         if self.checkpointer is not None:
-            self.checkpointer.prune({r.id for r in self.active.values() if r.hold == "checkpoint"})
+            imaged = {r.id for r in self.active.values() if r.hold == Hold.CHECKPOINT}
+            self.checkpointer.prune(imaged)
         if interrupted:
             await self._requeue_interrupted(interrupted, now)
         for record, result in await self.waits.recover():
@@ -176,7 +187,7 @@ class Engine:
                 self._spawn(self.waits.complete(record, result))
             else:
                 self.waits.arm(record)
-                if waiting.hold == "checkpoint" and self.checkpointer is not None:
+                if waiting.hold == Hold.CHECKPOINT and self.checkpointer is not None:
                     self.checkpointer.restore_ahead(waiting)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._update_idle()
@@ -367,7 +378,7 @@ class Engine:
     async def _trigger(
         self, env: str, items: Sequence[BatchItem], batch: bool, request_key: str | None
     ) -> tuple[str | None, list[TriggerResponse]]:
-        now = time.time()
+        now = self.clock()
         batch_id = new_batch_id() if batch else None
         prepared = [
             self._prepare(env, item, now, batch_id, f"items[{i}]." if batch else "")
@@ -632,7 +643,7 @@ class Engine:
         run = self.db.read_point(lambda conn: store.load_delayed_run(conn, run_id))
         if run is not None:
             self.active[run.id] = run
-            self._admit(run, time.time())
+            self._admit(run, self.clock())
             self._update_idle()
         return run
 
@@ -645,7 +656,7 @@ class Engine:
     def _undelay(self, run: ActiveRun) -> None:
         if run.status is not RunStatus.DELAYED:
             return
-        now = time.time()
+        now = self.clock()
         run.status = RunStatus.QUEUED
         self.db.write(
             lambda conn: store.set_status(
@@ -678,7 +689,7 @@ class Engine:
         run.timers.clear()
 
     async def _retry_pending_version(self, env: str) -> None:
-        now = time.time()
+        now = self.clock()
         ready = []
         for run in list(self._pending_version.values()):
             if run.env != env:
@@ -742,11 +753,11 @@ class Engine:
             run.status = RunStatus.DEQUEUED
             self._busy += 1
             assert version is not None
-            if run.hold == "parked" and run.parked is not None:
+            if run.hold == Hold.PARKED and run.parked is not None:
                 # (a process still reconnecting resumes it as it says hello)
                 self.resume_parked_or_replay(run)
                 continue
-            if run.hold == "checkpoint" and self.checkpointer is not None:
+            if run.hold == Hold.CHECKPOINT and self.checkpointer is not None:
                 self._spawn(self.checkpointer.restore(run))
                 continue
             self.place(run)
@@ -764,7 +775,7 @@ class Engine:
         self.supervisor.spawn(run.env, run.version, record.code_dir)
 
     def _to_pending_version(self, run: ActiveRun) -> None:
-        now = time.time()
+        now = self.clock()
         run.status = RunStatus.PENDING_VERSION
         self._pending_version[run.id] = run
         self.db.write(
@@ -843,7 +854,7 @@ class Engine:
         if run.payload is None or needs_journal:
             self._spawn(self._load_and_start(run, worker, needs_journal))
             return
-        now = time.time()
+        now = self.clock()
         continuation = run.hold is not None
         # A replay after a wait: the run process fires on_resume when it reaches that wait.
         resumed_seq = run.resume[0] if continuation and run.resume is not None else 0
@@ -920,7 +931,7 @@ class Engine:
         if run is None or run.id != message.run_id:
             return  # a late frame of an attempt already settled (canceled, timed out)
         if isinstance(message, Heartbeat):
-            worker.last_heartbeat = time.time()
+            worker.last_heartbeat = self.clock()
             return
         if message.attempt != run.attempt:
             return
@@ -1031,7 +1042,7 @@ class Engine:
                 peak_rss_bytes=peak_rss_bytes,
             )
             return
-        now = time.time()
+        now = self.clock()
         delay = retry_delay_s(run.retry, used) if delay_s is None else delay_s
         run.status = RunStatus.QUEUED
         run.ready_at = ready_at = now + delay
@@ -1063,7 +1074,7 @@ class Engine:
             self._publish(run, error=error)
             if run.status is not RunStatus.QUEUED:
                 return  # canceled meanwhile
-            wait_s = max(0.0, ready_at - time.time())
+            wait_s = max(0.0, ready_at - self.clock())
             run.timers.append(
                 asyncio.get_running_loop().call_later(wait_s, self._enqueue, run, ready_at)
             )
@@ -1080,16 +1091,12 @@ class Engine:
             parked.parked = None
             if self.checkpointer is not None and self.checkpointer.lost(worker, parked=True):
                 # Restored ahead of its deadline, then lost: its image, kept, restores it again.
-                parked.hold = "checkpoint"
+                parked.hold = Hold.CHECKPOINT
                 if parked.status is RunStatus.DEQUEUED:
                     self._spawn(self.checkpointer.restore(parked))
-            elif parked.hold == "parked":
-                parked.hold = "exited"
-                self.db.write(
-                    lambda conn: conn.execute(
-                        "UPDATE runs SET hold = 'exited' WHERE id = ?", (parked.id,)
-                    )
-                )
+            elif parked.hold == Hold.PARKED:
+                parked.hold = Hold.EXITED
+                self.db.write(lambda conn: store.set_hold(conn, parked.id, Hold.EXITED))
         elif self.checkpointer is not None:
             self.checkpointer.lost(worker, parked=False)  # (its run resumed there: image goes)
         run = worker.run
@@ -1135,7 +1142,7 @@ class Engine:
         ticks = 0
         while True:
             await asyncio.sleep(1.0)
-            now = time.time()
+            now = self.clock()
             self._load_delayed(now)
             ticks += 1
             if ticks % 60 == 0:
@@ -1195,7 +1202,7 @@ class Engine:
         else:
             self.waits.arm(record)
         run.wait = record
-        now = time.time()
+        now = self.clock()
         threshold = self.config.wait_park_threshold_s
         remaining = (record.resume_at or now) - now
         if record.kind != "DATETIME" or remaining < threshold:
@@ -1221,7 +1228,7 @@ class Engine:
 
     def _suspend_if_waiting(self, run: ActiveRun, worker: Worker, record: WaitRecord) -> None:
         if run.wait is record and run.worker is worker and run.status is RunStatus.EXECUTING:
-            self._suspend(run, worker, record, time.time())
+            self._suspend(run, worker, record, self.clock())
 
     def _suspend(self, run: ActiveRun, worker: Worker, record: WaitRecord, now: float) -> None:
         """Release the run's slot and hold it by the daemon's strategy while it waits."""
@@ -1231,16 +1238,16 @@ class Engine:
         run.status = RunStatus.WAITING
         parked = self.supervisor.parked_count()
         if self.strategy == "criu" and self.checkpointer is not None:
-            run.hold = "checkpoint"
+            run.hold = Hold.CHECKPOINT
             worker.parked = run
             run.parked = worker
             self._spawn(self.checkpointer.checkpoint(run, worker))
         elif self.strategy == "park" and parked < self.config.max_parked_processes:
-            run.hold = "parked"
+            run.hold = Hold.PARKED
             worker.parked = run
             run.parked = worker
         else:
-            run.hold = "exited"
+            run.hold = Hold.EXITED
             worker.send(Evict(run_id=run.id))
             self.supervisor.retire(worker)
         hold = run.hold
@@ -1273,7 +1280,7 @@ class Engine:
             return
         if run.status is not RunStatus.WAITING:
             return  # between attempts: the next execution reads the journal
-        now = time.time()
+        now = self.clock()
         run.resume = (record.seq, result)
         run.status = RunStatus.QUEUED
         self.db.write(
@@ -1301,7 +1308,7 @@ class Engine:
         """Continue a run in a live process (parked or restored); its slot is taken."""
         assert run.resume is not None
         seq, result = run.resume
-        now = time.time()
+        now = self.clock()
         self._bind(run, worker, now)
         self._record_executing(run, now, how)
         worker.send(Resume(run_id=run.id, seq=seq, result=result))
@@ -1328,7 +1335,7 @@ class Engine:
             self._publish(run)
             return
         # Restored ahead of its deadline, or its dump failed: parked until the wait completes.
-        run.hold = "parked"
+        run.hold = Hold.PARKED
         run.parked = worker
 
     def resume_parked_or_replay(self, run: ActiveRun) -> None:
@@ -1344,22 +1351,16 @@ class Engine:
 
     def note(self, run: ActiveRun, snapshot: str, description: str) -> None:
         """Record an execution snapshot that does not change the run's status."""
-        now = time.time()
+        now = self.clock()
         self.db.write(
-            lambda conn: conn.execute(
-                "INSERT INTO snapshots (run_id, status, created_at, attempt, description)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (run.id, snapshot, now, run.attempt, description),
-            )
+            lambda conn: store.add_snapshot(conn, run.id, snapshot, now, run.attempt, description)
         )
 
     def replay_instead(self, run: ActiveRun) -> None:
         """A held process could not be resumed: the run re-executes from its journal."""
-        run.hold = "exited"
+        run.hold = Hold.EXITED
         run.parked = None
-        self.db.write(
-            lambda conn: conn.execute("UPDATE runs SET hold = 'exited' WHERE id = ?", (run.id,))
-        )
+        self.db.write(lambda conn: store.set_hold(conn, run.id, Hold.EXITED))
 
     def _drop_hold(self, run: ActiveRun) -> None:
         """A waiting run is canceled: stop its wait and free what holds it."""
@@ -1388,7 +1389,7 @@ class Engine:
         cpu_s: float | None = None,
         peak_rss_bytes: int | None = None,
     ) -> asyncio.Future[None]:
-        now = time.time()
+        now = self.clock()
         number = run.attempt
         previous = run.status
         run.status = status
@@ -1559,7 +1560,7 @@ class Engine:
                 raise NotFound(404, f"run {run_id} does not exist")
             state = run.status.value if run else "final"
             raise Conflict(409, f"run {run_id} is {state}; only DELAYED runs can be rescheduled")
-        now = time.time()
+        now = self.clock()
         try:
             when = resolve_instant(delay, now)
         except ConfigError as exc:
@@ -1612,11 +1613,7 @@ class Engine:
         item = BatchItem(task=run.task_id, payload=raw, options=options)
         _, responses = await self.trigger(run.env, [item])
         response = responses[0]
-        await self.db.write(
-            lambda conn: conn.execute(
-                "UPDATE runs SET replayed_from = ? WHERE id = ?", (run_id, response.id)
-            )
-        )
+        await self.db.write(lambda conn: store.set_replayed_from(conn, response.id, run_id))
         replayed = self.active.get(response.id)
         if replayed is not None:
             replayed.replayed_from = run_id
@@ -1711,7 +1708,7 @@ class Engine:
     ) -> None:
         if not self.events.has_subscribers(run.env):
             return
-        now = time.time()
+        now = self.clock()
         summary = RunSummary(
             id=run.id,
             task_id=run.task_id,

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ember._types import RunStatus
-from ember.daemon.store.runs import ActiveRun
+from ember.daemon.model import ActiveRun
 
 LaneKey = tuple[str, str, str | None]
 

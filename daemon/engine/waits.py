@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,31 +22,17 @@ import msgspec
 from ember._errors import BadRequest, Conflict, NotFound
 from ember._types import RunError, TokenInfo, WaitToken
 from ember.daemon.engine.ids import ulid
+from ember.daemon.model import WaitRecord
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
+    from ember.daemon.model import ActiveRun
     from ember.daemon.store.db import Database
-    from ember.daemon.store.runs import ActiveRun, BlobStore
+    from ember.daemon.store.runs import BlobStore
 
 _json = msgspec.json.Encoder()
 _list_decoder = msgspec.json.Decoder(list[str])
 DEFAULT_TOKEN_KEY_TTL_S = 3600.0
-
-
-@dataclass(slots=True, eq=False)
-class WaitRecord:
-    """A wait of a run that has not completed."""
-
-    id: str
-    run_id: str
-    generation: int
-    seq: int
-    kind: str
-    resume_at: float | None
-    targets: list[str]
-    task_ids: list[str]
-    timer: asyncio.TimerHandle | None = None
-    done: bool = False
 
 
 class _ChildResult(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -70,6 +55,11 @@ class _Token:
 
 class WaitsEngine(Protocol):
     """The engine as the journal sees it (the engine builds the journal: no import back)."""
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Wall-clock seconds (the daemon's clock)."""
+        ...
 
     @property
     def active(self) -> Mapping[str, ActiveRun]:
@@ -138,7 +128,7 @@ class Waitpoints:
             raise BadRequest(400, "a DATETIME wait needs resume_at")
         if kind != "DATETIME" and not targets:
             raise BadRequest(400, f"a {kind} wait needs targets")
-        now = time.time()
+        now = self.engine.clock()
         engine = self.engine
 
         def write(
@@ -203,7 +193,7 @@ class Waitpoints:
         """The result if the wait is already over, else None (and nothing is armed)."""
         if record.kind == "DATETIME":
             assert record.resume_at is not None
-            return b"null" if record.resume_at <= time.time() else None
+            return b"null" if record.resume_at <= self.engine.clock() else None
         if record.kind == "TOKEN":
             return await self._token_result(record.targets[0])
         if any(child in self.engine.active for child in record.targets):
@@ -248,7 +238,7 @@ class Waitpoints:
         self.pending[record.id] = record
         if record.kind == "DATETIME":
             assert record.resume_at is not None
-            delay = max(0.0, record.resume_at - time.time())
+            delay = max(0.0, record.resume_at - self.engine.clock())
             record.timer = asyncio.get_running_loop().call_later(
                 delay, self._complete_soon, record, b"null"
             )
@@ -282,7 +272,7 @@ class Waitpoints:
         if record.done:
             return
         self.disarm(record)
-        now = time.time()
+        now = self.engine.clock()
         await self.engine.db.write(
             lambda conn: conn.execute(
                 "UPDATE waits SET status = 'COMPLETED', result = ?, completed_at = ? WHERE id = ?",
@@ -344,7 +334,7 @@ class Waitpoints:
         run_id: str | None,
     ) -> WaitToken:
         """Create a token (or return the one holding the idempotency key)."""
-        now = time.time()
+        now = self.engine.clock()
         token_id = "waitpoint_" + ulid()
         timeout_at = now + timeout_s if timeout_s is not None else None
         key_expires = now + (key_ttl_s if key_ttl_s is not None else DEFAULT_TOKEN_KEY_TTL_S)
@@ -384,7 +374,7 @@ class Waitpoints:
     def _arm_token(self, token: _Token) -> None:
         self._tokens[token.id] = token
         if token.timeout_at is not None:
-            delay = max(0.0, token.timeout_at - time.time())
+            delay = max(0.0, token.timeout_at - self.engine.clock())
             token.timer = asyncio.get_running_loop().call_later(
                 delay, lambda: asyncio.get_running_loop().create_task(self._time_out(token))
             )
@@ -414,7 +404,7 @@ class Waitpoints:
         if token.timer is not None:
             token.timer.cancel()
         self._tokens.pop(token.id, None)
-        now = time.time()
+        now = self.engine.clock()
         await self.engine.db.write(
             lambda conn: conn.execute(
                 "UPDATE tokens SET status = ?, completed_at = ?, output = ? WHERE id = ?",

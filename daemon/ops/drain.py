@@ -31,8 +31,8 @@ from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
     from ember.daemon.engine.core import Engine
-    from ember.daemon.procs.supervisor import Supervisor, Worker
-    from ember.daemon.store.runs import ActiveRun
+    from ember.daemon.model import ActiveRun, Worker
+    from ember.daemon.procs.supervisor import Supervisor
 
 log = logging.getLogger("ember.daemon")
 

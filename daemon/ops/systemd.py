@@ -7,8 +7,11 @@ sockets as fds 3, 4, ... with ``LISTEN_FDS`` (see ``sd_notify(3)``, ``sd_listen_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import time
+from collections.abc import Callable
 
 from ember._config import SystemdEnv
 
@@ -103,3 +106,28 @@ def status_line(stats: dict[str, int]) -> str:
         f"{stats.get('executing', 0)} executing, {stats.get('queued', 0)} queued, "
         f"{stats.get('waiting', 0)} waiting"
     )
+
+
+# How often systemd's STATUS= line is refreshed.
+STATUS_EVERY_S = 5.0
+
+
+async def keep_posted(notifier: Notifier, status: Callable[[], str | None]) -> None:
+    """WATCHDOG=1 at half the watchdog period, from the loop: a stuck loop sends none.
+
+    STATUS= (``status()``, skipped when it gives None) is refreshed every few seconds, with a
+    watchdog or without.
+    """
+    interval = notifier.watchdog_interval_s
+    tick = min(interval, STATUS_EVERY_S) if interval is not None else STATUS_EVERY_S
+    last_status = 0.0
+    while True:
+        if interval is not None:
+            notifier.watchdog()
+        now = time.monotonic()
+        if now - last_status >= STATUS_EVERY_S:
+            line = status()
+            if line is not None:
+                notifier.status(line)
+                last_status = now
+        await asyncio.sleep(tick)

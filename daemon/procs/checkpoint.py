@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING, Protocol
 import ember
 from ember._types import RunStatus
 from ember.daemon.config import DaemonConfig
+from ember.daemon.model import Hold
 from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
+from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
-    from ember.daemon.procs.supervisor import Supervisor, Worker
+    from ember.daemon.model import ActiveRun, Worker
+    from ember.daemon.procs.supervisor import Supervisor
     from ember.daemon.store.db import Database
-    from ember.daemon.store.runs import ActiveRun
 
 log = logging.getLogger("ember.daemon")
 
@@ -59,6 +61,11 @@ RESTORE_PLAN_DEPTH = 256
 
 class CheckpointEngine(Protocol):
     """The engine as the checkpointer sees it: the runs, their journal, and the fallbacks."""
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Wall-clock seconds (the daemon's clock)."""
+        ...
 
     @property
     def active(self) -> Mapping[str, ActiveRun]:
@@ -563,10 +570,8 @@ class Checkpointer:
 
     def _keep_parked(self, run: ActiveRun) -> None:
         """The process could not be dumped: it stays alive, holding the run."""
-        run.hold = "parked"
-        self._engine.db.write(
-            lambda conn: conn.execute("UPDATE runs SET hold = 'parked' WHERE id = ?", (run.id,))
-        )
+        run.hold = Hold.PARKED
+        self._engine.db.write(lambda conn: store.set_hold(conn, run.id, Hold.PARKED))
 
     def restore_ahead(self, run: ActiveRun) -> None:
         """Plan to restore a run waiting for a deadline before it comes, so it resumes on time.
@@ -594,7 +599,7 @@ class Checkpointer:
 
     async def _restore_ahead_loop(self) -> None:
         while self._ahead:
-            delay = self._next_restore_at() - time.time()
+            delay = self._next_restore_at() - self._engine.clock()
             if delay > 0:
                 self._ahead_changed.clear()
                 with contextlib.suppress(TimeoutError):
@@ -602,7 +607,7 @@ class Checkpointer:
                 continue
             _, run_id = heapq.heappop(self._ahead)
             run = self._ahead_runs.pop(run_id, None)
-            if run is None or run.hold != "checkpoint" or run.id in self._restoring:
+            if run is None or run.hold != Hold.CHECKPOINT or run.id in self._restoring:
                 continue
             if run.status is not RunStatus.WAITING:
                 continue  # its deadline came first: the queue restores it as usual
@@ -630,7 +635,7 @@ class Checkpointer:
         """
         await self._restore_once(run)
         # Unless the restored process resumed it already, or _fail placed it to replay:
-        if run.status is RunStatus.DEQUEUED and run.hold != "exited":
+        if run.status is RunStatus.DEQUEUED and run.hold != Hold.EXITED:
             self._engine.resume_parked_or_replay(run)
 
     async def _restore_once(self, run: ActiveRun) -> None:
@@ -653,7 +658,7 @@ class Checkpointer:
                 # process may be back already.
                 if (
                     self._engine.active.get(run.id) is run
-                    and run.hold == "checkpoint"
+                    and run.hold == Hold.CHECKPOINT
                     and run.parked is None
                 ):
                     failed, criu_ran = await self._bring_back(run)
@@ -670,7 +675,7 @@ class Checkpointer:
 
     async def _bring_back(self, run: ActiveRun) -> tuple[str | None, bool]:
         """Restore the run's process (a slot is held): (why it failed or None, criu ran)."""
-        from ember.daemon.procs.supervisor import Worker
+        from ember.daemon.model import Worker
 
         images = self.images(run)
         try:

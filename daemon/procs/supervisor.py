@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
@@ -30,6 +29,7 @@ import psutil
 
 from ember._types import ProcessInfo
 from ember.daemon.config import DaemonConfig
+from ember.daemon.model import VersionKey, Worker, Zygote
 from ember.daemon.procs.protocol import (
     MAX_FRAME_BYTES,
     Done,
@@ -43,18 +43,16 @@ from ember.daemon.procs.protocol import (
     Hello,
     Indexed,
     Log,
-    Message,
     Shutdown,
     Wait,
     encode,
 )
 
 if TYPE_CHECKING:
-    from ember.daemon.store.runs import ActiveRun
+    pass
 
 log = logging.getLogger("ember.daemon")
 
-VersionKey = tuple[str, str]
 # After a run process's channel closes, wait this long for its exit status before reporting
 # it gone, so the reason says "killed by SIGKILL" rather than "closed its channel".
 _EXIT_STATUS_WAIT_S = 0.5
@@ -70,6 +68,11 @@ _STRIPPED_ENV = ("EMBER_VERSION", "TRIGGER_VERSION")
 
 class SupervisorEngine(Protocol):
     """The engine as the supervisor sees it: told when processes come, talk and go."""
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Wall-clock seconds (the daemon's clock)."""
+        ...
 
     @property
     def current(self) -> Mapping[str, str]:
@@ -103,77 +106,6 @@ class SupervisorEngine(Protocol):
     def on_worker_gone(self, worker: Worker, reason: str) -> None:
         """A process exited or its channel closed."""
         ...
-
-
-@dataclass(slots=True, eq=False)
-class Worker:
-    """A run process, from the fork request until it is gone."""
-
-    id: int
-    key: VersionKey
-    token: str
-    pid: int | None = None
-    transport: asyncio.Transport | None = None
-    run: ActiveRun | None = None
-    runs_done: int = 0
-    last_heartbeat: float = 0.0
-    idle_since: float = 0.0
-    retiring: bool = False
-    # Executing its last run before it is recycled; its successor is forked meanwhile.
-    last_run: bool = False
-    timed_out: bool = False
-    stalled: bool = False
-    exit_reason: str | None = None
-    gone: bool = False
-    # The waiting run this process holds while parked (or while it is being dumped).
-    parked: ActiveRun | None = None
-    # Set while the process prepares for a checkpoint: resolved when it closes its channel.
-    checkpointing: asyncio.Future[None] | None = None
-    # The PID the zygote forked (the namespace's parent when run processes get their own).
-    zygote_pid: int | None = None
-    # Frames sent while the process is disconnected for a checkpoint, delivered on hello.
-    outbox: list[Message] = field(default_factory=list)
-    # The environment's variables when it was forked (see Supervisor.refresh_env).
-    generation: int = 0
-    # The zygote that forks it (None for a process restored from a checkpoint).
-    zygote: Zygote | None = None
-    # A handle on the process from its hello on: signals never reach a reused PID, and its
-    # death can be awaited though it is not the daemon's child.
-    pidfd: int | None = None
-    # Why the daemon ended the process itself, for the attempt's error.
-    fault: str | None = None
-    # The run canceled in this process: its on_cancel hooks may still log, until it exits.
-    canceled: ActiveRun | None = None
-
-    def send(self, message: Message) -> None:
-        """Write a frame to the process; held until it reconnects if it is checkpointing."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode(message))
-        elif not self.gone and (self.checkpointing is not None or self.parked is not None):
-            self.outbox.append(message)
-
-
-@dataclass(slots=True, eq=False)
-class Zygote:
-    """A version's warm parent process."""
-
-    key: VersionKey
-    code_dir: str
-    process: subprocess.Popen[bytes]
-    indexed: asyncio.Future[Indexed]
-    transport: asyncio.Transport | None = None
-    connecting: asyncio.Task[None] | None = None
-    pending_forks: list[Fork] = field(default_factory=list)
-    alive: bool = True
-    idle_since: float = field(default_factory=time.time)
-    outdated: bool = False
-
-    def fork(self, message: Fork) -> None:
-        """Ask for a run process now, or as soon as the modules are imported."""
-        if self.indexed.done() and self.transport is not None:
-            self.transport.write(encode(message))
-        else:
-            self.pending_forks.append(message)
 
 
 class _ZygoteProtocol(asyncio.Protocol):
@@ -389,7 +321,9 @@ class Supervisor:
             )
         theirs.close()
         loop = asyncio.get_running_loop()
-        zygote = Zygote(key, code_dir, process, loop.create_future())
+        zygote = Zygote(
+            key, code_dir, process, loop.create_future(), idle_since=self.engine.clock()
+        )
         self._zygotes[key] = zygote
         zygote.connecting = loop.create_task(self._connect_zygote(zygote, ours))
         return zygote
@@ -492,7 +426,7 @@ class Supervisor:
         if self._is_stale(worker.key) or self._outdated(worker):
             self.retire(worker)  # an old version: its zygote goes once its last process has
             return
-        worker.idle_since = time.time()
+        worker.idle_since = self.engine.clock()
         self._idle.setdefault(worker.key, []).append(worker)
 
     def _is_stale(self, key: VersionKey) -> bool:
@@ -757,7 +691,7 @@ class Supervisor:
         """Every few seconds: retire idle processes and zygotes nobody needs."""
         while True:
             await asyncio.sleep(min(5.0, self.config.process_idle_s))
-            now = time.time()
+            now = self.engine.clock()
             for idle in self._idle.values():
                 for worker in [w for w in idle if now - w.idle_since > self.config.process_idle_s]:
                     idle.remove(worker)

@@ -13,7 +13,7 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from ember._types import (
     TaskInfo,
     VersionInfo,
 )
+from ember.daemon.model import ActiveRun, Hold
+from ember.daemon.store.schema import NOT_FINAL
 
 OFFLOAD_BYTES = 512 * 1024
 FINAL = FINAL_STATUSES
@@ -82,57 +84,6 @@ def stored_json(data: bytes | None) -> msgspec.Raw:
 def opt_ts(epoch: float | None) -> datetime | None:
     """Like :func:`ts`, passing None through."""
     return None if epoch is None else ts(epoch)
-
-
-@dataclass(slots=True, eq=False)
-class ActiveRun:
-    """A run that is not final, as the engine keeps it in memory.
-
-    The table is the truth; this is its cache for scheduling, rebuilt from the table on start.
-    """
-
-    id: str
-    env: str
-    task_id: str
-    status: RunStatus
-    queue: str
-    created_at: float
-    max_attempts: int
-    retry: RetryOptions
-    payload: bytes | None = None
-    concurrency_key: str | None = None
-    priority: float = 0.0
-    tags: list[str] = field(default_factory=list)
-    metadata: dict[str, Any] | None = None
-    max_duration_s: float | None = None
-    delay_until: float | None = None
-    ready_at: float | None = None
-    expires_at: float | None = None
-    version: str | None = None
-    pinned_version: str | None = None
-    attempt: int = 0
-    interruptions: int = 0
-    parent_run_id: str | None = None
-    root_run_id: str | None = None
-    batch_id: str | None = None
-    replayed_from: str | None = None
-    started_at: float | None = None
-    idempotency_key: str | None = None
-    generation: int = 0
-    # How a WAITING run is held: "parked" (its process idles), "checkpoint" (a CRIU image),
-    # "exited" (no process: it resumes by replaying its journal); None while executing.
-    hold: str | None = None
-    executing_s: float = 0.0
-    # Engine bookkeeping, never stored.
-    wait: Any = None
-    parked: Any = None
-    resume: tuple[int, bytes] | None = None
-    worker: Any = None
-    in_queue: bool = False
-    attempt_started: float = 0.0
-    timers: list[Any] = field(default_factory=list)
-    # The write recording the end of its last attempt, until it commits.
-    recording: Any = None
 
 
 class BlobStore:
@@ -273,11 +224,33 @@ def set_status(
         f"UPDATE runs SET status = ?, updated_at = ?{assignments} WHERE id = ?",
         (status.value, now, *columns.values(), run_id),
     )
+    add_snapshot(conn, run_id, snapshot, now, attempt, description)
+
+
+def add_snapshot(
+    conn: sqlite3.Connection,
+    run_id: str,
+    snapshot: str,
+    now: float,
+    attempt: int,
+    description: str,
+) -> None:
+    """Record an execution snapshot (with or without a change of status)."""
     conn.execute(
         "INSERT INTO snapshots (run_id, status, created_at, attempt, description)"
         " VALUES (?, ?, ?, ?, ?)",
         (run_id, snapshot, now, attempt, description),
     )
+
+
+def set_hold(conn: sqlite3.Connection, run_id: str, hold: Hold | None) -> None:
+    """Record how a waiting run is held (None: it is not)."""
+    conn.execute("UPDATE runs SET hold = ? WHERE id = ?", (hold, run_id))
+
+
+def set_replayed_from(conn: sqlite3.Connection, run_id: str, source_id: str) -> None:
+    """Mark a run as the replay of another."""
+    conn.execute("UPDATE runs SET replayed_from = ? WHERE id = ?", (source_id, run_id))
 
 
 def start_attempt(conn: sqlite3.Connection, run: ActiveRun, now: float, pid: int | None) -> None:
@@ -666,12 +639,6 @@ _ACTIVE_COLUMNS = (
 )
 
 
-_NOT_FINAL = (
-    "status NOT IN ('COMPLETED', 'CANCELED', 'FAILED', 'CRASHED', 'SYSTEM_FAILURE', 'EXPIRED',"
-    " 'TIMED_OUT')"
-)
-
-
 def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[ActiveRun]:
     """Every run that is not final, oldest first, without payloads (loaded on dispatch).
 
@@ -681,7 +648,7 @@ def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[Acti
     # Two indexed reads (runs_active, runs_delayed) so the far DELAYED runs are never visited;
     # sorted here, as an ORDER BY over both would walk the whole id index instead.
     rows = conn.execute(
-        f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE {_NOT_FINAL} AND status != 'DELAYED'"
+        f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE {NOT_FINAL} AND status != 'DELAYED'"
     ).fetchall()
     delayed = f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE status = 'DELAYED' AND delay_until"
     rows += conn.execute(f"{delayed} <= ? UNION ALL {delayed} IS NULL", (delayed_until,)).fetchall()
@@ -692,7 +659,7 @@ def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[Acti
 def open_children(conn: sqlite3.Connection, parent_run_id: str) -> list[str]:
     """Ids of the runs a run triggered that are not final."""
     rows = conn.execute(
-        f"SELECT id FROM runs WHERE parent_run_id = ? AND {_NOT_FINAL}", (parent_run_id,)
+        f"SELECT id FROM runs WHERE parent_run_id = ? AND {NOT_FINAL}", (parent_run_id,)
     )
     return [str(row[0]) for row in rows]
 
@@ -744,7 +711,7 @@ def _active_run(r: Sequence[Any]) -> ActiveRun:
         started_at=r[24],
         idempotency_key=r[25],
         generation=r[26],
-        hold=r[27],
+        hold=Hold(r[27]) if r[27] is not None else None,
         executing_s=r[28],
     )
 

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import sqlite3
 
+from ember._types import FINAL_STATUSES, RunStatus
+
+# The final statuses in RunStatus's order. SQLite uses a partial index only for a query whose
+# WHERE repeats the index's own terms, so the index and the queries take this one fragment.
+NOT_FINAL = "status NOT IN ({})".format(
+    ", ".join(f"'{s.value}'" for s in RunStatus if s in FINAL_STATUSES)
+)
+
 MIGRATIONS: list[str] = [
     # 1: runs and everything recorded about them
-    """
+    f"""
     CREATE TABLE versions (
         env TEXT NOT NULL,
         id TEXT NOT NULL,
@@ -76,9 +84,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX runs_env_id ON runs (env, id);
     CREATE INDEX runs_env_status_id ON runs (env, status, id);
     CREATE INDEX runs_env_task_id ON runs (env, task_id, id);
-    CREATE INDEX runs_active ON runs (status)
-        WHERE status NOT IN ('COMPLETED', 'CANCELED', 'FAILED', 'CRASHED', 'SYSTEM_FAILURE',
-                             'EXPIRED', 'TIMED_OUT');
+    CREATE INDEX runs_active ON runs (status) WHERE {NOT_FINAL};
     CREATE UNIQUE INDEX runs_idempotency ON runs (env, task_id, idempotency_slot)
         WHERE idempotency_slot IS NOT NULL;
     CREATE INDEX runs_parent ON runs (parent_run_id) WHERE parent_run_id IS NOT NULL;

@@ -1,0 +1,170 @@
+"""The records the engine, the store and the supervisor share.
+
+A run in flight (:class:`ActiveRun`) and the run process executing or holding it
+(:class:`Worker`) point at each other, and a waiting run points at its wait
+(:class:`WaitRecord`): so they live together here, below the engine, procs/ and store/, and
+none of those imports another for its types. This module imports only the worker channel's
+wire format (:mod:`ember.daemon.procs.protocol`, a leaf).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember._types import RetryOptions, RunStatus
+from ember.daemon.procs.protocol import Fork, Indexed, Message, encode
+
+VersionKey = tuple[str, str]
+
+
+class Hold(enum.StrEnum):
+    """How a WAITING run is held (stored in ``runs.hold``)."""
+
+    PARKED = "parked"
+    """Its process idles, connected."""
+    CHECKPOINT = "checkpoint"
+    """Its process was dumped by CRIU and exited; it resumes from the image."""
+    EXITED = "exited"
+    """No process: it resumes by replaying its journal."""
+
+
+@dataclass(slots=True, eq=False)
+class ActiveRun:
+    """A run that is not final, as the engine keeps it in memory.
+
+    The table is the truth; this is its cache for scheduling, rebuilt from the table on start.
+    """
+
+    id: str
+    env: str
+    task_id: str
+    status: RunStatus
+    queue: str
+    created_at: float
+    max_attempts: int
+    retry: RetryOptions
+    payload: bytes | None = None
+    concurrency_key: str | None = None
+    priority: float = 0.0
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] | None = None
+    max_duration_s: float | None = None
+    delay_until: float | None = None
+    ready_at: float | None = None
+    expires_at: float | None = None
+    version: str | None = None
+    pinned_version: str | None = None
+    attempt: int = 0
+    interruptions: int = 0
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    batch_id: str | None = None
+    replayed_from: str | None = None
+    started_at: float | None = None
+    idempotency_key: str | None = None
+    generation: int = 0
+    # How a WAITING run is held; None while executing.
+    hold: Hold | None = None
+    executing_s: float = 0.0
+    # Engine bookkeeping, never stored.
+    wait: WaitRecord | None = None
+    parked: Worker | None = None
+    resume: tuple[int, bytes] | None = None
+    worker: Worker | None = None
+    in_queue: bool = False
+    attempt_started: float = 0.0
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    # The write recording the end of its last attempt, until it commits.
+    recording: asyncio.Future[None] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class WaitRecord:
+    """A wait of a run that has not completed."""
+
+    id: str
+    run_id: str
+    generation: int
+    seq: int
+    kind: str
+    resume_at: float | None
+    targets: list[str]
+    task_ids: list[str]
+    timer: asyncio.TimerHandle | None = None
+    done: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    """A run process, from the fork request until it is gone."""
+
+    id: int
+    key: VersionKey
+    token: str
+    pid: int | None = None
+    transport: asyncio.Transport | None = None
+    run: ActiveRun | None = None
+    runs_done: int = 0
+    last_heartbeat: float = 0.0
+    idle_since: float = 0.0
+    retiring: bool = False
+    # Executing its last run before it is recycled; its successor is forked meanwhile.
+    last_run: bool = False
+    timed_out: bool = False
+    stalled: bool = False
+    exit_reason: str | None = None
+    gone: bool = False
+    # The waiting run this process holds while parked (or while it is being dumped).
+    parked: ActiveRun | None = None
+    # Set while the process prepares for a checkpoint: resolved when it closes its channel.
+    checkpointing: asyncio.Future[None] | None = None
+    # The PID the zygote forked (the namespace's parent when run processes get their own).
+    zygote_pid: int | None = None
+    # Frames sent while the process is disconnected for a checkpoint, delivered on hello.
+    outbox: list[Message] = field(default_factory=list)
+    # The environment's variables when it was forked (see Supervisor.refresh_env).
+    generation: int = 0
+    # The zygote that forks it (None for a process restored from a checkpoint).
+    zygote: Zygote | None = None
+    # A handle on the process from its hello on: signals never reach a reused PID, and its
+    # death can be awaited though it is not the daemon's child.
+    pidfd: int | None = None
+    # Why the daemon ended the process itself, for the attempt's error.
+    fault: str | None = None
+    # The run canceled in this process: its on_cancel hooks may still log, until it exits.
+    canceled: ActiveRun | None = None
+
+    def send(self, message: Message) -> None:
+        """Write a frame to the process; held until it reconnects if it is checkpointing."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode(message))
+        elif not self.gone and (self.checkpointing is not None or self.parked is not None):
+            self.outbox.append(message)
+
+
+@dataclass(slots=True, eq=False)
+class Zygote:
+    """A version's warm parent process."""
+
+    key: VersionKey
+    code_dir: str
+    process: subprocess.Popen[bytes]
+    indexed: asyncio.Future[Indexed]
+    transport: asyncio.Transport | None = None
+    connecting: asyncio.Task[None] | None = None
+    pending_forks: list[Fork] = field(default_factory=list)
+    alive: bool = True
+    # Set by the supervisor from the daemon's clock.
+    idle_since: float = 0.0
+    outdated: bool = False
+
+    def fork(self, message: Fork) -> None:
+        """Ask for a run process now, or as soon as the modules are imported."""
+        if self.indexed.done() and self.transport is not None:
+            self.transport.write(encode(message))
+        else:
+            self.pending_forks.append(message)
