@@ -404,7 +404,7 @@ async def test_durations_dates_and_limits_are_bounded_where_they_enter(state_dir
                 body = {"payload": {}, "options": {field: value, "idempotency_key": "k"}}
                 assert_refused(await api(h, "POST", trigger, json=body), f"options.{field}")
         for number in (b"1e400", b"-1.0", b"1e300"):  # 1e400 decodes as inf
-            body_bytes = b'{"options": {"max_duration_s": %s}}' % number
+            body_bytes = b'{"payload": {}, "options": {"max_duration_s": %s}}' % number
             assert_refused(await api(h, "POST", trigger, content=body_bytes), "max_duration_s")
         for date in ("0001-01-01T00:00:00Z", "1900-01-01T00:00:00+00:00"):
             body = {"payload": {}, "options": {"delay": date}}
@@ -418,14 +418,19 @@ async def test_durations_dates_and_limits_are_bounded_where_they_enter(state_dir
                 assert_refused(await api(h, "GET", path, params={"limit": limit}), "limit")
         for date in ("nan", "inf", "1e400", "99999-01-01", "2026-13-01"):
             assert_refused(await api(h, "GET", "/api/v1/runs", params={"from": date}), "from")
-        run = (await api(h, "POST", trigger, json={"options": {"delay": "1h"}})).json()
+        run = (
+            await api(h, "POST", trigger, json={"payload": {}, "options": {"delay": "1h"}})
+        ).json()
         reschedule = f"/api/v1/runs/{run['id']}/reschedule"
         for value in BAD_VALUES:
             assert_refused(await api(h, "POST", reschedule, json={"delay": value}), "delay")
         wait = f"/api/v1/runs/{run['id']}/wait"
         assert_refused(await api(h, "GET", wait, params={"timeout_s": "nan"}), "timeout_s")
         # In range, all of these work.
-        ok = {"options": {"delay": "9999-12-31T00:00:00Z", "ttl": "1w", "max_duration_s": 60}}
+        ok = {
+            "payload": {},
+            "options": {"delay": "9999-12-31T00:00:00Z", "ttl": "1w", "max_duration_s": 60},
+        }
         assert (await api(h, "POST", trigger, json=ok)).status_code == 200
         assert (await api(h, "GET", "/api/v1/runs", params={"from": "1e9"})).status_code == 200
 
@@ -460,7 +465,9 @@ async def test_a_store_holding_bad_values_still_lists(state_dir: Path, tmp_path:
         await h.register({"tasks/__init__.py": "", "tasks/t.py": SLEEPER})
         trigger = "/api/v1/tasks/sleeper/trigger"
         ids = [
-            (await api(h, "POST", trigger, json={"options": {"delay": "1h"}})).json()["id"]
+            (
+                await api(h, "POST", trigger, json={"payload": {}, "options": {"delay": "1h"}})
+            ).json()["id"]
             for _ in range(4)
         ]
         tokens = [(await api(h, "POST", "/api/v1/waitpoints/tokens", json={})).json()["id"]]
@@ -546,7 +553,9 @@ async def test_a_server_error_names_no_internals_and_the_log_has_them(
     async with running_daemon(state_dir) as h:
         await h.register({"tasks/__init__.py": "", "tasks/t.py": SLEEPER})
         trigger = "/api/v1/tasks/sleeper/trigger"
-        run_id = (await api(h, "POST", trigger, json={"options": {"delay": "1h"}})).json()["id"]
+        run_id = (
+            await api(h, "POST", trigger, json={"payload": {}, "options": {"delay": "1h"}})
+        ).json()["id"]
         # A blob deleted behind the daemon's back: reading the run fails inside the daemon.
         missing = "ab" * 32
         with sqlite3.connect(state_dir / "ember.db") as conn:
