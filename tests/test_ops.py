@@ -313,3 +313,33 @@ def test_server_settings_are_read_as_people_write_them() -> None:
         daemon_config(None, socket_mode="rw-rw----")
     with pytest.raises(ConfigError, match="shutdown_grace_s must be zero or more"):
         daemon_config(None, shutdown_grace_s=-1.0)
+
+
+@pytest.mark.timeout(180)
+async def test_daemon_with_retention_prunes_on_its_own(state_dir: Path) -> None:
+    # A clock 31 days ahead: runs finished now are past a 30-day retention at once.
+    ahead = 31 * 86400.0
+    async with running_daemon(
+        state_dir, clock=lambda: time.time() + ahead, retention_s=30 * 86400.0
+    ) as h:
+        await h.register(TASKS)
+        runs = Runs(h.client)
+        done = await h.run("echo", {"n": 1})
+        waiting = await Tasks(h.client).trigger("gate", {})
+
+        async def is_waiting() -> bool:
+            return (await runs.retrieve(waiting.id)).status is RunStatus.WAITING
+
+        await eventually(is_waiting)
+
+        async def pruned() -> bool:
+            try:
+                await runs.retrieve(done.id)
+            except NotFound:
+                return True
+            return False
+
+        # The first pass comes a second after the start (maybe before the run ended), the
+        # next a minute later.
+        await eventually(pruned, timeout_s=100)
+        assert (await runs.retrieve(waiting.id)).status is RunStatus.WAITING

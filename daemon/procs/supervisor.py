@@ -114,6 +114,12 @@ class _ZygoteProtocol(asyncio.Protocol):
         self._zygote = zygote
         self._decoder = FrameDecoder(FromZygote)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Here, not when create_unix_connection returns: its Indexed can be read before
+        # that, and forks queued meanwhile were then never sent (runs waited forever).
+        # (uvloop's transports are not asyncio.Transport subclasses: no isinstance check)
+        self._zygote.transport = cast(asyncio.Transport, transport)
+
     def data_received(self, data: bytes) -> None:
         for message in self._decoder.feed(data):
             self._supervisor._on_zygote_message(self._zygote, message)
