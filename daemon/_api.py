@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 import ember
 from ember._duration import parse_duration_s
-from ember._errors import ApiError, BadRequest, ConfigError, EmberError, Unauthorized
+from ember._errors import ApiError, BadRequest, ConfigError, EmberError, NotFound, Unauthorized
 from ember._types import (
     REQUEST_KEY_HEADER,
     BatchItem,
@@ -178,9 +178,17 @@ async def reset_queue_limit(daemon: Daemon, request: Request, env: str) -> Queue
     return _queue_info(daemon, env, name)
 
 
+async def get_queue(daemon: Daemon, request: Request, env: str) -> QueueInfo:
+    name = request.path_params["name"]
+    if name not in daemon.engine.queue.stats(env):
+        raise NotFound(404, f"queue {name!r} does not exist in environment {env}")
+    return _queue_info(daemon, env, name)
+
+
 def _queue_info(daemon: Daemon, env: str, name: str) -> QueueInfo:
     queue = daemon.engine.queue
     running, queued = queue.stats(env).get(name, (0, 0))
+    until = queue.rate_blocked_until(env, name)
     return QueueInfo(
         name=name,
         env=env,
@@ -188,6 +196,8 @@ def _queue_info(daemon: Daemon, env: str, name: str) -> QueueInfo:
         running=running,
         queued=queued,
         paused=queue.is_paused(env, name),
+        rate_limit=daemon.engine.rate_limit(env, name),
+        rate_limited_until=store.opt_ts(until),
     )
 
 
@@ -462,6 +472,9 @@ ROUTES: tuple[RouteSpec, ...] = (
         response=VersionInfo,
     ),
     RouteSpec("GET", "/api/v1/queues", list_queues, "Queues and their load", response=QueueList),
+    RouteSpec(
+        "GET", "/api/v1/queues/{name:path}", get_queue, "A queue and its load", response=QueueInfo
+    ),
     RouteSpec(
         "POST", "/api/v1/queues/{name:path}/pause", pause_queue, "Pause a queue", response=QueueInfo
     ),

@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ember._duration import parse_duration_s, resolve_instant
+from ember._duration import check_rate_limit, parse_duration_s, resolve_instant
 from ember._errors import BadRequest, ConfigError, Conflict, EmberError, NotFound, PayloadTooLarge
 from ember._runtime import Context
 from ember._types import (
     BatchItem,
     LogEvent,
     LogLine,
+    RateLimit,
     RetryOptions,
     Run,
     RunError,
@@ -48,6 +49,7 @@ from ember.daemon._events import EventHub
 from ember.daemon._ids import new_batch_id, new_run_id
 from ember.daemon._protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
 from ember.daemon._queue import RunQueue
+from ember.daemon._ratelimit import RateSpec
 from ember.daemon._store import ActiveRun, BlobStore
 from ember.daemon._waits import NonDeterministic, Waitpoints, WaitRecord
 
@@ -127,6 +129,8 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Trigger requests under way, by (environment, the client's request key).
         self._trigger_requests: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._rate_wake: asyncio.TimerHandle | None = None
+        self._rate_wake_at = math.inf
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -258,6 +262,26 @@ class Engine:
             override = self._queue_overrides.get((env, task.queue))
             if override is None or not override[2]:
                 self.queue.set_limit(env, task.queue, task.queue_concurrency_limit)
+            self._set_rate_limit(env, task.queue, task.queue_rate_limit)
+
+    def _set_rate_limit(self, env: str, queue: str, rate: RateLimit | None) -> None:
+        """Apply a queue's rate limit; a new or changed one counts the starts already made."""
+        rates = self.queue.rates
+        spec = None
+        if rate is not None:
+            spec = RateSpec(rate.limit, check_rate_limit(rate, "rate_limit"), rate.per_key)
+        if rates.specs.get((env, queue)) == spec:
+            return
+        rates.set(env, queue, spec)
+        if spec is not None:
+            rates.clear(env, queue)
+            since = time.time() - spec.period_s
+            starts = self.db.read_point(lambda conn: store.attempt_starts(conn, since, env, queue))
+            for key, started_at in starts:
+                wkey = rates.window_key(env, queue, key)
+                assert wkey is not None
+                rates.load(wkey, started_at)
+        self.queue.unblock()
 
     async def add_version(self, info: VersionInfo, code_dir: str, promote: bool) -> VersionInfo:
         """Record a registered version and, when ``promote``, make it current."""
@@ -701,8 +725,9 @@ class Engine:
     def _pump(self) -> None:
         """Start queued runs while there is room, taking lanes in turn."""
         self._pump_scheduled = False
+        now = time.time()
         while self._busy < self.config.max_concurrent_runs:
-            run = self.queue.pop()
+            run = self.queue.pop(now)
             if run is None:
                 break
             version = self._target_version(run)
@@ -723,7 +748,24 @@ class Engine:
                 self._spawn(self.checkpointer.restore(run))
                 continue
             self.place(run)
+        if self.queue.wake_at < self._rate_wake_at:
+            self._arm_rate_wake(now)
         self._update_idle()
+
+    def _arm_rate_wake(self, now: float) -> None:
+        """Look at rate-limited lanes again when the first of their windows frees a place."""
+        if self._rate_wake is not None:
+            self._rate_wake.cancel()
+        self._rate_wake_at = self.queue.wake_at
+        self._rate_wake = asyncio.get_running_loop().call_later(
+            max(0.0, self._rate_wake_at - now), self._on_rate_wake
+        )
+
+    def _on_rate_wake(self) -> None:
+        self._rate_wake = None
+        self._rate_wake_at = math.inf
+        self.queue.unblock()
+        self._schedule_pump()
 
     def place(self, run: ActiveRun) -> None:
         """Give a DEQUEUED run (its slot taken) a process of its version: idle, or new."""
@@ -821,6 +863,7 @@ class Engine:
         if continuation:
             self._record_executing(run, now, "replaying from the journal in a new process")
         else:
+            self.queue.started(run, now)  # the same instant the attempt row records
             self.db.write(lambda conn: store.start_attempt(conn, run, now, worker.pid))
         self.supervisor.prepare_successor(worker)
         context = Context(
@@ -1556,6 +1599,13 @@ class Engine:
         run = self.db.read_point(lambda conn: store.get_run(conn, self.blobs, run_id, history))
         if run is None:
             raise NotFound(404, f"run {run_id} does not exist")
+        active = self.active.get(run_id)
+        if run.status is RunStatus.QUEUED and active is not None:
+            reason = self.queue.why_queued(active)
+            if reason is None and active.in_queue and self._busy >= self.config.max_concurrent_runs:
+                reason = f"the daemon runs its maximum of {self.config.max_concurrent_runs} runs"
+            if reason is not None:
+                return msgspec.structs.replace(run, queued_reason=reason)
         return run
 
     async def wait_final(self, run_id: str, timeout_s: float, history: bool = True) -> Run:
@@ -1605,6 +1655,13 @@ class Engine:
             if task.queue == name:
                 return task.queue_concurrency_limit
         return None
+
+    def rate_limit(self, env: str, name: str) -> RateLimit | None:
+        """A queue's rate limit as the current version's code declares it."""
+        spec = self.queue.rates.specs.get((env, name))
+        if spec is None:
+            return None
+        return RateLimit(limit=spec.limit, period=spec.period_s, per_key=spec.per_key)
 
     async def pause_queue(self, env: str, name: str, paused: bool) -> None:
         """Stop (or resume) starting runs of a queue; executing runs carry on.

@@ -220,6 +220,12 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX trigger_requests_created ON trigger_requests (created_at);
     """,
+    # 7: queues, batches and bulk actions at Trigger.dev's level: attempt starts by time (a
+    # rate window is rebuilt from them), batch records, bulk actions, alert channels
+    """
+    CREATE INDEX attempts_started ON attempts (started_at);
+    CREATE INDEX runs_batch ON runs (batch_id, id) WHERE batch_id IS NOT NULL;
+    """,
 ]
 
 

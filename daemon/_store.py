@@ -100,6 +100,8 @@ class ActiveRun:
     resume: tuple[int, bytes] | None = None
     worker: Any = None
     in_queue: bool = False
+    # The rate window holding a place for this run until its attempt starts.
+    rate_window: Any = None
     attempt_started: float = 0.0
     timers: list[Any] = field(default_factory=list)
     # The write recording the end of its last attempt, until it commits.
@@ -759,6 +761,17 @@ def load_queue_overrides(conn: sqlite3.Connection) -> list[tuple[str, str, bool,
             "SELECT env, name, paused, concurrency_limit, has_limit FROM queue_overrides"
         )
     ]
+
+
+def attempt_starts(
+    conn: sqlite3.Connection, since: float, env: str, queue: str
+) -> list[tuple[str | None, float]]:
+    """Attempts of a queue started after ``since``: (concurrency key, start), oldest first."""
+    return conn.execute(
+        "SELECT r.concurrency_key, a.started_at FROM attempts a JOIN runs r ON r.id = a.run_id"
+        " WHERE a.started_at > ? AND r.env = ? AND r.queue = ? ORDER BY a.started_at",
+        (since, env, queue),
+    ).fetchall()
 
 
 def key_env(conn: sqlite3.Connection, key_hash: str) -> str | None:

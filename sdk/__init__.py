@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         WaitOutsideRunError,
     )
     from ember._logger import logger
+    from ember._queues import Queues, queues
     from ember._runs import Runs, Tasks, runs, tasks
     from ember._runtime import Context
     from ember._schedule_types import Schedule, ScheduledPayload, ScheduleList
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
         ExecutionSnapshot,
         LogEvent,
         LogLine,
+        RateLimit,
         Run,
         RunError,
         RunEvent,
@@ -88,6 +90,7 @@ _EXPORTS: dict[str, str] = {
     "PayloadTooLarge": "ember._errors",
     "PayloadValidationError": "ember._errors",
     "Queue": "ember._task",
+    "RateLimit": "ember._types",
     "Retry": "ember._task",
     "Run": "ember._types",
     "RunError": "ember._types",
@@ -96,6 +99,7 @@ _EXPORTS: dict[str, str] = {
     "RunHandle": "ember._task",
     "RunStatus": "ember._types",
     "RunSummary": "ember._types",
+    "Queues": "ember._queues",
     "Runs": "ember._runs",
     "Schedule": "ember._schedule_types",
     "ScheduleList": "ember._schedule_types",
@@ -120,6 +124,7 @@ _EXPORTS: dict[str, str] = {
     "envvars": "ember._envvars",
     "idempotency_keys": "ember._wait",
     "logger": "ember._logger",
+    "queues": "ember._queues",
     "runs": "ember._runs",
     "schedules": "ember._schedules",
     "task": "ember._task",
@@ -149,6 +154,8 @@ __all__ = [
     "PayloadTooLarge",
     "PayloadValidationError",
     "Queue",
+    "Queues",
+    "RateLimit",
     "Retry",
     "Run",
     "RunError",
@@ -182,6 +189,7 @@ __all__ = [
     "envvars",
     "idempotency_keys",
     "logger",
+    "queues",
     "runs",
     "schedules",
     "task",

@@ -6,6 +6,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 from ember._errors import ConfigError
+from ember._types import RateLimit
 
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -56,3 +57,20 @@ def resolve_instant(value: float | int | str | timedelta | datetime, now: float)
                 f"{value!r} is not an ISO 8601 date-time (e.g. '2026-11-21T09:00:00Z')"
             ) from None
     return now + parse_duration_s(value)
+
+
+def check_rate_limit(rate: RateLimit, where: str) -> float:
+    """Validate a rate limit; return its period in seconds.
+
+    Raises:
+        ConfigError: the limit is below 1 or the period is not a positive duration.
+    """
+    if not isinstance(rate.limit, int) or rate.limit < 1:
+        raise ConfigError(f"{where}: limit must be a whole number of at least 1")
+    try:
+        period_s = parse_duration_s(rate.period)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: period {exc}") from None
+    if not period_s > 0:
+        raise ConfigError(f"{where}: period must be longer than zero, e.g. '1m'")
+    return period_s

@@ -28,7 +28,7 @@ import msgspec
 
 from ember._client import Call, Client, default_client, request_key
 from ember._config import pinned_version
-from ember._duration import parse_duration_s
+from ember._duration import check_rate_limit, parse_duration_s
 from ember._errors import ConfigError, PayloadValidationError, RunFailedError
 from ember._runtime import Context, current_runtime
 
@@ -39,6 +39,7 @@ from ember._types import (
     BatchItem,
     BatchTriggerRequest,
     BatchTriggerResponse,
+    RateLimit,
     RetryOptions,
     Run,
     TriggerOptions,
@@ -63,10 +64,13 @@ class Queue(msgspec.Struct, frozen=True):
         name: the queue's name, unique in the project.
         concurrency_limit: runs of this queue executing at once; unlimited when None
             (the environment's limit still applies).
+        rate_limit: at most so many attempt starts per period, e.g.
+            ``RateLimit(limit=100, period="1m")``; runs over it wait QUEUED.
     """
 
     name: str
     concurrency_limit: int | None = None
+    rate_limit: RateLimit | None = None
 
 
 Retry = RetryOptions
@@ -231,6 +235,8 @@ class Task(Generic[T, P, R]):
             and queue.concurrency_limit < 1
         ):
             raise ConfigError(f"task {id!r}: queue concurrency_limit must be at least 1")
+        if queue is not None and queue.rate_limit is not None:
+            check_rate_limit(queue.rate_limit, f"task {id!r}: queue rate_limit")
         self.fn = fn
         self.id = id
         self.retry = retry

@@ -251,6 +251,8 @@ class Run(Struct, frozen=True):
     replayed_from: str | None = None
     attempts: list[Attempt] = []
     snapshots: list[ExecutionSnapshot] = []
+    # Why a QUEUED run has not started: its queue is paused, full, or rate limited.
+    queued_reason: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -303,6 +305,20 @@ class TaskSchedule(Struct, frozen=True):
     environments: list[str] = []
 
 
+class RateLimit(Struct, frozen=True):
+    """A queue's rate limit: at most ``limit`` attempt starts in any ``period`` window.
+
+    Args:
+        limit: attempts that may start within one period (at least 1).
+        period: the window, as seconds or a duration such as ``"1m"``.
+        per_key: give each concurrency key its own window (else the queue shares one).
+    """
+
+    limit: int
+    period: Duration
+    per_key: bool = False
+
+
 class TaskInfo(Struct, frozen=True):
     """A task as indexed from a version's code."""
 
@@ -311,6 +327,7 @@ class TaskInfo(Struct, frozen=True):
     export_name: str
     queue: str
     queue_concurrency_limit: int | None = None
+    queue_rate_limit: RateLimit | None = None
     retry: RetryOptions = RetryOptions()
     max_duration_s: float | None = None
     ttl: Duration | None = None
@@ -358,6 +375,9 @@ class QueueInfo(Struct, frozen=True):
     running: int
     queued: int
     paused: bool = False
+    rate_limit: RateLimit | None = None
+    # While the rate limit holds runs back: when the next may start.
+    rate_limited_until: datetime | None = None
 
 
 class QueueList(Struct, frozen=True):
