@@ -22,6 +22,7 @@ from ember.cli._common import run_async as _run_async
 from ember.cli._deploy import deploy, promote, versions
 from ember.cli._environments import env_app, keys_app
 from ember.cli._project import find_project, init_project
+from ember.cli._queues import queues_app
 from ember.cli._schedules import schedules_app
 from ember.cli._settings import client_settings, daemon_config
 
@@ -462,3 +463,4 @@ app.command()(versions)
 app.add_typer(keys_app, name="keys")
 app.add_typer(env_app, name="env")
 app.add_typer(schedules_app, name="schedules")
+app.add_typer(queues_app, name="queues")
