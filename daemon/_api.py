@@ -57,6 +57,7 @@ from ember._types import (
 )
 from ember.daemon import _store as store
 from ember.daemon._admin_api import ADMIN_ROUTES
+from ember.daemon._batch_api import BATCH_ROUTES
 from ember.daemon._environments import check_env_name
 from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
 from ember.daemon._routing import read_body as _body
@@ -250,6 +251,7 @@ async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
         tags=_csv(request, "tag"),
         version=request.query_params.get("version") or None,
         parent=request.query_params.get("parent") or None,
+        batch=request.query_params.get("batch") or None,
         created_from=_time_param(request, "from"),
         created_to=_time_param(request, "to"),
     )
@@ -384,6 +386,7 @@ _RUN_FILTERS = (
     ("tag", "comma-separated tags (any matches)"),
     ("version", "locked version"),
     ("parent", "the parent run's id: its child runs"),
+    ("batch", "a batch id: the runs of that batch"),
     ("from", "created at or after (ISO 8601 or epoch seconds)"),
     ("to", "created before (ISO 8601 or epoch seconds)"),
     ("limit", "page size, 1-1000 (default 50)"),
@@ -534,6 +537,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     ),
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
     *ADMIN_ROUTES,
+    *BATCH_ROUTES,
 )
 
 

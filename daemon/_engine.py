@@ -43,6 +43,7 @@ from ember._types import (
     VersionInfo,
 )
 from ember.daemon import _store as store
+from ember.daemon._batches import Batches, insert_batch
 from ember.daemon._config import DaemonConfig
 from ember.daemon._db import Database
 from ember.daemon._events import EventHub
@@ -123,6 +124,7 @@ class Engine:
         # Queue settings changed at run time: (paused, limit, whether the limit is overridden).
         self._queue_overrides: dict[tuple[str, str], tuple[bool, int | None, bool]] = {}
         self.waits = Waitpoints(self)
+        self.batches = Batches(self)
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"
@@ -177,6 +179,7 @@ class Engine:
                 self.waits.arm(record)
                 if waiting.hold == "checkpoint" and self.checkpointer is not None:
                     self.checkpointer.restore_ahead(waiting)
+        self.batches.recover()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._update_idle()
         return len(self.active)
@@ -380,16 +383,40 @@ class Engine:
                 del self._trigger_requests[(env, request_key)]
         return await self._trigger(env, items, batch, None)
 
+    async def trigger_batch_chunk(
+        self, env: str, batch_id: str, start_index: int, items: Sequence[BatchItem]
+    ) -> tuple[str | None, list[TriggerResponse], int]:
+        """Commit the runs of one chunk of a batch's items (``_batches.py`` checks the batch).
+
+        Returns the batch id, one handle per item (a run made by an earlier send of the same
+        chunk comes back cached) and how many of the batch's items have arrived.
+        """
+        received: list[int] = []
+        batch, responses = await self._trigger(
+            env, items, True, None, chunk=(batch_id, start_index, received)
+        )
+        return batch, responses, received[0] if received else start_index + len(items)
+
     async def _trigger(
-        self, env: str, items: Sequence[BatchItem], batch: bool, request_key: str | None
+        self,
+        env: str,
+        items: Sequence[BatchItem],
+        batch: bool,
+        request_key: str | None,
+        chunk: tuple[str, int, list[int]] | None = None,
     ) -> tuple[str | None, list[TriggerResponse]]:
         now = time.time()
-        batch_id = new_batch_id() if batch else None
+        batch_id = chunk[0] if chunk else new_batch_id() if batch else None
+        start = chunk[1] if chunk else 0
         prepared = [
-            self._prepare(env, item, now, batch_id, f"items[{i}]." if batch else "")
+            self._prepare(env, item, now, batch_id, f"items[{start + i}]." if batch else "")
             for i, item in enumerate(items)
         ]
+        if batch_id is not None:
+            for i, (run, *_) in enumerate(prepared):
+                run.batch_index = start + i
         blobs = self.blobs
+        sizes = [len(prepared), len(prepared)]  # (items received, the batch's size)
 
         def write(conn: sqlite3.Connection) -> list[str | None] | bytes:
             if request_key is not None:
@@ -398,8 +425,18 @@ class Engine:
                 )
                 if answered is not None:
                     return answered
+            made: dict[int, TriggerResponse] = {}
+            if chunk is not None:
+                made, sizes[0], sizes[1] = self.batches.chunk_write(
+                    conn, chunk[0], start, len(prepared), now
+                )
+            elif batch_id is not None:
+                insert_batch(conn, batch_id, env, len(prepared), now, received=len(prepared))
             cached: list[str | None] = []
             for run, ttl_s, idem_expires, machine in prepared:
+                if run.batch_index in made:
+                    cached.append(made[run.batch_index].id)
+                    continue
                 if run.idempotency_key is not None:
                     existing = store.find_idempotent(
                         conn, env, run.task_id, run.idempotency_key, now
@@ -424,6 +461,11 @@ class Engine:
         cached = await self.db.write(write)
         if isinstance(cached, bytes):
             return _response_decoder.decode(cached)
+        if batch_id is not None:
+            # Before any of its runs can end: the batch counts them.
+            self.batches.opened(batch_id, cached.count(None), *sizes)
+            if chunk is not None:
+                chunk[2].append(sizes[0])
         for (run, *_), existing in zip(prepared, cached, strict=True):
             if existing is None:
                 if run.id not in self.active and not self._dormant(run):
@@ -1445,6 +1487,8 @@ class Engine:
     def _forget(self, run: ActiveRun, status: RunStatus, error: RunError | None) -> None:
         self.active.pop(run.id, None)
         self.waits.on_run_final(run.id)
+        if run.batch_id is not None:
+            self.batches.on_run_final(run.batch_id)
         self._publish(run, error=error, finished=True)
         for waiter in self._waiters.pop(run.id, ()):
             if not waiter.done():

@@ -224,7 +224,24 @@ MIGRATIONS: list[str] = [
     # rate window is rebuilt from them), batch records, bulk actions, alert channels
     """
     CREATE INDEX attempts_started ON attempts (started_at);
-    CREATE INDEX runs_batch ON runs (batch_id, id) WHERE batch_id IS NOT NULL;
+    ALTER TABLE runs ADD COLUMN batch_index INTEGER;
+    CREATE UNIQUE INDEX runs_batch ON runs (batch_id, batch_index) WHERE batch_id IS NOT NULL;
+    CREATE TABLE batches (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        status TEXT NOT NULL,
+        run_count INTEGER NOT NULL,
+        received INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        sealed_at REAL,
+        finished_at REAL,
+        idempotency_key TEXT,
+        idempotency_expires_at REAL
+    );
+    CREATE INDEX batches_env ON batches (env, id);
+    CREATE INDEX batches_open ON batches (status) WHERE status != 'COMPLETED';
+    CREATE UNIQUE INDEX batches_idempotency ON batches (env, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
     """,
 ]
 

@@ -86,6 +86,7 @@ class ActiveRun:
     parent_run_id: str | None = None
     root_run_id: str | None = None
     batch_id: str | None = None
+    batch_index: int | None = None
     replayed_from: str | None = None
     started_at: float | None = None
     idempotency_key: str | None = None
@@ -172,8 +173,8 @@ def insert_run(
         "INSERT INTO runs (id, env, task_id, status, created_at, updated_at, payload, payload_ref,"
         " pinned_version, tags, metadata, max_attempts, retry, delay_until, expires_at, ttl_s,"
         " idempotency_key, idempotency_slot, idempotency_expires_at, queue, concurrency_key,"
-        " priority, max_duration_s, machine, parent_run_id, root_run_id, batch_id, replayed_from)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " priority, max_duration_s, machine, parent_run_id, root_run_id, batch_id, replayed_from,"
+        " batch_index) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             run.id,
             run.env,
@@ -203,6 +204,7 @@ def insert_run(
             run.root_run_id,
             run.batch_id,
             run.replayed_from,
+            run.batch_index,
         ),
     )
     if run.tags:
@@ -469,12 +471,11 @@ class RunFilter:
     created_from: float | None = None
     created_to: float | None = None
     parent: str | None = None
+    batch: str | None = None
 
 
-def list_runs(
-    conn: sqlite3.Connection, flt: RunFilter, limit: int, cursor: str | None
-) -> tuple[list[RunSummary], str | None]:
-    """A page of runs, newest first, and the cursor of the next page (None at the end)."""
+def filter_sql(flt: RunFilter) -> tuple[str, list[str], list[Any]]:
+    """The FROM source, WHERE terms and arguments of the runs a filter matches (alias r)."""
     where = ["r.env = ?"]
     args: list[Any] = [flt.env]
     if flt.statuses:
@@ -489,15 +490,15 @@ def list_runs(
     if flt.parent is not None:
         where.append("r.parent_run_id = ?")
         args.append(flt.parent)
+    if flt.batch is not None:
+        where.append("r.batch_id = ?")
+        args.append(flt.batch)
     if flt.created_from is not None:
         where.append("r.created_at >= ?")
         args.append(flt.created_from)
     if flt.created_to is not None:
         where.append("r.created_at < ?")
         args.append(flt.created_to)
-    if cursor is not None:
-        where.append("r.id < ?")
-        args.append(cursor)
     source = "runs r"
     if flt.tags:
         # A run matches when it carries any of the tags, as in Trigger.dev.
@@ -506,6 +507,17 @@ def list_runs(
             f"({','.join('?' * len(flt.tags))})) t ON t.run_id = r.id"
         )
         args = [flt.env, *flt.tags, *args]
+    return source, where, args
+
+
+def list_runs(
+    conn: sqlite3.Connection, flt: RunFilter, limit: int, cursor: str | None
+) -> tuple[list[RunSummary], str | None]:
+    """A page of runs, newest first, and the cursor of the next page (None at the end)."""
+    source, where, args = filter_sql(flt)
+    if cursor is not None:
+        where.append("r.id < ?")
+        args.append(cursor)
     columns = ", ".join(f"r.{c.strip()}" for c in _SUMMARY_COLUMNS.split(","))
     rows = conn.execute(
         f"SELECT {columns} FROM {source} WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?",

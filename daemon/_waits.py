@@ -48,6 +48,9 @@ class WaitRecord:
     task_ids: list[str]
     timer: asyncio.TimerHandle | None = None
     done: bool = False
+    # Targets before this index were seen ended: a batch of n children is checked in O(n)
+    # over all its endings, not O(n) per ending.
+    ended_upto: int = 0
 
 
 class _ChildResult(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -270,9 +273,16 @@ class Waitpoints:
 
     def on_run_final(self, run_id: str) -> None:
         """A run ended: complete the waits of parents waiting on it (once all are final)."""
+        active = self.engine.active
         for wait_id in list(self._by_child.pop(run_id, ())):
             record = self.pending.get(wait_id)
-            if record is not None and not any(c in self.engine.active for c in record.targets):
+            if record is None:
+                continue
+            targets, i = record.targets, record.ended_upto
+            while i < len(targets) and targets[i] not in active:
+                i += 1
+            record.ended_upto = i
+            if i == len(targets):
                 asyncio.get_running_loop().create_task(self._complete_children(record))
 
     async def _complete_children(self, record: WaitRecord) -> None:

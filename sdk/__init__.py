@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ember._batch import Batch, Batches, batch
     from ember._client import Call, Client, configure, default_client
     from ember._config import ClientSettings
     from ember._envvars import EnvVars, envvars
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from ember._task import Queue, Retry, RunHandle, Task, TriggerItem, task
     from ember._types import (
         Attempt,
+        BatchInfo,
         ExecutionSnapshot,
         LogEvent,
         LogLine,
@@ -73,6 +75,9 @@ _EXPORTS: dict[str, str] = {
     "ApiError": "ember._errors",
     "Attempt": "ember._types",
     "BadRequest": "ember._errors",
+    "Batch": "ember._batch",
+    "BatchInfo": "ember._types",
+    "Batches": "ember._batch",
     "Call": "ember._client",
     "Client": "ember._client",
     "ClientSettings": "ember._config",
@@ -119,6 +124,7 @@ _EXPORTS: dict[str, str] = {
     "Wait": "ember._wait",
     "WaitOutsideRunError": "ember._errors",
     "WaitToken": "ember._types",
+    "batch": "ember._batch",
     "configure": "ember._client",
     "default_client": "ember._client",
     "envvars": "ember._envvars",
@@ -137,6 +143,9 @@ __all__ = [
     "ApiError",
     "Attempt",
     "BadRequest",
+    "Batch",
+    "BatchInfo",
+    "Batches",
     "Call",
     "Client",
     "ClientSettings",
@@ -184,6 +193,7 @@ __all__ = [
     "WaitOutsideRunError",
     "WaitToken",
     "__version__",
+    "batch",
     "configure",
     "default_client",
     "envvars",

@@ -33,12 +33,11 @@ from ember._errors import ConfigError, PayloadValidationError, RunFailedError
 from ember._runtime import Context, current_runtime
 
 if TYPE_CHECKING:
+    from ember._batch import Batch
     from ember._wait import TaskRunResult
 
 from ember._types import (
     BatchItem,
-    BatchTriggerRequest,
-    BatchTriggerResponse,
     RateLimit,
     RetryOptions,
     Run,
@@ -298,7 +297,7 @@ class Task(Generic[T, P, R]):
             request_key=request_key(),
         )
 
-    def _batch_call(self, items: Iterable[T | TriggerItem[T]]) -> Call[BatchTriggerResponse]:
+    def _batch_items(self, items: Iterable[T | TriggerItem[T]]) -> list[BatchItem]:
         batch = []
         for item in items:
             payload, options = (
@@ -311,13 +310,7 @@ class Task(Generic[T, P, R]):
                     options=options or trigger_options(),
                 )
             )
-        return Call(
-            "POST",
-            "/api/v1/tasks/batch",
-            BatchTriggerResponse,
-            body=_encoder.encode(BatchTriggerRequest(items=batch)),
-            request_key=request_key(),
-        )
+        return batch
 
     async def trigger(
         self, payload: T, *, client: Client | None = None, **options: Any
@@ -344,17 +337,29 @@ class Task(Generic[T, P, R]):
         return RunHandle(client.request_sync(call), client, self.output_type)
 
     async def batch_trigger(
-        self, items: Iterable[T | TriggerItem[T]], *, client: Client | None = None
-    ) -> list[RunHandle[R]]:
-        """Queue many runs in one request and one commit; handles come back in order.
+        self,
+        items: Iterable[T | TriggerItem[T]],
+        *,
+        client: Client | None = None,
+        idempotency_key: str | None = None,
+        idempotency_key_ttl: float | str | None = None,
+    ) -> Batch[R]:
+        """Queue runs as one batch; its handle lists the run handles in order.
+
+        Up to 1,000 items are one request and one commit; more are streamed in chunks.
 
         Args:
             items: payloads, or :class:`TriggerItem` for runs with their own options.
             client: the daemon to use; the default client when omitted.
+            idempotency_key: the same key again (within its TTL) returns the same batch.
+            idempotency_key_ttl: how long the key holds (default 30 days).
         """
+        from ember._batch import Batch, plan_batch, send_batch
+
         client = client or default_client()
-        response = await client.request(self._batch_call(items))
-        return [RunHandle(r, client, self.output_type) for r in response.runs]
+        plan = plan_batch(self._batch_items(items), idempotency_key, idempotency_key_ttl)
+        batch_id, runs, cached = await send_batch(client, plan)
+        return Batch(batch_id, runs, client, self.output_type, cached)
 
     async def trigger_and_wait(self, payload: T, **options: Any) -> TaskRunResult[R]:
         """Inside a run: trigger a child on this run's version and wait for its result.
@@ -378,12 +383,20 @@ class Task(Generic[T, P, R]):
         return await batch_trigger_and_wait(self, items)
 
     def batch_trigger_sync(
-        self, items: Iterable[T | TriggerItem[T]], *, client: Client | None = None
-    ) -> list[RunHandle[R]]:
+        self,
+        items: Iterable[T | TriggerItem[T]],
+        *,
+        client: Client | None = None,
+        idempotency_key: str | None = None,
+        idempotency_key_ttl: float | str | None = None,
+    ) -> Batch[R]:
         """Blocking twin of :meth:`batch_trigger`."""
+        from ember._batch import Batch, plan_batch, send_batch_sync
+
         client = client or default_client()
-        response = client.request_sync(self._batch_call(items))
-        return [RunHandle(r, client, self.output_type) for r in response.runs]
+        plan = plan_batch(self._batch_items(items), idempotency_key, idempotency_key_ttl)
+        batch_id, runs, cached = send_batch_sync(client, plan)
+        return Batch(batch_id, runs, client, self.output_type, cached)
 
 
 def _inspect_signature(fn: Callable[..., Any]) -> tuple[Any, bool, Any]:

@@ -150,6 +150,61 @@ class BatchTriggerResponse(Struct, frozen=True):
     runs: list[TriggerResponse]
 
 
+class CreateBatchRequest(Request, frozen=True):
+    """Body of ``POST /api/v2/batches``: a batch of ``run_count`` items, sent in chunks.
+
+    Attributes:
+        run_count: how many items the batch will hold (its items follow in order).
+        idempotency_key: the same key again (within its TTL) returns the same batch.
+        idempotency_key_ttl: how long the key holds, default 30 days.
+    """
+
+    run_count: int
+    idempotency_key: str | None = None
+    idempotency_key_ttl: Duration | None = None
+
+
+class BatchItemsRequest(Request, frozen=True):
+    """Body of ``POST /api/v2/batches/{id}/items``: the next chunk, from ``start_index``.
+
+    Chunks arrive in order; a chunk sent again returns the runs it made the first time.
+    """
+
+    start_index: int
+    items: list[BatchItem]
+
+
+class BatchInfo(Struct, frozen=True):
+    """A batch: ``PENDING`` while its items arrive, ``PROCESSING`` until every run is
+    final, then ``COMPLETED``.
+
+    Attributes:
+        counts: runs of the batch per status.
+        received: items received so far (of ``run_count``).
+        is_cached: returned for an idempotency key that already named this batch.
+    """
+
+    id: str
+    env: str
+    status: Literal["PENDING", "PROCESSING", "COMPLETED"]
+    run_count: int
+    received: int
+    created_at: datetime
+    finished_at: datetime | None = None
+    counts: dict[str, int] = {}
+    idempotency_key: str | None = None
+    is_cached: bool = False
+
+
+class BatchItemsResponse(Struct, frozen=True):
+    """The handles of one chunk's runs, in order, and where the batch stands."""
+
+    batch_id: str
+    runs: list[TriggerResponse]
+    received: int
+    status: Literal["PENDING", "PROCESSING", "COMPLETED"]
+
+
 class RunError(Struct, frozen=True):
     """Why an attempt or a run failed."""
 
@@ -501,5 +556,11 @@ class LogEvent(Struct, frozen=True, tag="log"):
     line: LogLine
 
 
-Event = RunEvent | LogEvent
+class BatchEvent(Struct, frozen=True, tag="batch"):
+    """A batch changed (it completed): streamed on ``GET /api/v1/events``."""
+
+    batch: BatchInfo
+
+
+Event = RunEvent | LogEvent | BatchEvent
 """What the event stream carries."""
