@@ -58,6 +58,7 @@ from ember._types import (
 from ember.daemon import _store as store
 from ember.daemon._admin_api import ADMIN_ROUTES
 from ember.daemon._batch_api import BATCH_ROUTES
+from ember.daemon._bulk_api import BULK_ROUTES
 from ember.daemon._environments import check_env_name
 from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
 from ember.daemon._routing import read_body as _body
@@ -538,6 +539,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
     *ADMIN_ROUTES,
     *BATCH_ROUTES,
+    *BULK_ROUTES,
 )
 
 

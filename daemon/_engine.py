@@ -44,6 +44,7 @@ from ember._types import (
 )
 from ember.daemon import _store as store
 from ember.daemon._batches import Batches, insert_batch
+from ember.daemon._bulk import BulkActions
 from ember.daemon._config import DaemonConfig
 from ember.daemon._db import Database
 from ember.daemon._events import EventHub
@@ -125,6 +126,7 @@ class Engine:
         self._queue_overrides: dict[tuple[str, str], tuple[bool, int | None, bool]] = {}
         self.waits = Waitpoints(self)
         self.batches = Batches(self)
+        self.bulk = BulkActions(self)
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"
@@ -180,6 +182,7 @@ class Engine:
                 if waiting.hold == "checkpoint" and self.checkpointer is not None:
                     self.checkpointer.restore_ahead(waiting)
         self.batches.recover()
+        self.bulk.recover()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._update_idle()
         return len(self.active)
@@ -240,8 +243,14 @@ class Engine:
                     waiter.set_result(None)
         self._waiters.clear()
 
+    @property
+    def closing(self) -> bool:
+        """True once the daemon has begun to stop."""
+        return self._closing
+
     async def close(self) -> None:
         """Stop timers; queued and executing runs stay in the table for the next start."""
+        await self.bulk.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.checkpointer is not None:

@@ -242,6 +242,22 @@ MIGRATIONS: list[str] = [
     CREATE INDEX batches_open ON batches (status) WHERE status != 'COMPLETED';
     CREATE UNIQUE INDEX batches_idempotency ON batches (env, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE bulk_actions (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        action TEXT NOT NULL,
+        status TEXT NOT NULL,
+        filter BLOB,
+        run_ids BLOB,
+        cursor TEXT,
+        total INTEGER NOT NULL,
+        processed INTEGER NOT NULL DEFAULT 0,
+        succeeded INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX bulk_actions_env ON bulk_actions (env, id);
     """,
 ]
 

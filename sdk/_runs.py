@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ember._bulk import BulkActions
 from ember._client import Call, Client, default_client, request_key
 from ember._task import RunHandle, _wire_delay, trigger_options
 from ember._types import (
@@ -44,10 +45,15 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 class Runs:
-    """Runs of the client's environment: ``from ember import runs``."""
+    """Runs of the client's environment: ``from ember import runs``.
+
+    Attributes:
+        bulk: bulk actions (cancel, replay by filter or ids) run by the daemon.
+    """
 
     def __init__(self, client: Client | None = None) -> None:
         self._client = client
+        self.bulk = BulkActions(client)
 
     @property
     def client(self) -> Client:

@@ -556,6 +556,59 @@ class LogEvent(Struct, frozen=True, tag="log"):
     line: LogLine
 
 
+class RunsFilter(Struct, frozen=True):
+    """Which runs a bulk action takes, as the run list filters them (every field narrows).
+
+    A filter without ``created_before`` takes the runs created before the action started:
+    runs triggered while it works are never touched.
+    """
+
+    status: list[RunStatus] = []
+    task: list[str] = []
+    tag: list[str] = []
+    version: str | None = None
+    batch: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+class CreateBulkActionRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/bulk-actions``: cancel or replay by filter or by run ids."""
+
+    action: Literal["cancel", "replay"]
+    filter: RunsFilter | None = None
+    run_ids: list[str] = []
+
+
+class BulkAction(Struct, frozen=True):
+    """A bulk action the daemon executes, and its progress.
+
+    Attributes:
+        total: runs matched when it started.
+        processed: runs handled so far; ``succeeded`` were canceled or replayed, ``failed``
+            could not be (already final, or gone).
+    """
+
+    id: str
+    env: str
+    action: Literal["cancel", "replay"]
+    status: Literal["RUNNING", "COMPLETED", "ABORTED"]
+    total: int
+    processed: int
+    succeeded: int
+    failed: int
+    created_at: datetime
+    finished_at: datetime | None = None
+    filter: RunsFilter | None = None
+    run_ids: list[str] = []
+
+
+class BulkActionList(Struct, frozen=True):
+    """Bulk actions of an environment, newest first."""
+
+    data: list[BulkAction]
+
+
 class BatchEvent(Struct, frozen=True, tag="batch"):
     """A batch changed (it completed): streamed on ``GET /api/v1/events``."""
 
