@@ -31,6 +31,7 @@ _DAEMON_KEYS = {
     "wait_park_threshold_s": float,
     "max_parked_processes": int,
     "criu_path": str,
+    "public_url": str,
 }
 _PROJECT_KEYS = {"dirs", "project", "requirements"}
 _CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}

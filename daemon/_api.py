@@ -59,6 +59,7 @@ from ember.daemon import _store as store
 from ember.daemon._admin_api import ADMIN_ROUTES
 from ember.daemon._batch_api import BATCH_ROUTES
 from ember.daemon._bulk_api import BULK_ROUTES
+from ember.daemon._callbacks import CALLBACK_ROUTES
 from ember.daemon._environments import check_env_name
 from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
 from ember.daemon._routing import read_body as _body
@@ -344,9 +345,10 @@ async def create_token(daemon: Daemon, request: Request, env: str) -> WaitToken:
         raise BadRequest(400, f"timeout: {exc}") from None
     if len(req.tags) > 10:
         raise BadRequest(400, "tags: at most 10 tags per token")
-    return await daemon.engine.waits.create_token(
+    token = await daemon.engine.waits.create_token(
         env, timeout_s, req.idempotency_key, key_ttl_s, req.tags, req.run_id
     )
+    return msgspec.structs.replace(token, url=daemon.engine.callbacks.url(token.id))
 
 
 async def complete_token(daemon: Daemon, request: Request, env: str) -> TokenInfo:
@@ -358,7 +360,8 @@ async def complete_token(daemon: Daemon, request: Request, env: str) -> TokenInf
 
 
 async def retrieve_token(daemon: Daemon, request: Request, env: str) -> TokenInfo:
-    return await daemon.engine.waits.retrieve_token(env, request.path_params["token_id"])
+    token = await daemon.engine.waits.retrieve_token(env, request.path_params["token_id"])
+    return msgspec.structs.replace(token, url=daemon.engine.callbacks.url(token.id))
 
 
 async def list_tokens(daemon: Daemon, request: Request, env: str) -> TokenPage:
@@ -540,6 +543,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     *ADMIN_ROUTES,
     *BATCH_ROUTES,
     *BULK_ROUTES,
+    *CALLBACK_ROUTES,
 )
 
 
@@ -555,7 +559,7 @@ def build_app(daemon: Daemon) -> Router:
     def endpoint(spec: RouteSpec) -> Endpoint:
         async def handle(request: Request) -> Response:
             try:
-                env = await _authorize(daemon, request)
+                env = "" if spec.public else await _authorize(daemon, request)
                 result = await spec.handler(daemon, request, env)
             except ApiError as exc:
                 return _error_response(exc.status, exc.detail)

@@ -40,6 +40,8 @@ class DaemonConfig:
             (no object, no timer) until they come this close, so a million runs scheduled
             for next week cost the daemon neither memory nor start-up time.
         criu_path: the criu binary (found on PATH when None).
+        public_url: how other systems reach this daemon (``https://ember.example.com``), for
+            the callback URLs of wait tokens; ``http://<tcp>`` when None and TCP is on.
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -59,6 +61,7 @@ class DaemonConfig:
     max_parked_processes: int = 500
     delayed_in_memory_s: float = 600.0
     criu_path: str | None = None
+    public_url: str | None = None
 
     @property
     def api_socket(self) -> Path:

@@ -45,6 +45,7 @@ from ember._types import (
 from ember.daemon import _store as store
 from ember.daemon._batches import Batches, insert_batch
 from ember.daemon._bulk import BulkActions
+from ember.daemon._callbacks import TokenCallbacks
 from ember.daemon._config import DaemonConfig
 from ember.daemon._db import Database
 from ember.daemon._events import EventHub
@@ -127,6 +128,7 @@ class Engine:
         self.waits = Waitpoints(self)
         self.batches = Batches(self)
         self.bulk = BulkActions(self)
+        self.callbacks = TokenCallbacks(config)
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"

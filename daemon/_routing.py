@@ -33,6 +33,8 @@ class RouteSpec:
     response: type[Any] | None = None
     query: tuple[tuple[str, str], ...] = ()
     content_type: str = "application/json"
+    # Served without an API key over TCP: the route checks a secret of its own.
+    public: bool = False
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -429,6 +429,14 @@ class Waitpoints:
             info.status, bytes(info.output) if info.status == "COMPLETED" else None
         )
 
+    async def token_env(self, token_id: str) -> str | None:
+        """The environment of a token, None when there is no such token."""
+        token = self._tokens.get(token_id)
+        if token is not None:
+            return token.env
+        info = await self.engine.db.read(lambda conn: _token_row(conn, token_id))
+        return info.env if info is not None else None
+
     async def retrieve_token(self, env: str, token_id: str) -> TokenInfo:
         """A token with the runs waiting on it.
 

@@ -513,11 +513,14 @@ class WaitToken(Struct, frozen=True):
         id: ``waitpoint_...``.
         is_cached: True when an idempotency key returned an existing token.
         timeout_at: when it times out, if it does.
+        url: a POST to it completes the token with the request body as output, with no
+            API key (the URL carries the token's secret: share it only with the sender).
     """
 
     id: str
     is_cached: bool = False
     timeout_at: datetime | None = None
+    url: str = ""
 
 
 class TokenInfo(Struct, frozen=True):
@@ -534,6 +537,7 @@ class TokenInfo(Struct, frozen=True):
     tags: list[str] = []
     run_id: str | None = None
     waiting_runs: list[str] = []
+    url: str = ""
 
 
 class TokenPage(Struct, frozen=True):
