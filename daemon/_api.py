@@ -43,6 +43,8 @@ from ember._types import (
     QueueList,
     ReplayRequest,
     RescheduleRequest,
+    ResetIdempotencyKeyRequest,
+    ResetIdempotencyKeyResponse,
     Run,
     RunPage,
     RunStatus,
@@ -359,6 +361,16 @@ async def complete_token(daemon: Daemon, request: Request, env: str) -> TokenInf
     return await daemon.engine.waits.retrieve_token(env, token_id)
 
 
+async def reset_idempotency_key(
+    daemon: Daemon, request: Request, env: str
+) -> ResetIdempotencyKeyResponse:
+    req: ResetIdempotencyKeyRequest = _decode(
+        await _body(request, 16 * 1024), ResetIdempotencyKeyRequest
+    )
+    run_ids = await daemon.engine.reset_idempotency_key(env, req.task_id, req.key)
+    return ResetIdempotencyKeyResponse(task_id=req.task_id, key=req.key, run_ids=run_ids)
+
+
 async def retrieve_token(daemon: Daemon, request: Request, env: str) -> TokenInfo:
     token = await daemon.engine.waits.retrieve_token(env, request.path_params["token_id"])
     return msgspec.structs.replace(token, url=daemon.engine.callbacks.url(token.id))
@@ -538,6 +550,14 @@ ROUTES: tuple[RouteSpec, ...] = (
         "Complete a wait token with JSON data",
         request=CompleteTokenRequest,
         response=TokenInfo,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/v1/idempotency-keys/reset",
+        reset_idempotency_key,
+        "Free a task's idempotency key: the next trigger with it makes a new run",
+        request=ResetIdempotencyKeyRequest,
+        response=ResetIdempotencyKeyResponse,
     ),
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
     *ADMIN_ROUTES,

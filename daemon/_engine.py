@@ -1581,6 +1581,37 @@ class Engine:
             attempt_status="CANCELED" if run.status is RunStatus.EXECUTING else None,
         )
 
+    async def reset_idempotency_key(self, env: str, task_id: str, key: str) -> list[str]:
+        """Free an idempotency key of a task; returns the runs that held it.
+
+        Raises:
+            NotFound: no run of the task holds the key.
+        """
+
+        def write(conn: sqlite3.Connection) -> list[str]:
+            held = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM runs WHERE env = ? AND task_id = ? AND idempotency_slot = ?",
+                    (env, task_id, key),
+                )
+            ]
+            conn.execute(
+                "UPDATE runs SET idempotency_slot = NULL"
+                " WHERE env = ? AND task_id = ? AND idempotency_slot = ?",
+                (env, task_id, key),
+            )
+            return held
+
+        held = await self.db.write(write)
+        if not held:
+            raise NotFound(
+                404,
+                f"no run of task {task_id!r} in environment {env} holds idempotency key "
+                f"{key!r} (it expired, its run failed, or it was reset)",
+            )
+        return held
+
     async def reschedule(self, run_id: str, delay: Any) -> None:
         """Move a DELAYED run's start.
 

@@ -484,6 +484,21 @@ class QueueLimitRequest(Request, frozen=True):
     concurrency_limit: int | None
 
 
+class ResetIdempotencyKeyRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/idempotency-keys/reset``: free a key of a task."""
+
+    task_id: str
+    key: str
+
+
+class ResetIdempotencyKeyResponse(Struct, frozen=True):
+    """The runs that held the key (the next trigger with it makes a new run)."""
+
+    task_id: str
+    key: str
+    run_ids: list[str]
+
+
 class ErrorBody(Struct, frozen=True):
     """Every error response: ``{"error": "...what happened, why, and what to do"}``."""
 
