@@ -48,6 +48,7 @@ from ember.daemon._bulk import BulkActions
 from ember.daemon._callbacks import TokenCallbacks
 from ember.daemon._config import DaemonConfig
 from ember.daemon._db import Database
+from ember.daemon._debounce import Debouncer
 from ember.daemon._events import EventHub
 from ember.daemon._ids import new_batch_id, new_run_id
 from ember.daemon._protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
@@ -129,6 +130,7 @@ class Engine:
         self.batches = Batches(self)
         self.bulk = BulkActions(self)
         self.callbacks = TokenCallbacks(config)
+        self.debounced = Debouncer(self.db, self.blobs, self._held, self._delay_moved)
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"
@@ -417,6 +419,17 @@ class Engine:
         chunk: tuple[str, int, list[int]] | None = None,
     ) -> tuple[str | None, list[TriggerResponse]]:
         now = time.time()
+        for i, item in enumerate(items):
+            if item.options.debounce is not None and batch:
+                raise BadRequest(
+                    400,
+                    f"items[{i}].options.debounce: debounce is for single triggers; trigger "
+                    "debounced runs one by one",
+                )
+        if not batch and items and items[0].options.debounce is not None:
+            merged = self.debounced.merge(env, items[0], now)
+            if merged is not None:
+                return None, [merged]
         batch_id = chunk[0] if chunk else new_batch_id() if batch else None
         start = chunk[1] if chunk else 0
         prepared = [
@@ -558,6 +571,12 @@ class Engine:
             batch_id=batch_id,
             idempotency_key=options.idempotency_key,
         )
+        if options.debounce is not None:
+            self.debounced.prepare(run, options.debounce, now)
+            if task is None:
+                run.status = RunStatus.PENDING_VERSION
+            elif ttl_s:
+                run.expires_at = (run.delay_until or now) + ttl_s
         machine = options.machine or (task.machine if task else None)
         idem_expires = now + idem_ttl_s if options.idempotency_key else None
         return run, ttl_s, idem_expires, machine
@@ -694,9 +713,16 @@ class Engine:
         self.queue.push(run, queued_at)
         self._schedule_pump()
 
+    def _delay_moved(self, run: ActiveRun) -> None:
+        """A DELAYED run's start moved: re-arm its timers (not yet admitted: nothing to do)."""
+        if self.active.get(run.id) is run and run.status is RunStatus.DELAYED:
+            self._leave_waiting(run)
+            self._admit(run, time.time())
+
     def _undelay(self, run: ActiveRun) -> None:
         if run.status is not RunStatus.DELAYED:
             return
+        self.debounced.forget(run)
         now = time.time()
         run.status = RunStatus.QUEUED
         self.db.write(
@@ -1498,6 +1524,7 @@ class Engine:
     def _forget(self, run: ActiveRun, status: RunStatus, error: RunError | None) -> None:
         self.active.pop(run.id, None)
         self.waits.on_run_final(run.id)
+        self.debounced.forget(run)
         if run.batch_id is not None:
             self.batches.on_run_final(run.batch_id)
         self._publish(run, error=error, finished=True)

@@ -258,6 +258,10 @@ MIGRATIONS: list[str] = [
         finished_at REAL
     );
     CREATE INDEX bulk_actions_env ON bulk_actions (env, id);
+    ALTER TABLE runs ADD COLUMN debounce_key TEXT;
+    ALTER TABLE runs ADD COLUMN debounce_max_at REAL;
+    CREATE INDEX runs_debounce ON runs (env, task_id, debounce_key)
+        WHERE debounce_key IS NOT NULL AND status = 'DELAYED';
     """,
 ]
 

@@ -87,6 +87,9 @@ class ActiveRun:
     root_run_id: str | None = None
     batch_id: str | None = None
     batch_index: int | None = None
+    # Debounced runs: the key, and the latest their start may be pushed to.
+    debounce_key: str | None = None
+    debounce_max_at: float | None = None
     replayed_from: str | None = None
     started_at: float | None = None
     idempotency_key: str | None = None
@@ -134,7 +137,8 @@ class BlobStore:
 # -- writes ------------------------------------------------------------------------------
 
 
-def _inline_or_ref(blobs: BlobStore, data: bytes | None) -> tuple[bytes | None, str | None]:
+def inline_or_ref(blobs: BlobStore, data: bytes | None) -> tuple[bytes | None, str | None]:
+    """A payload or output as stored: inline, or in a blob when it is large."""
     if data is not None and len(data) > OFFLOAD_BYTES:
         return None, blobs.put(data)
     return data, None
@@ -168,13 +172,14 @@ def insert_run(
     machine: str | None,
 ) -> None:
     """Insert a new run with its tags and first snapshots."""
-    payload, payload_ref = _inline_or_ref(blobs, run.payload)
+    payload, payload_ref = inline_or_ref(blobs, run.payload)
     conn.execute(
         "INSERT INTO runs (id, env, task_id, status, created_at, updated_at, payload, payload_ref,"
         " pinned_version, tags, metadata, max_attempts, retry, delay_until, expires_at, ttl_s,"
         " idempotency_key, idempotency_slot, idempotency_expires_at, queue, concurrency_key,"
         " priority, max_duration_s, machine, parent_run_id, root_run_id, batch_id, replayed_from,"
-        " batch_index) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " batch_index, debounce_key, debounce_max_at)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             run.id,
             run.env,
@@ -205,6 +210,8 @@ def insert_run(
             run.batch_id,
             run.replayed_from,
             run.batch_index,
+            run.debounce_key,
+            run.debounce_max_at,
         ),
     )
     if run.tags:
@@ -311,7 +318,7 @@ def finish_run(
     description: str = "",
 ) -> None:
     """Record a run's final status, output or error; a failure frees its idempotency key."""
-    inline, ref = _inline_or_ref(blobs, output)
+    inline, ref = inline_or_ref(blobs, output)
     columns: dict[str, Any] = {
         "finished_at": now,
         "output": inline,

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 from ember._types import (
     BatchItem,
+    Debounce,
     RateLimit,
     RetryOptions,
     Run,
@@ -103,9 +104,21 @@ def trigger_options(
     max_duration_s: float | None = None,
     version: str | None = None,
     machine: str | None = None,
+    debounce: Debounce | dict[str, Any] | None = None,
 ) -> TriggerOptions:
-    """Build :class:`TriggerOptions`, filling the parent run and the pinned version."""
+    """Build :class:`TriggerOptions`, filling the parent run and the pinned version.
+
+    ``debounce`` is a :class:`~ember.Debounce` or a dict of its fields
+    (``{"key": "user-42", "delay": "5s", "mode": "trailing", "max_delay": "1m"}``).
+    """
     runtime = current_runtime()
+    if isinstance(debounce, dict):
+        try:
+            debounce = msgspec.convert(debounce, Debounce)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(
+                f"debounce: {exc}; give key, delay, and optionally mode and max_delay"
+            ) from None
     return TriggerOptions(
         delay=_wire_delay(delay),
         ttl=parse_duration_s(ttl) if isinstance(ttl, timedelta) else ttl,
@@ -125,6 +138,7 @@ def trigger_options(
         version=version or pinned_version(),
         machine=machine,
         parent_run_id=runtime.context.run_id if runtime is not None else None,
+        debounce=debounce,
     )
 
 

@@ -89,6 +89,21 @@ Where an instant is accepted too (``delay``), an ISO 8601 date-time string means
 """
 
 
+class Debounce(Struct, frozen=True):
+    """Collapse triggers with the same key into one DELAYED run (Trigger.dev's ``debounce``).
+
+    Each trigger with the key while its run is still DELAYED pushes the run's start to
+    ``delay`` from now (never past ``max_delay`` after the first trigger) instead of making
+    another run. ``leading`` keeps the first trigger's payload; ``trailing`` takes the
+    latest trigger's payload and metadata.
+    """
+
+    key: str
+    delay: Duration
+    mode: Literal["leading", "trailing"] = "leading"
+    max_delay: Duration | None = None
+
+
 class TriggerOptions(Request, frozen=True):
     """Per-run options of a trigger; any left unset fall back to the task's settings."""
 
@@ -106,6 +121,7 @@ class TriggerOptions(Request, frozen=True):
     version: str | None = None
     machine: str | None = None
     parent_run_id: str | None = None
+    debounce: Debounce | None = None
 
 
 class TriggerRequest(Request, frozen=True):
