@@ -15,6 +15,7 @@ from ember._errors import ConfigError, EmberError
 from ember._runs import Runs, Tasks
 from ember._types import Run, RunSummary
 from ember.cli import _output as out
+from ember.cli._alerts import alerts_app
 from ember.cli._common import EnvOption, JsonFlag, ProfileOption, fail, project_config
 from ember.cli._common import make_client as _client
 from ember.cli._common import print_json as _print_json
@@ -464,3 +465,4 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(env_app, name="env")
 app.add_typer(schedules_app, name="schedules")
 app.add_typer(queues_app, name="queues")
+app.add_typer(alerts_app, name="alerts")

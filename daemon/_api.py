@@ -59,6 +59,7 @@ from ember._types import (
 )
 from ember.daemon import _store as store
 from ember.daemon._admin_api import ADMIN_ROUTES
+from ember.daemon._alert_api import ALERT_ROUTES
 from ember.daemon._batch_api import BATCH_ROUTES
 from ember.daemon._bulk_api import BULK_ROUTES
 from ember.daemon._callbacks import CALLBACK_ROUTES
@@ -564,6 +565,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     *BATCH_ROUTES,
     *BULK_ROUTES,
     *CALLBACK_ROUTES,
+    *ALERT_ROUTES,
 )
 
 

@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ember._duration import parse_duration_s
 from ember._errors import BadRequest, ConfigError, Conflict, NotFound
 from ember._types import BatchEvent, BatchInfo, BatchItem, BatchItemsResponse, TriggerResponse
@@ -285,7 +287,11 @@ class Batches:
                 "UPDATE batches SET status = 'COMPLETED', finished_at = ? WHERE id = ?",
                 (now, batch_id),
             )
-            return _info(conn, _row(conn, batch_id))
+            info = _info(conn, _row(conn, batch_id))
+            if engine.alerts.wants(info.env, "batch.completed"):
+                data = {"batch": msgspec.to_builtins(info)}
+                engine.alerts.record(conn, info.env, "batch.completed", batch_id, data, now)
+            return info
 
         def completed(future: Any) -> None:
             if future.cancelled() or future.exception() is not None:
@@ -293,6 +299,7 @@ class Batches:
                 return
             info: BatchInfo = future.result()
             engine.events.publish(info.env, BatchEvent(batch=info))
+            engine.alerts.wake()
 
         engine.db.write(write).add_done_callback(completed)
 

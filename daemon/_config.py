@@ -42,6 +42,8 @@ class DaemonConfig:
         criu_path: the criu binary (found on PATH when None).
         public_url: how other systems reach this daemon (``https://ember.example.com``), for
             the callback URLs of wait tokens; ``http://<tcp>`` when None and TCP is on.
+        alert_retry_min_s: the first wait before an alert delivery is sent again; each
+            further one doubles it.
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -62,6 +64,7 @@ class DaemonConfig:
     delayed_in_memory_s: float = 600.0
     criu_path: str | None = None
     public_url: str | None = None
+    alert_retry_min_s: float = 1.0
 
     @property
     def api_socket(self) -> Path:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ember._alert_types import AlertEvent
 from ember._duration import check_rate_limit, parse_duration_s, resolve_instant
 from ember._errors import BadRequest, ConfigError, Conflict, EmberError, NotFound, PayloadTooLarge
 from ember._runtime import Context
@@ -43,6 +44,7 @@ from ember._types import (
     VersionInfo,
 )
 from ember.daemon import _store as store
+from ember.daemon._alerts import Alerts
 from ember.daemon._batches import Batches, insert_batch
 from ember.daemon._bulk import BulkActions
 from ember.daemon._callbacks import TokenCallbacks
@@ -131,6 +133,7 @@ class Engine:
         self.bulk = BulkActions(self)
         self.callbacks = TokenCallbacks(config)
         self.debounced = Debouncer(self.db, self.blobs, self._held, self._delay_moved)
+        self.alerts = Alerts(self)
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"
@@ -187,6 +190,7 @@ class Engine:
                     self.checkpointer.restore_ahead(waiting)
         self.batches.recover()
         self.bulk.recover()
+        self.alerts.recover()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._update_idle()
         return len(self.active)
@@ -255,6 +259,7 @@ class Engine:
     async def close(self) -> None:
         """Stop timers; queued and executing runs stay in the table for the next start."""
         await self.bulk.close()
+        await self.alerts.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.checkpointer is not None:
@@ -302,12 +307,22 @@ class Engine:
     async def add_version(self, info: VersionInfo, code_dir: str, promote: bool) -> VersionInfo:
         """Record a registered version and, when ``promote``, make it current."""
 
+        event: AlertEvent = (
+            "deployment.succeeded" if info.status == "READY" else "deployment.failed"
+        )
+        alert = self.alerts.wants(info.env, event)
+
         def write(conn: sqlite3.Connection) -> None:
             store.insert_version(conn, info, code_dir)
             if promote and info.status == "READY":
                 store.set_current_version(conn, info.env, info.id)
+            if alert:
+                data = {"version": msgspec.to_builtins(info), "promoted": promote}
+                self.alerts.record(conn, info.env, event, info.id, data, time.time())
 
         await self.db.write(write)
+        if alert:
+            self.alerts.wake()
         self._add_version(info, code_dir)
         if promote and info.status == "READY":
             return await self._promoted(info.env, info.id)
@@ -1457,12 +1472,16 @@ class Engine:
             handle.cancel()
         run.timers.clear()
         blobs = self.blobs
+        alert = status in _ALERT_STATUSES and self.alerts.wants(run.env, "run.failed")
+        alert_data = _failed_run(run, status, error) if alert else {}
 
         def write(conn: sqlite3.Connection) -> None:
             if attempt_status is not None and number:
                 store.finish_attempt(
                     conn, run.id, number, attempt_status, now, error, cpu_s, peak_rss_bytes
                 )
+            if alert:
+                self.alerts.record(conn, run.env, "run.failed", run.id, alert_data, now)
             store.finish_run(
                 conn,
                 blobs,
@@ -1477,6 +1496,8 @@ class Engine:
 
         future = self._write_until_recorded(run, write, f"the end of {run.id}")
         future.add_done_callback(lambda _: self._forget(run, run.status, error))
+        if alert:
+            future.add_done_callback(lambda _: self.alerts.wake())
         return future
 
     def _write_until_recorded(
@@ -1845,6 +1866,27 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """Counts for health and the dashboard."""
         return {"active": len(self.active), "executing": self._busy, "queued": self.queue.size}
+
+
+_ALERT_STATUSES = frozenset(
+    {RunStatus.FAILED, RunStatus.CRASHED, RunStatus.SYSTEM_FAILURE, RunStatus.TIMED_OUT}
+)
+
+
+def _failed_run(run: ActiveRun, status: RunStatus, error: RunError | None) -> dict[str, Any]:
+    """What a ``run.failed`` alert says about the run."""
+    return {
+        "run": {
+            "id": run.id,
+            "task_id": run.task_id,
+            "status": status.value,
+            "error": msgspec.to_builtins(error) if error is not None else None,
+            "attempt_count": run.attempt,
+            "version": run.version,
+            "tags": run.tags,
+            "created_at": store.ts(run.created_at).isoformat(),
+        }
+    }
 
 
 def _responses(

@@ -262,6 +262,31 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN debounce_max_at REAL;
     CREATE INDEX runs_debounce ON runs (env, task_id, debounce_key)
         WHERE debounce_key IS NOT NULL AND status = 'DELAYED';
+    CREATE TABLE alert_channels (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        webhook TEXT NOT NULL,
+        events BLOB NOT NULL,
+        secret TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE alert_deliveries (
+        id TEXT PRIMARY KEY,
+        channel_id TEXT NOT NULL REFERENCES alert_channels (id) ON DELETE CASCADE,
+        env TEXT NOT NULL,
+        event TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        body BLOB NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_at REAL,
+        delivered_at REAL,
+        last_error TEXT,
+        UNIQUE (channel_id, event, subject)
+    );
+    CREATE INDEX alert_deliveries_due ON alert_deliveries (next_at) WHERE status = 'PENDING';
+    CREATE INDEX alert_deliveries_env ON alert_deliveries (env, id);
     """,
 ]
 

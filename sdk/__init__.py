@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ember._alert_types import AlertChannel, AlertDelivery
+    from ember._alerts import Alerts, alerts, verify_signature
     from ember._batch import Batch, Batches, batch
     from ember._client import Call, Client, configure, default_client
     from ember._config import ClientSettings
@@ -75,6 +77,9 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     "AbortTaskRunError": "ember._errors",
+    "AlertChannel": "ember._alert_types",
+    "AlertDelivery": "ember._alert_types",
+    "Alerts": "ember._alerts",
     "ApiError": "ember._errors",
     "Attempt": "ember._types",
     "BadRequest": "ember._errors",
@@ -130,6 +135,7 @@ _EXPORTS: dict[str, str] = {
     "Wait": "ember._wait",
     "WaitOutsideRunError": "ember._errors",
     "WaitToken": "ember._types",
+    "alerts": "ember._alerts",
     "batch": "ember._batch",
     "configure": "ember._client",
     "default_client": "ember._client",
@@ -141,11 +147,15 @@ _EXPORTS: dict[str, str] = {
     "schedules": "ember._schedules",
     "task": "ember._task",
     "tasks": "ember._runs",
+    "verify_signature": "ember._alerts",
     "wait": "ember._wait",
 }
 
 __all__ = [
     "AbortTaskRunError",
+    "AlertChannel",
+    "AlertDelivery",
+    "Alerts",
     "ApiError",
     "Attempt",
     "BadRequest",
@@ -202,6 +212,7 @@ __all__ = [
     "WaitOutsideRunError",
     "WaitToken",
     "__version__",
+    "alerts",
     "batch",
     "configure",
     "default_client",
@@ -213,6 +224,7 @@ __all__ = [
     "schedules",
     "task",
     "tasks",
+    "verify_signature",
     "wait",
 ]
 
