@@ -31,11 +31,17 @@ from ember.daemon.store.schema import migrate
 
 TASKS = """
 import time
-from ember import task, wait
+from ember import Queue, RateLimit, task, wait
 
 
 @task(id="noop")
 async def noop(payload: object) -> float:
+    return time.time()
+
+
+# The same no-op behind a rate limit no drain reaches: what the limiter itself costs.
+@task(id="noop-rated", queue=Queue("rated", rate_limit=RateLimit(limit=10**9, period="1m")))
+async def noop_rated(payload: object) -> float:
     return time.time()
 
 

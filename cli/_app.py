@@ -15,6 +15,7 @@ from ember._errors import ConfigError, EmberError
 from ember._runs import Runs, Tasks
 from ember._types import Run, RunSummary
 from ember.cli import _output as out
+from ember.cli._alerts import alerts_app
 from ember.cli._common import EnvOption, JsonFlag, ProfileOption, fail, project_config
 from ember.cli._common import make_client as _client
 from ember.cli._common import print_json as _print_json
@@ -22,6 +23,7 @@ from ember.cli._common import run_async as _run_async
 from ember.cli._deploy import deploy, promote, versions
 from ember.cli._environments import env_app, keys_app
 from ember.cli._project import find_project, init_project
+from ember.cli._queues import queues_app
 from ember.cli._schedules import schedules_app
 from ember.cli._service import backup_command, service_app
 from ember.cli._settings import client_settings, daemon_config
@@ -503,3 +505,5 @@ app.command()(versions)
 app.add_typer(keys_app, name="keys")
 app.add_typer(env_app, name="env")
 app.add_typer(schedules_app, name="schedules")
+app.add_typer(queues_app, name="queues")
+app.add_typer(alerts_app, name="alerts")

@@ -49,6 +49,7 @@ _DAEMON_KEYS = {
     "logs_dir": Path,
     "log_max_bytes": int,
     "log_backups": int,
+    "public_url": str,
 }
 _AT_LEAST_ONE = (
     "max_concurrent_runs",

@@ -66,6 +66,10 @@ class DaemonConfig:
         log_backups: rotated run-process log files kept (``.1`` newest).
         systemd: what systemd handed over (notify socket, watchdog, sockets); the CLI reads it
             from the environment, everyone else gets none.
+        public_url: how other systems reach this daemon (``https://ember.example.com``), for
+            the callback URLs of wait tokens; ``http://<tcp>`` when None and TCP is on.
+        alert_retry_min_s: the first wait before an alert delivery is sent again; each
+            further one doubles it.
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -103,6 +107,8 @@ class DaemonConfig:
     log_max_bytes: int = 64 * 1024 * 1024
     log_backups: int = 3
     systemd: SystemdEnv = field(default_factory=SystemdEnv)
+    public_url: str | None = None
+    alert_retry_min_s: float = 1.0
 
     @property
     def api_socket(self) -> Path:

@@ -63,6 +63,10 @@ class ActiveRun:
     parent_run_id: str | None = None
     root_run_id: str | None = None
     batch_id: str | None = None
+    batch_index: int | None = None
+    # Debounced runs: the key, and the latest their start may be pushed to.
+    debounce_key: str | None = None
+    debounce_max_at: float | None = None
     replayed_from: str | None = None
     started_at: float | None = None
     idempotency_key: str | None = None
@@ -76,6 +80,9 @@ class ActiveRun:
     resume: tuple[int, bytes] | None = None
     worker: Worker | None = None
     in_queue: bool = False
+    # The rate window (env, queue, concurrency key) holding a place for this run until its
+    # attempt starts.
+    rate_window: tuple[str, str, str | None] | None = None
     attempt_started: float = 0.0
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     # The write recording the end of its last attempt, until it commits.
@@ -96,6 +103,9 @@ class WaitRecord:
     task_ids: list[str]
     timer: asyncio.TimerHandle | None = None
     done: bool = False
+    # Targets before this index were seen ended: a batch of n children is checked in O(n)
+    # over all its endings, not O(n) per ending.
+    ended_upto: int = 0
 
 
 @dataclass(slots=True, eq=False)

@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ember._alert_types import AlertChannel, AlertDelivery
+    from ember._alerts import Alerts, alerts, verify_signature
+    from ember._batch import Batch, Batches, batch
     from ember._client import Call, Client, configure, default_client
     from ember._config import ClientSettings
     from ember._envvars import EnvVars, envvars
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
         locals,
     )
     from ember._logger import logger
+    from ember._queues import Queues, queues
     from ember._retry import heartbeats, retry
     from ember._runs import BatchEntry, ReplayChanges, Runs, Tasks, runs, tasks
     from ember._runtime import Context
@@ -70,12 +74,17 @@ if TYPE_CHECKING:
     from ember._task import Queue, Retry, RunHandle, Task, TriggerItem, TriggerKwargs, task
     from ember._types import (
         Attempt,
+        BatchInfo,
+        BulkAction,
+        Debounce,
         ExecutionSnapshot,
         LogEvent,
         LogLine,
+        RateLimit,
         Run,
         RunError,
         RunEvent,
+        RunsFilter,
         RunStatus,
         RunSummary,
         TokenInfo,
@@ -86,9 +95,16 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     "AbortTaskRunError": "ember._errors",
+    "AlertChannel": "ember._alert_types",
+    "AlertDelivery": "ember._alert_types",
+    "Alerts": "ember._alerts",
     "ApiError": "ember._errors",
     "Attempt": "ember._types",
     "BadRequest": "ember._errors",
+    "Batch": "ember._batch",
+    "BatchInfo": "ember._types",
+    "Batches": "ember._batch",
+    "BulkAction": "ember._types",
     "BatchEntry": "ember._runs",
     "Call": "ember._client",
     "CancelParams": "ember._hooks",
@@ -101,6 +117,7 @@ _EXPORTS: dict[str, str] = {
     "Conflict": "ember._errors",
     "Context": "ember._runtime",
     "DaemonUnavailable": "ember._errors",
+    "Debounce": "ember._types",
     "EmberError": "ember._errors",
     "EnvVars": "ember._envvars",
     "ExecutionSnapshot": "ember._types",
@@ -117,6 +134,7 @@ _EXPORTS: dict[str, str] = {
     "PayloadTooLarge": "ember._errors",
     "PayloadValidationError": "ember._errors",
     "Queue": "ember._task",
+    "RateLimit": "ember._types",
     "ReplayChanges": "ember._runs",
     "Retry": "ember._task",
     "Run": "ember._types",
@@ -126,6 +144,8 @@ _EXPORTS: dict[str, str] = {
     "RunHandle": "ember._task",
     "RunStatus": "ember._types",
     "RunSummary": "ember._types",
+    "RunsFilter": "ember._types",
+    "Queues": "ember._queues",
     "Runs": "ember._runs",
     "Schedule": "ember._schedule_types",
     "ScheduleList": "ember._schedule_types",
@@ -150,6 +170,8 @@ _EXPORTS: dict[str, str] = {
     "WaitOutsideRunError": "ember._errors",
     "WaitParams": "ember._hooks",
     "WaitToken": "ember._types",
+    "alerts": "ember._alerts",
+    "batch": "ember._batch",
     "configure": "ember._client",
     "default_client": "ember._client",
     "envvars": "ember._envvars",
@@ -157,20 +179,29 @@ _EXPORTS: dict[str, str] = {
     "idempotency_keys": "ember._wait",
     "locals": "ember._hooks",
     "logger": "ember._logger",
+    "queues": "ember._queues",
     "retry": "ember._retry",
     "runs": "ember._runs",
     "schedules": "ember._schedules",
     "task": "ember._task",
     "tasks": "ember._runs",
+    "verify_signature": "ember._alerts",
     "wait": "ember._wait",
 }
 
 __all__ = [
     "AbortTaskRunError",
+    "AlertChannel",
+    "AlertDelivery",
+    "Alerts",
     "ApiError",
     "Attempt",
     "BadRequest",
+    "Batch",
     "BatchEntry",
+    "BatchInfo",
+    "Batches",
+    "BulkAction",
     "Call",
     "CancelParams",
     "CatchErrorParams",
@@ -182,6 +213,7 @@ __all__ = [
     "Conflict",
     "Context",
     "DaemonUnavailable",
+    "Debounce",
     "EmberError",
     "EnvVars",
     "ExecutionSnapshot",
@@ -198,6 +230,8 @@ __all__ = [
     "PayloadTooLarge",
     "PayloadValidationError",
     "Queue",
+    "Queues",
+    "RateLimit",
     "ReplayChanges",
     "Retry",
     "Run",
@@ -208,6 +242,7 @@ __all__ = [
     "RunStatus",
     "RunSummary",
     "Runs",
+    "RunsFilter",
     "Schedule",
     "ScheduleList",
     "ScheduledPayload",
@@ -232,6 +267,8 @@ __all__ = [
     "WaitParams",
     "WaitToken",
     "__version__",
+    "alerts",
+    "batch",
     "configure",
     "default_client",
     "envvars",
@@ -239,11 +276,13 @@ __all__ = [
     "idempotency_keys",
     "locals",
     "logger",
+    "queues",
     "retry",
     "runs",
     "schedules",
     "task",
     "tasks",
+    "verify_signature",
     "wait",
 ]
 

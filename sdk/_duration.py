@@ -7,6 +7,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 from ember._errors import ConfigError
+from ember._types import RateLimit
 
 # A hundred years: longer is a mistake (``inf``, a unit slip), and instants beyond the year
 # 9999 cannot be shown as dates, which broke every page that listed such a run.
@@ -76,3 +77,20 @@ def resolve_instant(value: float | int | str | timedelta | datetime, now: float)
                 f"{value!r} is not an ISO 8601 date-time (e.g. '2026-11-21T09:00:00Z')"
             ) from None
     return now + parse_duration_s(value)
+
+
+def check_rate_limit(rate: RateLimit, where: str) -> float:
+    """Validate a rate limit; return its period in seconds.
+
+    Raises:
+        ConfigError: the limit is below 1 or the period is not a positive duration.
+    """
+    if not isinstance(rate.limit, int) or rate.limit < 1:
+        raise ConfigError(f"{where}: limit must be a whole number of at least 1")
+    try:
+        period_s = parse_duration_s(rate.period)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: period {exc}") from None
+    if not period_s > 0:
+        raise ConfigError(f"{where}: period must be longer than zero, e.g. '1m'")
+    return period_s

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import msgspec
 
+from ember._bulk import BulkActions
 from ember._client import Call, Client, default_client, request_key
 from ember._hooks import GlobalHookRegistry
 from ember._task import RunHandle, TriggerKwargs, _wire_delay, json_default, trigger_options
 from ember._types import (
-    BatchItem,
-    BatchTriggerRequest,
-    BatchTriggerResponse,
     LogPage,
     ReplayRequest,
     RescheduleRequest,
@@ -28,6 +26,9 @@ from ember._types import (
     TriggerRequest,
     TriggerResponse,
 )
+
+if TYPE_CHECKING:
+    from ember._batch import Batch
 
 _encoder = msgspec.json.Encoder(enc_hook=json_default)
 
@@ -65,10 +66,15 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 class Runs:
-    """Runs of the client's environment: ``from ember import runs``."""
+    """Runs of the client's environment: ``from ember import runs``.
+
+    Attributes:
+        bulk: bulk actions (cancel, replay by filter or ids) run by the daemon.
+    """
 
     def __init__(self, client: Client | None = None) -> None:
         self._client = client
+        self.bulk = BulkActions(client)
 
     @property
     def client(self) -> Client:
@@ -91,6 +97,7 @@ class Runs:
         limit: int,
         cursor: str | None,
         parent: str | None = None,
+        batch: str | None = None,
     ) -> Call[RunPage]:
         if isinstance(status, RunStatus):
             status = status.value
@@ -100,6 +107,7 @@ class Runs:
             "tag": _csv(tag),
             "version": version,
             "parent": parent,
+            "batch": batch,
             "from": _iso(created_after),
             "to": _iso(created_before),
             "limit": limit,
@@ -164,13 +172,15 @@ class Runs:
         limit: int = 50,
         cursor: str | None = None,
         parent: str | None = None,
+        batch: str | None = None,
     ) -> RunPage:
         """Return one page of runs, newest first; pass ``page.next_cursor`` for the next.
 
-        ``parent`` keeps the child runs of that run (those it triggered).
+        ``parent`` keeps the child runs of that run (those it triggered); ``batch`` the runs
+        of that batch.
         """
         call = self._list(
-            status, task, tag, version, created_after, created_before, limit, cursor, parent
+            status, task, tag, version, created_after, created_before, limit, cursor, parent, batch
         )
         return await self.client.request(call)
 
@@ -227,10 +237,11 @@ class Runs:
         limit: int = 50,
         cursor: str | None = None,
         parent: str | None = None,
+        batch: str | None = None,
     ) -> RunPage:
         """Blocking twin of :meth:`list`."""
         call = self._list(
-            status, task, tag, version, created_after, created_before, limit, cursor, parent
+            status, task, tag, version, created_after, created_before, limit, cursor, parent, batch
         )
         return self.client.request_sync(call)
 
@@ -282,24 +293,6 @@ class Tasks(GlobalHookRegistry):
             request_key=request_key(),
         )
 
-    def _batch(self, items: Sequence[BatchEntry]) -> Call[BatchTriggerResponse]:
-        batch = [
-            BatchItem(
-                task=item[0],
-                payload=msgspec.Raw(_encoder.encode(item[1])),
-                options=trigger_options(**(item[2] if len(item) > 2 else {})),
-            )
-            for item in items
-        ]
-        body = _encoder.encode(BatchTriggerRequest(items=batch))
-        return Call(
-            "POST",
-            "/api/v1/tasks/batch",
-            BatchTriggerResponse,
-            body=body,
-            request_key=request_key(),
-        )
-
     async def trigger(
         self, task_id: str, payload: Any = None, **options: Unpack[TriggerKwargs]
     ) -> RunHandle[Any]:
@@ -318,19 +311,23 @@ class Tasks(GlobalHookRegistry):
         response = self.client.request_sync(self._trigger(task_id, payload, options))
         return RunHandle(response, self.client)
 
-    async def batch_trigger(self, items: Sequence[BatchEntry]) -> list[RunHandle[Any]]:
-        """Queue runs of several tasks in one commit.
+    async def batch_trigger(self, items: Sequence[BatchEntry]) -> Batch[Any]:
+        """Queue runs of several tasks as one batch (of any size).
 
         Args:
             items: ``(task_id, payload)`` or ``(task_id, payload, options)`` tuples.
         """
-        response = await self.client.request(self._batch(items))
-        return [RunHandle(r, self.client) for r in response.runs]
+        from ember._batch import Batch, batch_items, plan_batch, send_batch
 
-    def batch_trigger_sync(self, items: Sequence[BatchEntry]) -> list[RunHandle[Any]]:
+        batch_id, runs, _ = await send_batch(self.client, plan_batch(batch_items(items)))
+        return Batch(batch_id, runs, self.client)
+
+    def batch_trigger_sync(self, items: Sequence[BatchEntry]) -> Batch[Any]:
         """Blocking twin of :meth:`batch_trigger`."""
-        response = self.client.request_sync(self._batch(items))
-        return [RunHandle(r, self.client) for r in response.runs]
+        from ember._batch import Batch, batch_items, plan_batch, send_batch_sync
+
+        batch_id, runs, _ = send_batch_sync(self.client, plan_batch(batch_items(items)))
+        return Batch(batch_id, runs, self.client)
 
 
 runs = Runs()

@@ -31,18 +31,19 @@ import msgspec
 
 from ember._client import Call, Client, default_client, request_key
 from ember._config import pinned_version
-from ember._duration import parse_duration_s
+from ember._duration import check_rate_limit, parse_duration_s
 from ember._errors import ConfigError, PayloadValidationError, RunFailedError
 from ember._hooks import Hook, Hooks, task_hooks
 from ember._runtime import Context, current_runtime
 
 if TYPE_CHECKING:
+    from ember._batch import Batch
     from ember._wait import TaskRunResult
 
 from ember._types import (
     BatchItem,
-    BatchTriggerRequest,
-    BatchTriggerResponse,
+    Debounce,
+    RateLimit,
     RetryOptions,
     Run,
     TriggerOptions,
@@ -95,10 +96,13 @@ class Queue(msgspec.Struct, frozen=True):
         name: the queue's name, unique in the project.
         concurrency_limit: runs of this queue executing at once; unlimited when None
             (the environment's limit still applies).
+        rate_limit: at most so many attempt starts per period, e.g.
+            ``RateLimit(limit=100, period="1m")``; runs over it wait QUEUED.
     """
 
     name: str
     concurrency_limit: int | None = None
+    rate_limit: RateLimit | None = None
 
 
 Retry = RetryOptions
@@ -122,6 +126,8 @@ class TriggerKwargs(TypedDict, total=False):
         max_duration_s: wall-clock limit of one attempt.
         version: the version to run on (``YYYYMMDD.N``); the current one when omitted.
         machine: a resource preset name, recorded with the run.
+        debounce: collapse triggers with the same key into one delayed run
+            (:class:`~ember.Debounce`, or a dict of its fields).
     """
 
     delay: float | str | timedelta | datetime | None
@@ -137,6 +143,7 @@ class TriggerKwargs(TypedDict, total=False):
     max_duration_s: float | None
     version: str | None
     machine: str | None
+    debounce: Debounce | dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +173,21 @@ def trigger_options(
     max_duration_s: float | None = None,
     version: str | None = None,
     machine: str | None = None,
+    debounce: Debounce | dict[str, Any] | None = None,
 ) -> TriggerOptions:
-    """Build :class:`TriggerOptions`, filling the parent run and the pinned version."""
+    """Build :class:`TriggerOptions`, filling the parent run and the pinned version.
+
+    ``debounce`` is a :class:`~ember.Debounce` or a dict of its fields
+    (``{"key": "user-42", "delay": "5s", "mode": "trailing", "max_delay": "1m"}``).
+    """
     runtime = current_runtime()
+    if isinstance(debounce, dict):
+        try:
+            debounce = msgspec.convert(debounce, Debounce)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(
+                f"debounce: {exc}; give key, delay, and optionally mode and max_delay"
+            ) from None
     return TriggerOptions(
         delay=_wire_delay(delay),
         ttl=parse_duration_s(ttl) if isinstance(ttl, timedelta) else ttl,
@@ -188,6 +207,7 @@ def trigger_options(
         version=version or pinned_version(),
         machine=machine,
         parent_run_id=runtime.context.run_id if runtime is not None else None,
+        debounce=debounce,
     )
 
 
@@ -299,6 +319,8 @@ class Task(Generic[T, P, R]):
             and queue.concurrency_limit < 1
         ):
             raise ConfigError(f"task {id!r}: queue concurrency_limit must be at least 1")
+        if queue is not None and queue.rate_limit is not None:
+            check_rate_limit(queue.rate_limit, f"task {id!r}: queue rate_limit")
         self.fn = fn
         self.id = id
         self.retry = retry
@@ -371,7 +393,7 @@ class Task(Generic[T, P, R]):
             request_key=request_key(),
         )
 
-    def _batch_call(self, items: Iterable[T | TriggerItem[T]]) -> Call[BatchTriggerResponse]:
+    def _batch_items(self, items: Iterable[T | TriggerItem[T]]) -> list[BatchItem]:
         batch = []
         for item in items:
             payload, options = (
@@ -384,13 +406,7 @@ class Task(Generic[T, P, R]):
                     options=options or trigger_options(),
                 )
             )
-        return Call(
-            "POST",
-            "/api/v1/tasks/batch",
-            BatchTriggerResponse,
-            body=_encoder.encode(BatchTriggerRequest(items=batch)),
-            request_key=request_key(),
-        )
+        return batch
 
     async def trigger(
         self, payload: T, *, client: Client | None = None, **options: Unpack[TriggerKwargs]
@@ -419,17 +435,29 @@ class Task(Generic[T, P, R]):
         return RunHandle(client.request_sync(call), client, self.output_type)
 
     async def batch_trigger(
-        self, items: Iterable[T | TriggerItem[T]], *, client: Client | None = None
-    ) -> list[RunHandle[R]]:
-        """Queue many runs in one request and one commit; handles come back in order.
+        self,
+        items: Iterable[T | TriggerItem[T]],
+        *,
+        client: Client | None = None,
+        idempotency_key: str | None = None,
+        idempotency_key_ttl: float | str | None = None,
+    ) -> Batch[R]:
+        """Queue runs as one batch; its handle lists the run handles in order.
+
+        Up to 1,000 items are one request and one commit; more are streamed in chunks.
 
         Args:
             items: payloads, or :class:`TriggerItem` for runs with their own options.
             client: the daemon to use; the default client when omitted.
+            idempotency_key: the same key again (within its TTL) returns the same batch.
+            idempotency_key_ttl: how long the key holds (default 30 days).
         """
+        from ember._batch import Batch, plan_batch, send_batch
+
         client = client or default_client()
-        response = await client.request(self._batch_call(items))
-        return [RunHandle(r, client, self.output_type) for r in response.runs]
+        plan = plan_batch(self._batch_items(items), idempotency_key, idempotency_key_ttl)
+        batch_id, runs, cached = await send_batch(client, plan)
+        return Batch(batch_id, runs, client, self.output_type, cached)
 
     async def trigger_and_wait(
         self, payload: T, **options: Unpack[TriggerKwargs]
@@ -455,12 +483,20 @@ class Task(Generic[T, P, R]):
         return await batch_trigger_and_wait(self, items)
 
     def batch_trigger_sync(
-        self, items: Iterable[T | TriggerItem[T]], *, client: Client | None = None
-    ) -> list[RunHandle[R]]:
+        self,
+        items: Iterable[T | TriggerItem[T]],
+        *,
+        client: Client | None = None,
+        idempotency_key: str | None = None,
+        idempotency_key_ttl: float | str | None = None,
+    ) -> Batch[R]:
         """Blocking twin of :meth:`batch_trigger`."""
+        from ember._batch import Batch, plan_batch, send_batch_sync
+
         client = client or default_client()
-        response = client.request_sync(self._batch_call(items))
-        return [RunHandle(r, client, self.output_type) for r in response.runs]
+        plan = plan_batch(self._batch_items(items), idempotency_key, idempotency_key_ttl)
+        batch_id, runs, cached = send_batch_sync(client, plan)
+        return Batch(batch_id, runs, client, self.output_type, cached)
 
 
 def _inspect_signature(fn: Callable[..., Any]) -> tuple[Any, bool, Any]:

@@ -98,6 +98,21 @@ Where an instant is accepted too (``delay``), an ISO 8601 date-time string means
 """
 
 
+class Debounce(Struct, frozen=True):
+    """Collapse triggers with the same key into one DELAYED run (Trigger.dev's ``debounce``).
+
+    Each trigger with the key while its run is still DELAYED pushes the run's start to
+    ``delay`` from now (never past ``max_delay`` after the first trigger) instead of making
+    another run. ``leading`` keeps the first trigger's payload; ``trailing`` takes the
+    latest trigger's payload and metadata.
+    """
+
+    key: str
+    delay: Duration
+    mode: Literal["leading", "trailing"] = "leading"
+    max_delay: Duration | None = None
+
+
 class TriggerOptions(Request, frozen=True):
     """Per-run options of a trigger; any left unset fall back to the task's settings."""
 
@@ -115,6 +130,7 @@ class TriggerOptions(Request, frozen=True):
     version: str | None = None
     machine: str | None = None
     parent_run_id: str | None = None
+    debounce: Debounce | None = None
 
 
 class TriggerRequest(Request, frozen=True):
@@ -157,6 +173,61 @@ class BatchTriggerResponse(Struct, frozen=True):
 
     batch_id: str
     runs: list[TriggerResponse]
+
+
+class CreateBatchRequest(Request, frozen=True):
+    """Body of ``POST /api/v2/batches``: a batch of ``run_count`` items, sent in chunks.
+
+    Attributes:
+        run_count: how many items the batch will hold (its items follow in order).
+        idempotency_key: the same key again (within its TTL) returns the same batch.
+        idempotency_key_ttl: how long the key holds, default 30 days.
+    """
+
+    run_count: int
+    idempotency_key: str | None = None
+    idempotency_key_ttl: Duration | None = None
+
+
+class BatchItemsRequest(Request, frozen=True):
+    """Body of ``POST /api/v2/batches/{id}/items``: the next chunk, from ``start_index``.
+
+    Chunks arrive in order; a chunk sent again returns the runs it made the first time.
+    """
+
+    start_index: int
+    items: list[BatchItem]
+
+
+class BatchInfo(Struct, frozen=True):
+    """A batch: ``PENDING`` while its items arrive, ``PROCESSING`` until every run is
+    final, then ``COMPLETED``.
+
+    Attributes:
+        counts: runs of the batch per status.
+        received: items received so far (of ``run_count``).
+        is_cached: returned for an idempotency key that already named this batch.
+    """
+
+    id: str
+    env: str
+    status: Literal["PENDING", "PROCESSING", "COMPLETED"]
+    run_count: int
+    received: int
+    created_at: datetime
+    finished_at: datetime | None = None
+    counts: dict[str, int] = {}
+    idempotency_key: str | None = None
+    is_cached: bool = False
+
+
+class BatchItemsResponse(Struct, frozen=True):
+    """The handles of one chunk's runs, in order, and where the batch stands."""
+
+    batch_id: str
+    runs: list[TriggerResponse]
+    received: int
+    status: Literal["PENDING", "PROCESSING", "COMPLETED"]
 
 
 class RunError(Struct, frozen=True):
@@ -260,6 +331,8 @@ class Run(Struct, frozen=True):
     replayed_from: str | None = None
     attempts: list[Attempt] = []
     snapshots: list[ExecutionSnapshot] = []
+    # Why a QUEUED run has not started: its queue is paused, full, or rate limited.
+    queued_reason: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -322,6 +395,20 @@ class TaskSchedule(Struct, frozen=True):
     environments: list[str] = []
 
 
+class RateLimit(Struct, frozen=True):
+    """A queue's rate limit: at most ``limit`` attempt starts in any ``period`` window.
+
+    Args:
+        limit: attempts that may start within one period (at least 1).
+        period: the window, as seconds or a duration such as ``"1m"``.
+        per_key: give each concurrency key its own window (else the queue shares one).
+    """
+
+    limit: int
+    period: Duration
+    per_key: bool = False
+
+
 class TaskInfo(Struct, frozen=True):
     """A task as indexed from a version's code."""
 
@@ -330,6 +417,7 @@ class TaskInfo(Struct, frozen=True):
     export_name: str
     queue: str
     queue_concurrency_limit: int | None = None
+    queue_rate_limit: RateLimit | None = None
     retry: RetryOptions = RetryOptions()
     max_duration_s: float | None = None
     ttl: Duration | None = None
@@ -379,6 +467,9 @@ class QueueInfo(Struct, frozen=True):
     running: int
     queued: int
     paused: bool = False
+    rate_limit: RateLimit | None = None
+    # While the rate limit holds runs back: when the next may start.
+    rate_limited_until: datetime | None = None
 
 
 class QueueList(Struct, frozen=True):
@@ -430,6 +521,21 @@ class QueueLimitRequest(Request, frozen=True):
     concurrency_limit: int | None
 
 
+class ResetIdempotencyKeyRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/idempotency-keys/reset``: free a key of a task."""
+
+    task_id: str
+    key: str
+
+
+class ResetIdempotencyKeyResponse(Struct, frozen=True):
+    """The runs that held the key (the next trigger with it makes a new run)."""
+
+    task_id: str
+    key: str
+    run_ids: list[str]
+
+
 class ErrorBody(Struct, frozen=True):
     """Every error response: ``{"error": "...what happened, why, and what to do"}``."""
 
@@ -459,11 +565,14 @@ class WaitToken(Struct, frozen=True):
         id: ``waitpoint_...``.
         is_cached: True when an idempotency key returned an existing token.
         timeout_at: when it times out, if it does.
+        url: a POST to it completes the token with the request body as output, with no
+            API key (the URL carries the token's secret: share it only with the sender).
     """
 
     id: str
     is_cached: bool = False
     timeout_at: datetime | None = None
+    url: str = ""
 
 
 class TokenInfo(Struct, frozen=True):
@@ -480,6 +589,7 @@ class TokenInfo(Struct, frozen=True):
     tags: list[str] = []
     run_id: str | None = None
     waiting_runs: list[str] = []
+    url: str = ""
 
 
 class TokenPage(Struct, frozen=True):
@@ -502,5 +612,64 @@ class LogEvent(Struct, frozen=True, tag="log"):
     line: LogLine
 
 
-Event = RunEvent | LogEvent
+class RunsFilter(Struct, frozen=True):
+    """Which runs a bulk action takes, as the run list filters them (every field narrows).
+
+    A filter without ``created_before`` takes the runs created before the action started:
+    runs triggered while it works are never touched.
+    """
+
+    status: list[RunStatus] = []
+    task: list[str] = []
+    tag: list[str] = []
+    version: str | None = None
+    batch: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+class CreateBulkActionRequest(Request, frozen=True):
+    """Body of ``POST /api/v1/bulk-actions``: cancel or replay by filter or by run ids."""
+
+    action: Literal["cancel", "replay"]
+    filter: RunsFilter | None = None
+    run_ids: list[str] = []
+
+
+class BulkAction(Struct, frozen=True):
+    """A bulk action the daemon executes, and its progress.
+
+    Attributes:
+        total: runs matched when it started.
+        processed: runs handled so far; ``succeeded`` were canceled or replayed, ``failed``
+            could not be (already final, or gone).
+    """
+
+    id: str
+    env: str
+    action: Literal["cancel", "replay"]
+    status: Literal["RUNNING", "COMPLETED", "ABORTED"]
+    total: int
+    processed: int
+    succeeded: int
+    failed: int
+    created_at: datetime
+    finished_at: datetime | None = None
+    filter: RunsFilter | None = None
+    run_ids: list[str] = []
+
+
+class BulkActionList(Struct, frozen=True):
+    """Bulk actions of an environment, newest first."""
+
+    data: list[BulkAction]
+
+
+class BatchEvent(Struct, frozen=True, tag="batch"):
+    """A batch changed (it completed): streamed on ``GET /api/v1/events``."""
+
+    batch: BatchInfo
+
+
+Event = RunEvent | LogEvent | BatchEvent
 """What the event stream carries."""

@@ -23,6 +23,8 @@ from ember._runtime import RunRuntime, current_runtime
 from ember._types import (
     CompleteTokenRequest,
     CreateTokenRequest,
+    ResetIdempotencyKeyRequest,
+    ResetIdempotencyKeyResponse,
     RunError,
     TokenInfo,
     TokenPage,
@@ -313,6 +315,29 @@ class Wait:
 
 class IdempotencyKeys:
     """``from ember import idempotency_keys``: keys scoped to the run, the attempt, or global."""
+
+    def __init__(self, client: Client | None = None) -> None:
+        self._client = client
+
+    @staticmethod
+    def _reset(task: str | Task[Any, Any, Any], key: str) -> Call[ResetIdempotencyKeyResponse]:
+        task_id = task if isinstance(task, str) else task.id
+        body = _json.encode(ResetIdempotencyKeyRequest(task_id=task_id, key=key))
+        return Call(
+            "POST", "/api/v1/idempotency-keys/reset", ResetIdempotencyKeyResponse, body=body
+        )
+
+    async def reset(self, task: str | Task[Any, Any, Any], key: str) -> ResetIdempotencyKeyResponse:
+        """Free an idempotency key of a task: the next trigger with it makes a new run.
+
+        Raises:
+            NotFound: no run of the task holds the key.
+        """
+        return await (self._client or default_client()).request(self._reset(task, key))
+
+    def reset_sync(self, task: str | Task[Any, Any, Any], key: str) -> ResetIdempotencyKeyResponse:
+        """Blocking twin of :meth:`reset`."""
+        return (self._client or default_client()).request_sync(self._reset(task, key))
 
     def create(
         self, key: str | Sequence[str], *, scope: Literal["run", "attempt", "global"] = "run"

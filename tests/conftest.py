@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 import textwrap
@@ -71,6 +74,19 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(interval_s)
+
+
+def ember_cli(h: Harness, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``ember`` command against the harness's daemon, as a user types it."""
+    env = {**os.environ, "EMBER_SOCKET": str(h.config.api_socket), "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ember.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+    )
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Harness
+from conftest import ember_cli as ember
 
 from ember.cli._project import find_project, init_project, snapshot
 from ember.daemon.builds.versions import unpack
@@ -28,18 +29,6 @@ TASKS = {
             raise RuntimeError("nope")
     """,
 }
-
-
-def ember(h: Harness, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMBER_SOCKET": str(h.config.api_socket), "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "ember.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=60,
-    )
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from ember.tui._styles import APP_CSS
 
 
 class EmberApp(App[None]):
-    """``ember tui``: runs, tasks, queues, versions, processes, wait tokens and schedules of
-    one daemon, live.
+    """``ember tui``: runs, tasks, queues, versions, processes, wait tokens, schedules and
+    alerts of one daemon, live.
 
     Args:
         settings: where the daemon is and which environment to show.
@@ -50,6 +50,7 @@ class EmberApp(App[None]):
         Binding("5", "switch_mode('processes')", "Processes", show=False),
         Binding("6", "switch_mode('tokens')", "Tokens", show=False),
         Binding("7", "switch_mode('schedules')", "Schedules", show=False),
+        Binding("8", "switch_mode('alerts')", "Alerts", show=False),
         Binding("e", "switch_env", "Env", show=False),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("question_mark,f1", "help", "Help"),

@@ -22,6 +22,7 @@ SCREENS = (
     ("processes", "5", "Processes"),
     ("tokens", "6", "Tokens"),
     ("schedules", "7", "Schedules"),
+    ("alerts", "8", "Alerts"),
 )
 
 

@@ -156,5 +156,5 @@ class LiveFeed:
                     if event.run.status.is_final:
                         self.meter.tick()
                     self._on_run(event.run)
-                else:
+                elif isinstance(event, LogEvent):
                     self._on_log(event)

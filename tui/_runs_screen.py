@@ -12,7 +12,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Input, Static
 
 from ember._errors import EmberError
-from ember._types import RunPage, RunSummary
+from ember._types import RunPage, RunsFilter, RunStatus, RunSummary
 from ember.tui._base import EmberScreen
 from ember.tui._dialogs import ConfirmDialog
 from ember.tui._query import QueryError, RunQuery
@@ -46,6 +46,9 @@ class RunsScreen(EmberScreen):
         self._generation = 0
         self._search_budget = SEARCH_BUDGET
         self._focus_table = False
+        # ctrl+a: c and r act on every run the filter matches, through a daemon bulk action.
+        self.all_matching = False
+        self.bulk_status = ""
 
     def compose_body(self) -> ComposeResult:
         yield Input(
@@ -72,6 +75,7 @@ class RunsScreen(EmberScreen):
         """List again from the first page with the current filters."""
         self._generation += 1
         self._search_budget = SEARCH_BUDGET
+        self.all_matching = False
         query = self.query_obj
         rows = RunRows(query.matches_words if query.words else None)
         table = self.table
@@ -167,13 +171,18 @@ class RunsScreen(EmberScreen):
         parts = [f"{len(rows):,} runs" + ("" if rows.exhausted else "+")]
         if self.query_obj.words:
             parts[0] = f"{len(rows):,} matches in {len(rows.loaded):,} loaded runs"
-        if table.selected:
+        if self.all_matching:
+            parts.append("all matching selected (c cancel · r replay · esc clear)")
+        elif table.selected:
             parts.append(f"{len(table.selected)} selected (c cancel · r replay · esc clear)")
+        if self.bulk_status:
+            parts.append(self.bulk_status)
         filters = str(self.query_obj)
         parts.append(f"filter: {filters}" if filters else "no filter (/ or f)")
         status.update(" · ".join(parts))
 
     def on_run_table_selection_changed(self, message: RunTable.SelectionChanged) -> None:
+        self.all_matching = False
         self._show_status()
 
     def on_run_table_opened(self, message: RunTable.Opened) -> None:
@@ -242,21 +251,49 @@ class RunsScreen(EmberScreen):
         """Clear the selection, else leave the filter box."""
         if self.table.selected:
             self.table.selected.clear()
+            self.all_matching = False
             self.table.refresh()
             self._show_status()
         self.table.focus()
 
     def action_select_all(self) -> None:
-        """Select every run shown (as far as loaded)."""
+        """Select every run the filter matches: c and r then act on all, loaded or not."""
         rows = self.table.rows
         self.table.selected = set(rows.shown)
+        self.all_matching = not self.query_obj.words
         self.table.refresh()
         self._show_status()
 
     # -- actions ------------------------------------------------------------------------
 
+    def _matching_filter(self, only_active: bool) -> RunsFilter | None:
+        """The filter's runs for a bulk action on the daemon, or None (search words)."""
+        query = self.query_obj
+        if query.words:
+            self.notify(
+                "Search words only filter the loaded runs: select runs with space, or filter "
+                "with key:value words (status: task: tag: since:) to act on every match.",
+                severity="warning",
+            )
+            return None
+        now = self.ember.clock()
+        statuses = list(query.statuses)
+        if only_active:
+            statuses = [s for s in statuses or RunStatus if not s.is_final]
+        return RunsFilter(
+            status=statuses,
+            task=list(query.tasks),
+            tag=list(query.tags),
+            version=query.version,
+            created_after=query.created_after(now),
+            created_before=query.created_before(now),
+        )
+
     def action_cancel(self) -> None:
-        """Cancel the selected runs (or the one under the cursor)."""
+        """Cancel the selected runs (or the one under the cursor; ctrl+a: every match)."""
+        if self.all_matching:
+            self._confirm_matching("cancel")
+            return
         targets = [r for r in self.table.targets() if not r.status.is_final]
         if not targets:
             self.notify("Nothing to cancel: those runs are already final.", severity="warning")
@@ -268,12 +305,15 @@ class RunsScreen(EmberScreen):
 
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self._bulk("cancel", [r.id for r in targets])
+                self._bulk("cancel", run_ids=[r.id for r in targets])
 
         self.app.push_screen(ConfirmDialog(f"Cancel {what}?", detail, "Cancel runs"), confirmed)
 
     def action_replay(self) -> None:
-        """Replay the selected runs (or the one under the cursor) on the current version."""
+        """Replay the selected runs (or the one under the cursor; ctrl+a: every match)."""
+        if self.all_matching:
+            self._confirm_matching("replay")
+            return
         targets = self.table.targets()
         if not targets:
             return
@@ -286,28 +326,60 @@ class RunsScreen(EmberScreen):
 
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self._bulk("replay", [r.id for r in targets])
+                self._bulk("replay", run_ids=[r.id for r in targets])
 
         self.app.push_screen(
             ConfirmDialog(f"Replay {len(targets)} runs?", detail, "Replay"), confirmed
         )
 
+    def _confirm_matching(self, action: str) -> None:
+        flt = self._matching_filter(only_active=action == "cancel")
+        if flt is None:
+            return
+        shown = str(self.query_obj) or "none (every run)"
+        detail = (
+            f"Filter: {shown}\nThe daemon acts on every run it matches, loaded or not, "
+            "created before now."
+        )
+        verb = "Cancel" if action == "cancel" else "Replay"
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self._bulk(action, flt=flt)
+
+        self.app.push_screen(
+            ConfirmDialog(f"{verb} every matching run?", detail, f"{verb} runs"), confirmed
+        )
+
     @work(group="runs-bulk")
-    async def _bulk(self, action: str, run_ids: list[str]) -> None:
-        runs = self.runs
-        call = runs.cancel if action == "cancel" else runs.replay
-        results = await asyncio.gather(*(call(i) for i in run_ids), return_exceptions=True)
-        failed = [(i, r) for i, r in zip(run_ids, results, strict=True) if isinstance(r, Exception)]
-        done = len(run_ids) - len(failed)
+    async def _bulk(
+        self, action: str, run_ids: list[str] | None = None, flt: RunsFilter | None = None
+    ) -> None:
+        """Run a bulk action on the daemon and show its progress until it ends."""
+        bulk = self.runs.bulk
         verb = "Canceled" if action == "cancel" else "Replayed"
-        if failed:
-            first = failed[0][1]
+        try:
+            start = bulk.cancel if action == "cancel" else bulk.replay
+            done = await start(filter=flt, run_ids=run_ids)
+            while done.status == "RUNNING":
+                self.bulk_status = f"{action}: {done.processed:,} of {done.total:,}"
+                self._show_status()
+                await asyncio.sleep(0.2)
+                done = await bulk.retrieve(done.id)
+        except EmberError as exc:
+            self.notify(f"The bulk {action} failed: {exc}", severity="error")
+            return
+        finally:
+            self.bulk_status = ""
+        if done.failed:
             self.notify(
-                f"{verb} {done} of {len(run_ids)}; {len(failed)} failed, e.g. {first}",
-                severity="error",
+                f"{verb} {done.succeeded:,} of {done.total:,}; {done.failed:,} could not be "
+                "(already final, or gone).",
+                severity="warning",
             )
         else:
-            self.notify(f"{verb} {done} run{'s' if done != 1 else ''}.")
+            self.notify(f"{verb} {done.succeeded:,} run{'s' if done.succeeded != 1 else ''}.")
         self.table.selected.clear()
+        self.all_matching = False
         self.table.refresh()
         self._show_status()

@@ -1,9 +1,10 @@
-"""The dashboard's top-level screens, one Textual mode each (keys 1-7)."""
+"""The dashboard's top-level screens, one Textual mode each (keys 1-8)."""
 
 from __future__ import annotations
 
 from textual.screen import Screen
 
+from ember.tui._alerts_screen import AlertsScreen
 from ember.tui._processes_screen import ProcessesScreen
 from ember.tui._queues_screen import QueuesScreen
 from ember.tui._runs_screen import RunsScreen
@@ -20,4 +21,5 @@ MODES: dict[str, type[Screen[None]]] = {
     "processes": ProcessesScreen,
     "tokens": TokensScreen,
     "schedules": SchedulesScreen,
+    "alerts": AlertsScreen,
 }

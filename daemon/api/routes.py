@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 import ember
 from ember._duration import MAX_INSTANT, parse_duration_s
-from ember._errors import ApiError, BadRequest, ConfigError, EmberError, Unauthorized
+from ember._errors import ApiError, BadRequest, ConfigError, EmberError, NotFound, Unauthorized
 from ember._types import (
     REQUEST_KEY_HEADER,
     BatchItem,
@@ -47,6 +47,8 @@ from ember._types import (
     QueueList,
     ReplayRequest,
     RescheduleRequest,
+    ResetIdempotencyKeyRequest,
+    ResetIdempotencyKeyResponse,
     Run,
     RunPage,
     RunStatus,
@@ -60,6 +62,10 @@ from ember._types import (
     WaitToken,
 )
 from ember.daemon.api.admin import ADMIN_ROUTES
+from ember.daemon.api.alerts import ALERT_ROUTES
+from ember.daemon.api.batches import BATCH_ROUTES
+from ember.daemon.api.bulk import BULK_ROUTES
+from ember.daemon.api.callbacks import CALLBACK_ROUTES
 from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, check_run_env, int_param, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
@@ -188,9 +194,17 @@ async def reset_queue_limit(daemon: ApiDaemon, request: Request, env: str) -> Qu
     return _queue_info(daemon, env, name)
 
 
+async def get_queue(daemon: ApiDaemon, request: Request, env: str) -> QueueInfo:
+    name = request.path_params["name"]
+    if name not in daemon.engine.queue.stats(env):
+        raise NotFound(404, f"queue {name!r} does not exist in environment {env}")
+    return _queue_info(daemon, env, name)
+
+
 def _queue_info(daemon: ApiDaemon, env: str, name: str) -> QueueInfo:
     queue = daemon.engine.queue
     running, queued = queue.stats(env).get(name, (0, 0))
+    until = queue.rate_blocked_until(env, name)
     return QueueInfo(
         name=name,
         env=env,
@@ -198,6 +212,8 @@ def _queue_info(daemon: ApiDaemon, env: str, name: str) -> QueueInfo:
         running=running,
         queued=queued,
         paused=queue.is_paused(env, name),
+        rate_limit=daemon.engine.rate_limit(env, name),
+        rate_limited_until=store.opt_ts(until),
     )
 
 
@@ -248,6 +264,7 @@ async def list_runs(daemon: ApiDaemon, request: Request, env: str) -> RunPage:
         tags=_csv(request, "tag"),
         version=request.query_params.get("version") or None,
         parent=request.query_params.get("parent") or None,
+        batch=request.query_params.get("batch") or None,
         created_from=_time_param(request, "from"),
         created_to=_time_param(request, "to"),
     )
@@ -339,9 +356,10 @@ async def create_token(daemon: ApiDaemon, request: Request, env: str) -> WaitTok
     key_ttl_s = _duration_field("idempotency_key_ttl", req.idempotency_key_ttl)
     if len(req.tags) > 10:
         raise BadRequest(400, "tags: at most 10 tags per token")
-    return await daemon.engine.waits.create_token(
+    token = await daemon.engine.waits.create_token(
         env, timeout_s, req.idempotency_key, key_ttl_s, req.tags, req.run_id
     )
+    return msgspec.structs.replace(token, url=daemon.engine.callbacks.url(token.id))
 
 
 def _duration_field(name: str, value: float | str | None) -> float | None:
@@ -362,8 +380,19 @@ async def complete_token(daemon: ApiDaemon, request: Request, env: str) -> Token
     return await daemon.engine.waits.retrieve_token(env, token_id)
 
 
+async def reset_idempotency_key(
+    daemon: ApiDaemon, request: Request, env: str
+) -> ResetIdempotencyKeyResponse:
+    req: ResetIdempotencyKeyRequest = _decode(
+        await _body(request, 16 * 1024), ResetIdempotencyKeyRequest
+    )
+    run_ids = await daemon.engine.reset_idempotency_key(env, req.task_id, req.key)
+    return ResetIdempotencyKeyResponse(task_id=req.task_id, key=req.key, run_ids=run_ids)
+
+
 async def retrieve_token(daemon: ApiDaemon, request: Request, env: str) -> TokenInfo:
-    return await daemon.engine.waits.retrieve_token(env, request.path_params["token_id"])
+    token = await daemon.engine.waits.retrieve_token(env, request.path_params["token_id"])
+    return msgspec.structs.replace(token, url=daemon.engine.callbacks.url(token.id))
 
 
 async def list_tokens(daemon: ApiDaemon, request: Request, env: str) -> TokenPage:
@@ -390,6 +419,7 @@ _RUN_FILTERS = (
     ("tag", "comma-separated tags (any matches)"),
     ("version", "locked version"),
     ("parent", "the parent run's id: its child runs"),
+    ("batch", "a batch id: the runs of that batch"),
     ("from", "created at or after (ISO 8601 or epoch seconds)"),
     ("to", "created before (ISO 8601 or epoch seconds)"),
     ("limit", "page size, 1-1000 (default 50)", PAGE_LIMIT),
@@ -479,6 +509,9 @@ ROUTES: tuple[RouteSpec, ...] = (
     ),
     RouteSpec("GET", "/api/v1/queues", list_queues, "Queues and their load", response=QueueList),
     RouteSpec(
+        "GET", "/api/v1/queues/{name:path}", get_queue, "A queue and its load", response=QueueInfo
+    ),
+    RouteSpec(
         "POST", "/api/v1/queues/{name:path}/pause", pause_queue, "Pause a queue", response=QueueInfo
     ),
     RouteSpec(
@@ -543,8 +576,20 @@ ROUTES: tuple[RouteSpec, ...] = (
         request=CompleteTokenRequest,
         response=TokenInfo,
     ),
+    RouteSpec(
+        "POST",
+        "/api/v1/idempotency-keys/reset",
+        reset_idempotency_key,
+        "Free a task's idempotency key: the next trigger with it makes a new run",
+        request=ResetIdempotencyKeyRequest,
+        response=ResetIdempotencyKeyResponse,
+    ),
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
     *ADMIN_ROUTES,
+    *BATCH_ROUTES,
+    *BULK_ROUTES,
+    *CALLBACK_ROUTES,
+    *ALERT_ROUTES,
 )
 
 
@@ -560,7 +605,7 @@ def build_app(daemon: ApiDaemon) -> Router:
     def endpoint(spec: RouteSpec) -> Endpoint:
         async def handle(request: Request) -> Response:
             try:
-                env = await _authorize(daemon, request)
+                env = "" if spec.public else await _authorize(daemon, request)
                 result = await spec.handler(daemon, request, env)
             except ApiError as exc:
                 return _error_response(exc.status, exc.detail)

@@ -34,6 +34,8 @@ class RouteSpec:
     # (name, description) or (name, description, JSON schema); the schema defaults to a string.
     query: tuple[tuple[str, str] | tuple[str, str, dict[str, Any]], ...] = ()
     content_type: str = "application/json"
+    # Served without an API key over TCP: the route checks a secret of its own.
+    public: bool = False
 
 
 async def read_body(request: Request, limit: int, setting: str = "") -> bytes:

@@ -86,6 +86,7 @@ def discover(code_dir: Path) -> tuple[dict[str, Task[object, ..., object]], list
             export_name=where[task.id].rsplit(".", 1)[1],
             queue=task.queue.name,
             queue_concurrency_limit=task.queue.concurrency_limit,
+            queue_rate_limit=task.queue.rate_limit,
             retry=task.retry,
             max_duration_s=task.max_duration_s,
             ttl=task.ttl,

@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ember._duration import MAX_DURATION_S, parse_duration_s, resolve_instant
+from ember._alert_types import AlertEvent
+from ember._duration import MAX_DURATION_S, check_rate_limit, parse_duration_s, resolve_instant
 from ember._errors import BadRequest, ConfigError, Conflict, EmberError, NotFound, PayloadTooLarge
 from ember._runtime import Context
 from ember._types import (
     BatchItem,
     LogEvent,
     LogLine,
+    RateLimit,
     RetryOptions,
     Run,
     RunError,
@@ -41,10 +43,16 @@ from ember._types import (
     VersionInfo,
 )
 from ember.daemon.config import DaemonConfig
+from ember.daemon.engine.alerts import Alerts
+from ember.daemon.engine.batches import Batches, insert_batch
+from ember.daemon.engine.bulk import BulkActions
+from ember.daemon.engine.callbacks import TokenCallbacks
+from ember.daemon.engine.debounce import Debouncer
 from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.ids import new_batch_id, new_run_id
 from ember.daemon.engine.payloads import check_payload
 from ember.daemon.engine.queue import RunQueue
+from ember.daemon.engine.ratelimit import RateSpec
 from ember.daemon.engine.waits import NonDeterministic, Waitpoints
 from ember.daemon.model import ActiveRun, Hold, WaitRecord, Worker
 from ember.daemon.procs.protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
@@ -134,6 +142,11 @@ class Engine:
         # Queue settings changed at run time: (paused, limit, whether the limit is overridden).
         self._queue_overrides: dict[tuple[str, str], tuple[bool, int | None, bool]] = {}
         self.waits = Waitpoints(self)
+        self.batches = Batches(self)
+        self.bulk = BulkActions(self)
+        self.callbacks = TokenCallbacks(config)
+        self.debounced = Debouncer(self.db, self.blobs, self._held, self._delay_moved)
+        self.alerts = Alerts(self)
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"
@@ -142,6 +155,8 @@ class Engine:
         self._trigger_requests: dict[tuple[str, str], asyncio.Future[Any]] = {}
         # Set by the daemon: refuses new runs while the disk is nearly full (store/diskguard.py).
         self.disk_guard: DiskGuard | None = None
+        self._rate_wake: asyncio.TimerHandle | None = None
+        self._rate_wake_at = math.inf
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -189,6 +204,9 @@ class Engine:
                 self.waits.arm(record)
                 if waiting.hold == Hold.CHECKPOINT and self.checkpointer is not None:
                     self.checkpointer.restore_ahead(waiting)
+        self.batches.recover()
+        self.bulk.recover()
+        self.alerts.recover()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._update_idle()
         return len(self.active)
@@ -249,8 +267,15 @@ class Engine:
                     waiter.set_result(None)
         self._waiters.clear()
 
+    @property
+    def closing(self) -> bool:
+        """True once the daemon has begun to stop."""
+        return self._closing
+
     async def close(self) -> None:
         """Stop timers; queued and executing runs stay in the table for the next start."""
+        await self.bulk.close()
+        await self.alerts.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.checkpointer is not None:
@@ -274,16 +299,46 @@ class Engine:
             override = self._queue_overrides.get((env, task.queue))
             if override is None or not override[2]:
                 self.queue.set_limit(env, task.queue, task.queue_concurrency_limit)
+            self._set_rate_limit(env, task.queue, task.queue_rate_limit)
+
+    def _set_rate_limit(self, env: str, queue: str, rate: RateLimit | None) -> None:
+        """Apply a queue's rate limit; a new or changed one counts the starts already made."""
+        rates = self.queue.rates
+        spec = None
+        if rate is not None:
+            spec = RateSpec(rate.limit, check_rate_limit(rate, "rate_limit"), rate.per_key)
+        if rates.specs.get((env, queue)) == spec:
+            return
+        rates.set(env, queue, spec)
+        if spec is not None:
+            rates.clear(env, queue)
+            since = self.clock() - spec.period_s
+            starts = self.db.read_point(lambda conn: store.attempt_starts(conn, since, env, queue))
+            for key, started_at in starts:
+                wkey = rates.window_key(env, queue, key)
+                assert wkey is not None
+                rates.load(wkey, started_at)
+        self.queue.unblock()
 
     async def add_version(self, info: VersionInfo, code_dir: str, promote: bool) -> VersionInfo:
         """Record a registered version and, when ``promote``, make it current."""
+
+        event: AlertEvent = (
+            "deployment.succeeded" if info.status == "READY" else "deployment.failed"
+        )
+        alert = self.alerts.wants(info.env, event)
 
         def write(conn: sqlite3.Connection) -> None:
             store.insert_version(conn, info, code_dir)
             if promote and info.status == "READY":
                 store.set_current_version(conn, info.env, info.id)
+            if alert:
+                data = {"version": msgspec.to_builtins(info), "promoted": promote}
+                self.alerts.record(conn, info.env, event, info.id, data, self.clock())
 
         await self.db.write(write)
+        if alert:
+            self.alerts.wake()
         self._add_version(info, code_dir)
         if promote and info.status == "READY":
             return await self._promoted(info.env, info.id)
@@ -375,16 +430,51 @@ class Engine:
                 del self._trigger_requests[(env, request_key)]
         return await self._trigger(env, items, batch, None)
 
+    async def trigger_batch_chunk(
+        self, env: str, batch_id: str, start_index: int, items: Sequence[BatchItem]
+    ) -> tuple[str | None, list[TriggerResponse], int]:
+        """Commit the runs of one chunk of a batch's items (``_batches.py`` checks the batch).
+
+        Returns the batch id, one handle per item (a run made by an earlier send of the same
+        chunk comes back cached) and how many of the batch's items have arrived.
+        """
+        received: list[int] = []
+        batch, responses = await self._trigger(
+            env, items, True, None, chunk=(batch_id, start_index, received)
+        )
+        return batch, responses, received[0] if received else start_index + len(items)
+
     async def _trigger(
-        self, env: str, items: Sequence[BatchItem], batch: bool, request_key: str | None
+        self,
+        env: str,
+        items: Sequence[BatchItem],
+        batch: bool,
+        request_key: str | None,
+        chunk: tuple[str, int, list[int]] | None = None,
     ) -> tuple[str | None, list[TriggerResponse]]:
         now = self.clock()
-        batch_id = new_batch_id() if batch else None
+        for i, item in enumerate(items):
+            if item.options.debounce is not None and batch:
+                raise BadRequest(
+                    400,
+                    f"items[{i}].options.debounce: debounce is for single triggers; trigger "
+                    "debounced runs one by one",
+                )
+        if not batch and items and items[0].options.debounce is not None:
+            merged = self.debounced.merge(env, items[0], now)
+            if merged is not None:
+                return None, [merged]
+        batch_id = chunk[0] if chunk else new_batch_id() if batch else None
+        start = chunk[1] if chunk else 0
         prepared = [
-            self._prepare(env, item, now, batch_id, f"items[{i}]." if batch else "")
+            self._prepare(env, item, now, batch_id, f"items[{start + i}]." if batch else "")
             for i, item in enumerate(items)
         ]
+        if batch_id is not None:
+            for i, (run, *_) in enumerate(prepared):
+                run.batch_index = start + i
         blobs = self.blobs
+        sizes = [len(prepared), len(prepared)]  # (items received, the batch's size)
 
         def write(conn: sqlite3.Connection) -> list[str | None] | bytes:
             if request_key is not None:
@@ -393,8 +483,18 @@ class Engine:
                 )
                 if answered is not None:
                     return answered
+            made: dict[int, TriggerResponse] = {}
+            if chunk is not None:
+                made, sizes[0], sizes[1] = self.batches.chunk_write(
+                    conn, chunk[0], start, len(prepared), now
+                )
+            elif batch_id is not None:
+                insert_batch(conn, batch_id, env, len(prepared), now, received=len(prepared))
             cached: list[str | None] = []
             for run, ttl_s, idem_expires, machine in prepared:
+                if run.batch_index in made:
+                    cached.append(made[run.batch_index].id)
+                    continue
                 if run.idempotency_key is not None:
                     existing = store.find_idempotent(
                         conn, env, run.task_id, run.idempotency_key, now
@@ -419,6 +519,11 @@ class Engine:
         cached = await self.db.write(write)
         if isinstance(cached, bytes):
             return _response_decoder.decode(cached)
+        if batch_id is not None:
+            # Before any of its runs can end: the batch counts them.
+            self.batches.opened(batch_id, cached.count(None), *sizes)
+            if chunk is not None:
+                chunk[2].append(sizes[0])
         for (run, *_), existing in zip(prepared, cached, strict=True):
             if existing is None:
                 if run.id not in self.active and not self._dormant(run):
@@ -509,6 +614,12 @@ class Engine:
             batch_id=batch_id,
             idempotency_key=options.idempotency_key,
         )
+        if options.debounce is not None:
+            self.debounced.prepare(run, options.debounce, now)
+            if task is None:
+                run.status = RunStatus.PENDING_VERSION
+            elif ttl_s:
+                run.expires_at = (run.delay_until or now) + ttl_s
         machine = options.machine or (task.machine if task else None)
         idem_expires = now + idem_ttl_s if options.idempotency_key else None
         return run, ttl_s, idem_expires, machine
@@ -653,9 +764,16 @@ class Engine:
         self.queue.push(run, queued_at)
         self._schedule_pump()
 
+    def _delay_moved(self, run: ActiveRun) -> None:
+        """A DELAYED run's start moved: re-arm its timers (not yet admitted: nothing to do)."""
+        if self.active.get(run.id) is run and run.status is RunStatus.DELAYED:
+            self._leave_waiting(run)
+            self._admit(run, self.clock())
+
     def _undelay(self, run: ActiveRun) -> None:
         if run.status is not RunStatus.DELAYED:
             return
+        self.debounced.forget(run)
         now = self.clock()
         run.status = RunStatus.QUEUED
         self.db.write(
@@ -739,8 +857,9 @@ class Engine:
         self._pump_scheduled = False
         if self.draining:
             return  # the runs stay queued, in the table too, for the next start
+        now = self.clock()
         while self._busy < self.config.max_concurrent_runs:
-            run = self.queue.pop()
+            run = self.queue.pop(now)
             if run is None:
                 break
             version = self._target_version(run)
@@ -761,7 +880,24 @@ class Engine:
                 self._spawn(self.checkpointer.restore(run))
                 continue
             self.place(run)
+        if self.queue.wake_at < self._rate_wake_at:
+            self._arm_rate_wake(now)
         self._update_idle()
+
+    def _arm_rate_wake(self, now: float) -> None:
+        """Look at rate-limited lanes again when the first of their windows frees a place."""
+        if self._rate_wake is not None:
+            self._rate_wake.cancel()
+        self._rate_wake_at = self.queue.wake_at
+        self._rate_wake = asyncio.get_running_loop().call_later(
+            max(0.0, self._rate_wake_at - now), self._on_rate_wake
+        )
+
+    def _on_rate_wake(self) -> None:
+        self._rate_wake = None
+        self._rate_wake_at = math.inf
+        self.queue.unblock()
+        self._schedule_pump()
 
     def place(self, run: ActiveRun) -> None:
         """Give a DEQUEUED run (its slot taken) a process of its version: idle, or new."""
@@ -866,6 +1002,7 @@ class Engine:
         if continuation:
             self._record_executing(run, now, "replaying from the journal in a new process")
         else:
+            self.queue.started(run, now)  # the same instant the attempt row records
             self.db.write(lambda conn: store.start_attempt(conn, run, now, worker.pid))
         self.supervisor.prepare_successor(worker)
         context = Context(
@@ -1329,7 +1466,7 @@ class Engine:
             # Checkpointed mid-execution by a shutdown drain: it carries on where it stood.
             worker.parked = None
             run.parked = None
-            now = time.time()
+            now = self.clock()
             self._bind(run, worker, now)
             self._record_executing(run, now, "restored mid-execution from its shutdown checkpoint")
             self._publish(run)
@@ -1397,12 +1534,16 @@ class Engine:
             handle.cancel()
         run.timers.clear()
         blobs = self.blobs
+        alert = status in _ALERT_STATUSES and self.alerts.wants(run.env, "run.failed")
+        alert_data = _failed_run(run, status, error) if alert else {}
 
         def write(conn: sqlite3.Connection) -> None:
             if attempt_status is not None and number:
                 store.finish_attempt(
                     conn, run.id, number, attempt_status, now, error, cpu_s, peak_rss_bytes
                 )
+            if alert:
+                self.alerts.record(conn, run.env, "run.failed", run.id, alert_data, now)
             store.finish_run(
                 conn,
                 blobs,
@@ -1417,6 +1558,8 @@ class Engine:
 
         future = self._write_until_recorded(run, write, f"the end of {run.id}")
         future.add_done_callback(lambda _: self._forget(run, run.status, error))
+        if alert:
+            future.add_done_callback(lambda _: self.alerts.wake())
         return future
 
     def _write_until_recorded(
@@ -1464,6 +1607,9 @@ class Engine:
     def _forget(self, run: ActiveRun, status: RunStatus, error: RunError | None) -> None:
         self.active.pop(run.id, None)
         self.waits.on_run_final(run.id)
+        self.debounced.forget(run)
+        if run.batch_id is not None:
+            self.batches.on_run_final(run.batch_id)
         self._publish(run, error=error, finished=True)
         for waiter in self._waiters.pop(run.id, ()):
             if not waiter.done():
@@ -1545,6 +1691,24 @@ class Engine:
             error=None,
             attempt_status="CANCELED" if run.status is RunStatus.EXECUTING else None,
         )
+
+    async def reset_idempotency_key(self, env: str, task_id: str, key: str) -> list[str]:
+        """Free an idempotency key of a task; returns the runs that held it.
+
+        Raises:
+            NotFound: no run of the task holds the key.
+        """
+
+        held = await self.db.write(
+            lambda conn: store.reset_idempotency_slot(conn, env, task_id, key)
+        )
+        if not held:
+            raise NotFound(
+                404,
+                f"no run of task {task_id!r} in environment {env} holds idempotency key "
+                f"{key!r} (it expired, its run failed, or it was reset)",
+            )
+        return held
 
     async def reschedule(self, run_id: str, delay: Any) -> None:
         """Move a DELAYED run's start.
@@ -1628,6 +1792,13 @@ class Engine:
         run = self.db.read_point(lambda conn: store.get_run(conn, self.blobs, run_id, history))
         if run is None:
             raise NotFound(404, f"run {run_id} does not exist")
+        active = self.active.get(run_id)
+        if run.status is RunStatus.QUEUED and active is not None:
+            reason = self.queue.why_queued(active)
+            if reason is None and active.in_queue and self._busy >= self.config.max_concurrent_runs:
+                reason = f"the daemon runs its maximum of {self.config.max_concurrent_runs} runs"
+            if reason is not None:
+                return msgspec.structs.replace(run, queued_reason=reason)
         return run
 
     async def wait_final(self, run_id: str, timeout_s: float, history: bool = True) -> Run:
@@ -1677,6 +1848,13 @@ class Engine:
             if task.queue == name:
                 return task.queue_concurrency_limit
         return None
+
+    def rate_limit(self, env: str, name: str) -> RateLimit | None:
+        """A queue's rate limit as the current version's code declares it."""
+        spec = self.queue.rates.specs.get((env, name))
+        if spec is None:
+            return None
+        return RateLimit(limit=spec.limit, period=spec.period_s, per_key=spec.per_key)
 
     async def pause_queue(self, env: str, name: str, paused: bool) -> None:
         """Stop (or resume) starting runs of a queue; executing runs carry on.
@@ -1753,6 +1931,27 @@ class Engine:
             "queued": self.queue.size,
             "waiting": waiting,
         }
+
+
+_ALERT_STATUSES = frozenset(
+    {RunStatus.FAILED, RunStatus.CRASHED, RunStatus.SYSTEM_FAILURE, RunStatus.TIMED_OUT}
+)
+
+
+def _failed_run(run: ActiveRun, status: RunStatus, error: RunError | None) -> dict[str, Any]:
+    """What a ``run.failed`` alert says about the run."""
+    return {
+        "run": {
+            "id": run.id,
+            "task_id": run.task_id,
+            "status": status.value,
+            "error": msgspec.to_builtins(error) if error is not None else None,
+            "attempt_count": run.attempt,
+            "version": run.version,
+            "tags": run.tags,
+            "created_at": store.ts(run.created_at).isoformat(),
+        }
+    }
 
 
 def _responses(

@@ -283,9 +283,16 @@ class Waitpoints:
 
     def on_run_final(self, run_id: str) -> None:
         """A run ended: complete the waits of parents waiting on it (once all are final)."""
+        active = self.engine.active
         for wait_id in list(self._by_child.pop(run_id, ())):
             record = self.pending.get(wait_id)
-            if record is not None and not any(c in self.engine.active for c in record.targets):
+            if record is None:
+                continue
+            targets, i = record.targets, record.ended_upto
+            while i < len(targets) and targets[i] not in active:
+                i += 1
+            record.ended_upto = i
+            if i == len(targets):
                 asyncio.get_running_loop().create_task(self._complete_children(record))
 
     async def _complete_children(self, record: WaitRecord) -> None:
@@ -431,6 +438,14 @@ class Waitpoints:
         return _token_result_json(
             info.status, bytes(info.output) if info.status == "COMPLETED" else None
         )
+
+    async def token_env(self, token_id: str) -> str | None:
+        """The environment of a token, None when there is no such token."""
+        token = self._tokens.get(token_id)
+        if token is not None:
+            return token.env
+        info = await self.engine.db.read(lambda conn: _token_row(conn, token_id))
+        return info.env if info is not None else None
 
     async def retrieve_token(self, env: str, token_id: str) -> TokenInfo:
         """A token with the runs waiting on it.

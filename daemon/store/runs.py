@@ -115,7 +115,8 @@ class BlobStore:
 # -- writes ------------------------------------------------------------------------------
 
 
-def _inline_or_ref(blobs: BlobStore, data: bytes | None) -> tuple[bytes | None, str | None]:
+def inline_or_ref(blobs: BlobStore, data: bytes | None) -> tuple[bytes | None, str | None]:
+    """A payload or output as stored: inline, or in a blob when it is large."""
     if data is not None and len(data) > OFFLOAD_BYTES:
         return None, blobs.put(data)
     return data, None
@@ -149,13 +150,14 @@ def insert_run(
     machine: str | None,
 ) -> None:
     """Insert a new run with its tags and first snapshots."""
-    payload, payload_ref = _inline_or_ref(blobs, run.payload)
+    payload, payload_ref = inline_or_ref(blobs, run.payload)
     conn.execute(
         "INSERT INTO runs (id, env, task_id, status, created_at, updated_at, payload, payload_ref,"
         " pinned_version, tags, metadata, max_attempts, retry, delay_until, expires_at, ttl_s,"
         " idempotency_key, idempotency_slot, idempotency_expires_at, queue, concurrency_key,"
-        " priority, max_duration_s, machine, parent_run_id, root_run_id, batch_id, replayed_from)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " priority, max_duration_s, machine, parent_run_id, root_run_id, batch_id, replayed_from,"
+        " batch_index, debounce_key, debounce_max_at)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             run.id,
             run.env,
@@ -185,6 +187,9 @@ def insert_run(
             run.root_run_id,
             run.batch_id,
             run.replayed_from,
+            run.batch_index,
+            run.debounce_key,
+            run.debounce_max_at,
         ),
     )
     if run.tags:
@@ -313,7 +318,7 @@ def finish_run(
     description: str = "",
 ) -> None:
     """Record a run's final status, output or error; a failure frees its idempotency key."""
-    inline, ref = _inline_or_ref(blobs, output)
+    inline, ref = inline_or_ref(blobs, output)
     columns: dict[str, Any] = {
         "finished_at": now,
         "output": inline,
@@ -473,12 +478,11 @@ class RunFilter:
     created_from: float | None = None
     created_to: float | None = None
     parent: str | None = None
+    batch: str | None = None
 
 
-def list_runs(
-    conn: sqlite3.Connection, flt: RunFilter, limit: int, cursor: str | None
-) -> tuple[list[RunSummary], str | None]:
-    """A page of runs, newest first, and the cursor of the next page (None at the end)."""
+def filter_sql(flt: RunFilter) -> tuple[str, list[str], list[Any]]:
+    """The FROM source, WHERE terms and arguments of the runs a filter matches (alias r)."""
     where = ["r.env = ?"]
     args: list[Any] = [flt.env]
     if flt.statuses:
@@ -493,15 +497,15 @@ def list_runs(
     if flt.parent is not None:
         where.append("r.parent_run_id = ?")
         args.append(flt.parent)
+    if flt.batch is not None:
+        where.append("r.batch_id = ?")
+        args.append(flt.batch)
     if flt.created_from is not None:
         where.append("r.created_at >= ?")
         args.append(flt.created_from)
     if flt.created_to is not None:
         where.append("r.created_at < ?")
         args.append(flt.created_to)
-    if cursor is not None:
-        where.append("r.id < ?")
-        args.append(cursor)
     source = "runs r"
     if flt.tags:
         # A run matches when it carries any of the tags, as in Trigger.dev.
@@ -510,6 +514,17 @@ def list_runs(
             f"({','.join('?' * len(flt.tags))})) t ON t.run_id = r.id"
         )
         args = [flt.env, *flt.tags, *args]
+    return source, where, args
+
+
+def list_runs(
+    conn: sqlite3.Connection, flt: RunFilter, limit: int, cursor: str | None
+) -> tuple[list[RunSummary], str | None]:
+    """A page of runs, newest first, and the cursor of the next page (None at the end)."""
+    source, where, args = filter_sql(flt)
+    if cursor is not None:
+        where.append("r.id < ?")
+        args.append(cursor)
     columns = ", ".join(f"r.{c.strip()}" for c in _SUMMARY_COLUMNS.split(","))
     rows = conn.execute(
         f"SELECT {columns} FROM {source} WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?",
@@ -761,6 +776,17 @@ def load_queue_overrides(conn: sqlite3.Connection) -> list[tuple[str, str, bool,
     ]
 
 
+def attempt_starts(
+    conn: sqlite3.Connection, since: float, env: str, queue: str
+) -> list[tuple[str | None, float]]:
+    """Attempts of a queue started after ``since``: (concurrency key, start), oldest first."""
+    return conn.execute(
+        "SELECT r.concurrency_key, a.started_at FROM attempts a JOIN runs r ON r.id = a.run_id"
+        " WHERE a.started_at > ? AND r.env = ? AND r.queue = ? ORDER BY a.started_at",
+        (since, env, queue),
+    ).fetchall()
+
+
 def key_env(conn: sqlite3.Connection, key_hash: str) -> str | None:
     """The environment of a live API key, or None."""
     row = conn.execute(
@@ -783,3 +809,20 @@ def has_keys(conn: sqlite3.Connection) -> bool:
         conn.execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1").fetchone()
         is not None
     )
+
+
+def reset_idempotency_slot(conn: sqlite3.Connection, env: str, task_id: str, key: str) -> list[str]:
+    """Free the idempotency key of a task's runs; return the ids of the runs that held it."""
+    held = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM runs WHERE env = ? AND task_id = ? AND idempotency_slot = ?",
+            (env, task_id, key),
+        )
+    ]
+    conn.execute(
+        "UPDATE runs SET idempotency_slot = NULL"
+        " WHERE env = ? AND task_id = ? AND idempotency_slot = ?",
+        (env, task_id, key),
+    )
+    return held

@@ -226,6 +226,74 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX trigger_requests_created ON trigger_requests (created_at);
     """,
+    # 7: queues, batches and bulk actions at Trigger.dev's level: attempt starts by time (a
+    # rate window is rebuilt from them), batch records, bulk actions, alert channels
+    """
+    CREATE INDEX attempts_started ON attempts (started_at);
+    ALTER TABLE runs ADD COLUMN batch_index INTEGER;
+    CREATE UNIQUE INDEX runs_batch ON runs (batch_id, batch_index) WHERE batch_id IS NOT NULL;
+    CREATE TABLE batches (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        status TEXT NOT NULL,
+        run_count INTEGER NOT NULL,
+        received INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        sealed_at REAL,
+        finished_at REAL,
+        idempotency_key TEXT,
+        idempotency_expires_at REAL
+    );
+    CREATE INDEX batches_env ON batches (env, id);
+    CREATE INDEX batches_open ON batches (status) WHERE status != 'COMPLETED';
+    CREATE UNIQUE INDEX batches_idempotency ON batches (env, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE bulk_actions (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        action TEXT NOT NULL,
+        status TEXT NOT NULL,
+        filter BLOB,
+        run_ids BLOB,
+        cursor TEXT,
+        total INTEGER NOT NULL,
+        processed INTEGER NOT NULL DEFAULT 0,
+        succeeded INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX bulk_actions_env ON bulk_actions (env, id);
+    ALTER TABLE runs ADD COLUMN debounce_key TEXT;
+    ALTER TABLE runs ADD COLUMN debounce_max_at REAL;
+    CREATE INDEX runs_debounce ON runs (env, task_id, debounce_key)
+        WHERE debounce_key IS NOT NULL AND status = 'DELAYED';
+    CREATE TABLE alert_channels (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        webhook TEXT NOT NULL,
+        events BLOB NOT NULL,
+        secret TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE alert_deliveries (
+        id TEXT PRIMARY KEY,
+        channel_id TEXT NOT NULL REFERENCES alert_channels (id) ON DELETE CASCADE,
+        env TEXT NOT NULL,
+        event TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        body BLOB NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_at REAL,
+        delivered_at REAL,
+        last_error TEXT,
+        UNIQUE (channel_id, event, subject)
+    );
+    CREATE INDEX alert_deliveries_due ON alert_deliveries (next_at) WHERE status = 'PENDING';
+    CREATE INDEX alert_deliveries_env ON alert_deliveries (env, id);
+    """,
 ]
 
 

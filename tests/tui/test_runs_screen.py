@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ember import RunStatus
@@ -108,6 +109,43 @@ async def test_bulk_replay_adds_new_runs_live(tui: Any) -> None:
         replays = [table(app).rows[0].id, table(app).rows[1].id]
     origins = {(await Runs(tui.harness.client).retrieve(i)).replayed_from for i in replays}
     assert origins == {first, second}
+
+
+async def test_select_all_cancels_every_matching_run_through_a_bulk_action(tui: Any) -> None:
+    from ember import Queues, Runs, Tasks
+
+    client = tui.harness.client
+    await Queues(client).pause("emails")  # the echo runs stay QUEUED
+    echoes = await Tasks(client).batch_trigger([("echo", {"n": i}) for i in range(250)])
+    other = await tui.run("charge", {"cents": 1})
+    app = tui.app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("slash", *"task:echo", "enter")
+        await tui.until(pilot, lambda: len(table(app).rows) >= 100)
+        assert len(table(app).rows.loaded) < 250  # the rest is not even loaded
+        await pilot.press("ctrl+a")
+        status = str(app.screen.query_one("#runs-status").render())
+        assert "all matching selected" in status
+        await pilot.press("c")
+        await pilot.pause(0.1)
+        await pilot.press("y")
+        runs = Runs(client)
+
+        async def all_done() -> bool:
+            actions = await runs.bulk.list()
+            return bool(actions) and actions[0].status == "COMPLETED"
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await all_done():
+            assert asyncio.get_running_loop().time() < deadline, "the bulk cancel did not end"
+            await pilot.pause(0.1)
+        action = (await runs.bulk.list())[0]
+        assert (action.action, action.total, action.succeeded) == ("cancel", 250, 250)
+    for handle in echoes[::50]:
+        assert (await runs.retrieve(handle.id)).status is RunStatus.CANCELED
+    assert (await runs.retrieve(other)).status is RunStatus.COMPLETED
+    queued = await runs.list(task="echo", status="QUEUED")
+    assert queued.data == []
 
 
 async def test_filter_dialog_applies_statuses(tui: Any) -> None:
