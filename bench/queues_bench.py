@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil
 import run
-from drain_cpu import cpu_s
+from drain_cpu import one_drain
 from ember_bench import EmberPeer
 
 from ember import Batches, Queues, RunHandle, Tasks
@@ -51,23 +51,28 @@ def batch_rate(peer: EmberPeer, n: int, chunked: bool) -> float:
     return n / took
 
 
+class TargetPeer(EmberPeer):
+    """Ember whose held-and-drained workload is the runs of ``target``: (task, queue)."""
+
+    target = ("noop", "task/noop")
+
+    def hold(self) -> None:
+        Queues(self._client).pause_sync(self.target[1])
+
+    def release(self) -> None:
+        Queues(self._client).resume_sync(self.target[1])
+
+    def enqueue_batch(self, size: int) -> list[RunHandle[Any]]:
+        return Tasks(self._client).batch_trigger_sync([(self.target[0], None)] * size)
+
+
 def drain(
-    peer: EmberPeer, daemon: psutil.Process, task_id: str, queue: str, n: int
+    peer: TargetPeer, daemon: psutil.Process, task_id: str, queue: str, n: int
 ) -> tuple[float, float]:
     """Drain n runs of a task; return runs/s and the daemon's CPU µs per run."""
-    client = peer._client
-    queues = Queues(client)
-    queues.pause_sync(queue)
-    handles: list[RunHandle[Any]] = []
-    for offset in range(0, n, run.BATCH_SIZE):
-        size = min(run.BATCH_SIZE, n - offset)
-        handles += Tasks(client).batch_trigger_sync([(task_id, None)] * size)
-    before = cpu_s(daemon)
-    queues.resume_sync(queue)
-    peer.result(handles[-1], run.RESULT_TIMEOUT_S)
-    after = cpu_s(daemon)
-    starts = [peer.result(h, run.RESULT_TIMEOUT_S) for h in handles]
-    return (n - 1) / (max(starts) - min(starts)), (after[0] - before[0]) / n * 1e6
+    peer.target = (task_id, queue)
+    rate, own, _ = one_drain(peer, daemon, n)
+    return rate, own
 
 
 def main() -> None:
@@ -77,7 +82,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ember-queues-") as folder:
-        peer = EmberPeer(Path(folder))
+        peer = TargetPeer(Path(folder))
         peer.start_workers()
         try:
             for _ in range(run.WARMUP_ROUND_TRIPS * 4):

@@ -107,3 +107,16 @@ async def test_a_running_bulk_action_resumes_after_a_restart(state_dir: Path) ->
         assert done.status == "COMPLETED"
         assert statuses(state_dir) == {("mail", "CANCELED"): 3000}
         assert done.processed >= 3000
+
+
+async def test_abort_stops_a_bulk_action_after_its_chunk(h: Harness) -> None:
+    await Queues(h.client).pause("task/mail")
+    await Tasks(h.client).batch_trigger([("mail", i) for i in range(5000)])
+    runs = Runs(h.client)
+    action = await runs.bulk.cancel(filter={"task": ["mail"]})
+    # 500 runs a chunk: the first chunk is still under way when the abort arrives.
+    stopped = await runs.bulk.abort(action.id)
+    assert stopped.status == "ABORTED" and stopped.finished_at is not None
+    assert 0 < stopped.processed < 5000
+    canceled = statuses(h.config.state_dir).get(("mail", "CANCELED"), 0)
+    assert canceled == stopped.succeeded
