@@ -61,6 +61,7 @@ from ember.daemon._environments import check_env_name
 from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
 from ember.daemon._routing import read_body as _body
 from ember.daemon._routing import read_json as _decode
+from ember.daemon._sync_api import FORWARDED, SYNC_ROUTES
 
 if TYPE_CHECKING:
     from ember.daemon._server import Daemon
@@ -214,11 +215,12 @@ async def batch_trigger(daemon: Daemon, request: Request, env: str) -> BatchTrig
         raise BadRequest(
             400, f"items: a batch holds 1 to {MAX_BATCH_ITEMS} runs, got {len(req.items)}"
         )
+    # group=false: many runs in one commit that form no batch (a sync link's push).
+    grouped = request.query_params.get("group") != "false"
     batch_id, responses = await daemon.engine.trigger(
-        env, req.items, batch=True, request_key=_request_key(request)
+        env, req.items, batch=grouped, request_key=_request_key(request)
     )
-    assert batch_id is not None
-    return BatchTriggerResponse(batch_id=batch_id, runs=responses)
+    return BatchTriggerResponse(batch_id=batch_id or "", runs=responses)
 
 
 async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
@@ -242,6 +244,7 @@ async def list_runs(daemon: Daemon, request: Request, env: str) -> RunPage:
         parent=request.query_params.get("parent") or None,
         created_from=_time_param(request, "from"),
         created_to=_time_param(request, "to"),
+        updated_from=_time_param(request, "updated_from"),
     )
     cursor = request.query_params.get("cursor") or None
     page, next_cursor = await daemon.db.read(lambda conn: store.list_runs(conn, flt, limit, cursor))
@@ -361,8 +364,10 @@ async def list_tokens(daemon: Daemon, request: Request, env: str) -> TokenPage:
 
 
 async def events(daemon: Daemon, request: Request, env: str) -> StreamingResponse:
+    resume = request.query_params.get("resume") == "1"
+    last_event_id = request.headers.get("last-event-id") or None
     return StreamingResponse(
-        daemon.events.stream(env),
+        daemon.events.stream(env, resume=resume, last_event_id=last_event_id),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache"},
     )
@@ -376,6 +381,7 @@ _RUN_FILTERS = (
     ("parent", "the parent run's id: its child runs"),
     ("from", "created at or after (ISO 8601 or epoch seconds)"),
     ("to", "created before (ISO 8601 or epoch seconds)"),
+    ("updated_from", "changed at or after (ISO 8601 or epoch seconds): a mirror's catch-up"),
     ("limit", "page size, 1-1000 (default 50)"),
     ("cursor", "next_cursor of the previous page"),
 )
@@ -521,6 +527,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     ),
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
     *ADMIN_ROUTES,
+    *SYNC_ROUTES,
 )
 
 
@@ -534,10 +541,16 @@ def build_app(daemon: Daemon) -> Router:
     document = _json.encode(openapi_document(ROUTES))
 
     def endpoint(spec: RouteSpec) -> Endpoint:
+        forwarded = FORWARDED.get((spec.method, spec.path))
+
         async def handle(request: Request) -> Response:
             try:
                 env = await _authorize(daemon, request)
-                result = await spec.handler(daemon, request, env)
+                handler = spec.handler
+                # A forwarded environment's runs live in the outbox and the mirror.
+                if forwarded is not None and daemon.sync is not None and daemon.sync.forwards(env):
+                    handler = forwarded
+                result = await handler(daemon, request, env)
             except ApiError as exc:
                 return _error_response(exc.status, exc.detail)
             except EmberError as exc:

@@ -37,6 +37,8 @@ from ember.daemon._events import EventHub
 from ember.daemon._modes import PRIVATE_UMASK, tighten
 from ember.daemon._schedules import Scheduler
 from ember.daemon._supervisor import Supervisor
+from ember.daemon._sync_api import SyncService
+from ember.daemon._tls import check_tls
 from ember.daemon._venvs import python_for
 
 log = logging.getLogger("ember.daemon")
@@ -62,6 +64,9 @@ class Daemon:
         # The umask the daemon was started with, put back at stop and given to run processes.
         self._user_umask: int | None = None
         self._server: uvicorn.Server | None = None
+        self._tls_server: uvicorn.Server | None = None
+        self._tls_sockets: list[socket.socket] = []
+        self.sync: SyncService | None = None
         self._sockets: list[socket.socket] = []
         self.db: Database
         self.events = EventHub()
@@ -103,7 +108,11 @@ class Daemon:
         await self.supervisor.start()
         recovered = await self.engine.recover()
         await self.scheduler.start()
+        if self.config.sync:
+            self.sync = SyncService(self, self.config.sync)
         await self._serve_api()
+        if self.sync is not None:
+            await self.sync.start()
         # What start-up loaded (recovered runs, their timers, the imports) lives long: out of
         # the collector's sight, full collections no longer walk it again and again.
         gc.freeze()
@@ -168,11 +177,29 @@ class Daemon:
         unix.bind(str(path))
         os.chmod(path, 0o600)
         self._sockets = [unix]
+        tls = self.config.tls_cert is not None
+        check_tls(self.config.tls_cert, self.config.tls_key, self.config.tcp)
         if self.config.tcp:
-            self._sockets.append(self._tcp_socket(self.config.tcp))
+            tcp = self._tcp_socket(self.config.tcp)
+            # uvicorn applies one TLS setting to all its sockets: with TLS the TCP socket
+            # gets a server of its own, and the Unix socket stays plain.
+            (self._tls_sockets if tls else self._sockets).append(tcp)
             await self._ensure_api_key()
+        app = build_app(self)
+        self._server = await self._start_server(app, self._sockets)
+        if self._tls_sockets:
+            self._tls_server = await self._start_server(
+                app,
+                self._tls_sockets,
+                ssl_certfile=str(self.config.tls_cert),
+                ssl_keyfile=str(self.config.tls_key),
+            )
+
+    async def _start_server(
+        self, app: object, sockets: list[socket.socket], **tls: str
+    ) -> uvicorn.Server:
         config = uvicorn.Config(
-            build_app(self),
+            app,  # type: ignore[arg-type]
             lifespan="off",
             access_log=False,
             log_level="warning",
@@ -181,12 +208,14 @@ class Daemon:
             date_header=False,
             server_header=False,
             timeout_graceful_shutdown=1,
+            **tls,  # type: ignore[arg-type]
         )
         config.load()
-        self._server = uvicorn.Server(config)
+        server = uvicorn.Server(config)
         # startup()/shutdown() rather than serve(): the daemon owns its signals and its loop.
-        self._server.lifespan = config.lifespan_class(config)
-        await self._server.startup(sockets=self._sockets)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=sockets)
+        return server
 
     def _tcp_socket(self, address: str) -> socket.socket:
         host, _, port = address.rpartition(":")
@@ -228,12 +257,18 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop serving and stop every process; the table keeps what was in flight."""
+        if self.sync is not None:
+            await self.sync.close()
         if hasattr(self, "engine"):
             self.engine.begin_close()
-        if self._server is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(Exception):
-                await self._server.shutdown(sockets=self._sockets)
+        for server, sockets in (
+            (self._server, self._sockets),
+            (self._tls_server, self._tls_sockets),
+        ):
+            if server is not None:
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await server.shutdown(sockets=sockets)
         self.config.api_socket.unlink(missing_ok=True)
         if hasattr(self, "builder"):
             await self.builder.close()

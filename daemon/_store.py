@@ -467,6 +467,7 @@ class RunFilter:
     created_from: float | None = None
     created_to: float | None = None
     parent: str | None = None
+    updated_from: float | None = None
 
 
 def list_runs(
@@ -493,6 +494,9 @@ def list_runs(
     if flt.created_to is not None:
         where.append("r.created_at < ?")
         args.append(flt.created_to)
+    if flt.updated_from is not None:
+        where.append("r.updated_at >= ?")
+        args.append(flt.updated_from)
     if cursor is not None:
         where.append("r.id < ?")
         args.append(cursor)

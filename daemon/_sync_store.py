@@ -1,0 +1,464 @@
+"""The sync tables: the outbox of what a forwarded environment still has to send, and the
+mirror of the remote's runs (and of local runs not sent yet).
+
+Each function takes a ``sqlite3.Connection`` and runs inside the caller's transaction (the
+group commit), like ``_store``. :class:`MirrorDb` puts them behind the interface a
+:class:`ember.sync.SyncLink` talks to, publishes mirrored changes on the local event stream
+and wakes long polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from ember._types import LogLine, Run, RunError, RunEvent, RunStatus, RunSummary, SyncMark
+from ember.daemon import _store as store
+from ember.daemon._db import Database
+from ember.daemon._events import EventHub
+from ember.sync._link import Delivered, OutboxItem, local_id_of
+
+_encoder = msgspec.json.Encoder()
+_summary_decoder = msgspec.json.Decoder(RunSummary)
+_run_decoder = msgspec.json.Decoder(Run)
+_logs_decoder = msgspec.json.Decoder(list[LogLine])
+_SUMMARY_FIELDS = frozenset(RunSummary.__struct_fields__)
+_FAILED = ("FAILED", "CRASHED", "SYSTEM_FAILURE", "CANCELED", "EXPIRED", "TIMED_OUT")
+
+
+def summary_of(run: Run) -> RunSummary:
+    """The listed form of a run."""
+    values = {f: getattr(run, f) for f in _SUMMARY_FIELDS if hasattr(run, f)}
+    return RunSummary(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorRow:
+    """A run as the local daemon holds it for a forwarded environment."""
+
+    id: str
+    local_id: str | None
+    remote_id: str | None
+    summary: RunSummary
+    run: Run | None
+    logs: list[LogLine] | None
+    mirrored_at: float | None
+
+
+_ROW = "id, local_id, remote_id, summary, run, logs, mirrored_at"
+
+
+def _row(r: Sequence[Any]) -> MirrorRow:
+    return MirrorRow(
+        id=r[0],
+        local_id=r[1],
+        remote_id=r[2],
+        summary=_summary_decoder.decode(r[3]),
+        run=_run_decoder.decode(r[4]) if r[4] is not None else None,
+        logs=_logs_decoder.decode(r[5]) if r[5] is not None else None,
+        mirrored_at=r[6],
+    )
+
+
+# -- the outbox ----------------------------------------------------------------------------
+
+
+def enqueue_trigger(
+    conn: sqlite3.Connection, summary: RunSummary, body: bytes, user_key: str | None
+) -> None:
+    """A run to forward: its outbox item and its row (QUEUED until the remote says more)."""
+    now = summary.created_at.timestamp()
+    conn.execute(
+        "INSERT INTO sync_outbox (env, kind, target, body, created_at)"
+        " VALUES (?, 'trigger', ?, ?, ?)",
+        (summary.env, summary.id, body, now),
+    )
+    conn.execute(
+        "INSERT INTO sync_runs (id, env, local_id, task_id, status, idempotency_key, updated_at,"
+        " summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            summary.id,
+            summary.env,
+            summary.id,
+            summary.task_id,
+            summary.status.value,
+            user_key,
+            now,
+            _encoder.encode(summary),
+        ),
+    )
+
+
+def enqueue_action(conn: sqlite3.Connection, env: str, kind: str, target: str, body: bytes) -> None:
+    """A cancel or a token completion to send after everything before it."""
+    conn.execute(
+        "INSERT INTO sync_outbox (env, kind, target, body, created_at) VALUES (?, ?, ?, ?, ?)",
+        (env, kind, target, body, time.time()),
+    )
+
+
+def drop_unsent(conn: sqlite3.Connection, local_id: str, now: float) -> bool:
+    """Cancel a run still in the outbox: it is never sent. False when it was sent already."""
+    deleted = conn.execute(
+        "DELETE FROM sync_outbox WHERE kind = 'trigger' AND target = ?", (local_id,)
+    ).rowcount
+    if not deleted:
+        return False
+    row = conn.execute("SELECT summary FROM sync_runs WHERE local_id = ?", (local_id,)).fetchone()
+    summary = msgspec.structs.replace(
+        _summary_decoder.decode(row[0]),
+        status=RunStatus.CANCELED,
+        updated_at=store.ts(now),
+        finished_at=store.ts(now),
+    )
+    _put_summary(conn, local_id, summary, None)
+    return True
+
+
+def find_key(conn: sqlite3.Connection, env: str, task_id: str, key: str) -> str | None:
+    """A forwarded run holding the user's idempotency key (failed runs free it)."""
+    row = conn.execute(
+        "SELECT id FROM sync_runs WHERE env = ? AND task_id = ? AND idempotency_key = ?"
+        f" AND status NOT IN ({','.join('?' * len(_FAILED))})",
+        (env, task_id, key, *_FAILED),
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def outbox(conn: sqlite3.Connection, env: str, limit: int) -> list[OutboxItem]:
+    """The oldest items still to send."""
+    rows = conn.execute(
+        "SELECT seq, kind, target, body FROM sync_outbox WHERE env = ? ORDER BY seq LIMIT ?",
+        (env, limit),
+    ).fetchall()
+    return [OutboxItem(seq=r[0], kind=r[1], target=r[2], body=bytes(r[3])) for r in rows]
+
+
+def outbox_size(conn: sqlite3.Connection, env: str) -> int:
+    """How many items wait to be sent."""
+    return int(conn.execute("SELECT count(*) FROM sync_outbox WHERE env = ?", (env,)).fetchone()[0])
+
+
+def delivered(conn: sqlite3.Connection, env: str, done: Sequence[Delivered], now: float) -> None:
+    """Remove sent items, link runs to their remote ids, and record refusals."""
+    for item in done:
+        conn.execute("DELETE FROM sync_outbox WHERE seq = ?", (item.seq,))
+        if item.kind == "trigger" and item.remote_id is not None:
+            _link(conn, item.target, item.remote_id)
+        elif item.kind == "trigger":
+            row = conn.execute(
+                "SELECT summary FROM sync_runs WHERE local_id = ?", (item.target,)
+            ).fetchone()
+            refused = msgspec.structs.replace(
+                _summary_decoder.decode(row[0]),
+                status=RunStatus.SYSTEM_FAILURE,
+                updated_at=store.ts(now),
+                finished_at=store.ts(now),
+                error=RunError(name="SyncRefused", message=item.error or "", code="SYNC_REFUSED"),
+            )
+            _put_summary(conn, item.target, refused, None)
+        elif item.error is not None:
+            set_error(conn, env, f"{item.kind} {item.target} was refused: {item.error}")
+
+
+def _link(conn: sqlite3.Connection, local_id: str, remote_id: str) -> None:
+    """The local run became this remote run: one row, known by the remote id from now on."""
+    if conn.execute("SELECT 1 FROM sync_runs WHERE id = ?", (remote_id,)).fetchone():
+        # The mirror saw the remote run before the push's answer came back.
+        conn.execute("DELETE FROM sync_runs WHERE local_id = ? AND id != ?", (local_id, remote_id))
+        conn.execute("UPDATE sync_runs SET local_id = ? WHERE id = ?", (local_id, remote_id))
+    else:
+        conn.execute(
+            "UPDATE sync_runs SET id = ?, remote_id = ? WHERE local_id = ?",
+            (remote_id, remote_id, local_id),
+        )
+
+
+def _put_summary(
+    conn: sqlite3.Connection, row_id: str, summary: RunSummary, mirrored_at: float | None
+) -> None:
+    conn.execute(
+        "UPDATE sync_runs SET status = ?, updated_at = ?, summary = ?,"
+        " mirrored_at = coalesce(?, mirrored_at) WHERE id = ? OR local_id = ?",
+        (
+            summary.status.value,
+            summary.updated_at.timestamp(),
+            _encoder.encode(summary),
+            mirrored_at,
+            row_id,
+            row_id,
+        ),
+    )
+
+
+# -- the mirror ----------------------------------------------------------------------------
+
+
+def mirror(
+    conn: sqlite3.Connection, env: str, summaries: Sequence[RunSummary], now: float
+) -> tuple[list[str], list[str]]:
+    """Record remote runs; return the row ids that changed and the final runs to fetch whole.
+
+    An older view of a run (a catch-up page listed before an event) never replaces a newer.
+    """
+    changed, fetch = [], []
+    for summary in summaries:
+        local_id = local_id_of(summary)
+        if (
+            local_id is not None
+            and conn.execute(
+                "SELECT 1 FROM sync_runs WHERE local_id = ? AND remote_id IS NULL", (local_id,)
+            ).fetchone()
+        ):
+            _link(conn, local_id, summary.id)
+        row = conn.execute(
+            "SELECT updated_at, run IS NOT NULL FROM sync_runs WHERE id = ?", (summary.id,)
+        ).fetchone()
+        updated = summary.updated_at.timestamp()
+        if row is None:
+            conn.execute(
+                "INSERT INTO sync_runs (id, env, local_id, remote_id, task_id, status, updated_at,"
+                " summary, mirrored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    summary.id,
+                    env,
+                    local_id,
+                    summary.id,
+                    summary.task_id,
+                    summary.status.value,
+                    updated,
+                    _encoder.encode(summary),
+                    now,
+                ),
+            )
+            has_run = False
+        elif updated >= row[0]:
+            _put_summary(conn, summary.id, summary, now)
+            has_run = bool(row[1])
+        else:
+            conn.execute("UPDATE sync_runs SET mirrored_at = ? WHERE id = ?", (now, summary.id))
+            continue
+        changed.append(summary.id)
+        if summary.status.is_final and not has_run:
+            fetch.append(summary.id)
+    return changed, fetch
+
+
+def finished(
+    conn: sqlite3.Connection, env: str, run: Run, logs: Sequence[LogLine], now: float
+) -> None:
+    """A final run held whole, with its logs."""
+    mirror(conn, env, [summary_of(run)], now)
+    conn.execute(
+        "UPDATE sync_runs SET run = ?, logs = ? WHERE id = ?",
+        (_encoder.encode(run), _encoder.encode(list(logs)), run.id),
+    )
+
+
+def get(conn: sqlite3.Connection, env: str, run_id: str) -> MirrorRow | None:
+    """A run by its shown, local or remote id."""
+    row = conn.execute(
+        f"SELECT {_ROW} FROM sync_runs WHERE env = ? AND (id = ? OR local_id = ?)",
+        (env, run_id, run_id),
+    ).fetchone()
+    return _row(row) if row else None
+
+
+def list_rows(
+    conn: sqlite3.Connection,
+    env: str,
+    statuses: Sequence[str],
+    tasks: Sequence[str],
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[MirrorRow], str | None]:
+    """A page of runs, newest first (ids are time-ordered), and the next page's cursor."""
+    where, args = ["env = ?"], [env]
+    if statuses:
+        where.append(f"status IN ({','.join('?' * len(statuses))})")
+        args += statuses
+    if tasks:
+        where.append(f"task_id IN ({','.join('?' * len(tasks))})")
+        args += tasks
+    if cursor is not None:
+        where.append("id < ?")
+        args.append(cursor)
+    rows = conn.execute(
+        f"SELECT {_ROW} FROM sync_runs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        (*args, limit + 1),
+    ).fetchall()
+    page = [_row(r) for r in rows[:limit]]
+    return page, (page[-1].id if len(rows) > limit and page else None)
+
+
+# -- the cursor ----------------------------------------------------------------------------
+
+
+def cursor(conn: sqlite3.Connection, env: str) -> tuple[str | None, float, float | None]:
+    """The last event id held, the remote time runs are caught up to, the last contact."""
+    row = conn.execute(
+        "SELECT last_event_id, caught_up_to, last_contact_at FROM sync_state WHERE env = ?",
+        (env,),
+    ).fetchone()
+    return (row[0], row[1], row[2]) if row else (None, 0.0, None)
+
+
+def save_cursor(
+    conn: sqlite3.Connection,
+    env: str,
+    event_id: str | None,
+    caught_up_to: float | None,
+    contact_at: float | None,
+) -> None:
+    """Move the cursor (None leaves a value as it is)."""
+    conn.execute(
+        "INSERT INTO sync_state (env, last_event_id, caught_up_to, last_contact_at)"
+        " VALUES (?, ?, coalesce(?, 0), ?) ON CONFLICT (env) DO UPDATE SET"
+        " last_event_id = coalesce(excluded.last_event_id, last_event_id),"
+        " caught_up_to = coalesce(?, caught_up_to),"
+        " last_contact_at = coalesce(excluded.last_contact_at, last_contact_at)",
+        (env, event_id, caught_up_to, contact_at, caught_up_to),
+    )
+
+
+def set_error(conn: sqlite3.Connection, env: str, error: str | None) -> None:
+    """The last thing that went wrong with the environment's sync (None: cleared)."""
+    conn.execute(
+        "INSERT INTO sync_state (env, last_error) VALUES (?, ?)"
+        " ON CONFLICT (env) DO UPDATE SET last_error = excluded.last_error",
+        (env, error),
+    )
+
+
+# -- the interface a link talks to ---------------------------------------------------------
+
+
+@dataclass
+class _EnvState:
+    profile: str
+    url: str
+    live: bool = False
+    contact_at: float | None = None
+    saved_contact_at: float | None = None
+    error: str | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MirrorDb:
+    """The outbox, mirror and cursor of forwarded environments, on the daemon's database.
+
+    Args:
+        db: the daemon's database.
+        events: the local event hub: mirrored changes are published on it, so the dashboard
+            and ``runs.subscribe`` see production's runs as they change.
+    """
+
+    def __init__(self, db: Database, events: EventHub) -> None:
+        self.db = db
+        self.events = events
+        self.envs: dict[str, _EnvState] = {}
+
+    def add_env(self, env: str, profile: str, url: str, contact_at: float | None) -> None:
+        """Serve an environment forwarded to a profile."""
+        self.envs[env] = _EnvState(profile, url, contact_at=contact_at, saved_contact_at=contact_at)
+
+    def mark(self, env: str, row: MirrorRow) -> SyncMark:
+        """How fresh a row is, for showing it."""
+        state = self.envs[env]
+        kind = "outbox" if row.remote_id is None else "mirrored"
+        if row.summary.error is not None and row.summary.error.code == "SYNC_REFUSED":
+            kind = "refused"
+        as_of = time.time() if state.live else state.contact_at
+        return SyncMark(
+            profile=state.profile,
+            url=state.url,
+            state=kind,  # type: ignore[arg-type]
+            local_id=row.local_id,
+            remote_id=row.remote_id,
+            as_of=store.opt_ts(as_of),
+            live=state.live,
+        )
+
+    def shown(self, env: str, row: MirrorRow) -> RunSummary:
+        """A row as listed, with its mark."""
+        return msgspec.structs.replace(row.summary, sync=self.mark(env, row))
+
+    async def changed(self, env: str, ids: Sequence[str]) -> None:
+        """Publish changed rows on the local event stream and wake long polls."""
+        state = self.envs[env]
+        if ids and self.events.has_subscribers(env):
+            rows = await self.db.read(lambda conn: [get(conn, env, i) for i in ids])
+            for row in rows:
+                if row is not None:
+                    self.events.publish(env, RunEvent(run=self.shown(env, row)))
+        state.changed.set()
+        state.changed = asyncio.Event()
+
+    async def wait_change(self, env: str, timeout_s: float) -> None:
+        """Until a row of the environment changes, or ``timeout_s`` passes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.envs[env].changed.wait(), timeout_s)
+
+    # SyncStore ------------------------------------------------------------------------
+
+    async def outbox(self, env: str, limit: int) -> list[OutboxItem]:
+        return await self.db.read(lambda conn: outbox(conn, env, limit))
+
+    async def delivered(self, env: str, done: Sequence[Delivered]) -> None:
+        now = time.time()
+        await self.db.write(lambda conn: delivered(conn, env, done, now))
+        linked = [d.remote_id or d.target for d in done if d.kind == "trigger"]
+        await self.changed(env, linked)
+
+    async def mirror(
+        self, env: str, summaries: Sequence[RunSummary], event_id: str | None
+    ) -> list[str]:
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            result = mirror(conn, env, summaries, now)
+            if event_id is not None:
+                save_cursor(conn, env, event_id, None, now)
+            return result
+
+        changed, fetch = await self.db.write(write)
+        await self.changed(env, changed)
+        return fetch
+
+    async def finished(self, env: str, run: Run, logs: Sequence[LogLine]) -> None:
+        now = time.time()
+        await self.db.write(lambda conn: finished(conn, env, run, logs, now))
+        await self.changed(env, [run.id])
+
+    async def cursor(self, env: str) -> tuple[str | None, float]:
+        event_id, caught_up_to, _ = await self.db.read(lambda conn: cursor(conn, env))
+        return event_id, caught_up_to
+
+    async def caught_up(self, env: str, remote_time: float, event_id: str | None) -> None:
+        now = time.time()
+        await self.db.write(lambda conn: save_cursor(conn, env, event_id, remote_time, now))
+
+    def contact(self, env: str, live: bool, error: str | None = None) -> None:
+        state = self.envs[env]
+        state.live, state.error = live, error
+        if error is None:
+            state.contact_at = time.time()
+        # The last contact is kept across restarts (offline, rows say how old they are),
+        # written at most once a second.
+        if state.contact_at is not None and (
+            state.saved_contact_at is None or state.contact_at - state.saved_contact_at > 1.0
+        ):
+            at = state.saved_contact_at = state.contact_at
+            future = self.db.write(lambda conn: save_cursor(conn, env, None, None, at))
+            future.add_done_callback(lambda f: f.exception())
+        if error is not None:
+            self.db.write(lambda conn: set_error(conn, env, error)).add_done_callback(
+                lambda f: f.exception()
+            )
