@@ -57,6 +57,7 @@ from ember._types import (
 )
 from ember.daemon import _store as store
 from ember.daemon._admin_api import ADMIN_ROUTES
+from ember.daemon._bundles import BUNDLE_ROUTES
 from ember.daemon._environments import check_env_name
 from ember.daemon._routing import RouteSpec, check_run_env, over_tcp
 from ember.daemon._routing import read_body as _body
@@ -528,6 +529,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("GET", "/api/v1/events", events, "Run changes as server-sent events"),
     *ADMIN_ROUTES,
     *SYNC_ROUTES,
+    *BUNDLE_ROUTES,
 )
 
 

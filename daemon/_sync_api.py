@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import ember
+from ember._admin_types import WhoAmI
 from ember._config import ClientSettings
 from ember._duration import parse_duration_s
 from ember._errors import BadRequest, ConfigError, Conflict, NotFound
@@ -34,7 +35,6 @@ from ember._types import (
     Run,
     RunPage,
     RunStatus,
-    Struct,
     TokenInfo,
     TriggerOptions,
     TriggerRequest,
@@ -57,15 +57,6 @@ _answer_encoder = msgspec.msgpack.Encoder()
 _answer_decoder = msgspec.msgpack.Decoder(tuple[str | None, list[TriggerResponse]])
 _BODY_OVERHEAD = 300 * 1024
 REQUEST_KEY_TTL_S = 600.0
-
-
-class WhoAmI(Struct, frozen=True):
-    """Who a request is: the environment its key (or the socket's header) names."""
-
-    env: str
-    over_tcp: bool
-    daemon_version: str
-    forwarded_to: str | None = None
 
 
 class SyncService:

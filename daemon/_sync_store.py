@@ -30,6 +30,7 @@ _summary_decoder = msgspec.json.Decoder(RunSummary)
 _run_decoder = msgspec.json.Decoder(Run)
 _logs_decoder = msgspec.json.Decoder(list[LogLine])
 _SUMMARY_FIELDS = frozenset(RunSummary.__struct_fields__)
+_FINAL = tuple(s.value for s in RunStatus if s.is_final)
 _FAILED = ("FAILED", "CRASHED", "SYSTEM_FAILURE", "CANCELED", "EXPIRED", "TIMED_OUT")
 
 
@@ -262,6 +263,16 @@ def finished(
     )
 
 
+def unfetched(conn: sqlite3.Connection, env: str) -> list[str]:
+    """Remote runs known to be final but not held whole yet."""
+    rows = conn.execute(
+        "SELECT id FROM sync_runs WHERE env = ? AND remote_id IS NOT NULL AND run IS NULL"
+        f" AND status IN ({','.join('?' * len(_FINAL))})",
+        (env, *_FINAL),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def get(conn: sqlite3.Connection, env: str, run_id: str) -> MirrorRow | None:
     """A run by its shown, local or remote id."""
     row = conn.execute(
@@ -436,6 +447,9 @@ class MirrorDb:
         now = time.time()
         await self.db.write(lambda conn: finished(conn, env, run, logs, now))
         await self.changed(env, [run.id])
+
+    async def unfetched(self, env: str) -> list[str]:
+        return await self.db.read(lambda conn: unfetched(conn, env))
 
     async def cursor(self, env: str) -> tuple[str | None, float]:
         event_id, caught_up_to, _ = await self.db.read(lambda conn: cursor(conn, env))

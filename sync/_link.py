@@ -118,6 +118,10 @@ class SyncStore(Protocol):
         """Record a final run whole, with its logs."""
         ...
 
+    async def unfetched(self, env: str) -> list[str]:
+        """Final runs not yet held whole (their fetch was cut off by a stop)."""
+        ...
+
     async def cursor(self, env: str) -> tuple[str | None, float]:
         """The last event id held and the remote time runs were caught up to."""
         ...
@@ -263,16 +267,18 @@ class SyncLink:
     # -- mirror -------------------------------------------------------------------------
 
     async def _mirror_loop(self) -> None:
+        for remote_id in await self.store.unfetched(self.env):
+            self._fetch_later(remote_id)
         failures = 0
         while True:
             try:
                 await self._follow()
-                failures = 0
             except EmberError as exc:
+                # A stream that was up counts as a success: the next try starts quick again.
+                failures = 0 if self.live else failures + 1
                 self.live = False
                 self.store.contact(self.env, False, str(exc))
                 await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
-                failures += 1
 
     async def _follow(self) -> None:
         last_event_id, _ = await self.store.cursor(self.env)
@@ -320,9 +326,11 @@ class SyncLink:
         task.add_done_callback(self._tasks.remove)
 
     async def _fetch(self, remote_id: str) -> None:
+        """Hold a final run whole: retried until the remote answers (it may be restarting)."""
+        failures = 0
         try:
             async with self._fetches:
-                for attempt in range(len(BACKOFF_S)):
+                while True:
                     try:
                         run = await self.client.request(
                             Call("GET", f"/api/v3/runs/{remote_id}", Run)
@@ -331,7 +339,8 @@ class SyncLink:
                             Call("GET", f"/api/v1/runs/{remote_id}/logs", LogPage)
                         )
                     except DaemonUnavailable:
-                        await asyncio.sleep(BACKOFF_S[attempt])
+                        await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
+                        failures += 1
                         continue
                     except ApiError as exc:
                         log.warning("cannot mirror run %s: %s", remote_id, exc)

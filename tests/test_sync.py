@@ -1,0 +1,138 @@
+"""Sync between a laptop daemon and a production daemon, both real, on loopback with TLS.
+
+The local daemon forwards ``prod`` to a remote daemon process (a CA made in the test signs
+its certificate). Runs triggered locally go through the outbox and become exactly one
+remote run each, however the connection or the remote fails; the remote's runs come back
+into the local mirror with their output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import eventually
+from sync_parts import Proxy, RemoteDaemon, forwarding_daemon, free_port, make_certificates
+
+from ember import Client, Runs, RunStatus, Tasks
+from ember._errors import DaemonUnavailable
+from ember.sync import Profile, settings_of
+from ember.sync._link import sync_key
+
+
+def remote_runs(remote: RemoteDaemon) -> list[tuple[str, str | None, str]]:
+    """(id, idempotency key, status) of every prod run the remote's database holds."""
+    with sqlite3.connect(f"file:{remote.state / 'ember.db'}?mode=ro", uri=True) as conn:
+        rows = conn.execute(
+            "SELECT id, idempotency_key, status FROM runs WHERE env = 'prod'"
+        ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def completed_locally(client: Client, count: int) -> bool:
+    page = await Runs(client).list(status=["COMPLETED"], limit=1000)
+    return len(page.data) >= count
+
+
+async def check_exactly_once(client: Client, remote: RemoteDaemon, local: dict[str, int]) -> None:
+    """Every local run became one remote run, completed, its output mirrored back."""
+    rows = remote_runs(remote)
+    keys = [key for _, key, _ in rows]
+    assert len(rows) == len(local), f"{len(rows)} remote runs for {len(local)} local ones"
+    assert sorted(keys) == sorted(sync_key(i) for i in local), "a run was lost or duplicated"
+    assert {status for *_, status in rows} == {"COMPLETED"}
+    runs = Runs(client)
+    for local_id, i in local.items():
+        run = await runs.poll(local_id, timeout_s=60)
+        assert run.status is RunStatus.COMPLETED
+        assert run.output_as(int) == i
+        assert run.sync is not None and run.sync.local_id == local_id
+        assert run.sync.state == "mirrored" and run.sync.remote_id == run.id
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+async def test_runs_triggered_while_the_remote_is_down_reach_it_once_each(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "tls")
+    remote = RemoteDaemon(tmp_path / "remote", free_port(), certs)
+    remote.start()
+    try:
+        await remote.ready()
+        key = await remote.setup()
+        remote.stop()  # production is down while the laptop triggers
+        async with forwarding_daemon(tmp_path / "local", remote.url, key, certs) as local:
+            tasks = Tasks(local.client)
+            triggered = {(await tasks.trigger("echo", {"i": i})).id: i for i in range(1000)}
+            first = await Runs(local.client).retrieve(next(iter(triggered)))
+            assert first.status is RunStatus.QUEUED
+            assert first.sync is not None and first.sync.state == "outbox"
+            assert remote_runs(remote) == []
+
+            remote.start()
+            await eventually(lambda: completed_locally(local.client, 1000), timeout_s=300)
+            await check_exactly_once(local.client, remote, triggered)
+
+            # Offline: the mirror still shows production, saying how old it is.
+            remote.stop()
+            page = await Runs(local.client).list(limit=1000)
+            assert len(page.data) == 1000
+            await eventually(lambda: _offline(local.client, next(iter(triggered))))
+            logs = await Runs(local.client).logs(next(iter(triggered)))
+            assert [line.message for line in logs.data] == ["echo"]
+    finally:
+        remote.stop()
+
+
+async def _offline(client: Client, run_id: str) -> bool:
+    run = await Runs(client).retrieve(run_id)
+    assert run.sync is not None
+    return not run.sync.live and run.sync.as_of is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+async def test_kill_9_mid_push_and_cut_connections_lose_and_duplicate_nothing(
+    tmp_path: Path,
+) -> None:
+    certs = make_certificates(tmp_path / "tls")
+    remote = RemoteDaemon(tmp_path / "remote", free_port(), certs)
+    remote.start()
+    proxy = Proxy(remote.port, chaos=True)
+    await proxy.start()
+    rng = random.Random(14)
+    try:
+        await remote.ready()
+        key = await remote.setup()
+        async with forwarding_daemon(tmp_path / "local", proxy.url, key, certs) as local:
+            tasks = Tasks(local.client)
+            triggered: dict[str, int] = {}
+            kills = 0
+            for burst in range(6):
+                for i in range(burst * 100, burst * 100 + 100):
+                    triggered[(await tasks.trigger("echo", {"i": i})).id] = i
+                await asyncio.sleep(rng.uniform(0.0, 0.3))
+                if burst in (1, 3):
+                    remote.kill9()  # in the middle of the push of this burst, or just after
+                    kills += 1
+                    await asyncio.sleep(rng.uniform(0.1, 0.5))
+                    remote.start()
+            await eventually(lambda: completed_locally(local.client, 600), timeout_s=300)
+            await check_exactly_once(local.client, remote, triggered)
+            assert kills == 2 and proxy.cuts > 0
+    finally:
+        await proxy.close()
+        remote.stop()
+
+
+async def test_a_remote_that_does_not_answer_is_named_by_profile_and_url(tmp_path: Path) -> None:
+    port = free_port()
+    profile = Profile(name="prod", url=f"https://127.0.0.1:{port}", api_key="em_prod_x")
+    client = Client(settings_of(profile))
+    with pytest.raises(DaemonUnavailable) as caught:
+        await Runs(client).list()
+    message = str(caught.value)
+    assert "profile prod" in message and f"https://127.0.0.1:{port}" in message
+    assert "ember dev" not in message
