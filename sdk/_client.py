@@ -103,6 +103,9 @@ class Client:
             detail = _error_decoder.decode(data).error
         except msgspec.DecodeError:
             detail = data.decode(errors="replace") or f"HTTP {status}"
+        if self.settings.profile is not None:
+            where = f"profile {self.settings.profile}, {self.settings.url}"
+            detail = f"{detail} (the remote daemon of {where})"
         return api_error(status, detail)
 
     def _unavailable(self, reason: str) -> DaemonUnavailable:
