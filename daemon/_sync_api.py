@@ -117,13 +117,13 @@ class SyncService:
         """The fullest view of a row: the remote run once final, else its summary's fields."""
         mark = self.db.mark(env, row)
         if row.run is not None:
-            return msgspec.structs.replace(row.run, sync=mark)
-        fields = {
+            return msgspec.structs.replace(row.run, id=row.id, sync=mark)
+        fields: dict[str, Any] = {
             f: getattr(row.summary, f)
             for f in Run.__struct_fields__
-            if f != "sync" and hasattr(row.summary, f)
+            if f not in ("sync", "id") and hasattr(row.summary, f)
         }
-        return Run(**fields, sync=mark)
+        return Run(id=row.id, **fields, sync=mark)
 
 
 def _service(daemon: Daemon) -> SyncService:

@@ -170,16 +170,17 @@ def delivered(conn: sqlite3.Connection, env: str, done: Sequence[Delivered], now
 
 
 def _link(conn: sqlite3.Connection, local_id: str, remote_id: str) -> None:
-    """The local run became this remote run: one row, known by the remote id from now on."""
-    if conn.execute("SELECT 1 FROM sync_runs WHERE id = ?", (remote_id,)).fetchone():
-        # The mirror saw the remote run before the push's answer came back.
-        conn.execute("DELETE FROM sync_runs WHERE local_id = ? AND id != ?", (local_id, remote_id))
-        conn.execute("UPDATE sync_runs SET local_id = ? WHERE id = ?", (local_id, remote_id))
-    else:
-        conn.execute(
-            "UPDATE sync_runs SET id = ?, remote_id = ? WHERE local_id = ?",
-            (remote_id, remote_id, local_id),
-        )
+    """The local run became this remote run. Its row keeps the local id (what the trigger
+    answered, what the dashboard shows) and learns the remote one."""
+    # A row the mirror made for the remote run before it knew the local one goes.
+    conn.execute(
+        "DELETE FROM sync_runs WHERE remote_id = ? AND local_id IS NULL",
+        (remote_id,),
+    )
+    conn.execute(
+        "UPDATE sync_runs SET remote_id = ? WHERE local_id = ? AND remote_id IS NULL",
+        (remote_id, local_id),
+    )
 
 
 def _put_summary(
@@ -212,25 +213,20 @@ def mirror(
     changed, fetch = [], []
     for summary in summaries:
         local_id = local_id_of(summary)
-        if (
-            local_id is not None
-            and conn.execute(
-                "SELECT 1 FROM sync_runs WHERE local_id = ? AND remote_id IS NULL", (local_id,)
-            ).fetchone()
-        ):
+        if local_id is not None:
             _link(conn, local_id, summary.id)
         row = conn.execute(
-            "SELECT updated_at, run IS NOT NULL FROM sync_runs WHERE id = ?", (summary.id,)
+            "SELECT id, updated_at, run IS NOT NULL FROM sync_runs WHERE remote_id = ?",
+            (summary.id,),
         ).fetchone()
         updated = summary.updated_at.timestamp()
         if row is None:
             conn.execute(
                 "INSERT INTO sync_runs (id, env, local_id, remote_id, task_id, status, updated_at,"
-                " summary, mirrored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " summary, mirrored_at) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?)",
                 (
                     summary.id,
                     env,
-                    local_id,
                     summary.id,
                     summary.task_id,
                     summary.status.value,
@@ -239,14 +235,14 @@ def mirror(
                     now,
                 ),
             )
-            has_run = False
-        elif updated >= row[0]:
-            _put_summary(conn, summary.id, summary, now)
-            has_run = bool(row[1])
+            row_id, has_run = summary.id, False
+        elif updated >= row[1]:
+            row_id, has_run = row[0], bool(row[2])
+            _put_summary(conn, row_id, summary, now)
         else:
-            conn.execute("UPDATE sync_runs SET mirrored_at = ? WHERE id = ?", (now, summary.id))
+            conn.execute("UPDATE sync_runs SET mirrored_at = ? WHERE id = ?", (now, row[0]))
             continue
-        changed.append(summary.id)
+        changed.append(row_id)
         if summary.status.is_final and not has_run:
             fetch.append(summary.id)
     return changed, fetch
@@ -254,13 +250,14 @@ def mirror(
 
 def finished(
     conn: sqlite3.Connection, env: str, run: Run, logs: Sequence[LogLine], now: float
-) -> None:
-    """A final run held whole, with its logs."""
-    mirror(conn, env, [summary_of(run)], now)
+) -> list[str]:
+    """A final run held whole, with its logs; returns the row ids that changed."""
+    changed, _ = mirror(conn, env, [summary_of(run)], now)
     conn.execute(
-        "UPDATE sync_runs SET run = ?, logs = ? WHERE id = ?",
+        "UPDATE sync_runs SET run = ?, logs = ? WHERE remote_id = ?",
         (_encoder.encode(run), _encoder.encode(list(logs)), run.id),
     )
+    return changed
 
 
 def unfetched(conn: sqlite3.Connection, env: str) -> list[str]:
@@ -274,9 +271,9 @@ def unfetched(conn: sqlite3.Connection, env: str) -> list[str]:
 
 
 def get(conn: sqlite3.Connection, env: str, run_id: str) -> MirrorRow | None:
-    """A run by its shown, local or remote id."""
+    """A run by its shown id (the local one, for a run triggered here) or its remote id."""
     row = conn.execute(
-        f"SELECT {_ROW} FROM sync_runs WHERE env = ? AND (id = ? OR local_id = ?)",
+        f"SELECT {_ROW} FROM sync_runs WHERE env = ? AND (id = ? OR remote_id = ?)",
         (env, run_id, run_id),
     ).fetchone()
     return _row(row) if row else None
@@ -399,7 +396,7 @@ class MirrorDb:
 
     def shown(self, env: str, row: MirrorRow) -> RunSummary:
         """A row as listed, with its mark."""
-        return msgspec.structs.replace(row.summary, sync=self.mark(env, row))
+        return msgspec.structs.replace(row.summary, id=row.id, sync=self.mark(env, row))
 
     async def changed(self, env: str, ids: Sequence[str]) -> None:
         """Publish changed rows on the local event stream and wake long polls."""
@@ -425,7 +422,7 @@ class MirrorDb:
     async def delivered(self, env: str, done: Sequence[Delivered]) -> None:
         now = time.time()
         await self.db.write(lambda conn: delivered(conn, env, done, now))
-        linked = [d.remote_id or d.target for d in done if d.kind == "trigger"]
+        linked = [d.target for d in done if d.kind == "trigger"]
         await self.changed(env, linked)
 
     async def mirror(
@@ -445,8 +442,8 @@ class MirrorDb:
 
     async def finished(self, env: str, run: Run, logs: Sequence[LogLine]) -> None:
         now = time.time()
-        await self.db.write(lambda conn: finished(conn, env, run, logs, now))
-        await self.changed(env, [run.id])
+        changed = await self.db.write(lambda conn: finished(conn, env, run, logs, now))
+        await self.changed(env, changed)
 
     async def unfetched(self, env: str) -> list[str]:
         return await self.db.read(lambda conn: unfetched(conn, env))
