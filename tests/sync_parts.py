@@ -75,6 +75,7 @@ class RemoteDaemon(DaemonProcess):
         super().__init__(state)
         self.port = port
         self.certs = certs
+        self.key = ""  # a prod key, once set up
 
     @property
     def url(self) -> str:
@@ -137,6 +138,20 @@ class RemoteDaemon(DaemonProcess):
         finally:
             await client.aclose()
         return created.key
+
+
+@asynccontextmanager
+async def production(tmp_path: Path) -> AsyncIterator[RemoteDaemon]:
+    """A remote daemon with TLS from a fresh CA, the tasks deployed to prod, a prod key."""
+    certs = make_certificates(tmp_path / "tls")
+    remote = RemoteDaemon(tmp_path / "remote", free_port(), certs)
+    remote.start()
+    try:
+        await remote.ready()
+        remote.key = await remote.setup()
+        yield remote
+    finally:
+        remote.stop()
 
 
 @dataclass

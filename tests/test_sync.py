@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import eventually
-from sync_parts import Proxy, RemoteDaemon, forwarding_daemon, free_port, make_certificates
+from sync_parts import Proxy, RemoteDaemon, forwarding_daemon, free_port, production
 
 from ember import Client, Runs, RunStatus, Tasks
 from ember._errors import DaemonUnavailable
@@ -59,14 +59,10 @@ async def check_exactly_once(client: Client, remote: RemoteDaemon, local: dict[s
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 async def test_runs_triggered_while_the_remote_is_down_reach_it_once_each(tmp_path: Path) -> None:
-    certs = make_certificates(tmp_path / "tls")
-    remote = RemoteDaemon(tmp_path / "remote", free_port(), certs)
-    remote.start()
-    try:
-        await remote.ready()
-        key = await remote.setup()
+    async with production(tmp_path) as remote:
         remote.stop()  # production is down while the laptop triggers
-        async with forwarding_daemon(tmp_path / "local", remote.url, key, certs) as local:
+        url, key, certs = remote.url, remote.key, remote.certs
+        async with forwarding_daemon(tmp_path / "local", url, key, certs) as local:
             tasks = Tasks(local.client)
             triggered = {(await tasks.trigger("echo", {"i": i})).id: i for i in range(1000)}
             first = await Runs(local.client).retrieve(next(iter(triggered)))
@@ -85,8 +81,6 @@ async def test_runs_triggered_while_the_remote_is_down_reach_it_once_each(tmp_pa
             await eventually(lambda: _offline(local.client, next(iter(triggered))))
             logs = await Runs(local.client).logs(next(iter(triggered)))
             assert [line.message for line in logs.data] == ["echo"]
-    finally:
-        remote.stop()
 
 
 async def _offline(client: Client, run_id: str) -> bool:
@@ -100,16 +94,12 @@ async def _offline(client: Client, run_id: str) -> bool:
 async def test_kill_9_mid_push_and_cut_connections_lose_and_duplicate_nothing(
     tmp_path: Path,
 ) -> None:
-    certs = make_certificates(tmp_path / "tls")
-    remote = RemoteDaemon(tmp_path / "remote", free_port(), certs)
-    remote.start()
-    proxy = Proxy(remote.port, chaos=True)
-    await proxy.start()
     rng = random.Random(14)
-    try:
-        await remote.ready()
-        key = await remote.setup()
-        async with forwarding_daemon(tmp_path / "local", proxy.url, key, certs) as local:
+    async with production(tmp_path) as remote:
+        proxy = Proxy(remote.port, chaos=True)
+        await proxy.start()
+        url, key, certs = proxy.url, remote.key, remote.certs
+        async with forwarding_daemon(tmp_path / "local", url, key, certs) as local:
             tasks = Tasks(local.client)
             triggered: dict[str, int] = {}
             kills = 0
@@ -125,9 +115,7 @@ async def test_kill_9_mid_push_and_cut_connections_lose_and_duplicate_nothing(
             await eventually(lambda: completed_locally(local.client, 600), timeout_s=300)
             await check_exactly_once(local.client, remote, triggered)
             assert kills == 2 and proxy.cuts > 0
-    finally:
         await proxy.close()
-        remote.stop()
 
 
 async def test_a_remote_that_does_not_answer_is_named_by_profile_and_url(tmp_path: Path) -> None:

@@ -11,10 +11,11 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sync_parts import TASKS, Proxy, RemoteDaemon, free_port, make_certificates
+from sync_parts import TASKS, Proxy, RemoteDaemon, production
 
 from ember import Call, Client
 from ember._admin_types import BuildProgress
@@ -71,16 +72,9 @@ async def built(client: Client, version_id: str) -> str:
 
 
 @pytest.fixture
-async def remote(tmp_path: Path) -> object:
-    certs = make_certificates(tmp_path / "tls")
-    daemon = RemoteDaemon(tmp_path / "remote", free_port(), certs)
-    daemon.start()
-    try:
-        await daemon.ready()
-        daemon.key = await daemon.setup()  # type: ignore[attr-defined]
+async def remote(tmp_path: Path) -> AsyncIterator[RemoteDaemon]:
+    async with production(tmp_path) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.mark.slow
@@ -88,7 +82,7 @@ async def test_login_whoami_deploy_and_logout_with_a_profile(
     remote: RemoteDaemon, tmp_path: Path
 ) -> None:
     home = tmp_path / "config"
-    key = remote.key  # type: ignore[attr-defined]
+    key = remote.key
     ca = str(remote.certs.ca_file)
 
     def login(api_key: str) -> subprocess.CompletedProcess[str]:
@@ -141,7 +135,7 @@ async def test_login_whoami_deploy_and_logout_with_a_profile(
 async def test_an_interrupted_deploy_resumes_sending_only_what_is_missing(
     remote: RemoteDaemon, tmp_path: Path
 ) -> None:
-    key = remote.key  # type: ignore[attr-defined]
+    key = remote.key
     ca = str(remote.certs.ca_file)
     proxy = Proxy(remote.port)
     await proxy.start()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import eventually
-from sync_parts import RemoteDaemon, forwarding_daemon, free_port, make_certificates
+from sync_parts import forwarding_daemon, production
 from textual.pilot import Pilot
 
 from ember import ClientSettings, Runs, RunStatus, Tasks
@@ -36,12 +36,8 @@ def status_line(app: EmberApp) -> str:
 async def test_the_dashboard_shows_production_through_the_mirror_and_with_a_profile(
     tmp_path: Path,
 ) -> None:
-    certs = make_certificates(tmp_path / "tls")
-    remote = RemoteDaemon(tmp_path / "remote", free_port(), certs)
-    remote.start()
-    try:
-        await remote.ready()
-        key = await remote.setup()
+    async with production(tmp_path) as remote:
+        key, certs = remote.key, remote.certs
         async with forwarding_daemon(tmp_path / "local", remote.url, key, certs) as local:
             ids = [(await Tasks(local.client).trigger("echo", {"i": i})).id for i in range(3)]
             for i, run_id in enumerate(ids):
@@ -78,5 +74,3 @@ async def test_the_dashboard_shows_production_through_the_mirror_and_with_a_prof
             async with direct.run_test(size=(140, 40)) as pilot:
                 await until(pilot, lambda: len(rows(direct)) == 4)
                 assert "mirror of" not in status_line(direct)
-    finally:
-        remote.stop()
