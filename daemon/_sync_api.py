@@ -286,19 +286,21 @@ async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
     if row.summary.status.is_final:
         raise Conflict(409, f"run {row.id} is already {row.summary.status.value}")
     now = time.time()
+    link = service.links[env]
     if row.remote_id is None and row.local_id is not None:
         local_id = row.local_id
-        dropped = await daemon.db.write(lambda conn: sync_store.drop_unsent(conn, local_id, now))
+        async with link.outbox_lock:
+            dropped = await daemon.db.write(
+                lambda conn: sync_store.drop_unsent(conn, local_id, now)
+            )
         if dropped:
             await service.db.changed(env, [row.id])
             return service.run_of(env, await service.row(env, row.id))
-        row = await service.row(env, row.id)  # sent meanwhile: cancel it on the remote
-    remote_id = row.remote_id
-    assert remote_id is not None
-    await daemon.db.write(
-        lambda conn: sync_store.enqueue_action(conn, env, "cancel", remote_id, b"")
-    )
-    service.links[env].wake()
+    # Sent, or being sent: the cancel follows it, naming the run by the id shown here (the
+    # outbox resolves it to the remote id when it gets there).
+    row_id = row.id
+    await daemon.db.write(lambda conn: sync_store.enqueue_action(conn, env, "cancel", row_id, b""))
+    link.wake()
     return service.run_of(env, row)
 
 

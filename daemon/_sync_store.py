@@ -106,9 +106,11 @@ def enqueue_action(conn: sqlite3.Connection, env: str, kind: str, target: str, b
 
 
 def drop_unsent(conn: sqlite3.Connection, local_id: str, now: float) -> bool:
-    """Cancel a run still in the outbox: it is never sent. False when it was sent already."""
+    """Cancel a run the outbox never tried to send: it is never sent. False when a send was
+    tried (the remote may hold it, its answer lost) or done."""
     deleted = conn.execute(
-        "DELETE FROM sync_outbox WHERE kind = 'trigger' AND target = ?", (local_id,)
+        "DELETE FROM sync_outbox WHERE kind = 'trigger' AND target = ? AND tries = 0",
+        (local_id,),
     ).rowcount
     if not deleted:
         return False
@@ -134,12 +136,20 @@ def find_key(conn: sqlite3.Connection, env: str, task_id: str, key: str) -> str 
 
 
 def outbox(conn: sqlite3.Connection, env: str, limit: int) -> list[OutboxItem]:
-    """The oldest items still to send."""
+    """The oldest items still to send; a cancel names its run by the remote id (empty when
+    the run never became a remote one)."""
     rows = conn.execute(
-        "SELECT seq, kind, target, body FROM sync_outbox WHERE env = ? ORDER BY seq LIMIT ?",
+        "SELECT o.seq, o.kind, CASE WHEN o.kind = 'cancel' THEN coalesce((SELECT r.remote_id"
+        " FROM sync_runs r WHERE r.id = o.target), '') ELSE o.target END, o.body"
+        " FROM sync_outbox o WHERE o.env = ? ORDER BY o.seq LIMIT ?",
         (env, limit),
     ).fetchall()
     return [OutboxItem(seq=r[0], kind=r[1], target=r[2], body=bytes(r[3])) for r in rows]
+
+
+def tried(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
+    """Items about to be sent: from now on the remote may hold them."""
+    conn.executemany("UPDATE sync_outbox SET tries = tries + 1 WHERE seq = ?", [(s,) for s in seqs])
 
 
 def outbox_size(conn: sqlite3.Connection, env: str) -> int:
@@ -418,6 +428,9 @@ class MirrorDb:
 
     async def outbox(self, env: str, limit: int) -> list[OutboxItem]:
         return await self.db.read(lambda conn: outbox(conn, env, limit))
+
+    async def tried(self, env: str, seqs: Sequence[int]) -> None:
+        await self.db.write(lambda conn: tried(conn, seqs))
 
     async def delivered(self, env: str, done: Sequence[Delivered]) -> None:
         now = time.time()

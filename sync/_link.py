@@ -103,6 +103,10 @@ class SyncStore(Protocol):
         """The oldest items still to send."""
         ...
 
+    async def tried(self, env: str, seqs: Sequence[int]) -> None:
+        """These items are about to be sent (an unsent run may be dropped; these not)."""
+        ...
+
     async def delivered(self, env: str, done: Sequence[Delivered]) -> None:
         """Remove sent items; record remote ids and refusals."""
         ...
@@ -155,6 +159,9 @@ class SyncLink:
         self._fetches = asyncio.Semaphore(8)
         self.live = False
         self.pushed = 0
+        # Held while the push takes items from the outbox and marks them tried, and while a
+        # cancel drops an untried run: a run is either dropped or sent, never both.
+        self.outbox_lock = asyncio.Lock()
 
     def start(self) -> None:
         """Start the push and mirror loops."""
@@ -182,7 +189,10 @@ class SyncLink:
     async def _push_loop(self) -> None:
         failures = 0
         while True:
-            items = await self.store.outbox(self.env, PUSH_BATCH)
+            async with self.outbox_lock:
+                items = await self.store.outbox(self.env, PUSH_BATCH)
+                if items:
+                    await self.store.tried(self.env, [i.seq for i in items])
             if not items:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -251,6 +261,8 @@ class SyncLink:
         ]
 
     async def _send_action(self, item: OutboxItem) -> Delivered:
+        if item.kind == "cancel" and not item.target:
+            return Delivered(item.seq, item.kind, item.target, error="never became a remote run")
         if item.kind == "cancel":
             call: Call[object] = Call("POST", f"/api/v2/runs/{item.target}/cancel", object)
         else:

@@ -27,12 +27,23 @@ from ember.daemon._config import SyncTarget
 TASKS = {
     "tasks/__init__.py": "",
     "tasks/prod.py": """
-        from ember import logger, task
+        import asyncio
+        from ember import logger, task, wait
 
         @task(id="echo")
         async def echo(payload: dict) -> int:
             logger.info("echo", i=payload["i"])
             return payload["i"]
+
+        @task(id="approve")
+        async def approve(payload: dict) -> object:
+            result = await wait.for_token(payload["token"])
+            return result.unwrap()
+
+        @task(id="slow")
+        async def slow(payload: dict) -> int:
+            await asyncio.sleep(120)
+            return 1
     """,
 }
 
