@@ -36,6 +36,7 @@ from ember._types import (
     BatchItem,
     BatchTriggerRequest,
     BatchTriggerResponse,
+    Event,
     GapEvent,
     LogLine,
     LogPage,
@@ -293,19 +294,59 @@ class SyncLink:
                 await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
 
     async def _follow(self) -> None:
+        """Mirror the event stream until it ends. Frames are read by a task of their own and
+        written in batches: whatever arrived while the last batch was being committed goes
+        in one transaction, so a burst of changes on the remote costs one commit, not one
+        per event."""
         last_event_id, _ = await self.store.cursor(self.env)
-        frames = self.client.event_frames({"resume": "1"}, last_event_id)
-        async with contextlib.aclosing(frames):
-            async for event_id, event in frames:
+        arrived: asyncio.Queue[tuple[str | None, Event] | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read(last_event_id, arrived))
+        try:
+            while (item := await arrived.get()) is not None:
+                batch = [item]
+                while not arrived.empty() and (more := arrived.get_nowait()) is not None:
+                    batch.append(more)
                 if not self.live:
                     self.live = True
                     self.store.contact(self.env, True)
-                if isinstance(event, GapEvent):
-                    await self._catch_up(event_id)
-                elif isinstance(event, RunEvent):
-                    for remote_id in await self.store.mirror(self.env, [event.run], event_id):
-                        self._fetch_later(remote_id)
+                await self._apply(batch)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         raise DaemonUnavailable(f"the event stream of {self.settings.where} ended")
+
+    async def _read(
+        self, last_event_id: str | None, into: asyncio.Queue[tuple[str | None, Event] | None]
+    ) -> None:
+        try:
+            frames = self.client.event_frames({"resume": "1"}, last_event_id)
+            async with contextlib.aclosing(frames):
+                async for frame in frames:
+                    into.put_nowait(frame)
+        except EmberError:
+            pass  # the stream broke: _follow sees its end and reconnects
+        finally:
+            into.put_nowait(None)
+
+    async def _apply(self, batch: Sequence[tuple[str | None, Event]]) -> None:
+        """Write a batch of events in order: runs in one go, a gap as a catch-up."""
+        runs: dict[str, RunSummary] = {}
+        last_id: str | None = None
+        for event_id, event in batch:
+            if isinstance(event, GapEvent):
+                await self._mirror(list(runs.values()), last_id)
+                runs, last_id = {}, None
+                await self._catch_up(event_id)
+            elif isinstance(event, RunEvent):
+                runs[event.run.id] = event.run  # the latest view of each run is enough
+                last_id = event_id or last_id
+        await self._mirror(list(runs.values()), last_id)
+
+    async def _mirror(self, summaries: list[RunSummary], event_id: str | None) -> None:
+        if summaries or event_id is not None:
+            for remote_id in await self.store.mirror(self.env, summaries, event_id):
+                self._fetch_later(remote_id)
 
     async def _catch_up(self, event_id: str | None) -> None:
         """List what changed on the remote since the last sync, page by page."""
