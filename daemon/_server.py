@@ -84,6 +84,7 @@ class Daemon:
         Raises:
             ConfigError: another daemon owns the state directory, or a socket is taken.
         """
+        check_tls(self.config.tls_cert, self.config.tls_key, self.config.tcp)
         state = self.config.state_dir
         # Everything the daemon writes in its state is private: the database, logs, blobs,
         # code, tokens and CRIU images (a process's memory). Task code keeps the user's umask.
@@ -178,7 +179,6 @@ class Daemon:
         os.chmod(path, 0o600)
         self._sockets = [unix]
         tls = self.config.tls_cert is not None
-        check_tls(self.config.tls_cert, self.config.tls_key, self.config.tcp)
         if self.config.tcp:
             tcp = self._tcp_socket(self.config.tcp)
             # uvicorn applies one TLS setting to all its sockets: with TLS the TCP socket
