@@ -3,6 +3,10 @@ completion, online or not."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,12 @@ from ember.sync._link import sync_key
 async def mirrored_status(client: Client, run_id: str, status: RunStatus) -> bool:
     run = await Runs(client).retrieve(run_id)
     return run.status is status and run.sync is not None and run.sync.state == "mirrored"
+
+
+def cli(socket: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMBER_SOCKET": socket, "NO_COLOR": "1"}
+    command = [sys.executable, "-m", "ember.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
 
 
 async def _status_is(client: Client, run_id: str, status: RunStatus) -> bool:
@@ -74,3 +84,11 @@ async def test_cancel_replay_and_tokens_reach_the_remote_through_the_outbox(
             made = {sync_key(i) for i in (waiting, slow, echo, replay.id)}
             assert made <= statuses.keys() <= made | {sync_key(unsent)}
             assert len(remote_runs(remote)) == len(statuses), "a run reached the remote twice"
+
+            # The command line shows the mirror and says how fresh it is.
+            socket = str(local.config.api_socket)
+            listed = await asyncio.to_thread(cli, socket, "runs", "list", "--env", "prod")
+            assert f"mirror of prod ({url}): live" in listed.stdout, listed.stderr
+            shown = await asyncio.to_thread(cli, socket, "runs", "show", echo, "--env", "prod")
+            assert f"sync mirrored, remote {again.sync.remote_id}" not in shown.stdout
+            assert "sync mirrored, remote run_" in shown.stdout, shown.stderr
