@@ -9,17 +9,21 @@ into the local mirror with their output.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import eventually
 from sync_parts import Proxy, RemoteDaemon, forwarding_daemon, free_port, production
+from test_durability import DaemonProcess, wait_ready
 
-from ember import Client, Runs, RunStatus, Tasks
+from ember import Client, ClientSettings, Runs, RunStatus, Tasks
 from ember._errors import DaemonUnavailable
-from ember.sync import Profile, settings_of
+from ember.sync import Profile, save_profile, settings_of
 from ember.sync._link import sync_key
 
 
@@ -127,3 +131,61 @@ async def test_a_remote_that_does_not_answer_is_named_by_profile_and_url(tmp_pat
     message = str(caught.value)
     assert "profile prod" in message and f"https://127.0.0.1:{port}" in message
     assert "ember dev" not in message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+async def test_both_daemons_killed_mid_push_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    """The local daemon is ``ember daemon --sync prod`` (its profile from ``ember login``'s
+    file); it and the remote are each killed with -9 while the outbox drains."""
+    home = tmp_path / "config"
+    async with production(tmp_path) as remote:
+        profile = Profile(
+            name="prod", url=remote.url, api_key=remote.key, ca_file=str(remote.certs.ca_file)
+        )
+        save_profile(profile, home / "ember" / "profiles.toml")
+        local = SyncingDaemon(tmp_path / "local", home)
+        local.start()
+        client = Client(ClientSettings(socket_path=local.socket, env="prod"))
+        try:
+            await wait_ready(client)
+            tasks = Tasks(client)
+            triggered: dict[str, int] = {}
+            for burst in range(4):
+                items = [("echo", {"i": i}) for i in range(burst * 100, burst * 100 + 100)]
+                for handle, (_, payload) in zip(
+                    await tasks.batch_trigger(items), items, strict=True
+                ):
+                    triggered[handle.id] = payload["i"]
+                if burst == 1:
+                    local.kill9()  # the outbox is being pushed: it survives, and resumes
+                    await client.aclose()
+                    local.start()
+                    await wait_ready(client)
+                if burst == 2:
+                    remote.kill9()
+                    remote.start()
+            await eventually(lambda: completed_locally(client, 400), timeout_s=300)
+            await check_exactly_once(client, remote, triggered)
+        finally:
+            await client.aclose()
+            local.stop()
+
+
+class SyncingDaemon(DaemonProcess):
+    """``ember daemon --sync prod`` as a real child process, profiles under ``home``."""
+
+    def __init__(self, state: Path, home: Path) -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        super().__init__(state)
+        self.home = home
+
+    def start(self) -> None:
+        log = open(self.state / "daemon.out", "ab")  # noqa: SIM115 - handed to the child
+        command = [sys.executable, "-m", "ember.cli", "daemon", "--state-dir", str(self.state)]
+        command += ["--socket", str(self.socket), "--sync", "prod", "--checkpoint", "park"]
+        env = {**os.environ, "XDG_CONFIG_HOME": str(self.home)}
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        log.close()
