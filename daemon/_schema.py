@@ -259,6 +259,13 @@ MIGRATIONS: list[str] = [
         last_contact_at REAL,
         last_error TEXT
     );
+    CREATE TABLE sync_cache (
+        env TEXT NOT NULL,
+        path TEXT NOT NULL,
+        body BLOB NOT NULL,
+        fetched_at REAL NOT NULL,
+        PRIMARY KEY (env, path)
+    ) WITHOUT ROWID;
     """,
 ]
 

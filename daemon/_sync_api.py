@@ -342,6 +342,29 @@ async def complete_token(daemon: Daemon, request: Request, env: str) -> Response
     return Response(msgspec.json.encode(info), 202, media_type="application/json")
 
 
+async def read_through(daemon: Daemon, request: Request, env: str) -> Response:
+    """A read the mirror does not hold (versions, tasks): asked of the remote, its answer
+    kept; when the remote cannot be reached, the last answer, marked with its age."""
+    from ember._client import Call
+    from ember._errors import ApiError, DaemonUnavailable
+
+    service = _service(daemon)
+    path = request.url.path
+    try:
+        raw = await service.links[env].client.request(Call("GET", path, msgspec.Raw, timeout_s=5))
+    except DaemonUnavailable as exc:
+        cached = await daemon.db.read(lambda conn: sync_store.cached_answer(conn, env, path))
+        if cached is None:
+            raise ApiError(503, f"{exc}; nothing of it is kept here yet") from None
+        body, fetched_at = cached
+        headers = {"x-ember-as-of": store.ts(fetched_at).isoformat()}
+        return Response(body, 200, media_type="application/json", headers=headers)
+    body = bytes(raw)
+    now = time.time()
+    await daemon.db.write(lambda conn: sync_store.save_answer(conn, env, path, body, now))
+    return Response(body, 200, media_type="application/json")
+
+
 FORWARDED = {
     ("POST", "/api/v1/tasks/{task_id}/trigger"): trigger,
     ("POST", "/api/v1/tasks/batch"): batch_trigger,
@@ -352,6 +375,8 @@ FORWARDED = {
     ("POST", "/api/v2/runs/{run_id}/cancel"): cancel_run,
     ("POST", "/api/v1/runs/{run_id}/replay"): replay_run,
     ("POST", "/api/v1/waitpoints/tokens/{token_id}/complete"): complete_token,
+    ("GET", "/api/v1/versions"): read_through,
+    ("GET", "/api/v1/tasks"): read_through,
 }
 """The routes a forwarded environment answers from the outbox and mirror, by (method, path)."""
 

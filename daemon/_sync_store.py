@@ -355,6 +355,25 @@ def set_error(conn: sqlite3.Connection, env: str, error: str | None) -> None:
     )
 
 
+# -- answers read through to the remote --------------------------------------------------
+
+
+def save_answer(conn: sqlite3.Connection, env: str, path: str, body: bytes, now: float) -> None:
+    """Keep the remote's last answer to a read, for when it cannot be reached."""
+    conn.execute(
+        "INSERT OR REPLACE INTO sync_cache (env, path, body, fetched_at) VALUES (?, ?, ?, ?)",
+        (env, path, body, now),
+    )
+
+
+def cached_answer(conn: sqlite3.Connection, env: str, path: str) -> tuple[bytes, float] | None:
+    """The remote's last answer to a read and when it came, or None."""
+    row = conn.execute(
+        "SELECT body, fetched_at FROM sync_cache WHERE env = ? AND path = ?", (env, path)
+    ).fetchone()
+    return (bytes(row[0]), row[1]) if row else None
+
+
 # -- the interface a link talks to ---------------------------------------------------------
 
 

@@ -14,7 +14,8 @@ from conftest import eventually
 from sync_parts import forwarding_daemon, production
 from test_sync import remote_runs
 
-from ember import Client, Runs, RunStatus, Tasks, Wait
+from ember import Call, Client, Runs, RunStatus, Tasks, Wait
+from ember._types import VersionList
 from ember.sync._link import sync_key
 
 
@@ -49,7 +50,13 @@ async def test_cancel_replay_and_tokens_reach_the_remote_through_the_outbox(
             await owner.aclose()
             waiting = (await tasks.trigger("approve", {"token": token.id})).id
             await eventually(lambda: mirrored_status(local.client, waiting, RunStatus.WAITING))
+            listed = Call("GET", "/api/v1/versions", VersionList)
+            online = await local.client.request(listed)
+            assert [v.env for v in online.data] == ["prod"] and online.data[0].is_current
             remote.stop()
+            # Versions are read through to production, and kept for when it is away.
+            offline = await local.client.request(listed)
+            assert [v.id for v in offline.data] == [v.id for v in online.data]
             await Wait(local.client).complete_token(token.id, {"approved": True})
             remote.start()
             done = await runs.poll(waiting, timeout_s=120)
