@@ -64,6 +64,8 @@ def sync_text(mark: SyncMark, *, with_ids: bool = True) -> str:
     else:
         fresh = "not reached yet"
     where = f"mirror of {mark.profile} ({mark.url}): {fresh}"
+    if mark.error and not mark.live:
+        where += f"; last problem: {mark.error}"
     if not with_ids:
         return where
     remote = f"remote {mark.remote_id}" if mark.remote_id else "not sent yet"

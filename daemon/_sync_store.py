@@ -421,6 +421,7 @@ class MirrorDb:
             remote_id=row.remote_id,
             as_of=store.opt_ts(as_of),
             live=state.live,
+            error=state.error,
         )
 
     def shown(self, env: str, row: MirrorRow) -> RunSummary:

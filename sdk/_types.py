@@ -204,6 +204,7 @@ class SyncMark(Struct, frozen=True):
         remote_id: the run's id on the remote daemon, once sent.
         as_of: the mirror was in step with the remote at this time (now, when ``live``).
         live: the local daemon follows the remote's event stream right now.
+        error: why the remote could not be reached or refused the last push, if it did.
     """
 
     profile: str
@@ -213,6 +214,7 @@ class SyncMark(Struct, frozen=True):
     remote_id: str | None = None
     as_of: datetime | None = None
     live: bool = False
+    error: str | None = None
 
 
 class RunSummary(Struct, frozen=True):

@@ -140,6 +140,17 @@ class SyncStore(Protocol):
         ...
 
 
+def _raise_if_link_broken(exc: ApiError) -> None:
+    """A refusal of the link itself (the key, or the remote failing), not of one item: the
+    outbox keeps everything and the link retries, saying why.
+
+    Raises:
+        DaemonUnavailable: the key was refused, or the remote failed (5xx).
+    """
+    if exc.status in (401, 403) or exc.status >= 500:
+        raise DaemonUnavailable(f"the remote refused the push: {exc}") from exc
+
+
 class SyncLink:
     """Pushes one environment's outbox to a remote daemon and mirrors its runs back.
 
@@ -177,9 +188,10 @@ class SyncLink:
 
     async def close(self) -> None:
         """Stop both loops; what is unsent stays in the outbox."""
-        for task in self._tasks:
+        tasks = list(self._tasks)  # fetches remove themselves from the list as they end
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.client.aclose()
@@ -223,9 +235,8 @@ class SyncLink:
         try:
             return await self._send_triggers(triggers)
         except ApiError as exc:
-            if exc.status >= 500 or len(triggers) == 1:
-                if exc.status >= 500:
-                    raise DaemonUnavailable(f"the remote failed: {exc}") from exc
+            _raise_if_link_broken(exc)
+            if len(triggers) == 1:
                 return [Delivered(first.seq, first.kind, first.target, error=str(exc))]
         # One run of the batch was refused: send them one by one to find which.
         found = []
@@ -233,6 +244,7 @@ class SyncLink:
             try:
                 found += await self._send_triggers([item])
             except ApiError as exc:
+                _raise_if_link_broken(exc)
                 found.append(Delivered(item.seq, item.kind, item.target, error=str(exc)))
         return found
 
@@ -272,8 +284,7 @@ class SyncLink:
         try:
             await self.client.request(call)
         except ApiError as exc:
-            if exc.status >= 500:
-                raise DaemonUnavailable(f"the remote failed: {exc}") from exc
+            _raise_if_link_broken(exc)
             return Delivered(item.seq, item.kind, item.target, error=str(exc))
         return Delivered(item.seq, item.kind, item.target)
 

@@ -189,3 +189,19 @@ class SyncingDaemon(DaemonProcess):
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
         log.close()
+
+
+async def test_a_refused_key_keeps_the_outbox_and_says_why(tmp_path: Path) -> None:
+    async with production(tmp_path) as remote:
+        url, certs = remote.url, remote.certs
+        async with forwarding_daemon(tmp_path / "local", url, "em_prod_wrong", certs) as local:
+            run_id = (await Tasks(local.client).trigger("echo", {"i": 1})).id
+
+            async def refused() -> bool:
+                run = await Runs(local.client).retrieve(run_id)
+                assert run.sync is not None and run.sync.state == "outbox"
+                assert run.status is RunStatus.QUEUED, "a refused key must not fail the run"
+                return "unknown or revoked" in (run.sync.error or "")
+
+            await eventually(refused)
+            assert remote_runs(remote) == []
