@@ -25,9 +25,9 @@ import run
 
 from ember import Call, Client, ClientSettings, DaemonUnavailable, RunHandle, Tasks
 from ember._types import Health, QueueInfo, VersionInfo
-from ember.daemon._config import DaemonConfig
-from ember.daemon._db import connect
-from ember.daemon._schema import migrate
+from ember.daemon.config import DaemonConfig
+from ember.daemon.store.db import connect
+from ember.daemon.store.schema import migrate
 
 TASKS = """
 import time

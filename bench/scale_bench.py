@@ -25,7 +25,7 @@ import psutil
 import run
 from ember_bench import EmberPeer, write_runs
 
-from ember.daemon._ids import _encode
+from ember.daemon.engine.ids import _encode
 
 TASKS = ("send-email", "charge-card", "sync-inventory", "daily-report", "resize-image")
 

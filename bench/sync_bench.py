@@ -35,7 +35,7 @@ from ember_bench import register, start_daemon
 from ember import Call, Client, ClientSettings, RunEvent, Tasks
 from ember._admin_types import CreatedKey
 from ember.daemon import Daemon
-from ember.daemon._config import DaemonConfig, SyncTarget
+from ember.daemon.config import DaemonConfig, SyncTarget
 
 
 def certificates(folder: Path) -> tuple[Path, Path, Path]:

@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python bench/tui_bench.py [--runs 1000000] [--lag-runs 50] [--workdir DIR]
 
 1. Writes ``--runs`` finished runs straight into a state database the daemon's own schema
-   created (``ember.daemon._db`` / ``_schema``: the fast way to a million rows; the TUI itself
+   created (``ember.daemon.store.db`` / ``_schema``: the fast way to a million rows; the TUI itself
    only ever uses the client), then starts ``ember daemon`` on it in a subprocess.
 2. First paint: from constructing the app to the first screen with runs painted, in a
    headless app (median of 5), and in a real terminal: ``ember tui`` in tmux, from the
@@ -41,7 +41,7 @@ from ember_bench import register, start_daemon, write_runs
 import ember.tui._runs_screen as runs_screen
 from ember import ClientSettings, Runs, Tasks
 from ember._types import RunStatus
-from ember.daemon._ids import _encode
+from ember.daemon.engine.ids import _encode
 from ember.tui import EmberApp
 from ember.tui._run_table import RunTable
 

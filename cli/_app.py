@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -24,6 +24,7 @@ from ember.cli._environments import env_app, keys_app
 from ember.cli._login import login, logout, whoami
 from ember.cli._project import find_project, init_project
 from ember.cli._schedules import schedules_app
+from ember.cli._service import backup_command, service_app
 from ember.cli._settings import client_settings, daemon_config
 
 app = typer.Typer(
@@ -102,11 +103,26 @@ def daemon(
             help="Forward an environment to a profile: ENV=PROFILE, or PROFILE (repeatable).",
         ),
     ] = None,
+    shutdown_grace_s: Annotated[
+        float | None, typer.Option(help="On SIGTERM, seconds executing runs get to finish.")
+    ] = None,
+    socket_group: Annotated[
+        str | None, typer.Option(help="Group allowed to use the API socket (mode 0660).")
+    ] = None,
+    retention: Annotated[
+        str | None, typer.Option(help='Prune finished runs older than this, e.g. "30d".')
+    ] = None,
+    min_free_bytes: Annotated[
+        int | None, typer.Option(help="Refuse new runs (507) below this much free disk.")
+    ] = None,
+    log_format: Annotated[
+        str, typer.Option(help="auto (journal under journald, else text), text, journal, json.")
+    ] = "auto",
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
-    import logging
-
+    from ember._config import SystemdEnv
     from ember.daemon import serve
+    from ember.daemon.ops.logging import LOG_FORMATS, LogFormat, configure
 
     try:
         project = find_project(Path.cwd())
@@ -124,10 +140,17 @@ def daemon(
             tls_cert=tls_cert,
             tls_key=tls_key,
             sync=sync,
+            shutdown_grace_s=shutdown_grace_s,
+            socket_group=socket_group,
+            retention=retention,
+            min_free_bytes=min_free_bytes,
+            systemd=SystemdEnv.from_env(),
         )
     except EmberError as exc:
         fail(str(exc))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if log_format not in LOG_FORMATS:
+        fail(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    configure(cast(LogFormat, log_format), config.systemd.journal_stream)
     try:
         serve(config)
     except EmberError as exc:
@@ -406,7 +429,7 @@ def tokens_complete(
 def doctor(env: EnvOption = None) -> None:
     """Check this machine: CRIU checkpoints, and the daemon if one runs."""
     from ember._types import Health
-    from ember.daemon._checkpoint import detect
+    from ember.daemon.procs.checkpoint import detect
 
     config = project_config()
     support = detect(config)
@@ -432,7 +455,7 @@ def doctor(env: EnvOption = None) -> None:
 
 def _check_state_modes(state: Path) -> None:
     """Warn about state files others may read: the database, tokens, a process's memory."""
-    from ember.daemon._modes import loose_entries
+    from ember.daemon.store.modes import loose_entries
 
     if not state.is_dir():
         return
@@ -475,6 +498,8 @@ def tui(env: EnvOption = None, profile: ProfileOption = None) -> None:
 
 
 # Versions, environments and schedules (their bodies live in their own modules).
+app.add_typer(service_app, name="service")
+app.command("backup")(backup_command)
 app.command()(deploy)
 app.command()(promote)
 app.command()(versions)

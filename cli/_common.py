@@ -13,7 +13,7 @@ from ember._client import Client
 from ember._errors import ConfigError, EmberError
 from ember.cli._project import find_project
 from ember.cli._settings import client_settings, daemon_config
-from ember.daemon._config import DaemonConfig
+from ember.daemon.config import DaemonConfig
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 EnvOption = Annotated[str | None, typer.Option("--env", "-e", help="Environment (default dev).")]

@@ -25,7 +25,7 @@ from ember._errors import EmberError
 from ember._types import VersionInfo, VersionList
 from ember.cli._common import JsonFlag, ProfileOption, fail, make_client, print_json, run_async
 from ember.cli._project import Project, find_project, snapshot, snapshot_files
-from ember.daemon._environments import check_env_name
+from ember.daemon.engine.environments import check_env_name
 
 _POLL_S = 0.25
 

@@ -29,7 +29,7 @@ from ember.cli._output import duration_text
 from ember.cli._project import INCLUDE_SUFFIXES, SKIP_DIRS, Project, snapshot
 from ember.cli._settings import client_settings
 from ember.daemon import Daemon, loop_factory
-from ember.daemon._config import DaemonConfig
+from ember.daemon.config import DaemonConfig
 
 # Runs that started and have not ended, like Trigger.dev's dev auto-cancel: executing,
 # waiting (on a duration, a token or a child), and queued between attempts or to resume.

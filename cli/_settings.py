@@ -10,10 +10,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ember._config import ClientSettings, default_socket_path, env_var
+from ember._config import ClientSettings, client_socket_path, default_socket_path, env_var
+from ember._duration import parse_duration_s
 from ember._errors import ConfigError
 from ember.cli._project import Project
-from ember.daemon._config import DaemonConfig, SyncTarget
+from ember.daemon.config import DaemonConfig, SyncTarget
 
 _DAEMON_KEYS = {
     "state_dir": Path,
@@ -31,7 +32,34 @@ _DAEMON_KEYS = {
     "wait_park_threshold_s": float,
     "max_parked_processes": int,
     "criu_path": str,
+    "criu_restore_timeout_s": float,
+    "max_header_bytes": int,
+    "max_archive_bytes": int,
+    "max_unpacked_bytes": int,
+    "max_archive_files": int,
+    "idle_timeout_s": float,
+    "request_timeout_s": float,
+    "max_connections_per_client": int,
+    "max_tcp_connections": int,
+    "shutdown_grace_s": float,
+    "socket_group": str,
+    "socket_mode": str,
+    "retention": str,
+    "min_free_bytes": int,
+    "logs_dir": Path,
+    "log_max_bytes": int,
+    "log_backups": int,
 }
+_AT_LEAST_ONE = (
+    "max_concurrent_runs",
+    "max_runs_per_process",
+    "max_header_bytes",
+    "max_archive_bytes",
+    "max_unpacked_bytes",
+    "max_archive_files",
+    "max_connections_per_client",
+    "max_tcp_connections",
+)
 _PROJECT_KEYS = {"dirs", "project", "requirements", "sync"}
 _CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}
 
@@ -53,6 +81,8 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
             if kind is None:
                 known = ", ".join(sorted(_DAEMON_KEYS.keys() | _PROJECT_KEYS))
                 raise ConfigError(f"[tool.ember] has an unknown key {key!r}; known keys: {known}")
+            if key == "socket_mode" and isinstance(raw, int):
+                raw = oct(raw)  # (a TOML integer 0o660 arrives as 432)
             try:
                 value = kind(raw)
             except (TypeError, ValueError):
@@ -74,12 +104,16 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
     for key, value in flags.items():
         if value is not None:
             values[key] = value
+    _convert(values)
     for key, allowed in _CHOICES.items():
         if key in values and values[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {values[key]!r}")
-    for key in ("max_concurrent_runs", "max_runs_per_process"):
+    for key in _AT_LEAST_ONE:
         if key in values and values[key] < 1:
             raise ConfigError(f"{key} must be at least 1")
+    for key in ("idle_timeout_s", "request_timeout_s", "criu_restore_timeout_s"):
+        if key in values and not 0 < values[key] < 86400:
+            raise ConfigError(f"{key} must be more than 0 and less than a day (seconds)")
     fields = {f.name for f in dataclasses.fields(DaemonConfig)}
     return DaemonConfig(**{k: v for k, v in values.items() if k in fields})
 
@@ -138,11 +172,41 @@ def sync_targets(forwarded: dict[str, str]) -> tuple[SyncTarget, ...]:
     return tuple(targets)
 
 
+def _convert(values: dict[str, Any]) -> None:
+    """Turn the keys written for people (``retention = "30d"``, ``"0660"``) into fields."""
+    if "retention" in values:
+        raw = values.pop("retention")
+        try:
+            seconds = parse_duration_s(raw) if raw not in (None, "", "forever") else None
+        except ConfigError as exc:
+            raise ConfigError(f'retention: {exc}; e.g. retention = "30d"') from None
+        if seconds is not None and seconds <= 0:
+            raise ConfigError('retention must be longer than 0, e.g. retention = "30d"')
+        values["retention_s"] = seconds
+    mode = values.get("socket_mode")
+    if isinstance(mode, str):
+        try:
+            values["socket_mode"] = int(mode.removeprefix("0o"), 8)
+        except ValueError:
+            raise ConfigError(
+                f'socket_mode = {mode!r} is not an octal mode; write e.g. socket_mode = "0660"'
+            ) from None
+    mode = values.get("socket_mode")
+    if mode is not None and not 0 <= mode <= 0o777:
+        raise ConfigError(f"socket_mode {oct(mode)} is not a file mode (0000 to 0777)")
+    for key in ("shutdown_grace_s", "min_free_bytes", "log_max_bytes", "log_backups"):
+        if key in values and values[key] < 0:
+            raise ConfigError(f"{key} must be zero or more, not {values[key]}")
+
+
 def client_settings(config: DaemonConfig | None = None, env: str | None = None) -> ClientSettings:
     """Client settings from the environment, aimed at ``config``'s socket when given."""
     settings = ClientSettings.from_env()
     if config is not None and settings.url is None:
-        settings = dataclasses.replace(settings, socket_path=config.api_socket)
+        # A socket the configuration names is the one; else the user's daemon, else the
+        # system daemon's (/run/ember/ember.sock).
+        socket_path = config.socket_path or client_socket_path()
+        settings = dataclasses.replace(settings, socket_path=socket_path)
     if env is not None:
         settings = dataclasses.replace(settings, env=env)
     return settings

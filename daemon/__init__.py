@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ember.daemon._config import DaemonConfig
+from ember.daemon.config import DaemonConfig
 
 if TYPE_CHECKING:
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.server import Daemon
 
 __all__ = ["Daemon", "DaemonConfig", "loop_factory", "serve"]
 
@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
     # The server (uvicorn, Starlette, the engine) loads on first use: CLI commands that only
     # read settings or talk to a daemon start without it.
     if name == "Daemon":
-        from ember.daemon._server import Daemon
+        from ember.daemon.api.server import Daemon
 
         return Daemon
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -47,10 +47,11 @@ async def _serve(daemon: Daemon) -> None:
     presses = 0
 
     def on_signal(*_: Any) -> None:
-        # The handler only sets a flag; a second Ctrl-C gives up on a clean stop.
+        # The handler only sets flags: the first signal drains (runs get shutdown_grace_s),
+        # the second ends the grace at once, a third gives up on a clean stop.
         nonlocal presses
         presses += 1
-        if presses > 1:
+        if presses > 2:
             sys.stderr.write("\nforced exit\n")
             import os
 
@@ -64,7 +65,7 @@ async def _serve(daemon: Daemon) -> None:
 
 def serve(config: DaemonConfig) -> None:
     """Run a daemon on uvloop until SIGINT or SIGTERM."""
-    from ember.daemon._server import Daemon
+    from ember.daemon.api.server import Daemon
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve(Daemon(config)))

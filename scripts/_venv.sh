@@ -16,6 +16,26 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 
+# CRIU for the checkpoint tests: Debian 13 ships 4.1+, which works on these kernels; Debian 12's
+# 3.17 fails on them, so there the CRIU tests skip with the reason (or use a criu built by hand).
+if ! command -v criu >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -r /etc/debian_version ]; then
+  DEBIAN_MAJOR="$(cut -d. -f1 /etc/debian_version)"
+  if [[ "$DEBIAN_MAJOR" =~ ^[0-9]+$ ]] && [ "$DEBIAN_MAJOR" -ge 13 ]; then
+    echo "○ installing criu (Debian $DEBIAN_MAJOR ships a version that works here)"
+    apt-get install -y -qq criu >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq criu >/dev/null; } \
+      || echo "  criu could not be installed: the CRIU tests will skip" >&2
+  fi
+fi
+
+# The tests verify generated units with `systemd-analyze verify` (Debian's systemd package).
+# Installed only where that is possible without asking: as root, on Debian (or a derivative).
+if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then
+  echo "○ installing systemd (for systemd-analyze verify)"
+  install=(apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends systemd)
+  "${install[@]}" >/dev/null 2>&1 || { apt-get update -qq >/dev/null && "${install[@]}" >/dev/null; }
+fi
+
 # Reinstall when the dependencies or the set of modules change: the strict editable install
 # (which mypy and IDEs need to resolve ember.*) links files, so new modules need a reinstall.
 STAMP="$VENV/.ember-install-stamp"

@@ -8,7 +8,8 @@
     │   ├── Unauthorized            401/403: missing or wrong API key
     │   ├── NotFound                404: unknown run, task or version
     │   ├── Conflict                409: the run is not in a state that allows the action
-    │   └── PayloadTooLarge         413: payload or output over the configured limit
+    │   ├── PayloadTooLarge         413: payload or output over the configured limit
+    │   └── InsufficientStorage     507: the daemon's disk is full or nearly so
     ├── PayloadValidationError      the payload does not match the task's annotation
     ├── RunFailedError              a waited-for run ended without output
     ├── TaskNotFoundError           a task id is not known to this process's registry
@@ -70,6 +71,13 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     """The payload is over the daemon's size limit."""
+
+
+class InsufficientStorage(ApiError):
+    """The daemon could not write, or would not: its disk is full or under the free-space floor.
+
+    Nothing of the request was written; it can be sent again once space is freed.
+    """
 
 
 class PayloadValidationError(EmberError):
@@ -142,6 +150,7 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     409: Conflict,
     413: PayloadTooLarge,
     422: BadRequest,
+    507: InsufficientStorage,
 }
 
 

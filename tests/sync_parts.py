@@ -22,7 +22,7 @@ from test_durability import DaemonProcess, wait_ready
 from ember import Call, Client, ClientSettings
 from ember._admin_types import CreatedKey
 from ember._types import VersionInfo
-from ember.daemon._config import SyncTarget
+from ember.daemon.config import SyncTarget
 
 TASKS = {
     "tasks/__init__.py": "",

@@ -22,7 +22,7 @@ from ember import (
     Runs,
     Tasks,
 )
-from ember.daemon._api import ROUTES
+from ember.daemon.api.routes import ROUTES
 
 TASKS = {
     "tasks/__init__.py": "",

@@ -20,7 +20,7 @@ from conftest import Harness, eventually, running_daemon
 
 from ember import Runs, RunStatus, Tasks
 from ember.daemon import DaemonConfig
-from ember.daemon._checkpoint import CACHE_FILE, detect
+from ember.daemon.procs.checkpoint import CACHE_FILE, _namespace_children, detect
 
 with tempfile.TemporaryDirectory() as _state:
     SUPPORT = detect(DaemonConfig(state_dir=Path(_state)))
@@ -53,6 +53,15 @@ TASKS = {
             await wait.for_(seconds=payload["s"])
             held.close()
             return {"secret": secret}
+
+        @task(id="heavy")
+        async def heavy(payload: dict) -> dict:
+            # Pages written, so they are in the image: its restore takes a while.
+            ballast = b"x" * (payload["mb"] << 20)
+            secret = random.random()
+            logger.info("before the wait", secret=secret)
+            await wait.for_(seconds=payload["s"])
+            return {"secret": secret, "mb": len(ballast) >> 20}
 
         @task(id="leaf")
         async def leaf(payload: dict) -> int:
@@ -215,6 +224,24 @@ async def test_a_failed_restore_is_reaped_and_the_run_replays(
     assert any("not restored" in s.description for s in done.snapshots)
     assert done.output_as()["secret"] != await logged_secret(runs, handle.id), "it replayed"
     assert namespace_zombies() == []
+
+
+async def test_a_restore_that_times_out_kills_what_it_restored(state_dir: Path) -> None:
+    # 150 MB restores in far more than 50 ms: criu is cut off half-way, every time.
+    async with running_daemon(
+        state_dir, checkpoint="criu", wait_park_threshold_s=0.5, criu_restore_timeout_s=0.05
+    ) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        runs = Runs(h.client)
+        handle = await Tasks(h.client).trigger("heavy", {"mb": 150, "s": 1})
+        await eventually(lambda: _dumped(h, handle.id), timeout_s=60)
+        done = await h.wait(handle.id, timeout_s=90)
+        assert done.status is RunStatus.COMPLETED
+        assert any("took longer than 0.05 s" in s.description for s in done.snapshots)
+        assert done.output_as()["secret"] != await logged_secret(runs, handle.id), "it replayed"
+        # Nothing of the cut-off restore lives on: no namespace of a restore, no zombie.
+        assert _namespace_children(exclude=set()) == []
+        assert namespace_zombies() == []
 
 
 def test_a_planted_cache_cannot_choose_the_binary(

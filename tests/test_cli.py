@@ -12,7 +12,7 @@ import pytest
 from conftest import Harness
 
 from ember.cli._project import find_project, init_project, snapshot
-from ember.daemon._versions import unpack
+from ember.daemon.builds.versions import unpack
 
 TASKS = {
     "tasks/__init__.py": "",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.daemon._db import Database, Durability, connect
+from ember.daemon.store.db import Database, Durability, connect
 
 DURABILITIES: tuple[Durability, ...] = ("normal", "fsync")
 

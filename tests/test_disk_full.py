@@ -9,10 +9,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import eventually, running_daemon
+from conftest import eventually, make_archive, running_daemon
 
-from ember import Runs, RunStatus, Tasks
+from ember import InsufficientStorage, Runs, RunStatus, Tasks
 
 TASKS = {
     "tasks/__init__.py": "",
@@ -78,7 +79,10 @@ async def test_end_of_attempt_written_once_the_disk_has_room(
     state = small_disk / "state"
     state.mkdir()
     gate = tmp_path / "gate"
-    async with running_daemon(state, durability=durability, cancel_grace_s=1.0) as h:
+    # min_free_bytes=0: this test fills the disk on purpose, past the 507 guard (test_ops).
+    async with running_daemon(
+        state, durability=durability, cancel_grace_s=1.0, min_free_bytes=0
+    ) as h:
         await h.register(TASKS)
         tasks, runs = Tasks(h.client), Runs(h.client)
         done = await tasks.trigger("gated", {"gate": str(gate)})
@@ -117,3 +121,41 @@ async def test_end_of_attempt_written_once_the_disk_has_room(
         assert second.status is RunStatus.COMPLETED and second.output_as(int) == 2
         assert [a.status for a in second.attempts] == ["FAILED", "COMPLETED"]
         assert done.id not in engine.active and retried.id not in engine.active
+
+
+async def refused_trigger(tasks: Tasks, payload: dict[str, str]) -> InsufficientStorage:
+    """Trigger until the daemon says its disk is full (SQLite's free pages take a few rows)."""
+    for _ in range(200):
+        try:
+            await tasks.trigger("gated", payload)
+        except InsufficientStorage as exc:
+            return exc
+    raise AssertionError("200 triggers on a full disk were all accepted")
+
+
+async def test_a_full_disk_answers_507_and_leaves_no_partial_blob(small_disk: Path) -> None:
+    state = small_disk / "state"
+    state.mkdir()
+    async with running_daemon(state, min_free_bytes=0) as h:  # the write itself fails
+        await h.register(TASKS)
+        tasks = Tasks(h.client)
+        filler = fill(small_disk)
+        try:
+            # Over 512 KB, the payload goes to a blob file first; under, into SQLite.
+            for payload in ({"gate": "x" * 600_000}, {"gate": "small"}):
+                refused = await refused_trigger(tasks, payload)
+                assert refused.status == 507
+                assert f"the disk is full: free space under {state}" in refused.detail
+            archive = make_archive({"tasks/__init__.py": "", "tasks/big.py": "x = 1\n" * 9000})
+            transport = httpx.AsyncHTTPTransport(uds=str(h.config.api_socket))
+            async with httpx.AsyncClient(transport=transport, base_url="http://ember") as http:
+                response = await http.post("/api/v1/versions", content=archive)
+            assert response.status_code == 507, response.text
+            assert "the disk is full" in response.json()["error"]
+        finally:
+            filler.unlink()
+        blobs = state / "blobs"
+        assert [p.name for p in blobs.rglob("*.tmp")] == [] if blobs.exists() else True
+        assert [p.name for p in (state / "code").iterdir() if p.name.endswith(".tmp")] == []
+        # With room again, the same trigger is accepted.
+        await tasks.trigger("gated", {"gate": "x" * 600_000})

@@ -23,8 +23,8 @@ from test_durability import DaemonProcess, children_of_state, wait_ready
 
 from ember import Call, Client, ClientSettings, Runs, RunStatus, Tasks
 from ember._types import VersionInfo
-from ember.daemon._lifeline import ProcessIdentity
-from ember.daemon._protocol import MAX_LOG_LINE_BYTES
+from ember.daemon.child.lifeline import ProcessIdentity
+from ember.daemon.procs.protocol import MAX_LOG_LINE_BYTES
 
 TASKS = {
     "tasks/__init__.py": "",
@@ -267,8 +267,8 @@ async def test_an_oversized_log_line_is_cut_not_fatal(harness: Harness) -> None:
 _WAITER = textwrap.dedent(
     """
     import asyncio, signal, sys
-    from ember.daemon._lifeline import ProcessIdentity
-    from ember.daemon._worker import await_wake
+    from ember.daemon.child.lifeline import ProcessIdentity
+    from ember.daemon.child.worker import await_wake
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

@@ -64,8 +64,8 @@ def test_the_cli_loads_no_server_until_a_command_needs_one() -> None:
     # without uvicorn, Starlette and the engine.
     code = (
         "import sys, ember.cli._app;"
-        "heavy = [m for m in sys.modules if m.startswith(('ember.daemon._server',"
-        " 'ember.daemon._engine', 'ember.tui', 'textual', 'uvicorn', 'starlette'))];"
+        "heavy = [m for m in sys.modules if m.startswith(('ember.daemon.api.server',"
+        " 'ember.daemon.engine.core', 'ember.tui', 'textual', 'uvicorn', 'starlette'))];"
         " print(heavy); sys.exit(bool(heavy))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -44,14 +44,16 @@ def names_under(state: Path) -> set[str]:
 
 def doctor(state: Path) -> str:
     env = {**os.environ, "EMBER_STATE_DIR": str(state), "EMBER_SOCKET": str(state / "none.sock")}
-    return subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "ember.cli", "doctor"],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
         cwd=state,
-    ).stdout
+    )
+    # Its errors too: a report that is only stdout hid why doctor printed nothing once.
+    return done.stdout + done.stderr
 
 
 async def test_every_state_file_is_private_after_real_runs(state_dir: Path) -> None:

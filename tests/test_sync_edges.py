@@ -20,7 +20,7 @@ from ember._types import Event, GapEvent, RunEvent, VersionInfo
 from ember.cli._project import Project
 from ember.cli._settings import daemon_config
 from ember.daemon import Daemon, DaemonConfig
-from ember.daemon._config import SyncTarget
+from ember.daemon.config import SyncTarget
 from ember.sync import Profile, save_profile
 
 

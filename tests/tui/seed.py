@@ -21,10 +21,10 @@ import msgspec
 
 from ember._types import RetryOptions, RunError, RunStatus
 from ember.daemon import Daemon, DaemonConfig
-from ember.daemon import _admin_store as admin
-from ember.daemon import _store as store
-from ember.daemon._db import connect
-from ember.daemon._schema import migrate
+from ember.daemon.store import admin as admin
+from ember.daemon.store import runs as store
+from ember.daemon.store.db import connect
+from ember.daemon.store.schema import migrate
 
 STACK = """Traceback (most recent call last):
   File "/srv/app/tasks/shop.py", line 21, in charge

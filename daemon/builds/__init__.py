@@ -1,0 +1,1 @@
+"""Versions from archives: builds, virtual environments, code snapshots."""
