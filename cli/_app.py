@@ -22,6 +22,7 @@ from ember.cli._common import print_json as _print_json
 from ember.cli._common import run_async as _run_async
 from ember.cli._deploy import deploy, promote, versions
 from ember.cli._environments import env_app, keys_app
+from ember.cli._login import login, logout, whoami
 from ember.cli._project import find_project, init_project
 from ember.cli._queues import queues_app
 from ember.cli._schedules import schedules_app
@@ -93,6 +94,17 @@ def daemon(
     checkpoint: Annotated[
         str | None, typer.Option(help="How long waits are held: auto, criu, park or replay.")
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate: the TCP listener speaks HTTPS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's PEM key.")] = None,
+    sync: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sync",
+            help="Forward an environment to a profile: ENV=PROFILE, or PROFILE (repeatable).",
+        ),
+    ] = None,
     shutdown_grace_s: Annotated[
         float | None, typer.Option(help="On SIGTERM, seconds executing runs get to finish.")
     ] = None,
@@ -127,6 +139,9 @@ def daemon(
             durability=durability,
             max_concurrent_runs=max_concurrent_runs,
             checkpoint=checkpoint,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            sync=sync,
             shutdown_grace_s=shutdown_grace_s,
             socket_group=socket_group,
             retention=retention,
@@ -329,9 +344,9 @@ def runs_replay(
 
 
 @app.command()
-def openapi(env: EnvOption = None) -> None:
+def openapi(env: EnvOption = None, profile: ProfileOption = None) -> None:
     """Print the daemon's OpenAPI document."""
-    client = _client(env)
+    client = _client(env, profile)
     document = _run_async(client.request(Call("GET", "/openapi.json", dict[str, Any])))
     _print_json(document)
 
@@ -480,12 +495,16 @@ def _check_state_modes(state: Path) -> None:
 
 
 @app.command()
-def tui(env: EnvOption = None) -> None:
-    """Open the dashboard: runs, tasks, queues, versions and processes, live."""
+def tui(env: EnvOption = None, profile: ProfileOption = None) -> None:
+    """Open the dashboard: runs, tasks, queues, versions and processes, live.
+
+    With --profile it shows the remote daemon itself; with --env of a forwarded environment,
+    the local daemon's mirror of it (offline too).
+    """
     from ember.tui import DaemonLauncher, EmberApp
 
     config = project_config()
-    settings = client_settings(config, env)
+    settings = _client(env, profile).settings if profile else client_settings(config, env)
     launcher = None
     if settings.url is None:
         launcher = DaemonLauncher(
@@ -502,6 +521,9 @@ app.command("backup")(backup_command)
 app.command()(deploy)
 app.command()(promote)
 app.command()(versions)
+app.command()(login)
+app.command()(whoami)
+app.command()(logout)
 app.add_typer(keys_app, name="keys")
 app.add_typer(env_app, name="env")
 app.add_typer(schedules_app, name="schedules")

@@ -24,7 +24,7 @@ from ember._client import Call, Client
 from ember._errors import EmberError
 from ember._types import VersionInfo, VersionList
 from ember.cli._common import JsonFlag, ProfileOption, fail, make_client, print_json, run_async
-from ember.cli._project import Project, find_project, snapshot
+from ember.cli._project import Project, find_project, snapshot, snapshot_files
 from ember.daemon.engine.environments import check_env_name
 
 _POLL_S = 0.25
@@ -106,6 +106,22 @@ async def _follow(client: Client, info: VersionInfo) -> VersionInfo:
         await asyncio.sleep(_POLL_S)
 
 
+async def _send_bundle(client: Client, project: Project, skip_promotion: bool) -> VersionInfo:
+    """Send the blobs the remote lacks (resuming a cut-off deploy), with a progress bar."""
+    from ember.sync._bundle import plan_bundle, send_bundle
+
+    plan = await plan_bundle(client, snapshot_files(project))
+    held = plan.total_bytes - plan.to_send_bytes
+    say(
+        f"Sending {size_text(plan.to_send_bytes)} of {size_text(plan.total_bytes)} to "
+        f"{client.settings.where} ({size_text(held)} already there)"
+    )
+    with typer.progressbar(length=max(plan.to_send_bytes, 1), label="  uploading") as bar:
+        info = await send_bundle(client, plan, promote=not skip_promotion, progress=bar.update)
+        bar.update(max(plan.to_send_bytes, 1) - bar.pos)
+    return info
+
+
 def deploy(
     env: Annotated[str, typer.Option("--env", "-e", help="staging, prod or preview.")] = "prod",
     branch: Annotated[
@@ -142,13 +158,16 @@ def deploy(
         return
 
     async def go() -> VersionInfo:
-        say(f"Uploading {size_text(len(archive))} to {client.settings.where} ({name})…")
         started = time.monotonic()
-        params = {"promote": "false" if skip_promotion else "true", "wait": "false"}
-        call = Call(
-            "POST", "/api/v1/versions", VersionInfo, body=archive, params=params, timeout_s=600
-        )
-        info = await client.request(call)
+        if profile is not None:
+            info = await _send_bundle(client, project, skip_promotion)
+        else:
+            say(f"Uploading {size_text(len(archive))} to {client.settings.where} ({name})…")
+            params = {"promote": "false" if skip_promotion else "true", "wait": "false"}
+            call = Call(
+                "POST", "/api/v1/versions", VersionInfo, body=archive, params=params, timeout_s=600
+            )
+            info = await client.request(call)
         say(f"Uploaded in {time.monotonic() - started:.1f}s")
         if info.status == "BUILDING":
             say(f"Building version {info.id} on the daemon…")

@@ -8,7 +8,7 @@ from datetime import datetime
 import msgspec
 import typer
 
-from ember._types import LogLine, Run, RunStatus, RunSummary
+from ember._types import LogLine, Run, RunStatus, RunSummary, SyncMark
 
 STATUS_COLOURS = {
     RunStatus.COMPLETED: typer.colors.GREEN,
@@ -51,6 +51,25 @@ def print_run_table(runs: Sequence[RunSummary]) -> None:
             f"{run.attempt_count:>3}  {run.created_at.astimezone():%Y-%m-%d %H:%M:%S} "
             f"{duration_text(run.started_at, run.finished_at)}"
         )
+    if runs[0].sync is not None:
+        typer.echo(sync_text(runs[0].sync, with_ids=False))
+
+
+def sync_text(mark: SyncMark, *, with_ids: bool = True) -> str:
+    """Where a forwarded run lives and how fresh the local view of it is."""
+    if mark.live:
+        fresh = "live"
+    elif mark.as_of is not None:
+        fresh = f"offline, as of {mark.as_of.astimezone():%Y-%m-%d %H:%M:%S}"
+    else:
+        fresh = "not reached yet"
+    where = f"mirror of {mark.profile} ({mark.url}): {fresh}"
+    if mark.error and not mark.live:
+        where += f"; last problem: {mark.error}"
+    if not with_ids:
+        return where
+    remote = f"remote {mark.remote_id}" if mark.remote_id else "not sent yet"
+    return f"  sync {mark.state}, {remote}; {where}"
 
 
 def _json(raw: msgspec.Raw) -> str:
@@ -62,6 +81,8 @@ def print_run(run: Run) -> None:
     typer.echo(f"{run.id}  {run.task_id}  {status_text(run.status)}")
     attempts = f"{run.attempt_count}/{run.max_attempts}"
     typer.echo(f"  version {run.version or '-'}  env {run.env}  attempts {attempts}")
+    if run.sync is not None:
+        typer.echo(sync_text(run.sync))
     if run.tags:
         typer.echo(f"  tags {', '.join(run.tags)}")
     created = f"{run.created_at.astimezone():%Y-%m-%d %H:%M:%S}"

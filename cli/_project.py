@@ -96,25 +96,31 @@ def snapshot(project: Project) -> tuple[bytes, int]:
                 f"task directory {entry!r} does not exist in {project.root}: create it or fix "
                 "`dirs` in [tool.ember]"
             )
-    files = _files(project.root)
+    files = snapshot_files(project)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
-        for path in files:
-            data = path.read_bytes()
-            _add(tar, str(path.relative_to(project.root)), data)
-        described: dict[str, Any] = {"dirs": list(project.dirs)}
-        requirements = project.settings.get("requirements")
-        if requirements:
-            described["requirements"] = str(requirements)
-        manifest = json.dumps(described, sort_keys=True).encode()
-        _add(tar, ".ember/manifest.json", manifest)
+        for name, data in files:
+            _add(tar, name, data)
     archive = buffer.getvalue()
     if len(archive) > MAX_SNAPSHOT_BYTES:
         raise ConfigError(
             f"the project snapshot is {len(archive)} bytes: keep data files out of the project "
             "folder or in a hidden one"
         )
-    return archive, len(files)
+    return archive, len(files) - 1
+
+
+def snapshot_files(project: Project) -> list[tuple[str, bytes]]:
+    """The files a version of the project is made of, by path, the manifest last."""
+    files = [
+        (str(path.relative_to(project.root)), path.read_bytes()) for path in _files(project.root)
+    ]
+    described: dict[str, Any] = {"dirs": list(project.dirs)}
+    requirements = project.settings.get("requirements")
+    if requirements:
+        described["requirements"] = str(requirements)
+    files.append((".ember/manifest.json", json.dumps(described, sort_keys=True).encode()))
+    return files
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

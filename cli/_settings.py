@@ -14,7 +14,7 @@ from ember._config import ClientSettings, client_socket_path, default_socket_pat
 from ember._duration import parse_duration_s
 from ember._errors import ConfigError
 from ember.cli._project import Project
-from ember.daemon.config import DaemonConfig
+from ember.daemon.config import DaemonConfig, SyncTarget
 
 _DAEMON_KEYS = {
     "state_dir": Path,
@@ -61,7 +61,7 @@ _AT_LEAST_ONE = (
     "max_connections_per_client",
     "max_tcp_connections",
 )
-_PROJECT_KEYS = {"dirs", "project", "requirements"}
+_PROJECT_KEYS = {"dirs", "project", "requirements", "sync"}
 _CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}
 
 
@@ -72,7 +72,9 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
         ConfigError: an unknown or ill-typed key in [tool.ember], or a bad value.
     """
     values: dict[str, Any] = {}
+    forwarded: dict[str, str] = {}
     if project is not None:
+        forwarded = _sync_table(project.settings.get("sync", {}))
         for key, raw in project.settings.items():
             if key in _PROJECT_KEYS:
                 continue
@@ -95,6 +97,11 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
         values["state_dir"] = Path(explicit)
     if env_var("EMBER_SOCKET"):
         values["socket_path"] = default_socket_path()
+    for spec in flags.pop("sync", None) or ():
+        env, _, profile = spec.rpartition("=")
+        forwarded[env or _profile_env(profile)] = profile
+    if forwarded:
+        values["sync"] = sync_targets(forwarded)
     for key, value in flags.items():
         if value is not None:
             values[key] = value
@@ -110,6 +117,60 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
             raise ConfigError(f"{key} must be more than 0 and less than a day (seconds)")
     fields = {f.name for f in dataclasses.fields(DaemonConfig)}
     return DaemonConfig(**{k: v for k, v in values.items() if k in fields})
+
+
+def _sync_table(table: Any) -> dict[str, str]:
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in table.items()
+    ):
+        raise ConfigError(
+            '[tool.ember.sync] maps environments to profiles, e.g. prod = "prod" '
+            "(profiles come from `ember login --profile NAME -a URL`)"
+        )
+    return dict(table)
+
+
+def _profile_env(name: str) -> str:
+    from ember.sync import load_profiles
+
+    profile = load_profiles().get(name)
+    if profile is None:
+        raise ConfigError(f"--sync {name}: no such profile; `ember login --profile {name}` adds it")
+    return profile.env
+
+
+def sync_targets(forwarded: dict[str, str]) -> tuple[SyncTarget, ...]:
+    """Forwarded environments, each resolved through its profile.
+
+    Raises:
+        ConfigError: a profile is missing, or its key belongs to another environment.
+    """
+    from ember.sync import load_profiles
+
+    profiles = load_profiles()
+    targets = []
+    for env, name in sorted(forwarded.items()):
+        profile = profiles.get(name)
+        if profile is None:
+            raise ConfigError(
+                f"sync: environment {env} is forwarded to profile {name!r}, which does not "
+                f"exist; add it with `ember login --profile {name} -a URL`"
+            )
+        if profile.env != env:
+            raise ConfigError(
+                f"sync: profile {name} holds a key of environment {profile.env}, not {env}"
+            )
+        ca_file = Path(profile.ca_file).expanduser() if profile.ca_file else None
+        targets.append(
+            SyncTarget(
+                env=env,
+                profile=name,
+                url=profile.url.rstrip("/"),
+                api_key=profile.api_key,
+                ca_file=ca_file,
+            )
+        )
+    return tuple(targets)
 
 
 def _convert(values: dict[str, Any]) -> None:

@@ -13,6 +13,25 @@ CheckpointStrategy = Literal["auto", "criu", "park", "replay"]
 
 
 @dataclass(frozen=True, slots=True)
+class SyncTarget:
+    """An environment whose runs the daemon forwards to a remote daemon (from a profile).
+
+    Attributes:
+        env: the environment, named the same here and on the remote.
+        profile: the profile's name, for messages.
+        url: the remote daemon's base URL.
+        api_key: a key of ``env`` on the remote.
+        ca_file: certificates to trust for an ``https`` URL (the system store when None).
+    """
+
+    env: str
+    profile: str
+    url: str
+    api_key: str
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonConfig:
     """Everything the daemon needs to know; every field has a working default.
 
@@ -70,6 +89,9 @@ class DaemonConfig:
             the callback URLs of wait tokens; ``http://<tcp>`` when None and TCP is on.
         alert_retry_min_s: the first wait before an alert delivery is sent again; each
             further one doubles it.
+        tls_cert: a PEM certificate (chain) for the TCP listener: it then speaks HTTPS.
+        tls_key: the certificate's private key.
+        sync: environments forwarded to remote daemons (outbox and mirror).
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -109,6 +131,9 @@ class DaemonConfig:
     systemd: SystemdEnv = field(default_factory=SystemdEnv)
     public_url: str | None = None
     alert_retry_min_s: float = 1.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    sync: tuple[SyncTarget, ...] = ()
 
     @property
     def api_socket(self) -> Path:

@@ -109,3 +109,12 @@ class CreatedKey(Struct, frozen=True):
 
     key: str
     info: ApiKeyInfo
+
+
+class WhoAmI(Struct, frozen=True):
+    """Who a request is: the environment its key (or the socket's header) names."""
+
+    env: str
+    over_tcp: bool
+    daemon_version: str
+    forwarded_to: str | None = None

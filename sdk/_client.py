@@ -11,7 +11,7 @@ import asyncio
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -20,7 +20,15 @@ import msgspec
 from ember._config import ClientSettings
 from ember._errors import DaemonUnavailable, EmberError, api_error
 from ember._http import AsyncPool, Endpoint, SyncConnection, target
-from ember._types import REQUEST_KEY_HEADER, ErrorBody, Event
+from ember._types import (
+    REQUEST_KEY_HEADER,
+    BatchEvent,
+    ErrorBody,
+    Event,
+    GapEvent,
+    LogEvent,
+    RunEvent,
+)
 
 T = TypeVar("T")
 
@@ -62,7 +70,9 @@ class Client:
 
     def __init__(self, settings: ClientSettings | None = None) -> None:
         self.settings = settings or ClientSettings.from_env()
-        self._endpoint = Endpoint.parse(self.settings.url, self.settings.socket_path)
+        self._endpoint = Endpoint.parse(
+            self.settings.url, self.settings.socket_path, self.settings.ca_file
+        )
         headers = {"host": self._endpoint.host_header, "content-type": "application/json"}
         if self.settings.url is None:
             # Over TCP the API key decides the environment; on the socket the client names it.
@@ -101,9 +111,22 @@ class Client:
             detail = _error_decoder.decode(data).error
         except msgspec.DecodeError:
             detail = data.decode(errors="replace") or f"HTTP {status}"
+        if self.settings.profile is not None:
+            where = f"profile {self.settings.profile}, {self.settings.url}"
+            detail = f"{detail} (the remote daemon of {where})"
         return api_error(status, detail)
 
     def _unavailable(self, reason: str) -> DaemonUnavailable:
+        if self.settings.profile is not None:
+            hint = (
+                "check the certificate (the profile's ca_file, or `ember login --ca-file`)"
+                if "CERTIFICATE" in reason.upper()
+                else "check that it runs and that the URL is right (`ember whoami`)"
+            )
+            return DaemonUnavailable(
+                f"the remote daemon of profile {self.settings.profile} at {self.settings.url} "
+                f"does not answer ({reason}): {hint}"
+            )
         return DaemonUnavailable(
             f"no Ember daemon answers at {self.settings.where} ({reason}): start one with "
             "`ember dev` (or `ember daemon`), or point EMBER_SOCKET / EMBER_URL at a running one"
@@ -169,24 +192,45 @@ class Client:
                 continue
             return self._decode(call, status, data)
 
-    async def events(self, params: Mapping[str, Any] | None = None) -> AsyncIterator[Event]:
+    async def events(
+        self, params: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[RunEvent | LogEvent | BatchEvent]:
         """Stream run changes and log lines as they happen (server-sent events).
 
         Raises:
             DaemonUnavailable: nothing listens at the address, or it went away.
         """
+        async for _, event in self.event_frames(params):
+            if not isinstance(event, GapEvent):
+                yield event
+
+    async def event_frames(
+        self, params: Mapping[str, Any] | None = None, last_event_id: str | None = None
+    ) -> AsyncGenerator[tuple[str | None, Event]]:
+        """Stream events with their ids; with ``last_event_id`` the daemon resumes after it.
+
+        Raises:
+            DaemonUnavailable: nothing listens at the address, or it went away.
+        """
+        headers = dict(self._headers)
+        if last_event_id is not None:
+            headers["last-event-id"] = last_event_id
         buffer = b""
         try:
             async for status, data in self._pool().stream(
-                target("/api/v1/events", params), self._headers
+                target("/api/v1/events", params), headers
             ):
                 if status >= 400:
                     raise self._error(status, data)
                 buffer += data
                 *frames, buffer = buffer.split(b"\n\n")
                 for frame in frames:
-                    if frame.startswith(b"data: "):
-                        yield _event_decoder.decode(frame[6:])
+                    event_id: str | None = None
+                    for line in frame.split(b"\n"):
+                        if line.startswith(b"id: "):
+                            event_id = line[4:].decode()
+                        elif line.startswith(b"data: "):
+                            yield event_id, _event_decoder.decode(line[6:])
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
             raise self._unavailable(str(exc) or "the event stream closed") from exc
 

@@ -152,6 +152,8 @@ class ClientSettings:
         env: the environment runs are triggered in and listed from.
         version: a version to lock new runs to, when pinned.
         timeout_s: how long one request may take.
+        profile: the profile these settings come from, named in errors.
+        ca_file: certificates to trust for ``https`` URLs instead of the system store.
     """
 
     socket_path: Path
@@ -160,6 +162,8 @@ class ClientSettings:
     env: str = DEFAULT_ENV
     version: str | None = None
     timeout_s: float = 30.0
+    profile: str | None = None
+    ca_file: Path | None = None
 
     @classmethod
     def from_env(cls) -> ClientSettings:
@@ -175,4 +179,6 @@ class ClientSettings:
     @property
     def where(self) -> str:
         """The address in words, for error messages."""
+        if self.profile is not None:
+            return f"{self.url} (profile {self.profile})"
         return self.url or f"unix socket {self.socket_path}"

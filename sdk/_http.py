@@ -29,15 +29,23 @@ class Endpoint:
     host: str = ""
     port: int = 0
     tls: bool = False
+    ca_file: Path | None = None
 
     @classmethod
-    def parse(cls, url: str | None, socket_path: Path) -> Endpoint:
+    def parse(cls, url: str | None, socket_path: Path, ca_file: Path | None = None) -> Endpoint:
         """The endpoint of a base URL, or of the Unix socket when there is no URL."""
         if not url:
             return cls(socket_path=socket_path)
         parts = urlsplit(url)
         tls = parts.scheme == "https"
-        return cls(host=parts.hostname or "", port=parts.port or (443 if tls else 80), tls=tls)
+        port = parts.port or (443 if tls else 80)
+        return cls(host=parts.hostname or "", port=port, tls=tls, ca_file=ca_file)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of an ``https`` endpoint: the system's trust store, or ``ca_file``."""
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
 
     @property
     def host_header(self) -> str:
@@ -103,7 +111,7 @@ class AsyncPool:
         self._endpoint = endpoint
         self._idle: list[_Connection] = []
         self._max_idle = max_idle
-        self._tls = ssl.create_default_context() if endpoint.tls else None
+        self._tls = endpoint.tls_context()
 
     async def _open(self) -> _Connection:
         endpoint = self._endpoint
@@ -231,7 +239,7 @@ class SyncConnection:
                 self._conn = _UnixHTTPConnection(endpoint.socket_path, timeout_s)
             elif endpoint.tls:
                 self._conn = http.client.HTTPSConnection(
-                    endpoint.host, endpoint.port, timeout=timeout_s
+                    endpoint.host, endpoint.port, timeout=timeout_s, context=endpoint.tls_context()
                 )
             else:
                 self._conn = http.client.HTTPConnection(

@@ -272,6 +272,31 @@ class LogLine(Struct, frozen=True):
     attrs: dict[str, Any] = {}
 
 
+class SyncMark(Struct, frozen=True):
+    """Where a run shown by a local daemon lives: in its outbox, or mirrored from a remote.
+
+    Attributes:
+        profile: the profile of the remote daemon the environment is forwarded to.
+        url: that daemon's URL.
+        state: ``outbox`` (not sent yet), ``mirrored`` (the remote's run, as last seen) or
+            ``refused`` (the remote refused it; ``error`` says why).
+        local_id: the id the local daemon answered the trigger with.
+        remote_id: the run's id on the remote daemon, once sent.
+        as_of: the mirror was in step with the remote at this time (now, when ``live``).
+        live: the local daemon follows the remote's event stream right now.
+        error: why the remote could not be reached or refused the last push, if it did.
+    """
+
+    profile: str
+    url: str
+    state: Literal["outbox", "mirrored", "refused"]
+    local_id: str | None = None
+    remote_id: str | None = None
+    as_of: datetime | None = None
+    live: bool = False
+    error: str | None = None
+
+
 class RunSummary(Struct, frozen=True):
     """A run as listed: everything but its payload, output and history."""
 
@@ -296,6 +321,7 @@ class RunSummary(Struct, frozen=True):
     batch_id: str | None = None
     replayed_from: str | None = None
     error: RunError | None = None
+    sync: SyncMark | None = None
 
 
 class Run(Struct, frozen=True):
@@ -333,6 +359,7 @@ class Run(Struct, frozen=True):
     snapshots: list[ExecutionSnapshot] = []
     # Why a QUEUED run has not started: its queue is paused, full, or rate limited.
     queued_reason: str | None = None
+    sync: SyncMark | None = None
 
     @property
     def is_final(self) -> bool:
@@ -671,5 +698,12 @@ class BatchEvent(Struct, frozen=True, tag="batch"):
     batch: BatchInfo
 
 
-Event = RunEvent | LogEvent | BatchEvent
+class GapEvent(Struct, frozen=True, tag="gap"):
+    """The stream could not resume from the ``Last-Event-ID`` asked for (the daemon restarted,
+    or the event fell out of its memory): the subscriber should list what changed since."""
+
+    reason: str = ""
+
+
+Event = RunEvent | LogEvent | BatchEvent | GapEvent
 """What the event stream carries."""

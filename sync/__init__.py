@@ -9,18 +9,26 @@ from __future__ import annotations
 
 from ember.sync._profiles import (
     Profile,
+    default_profile,
     delete_profile,
     load_profiles,
+    plain_http_warning,
     profile_settings,
     profiles_path,
     save_profile,
+    set_default_profile,
+    settings_of,
 )
 
 __all__ = [
     "Profile",
+    "default_profile",
     "delete_profile",
     "load_profiles",
+    "plain_http_warning",
     "profile_settings",
     "profiles_path",
     "save_profile",
+    "set_default_profile",
+    "settings_of",
 ]

@@ -179,6 +179,8 @@ class RunsScreen(EmberScreen):
             parts.append(self.bulk_status)
         filters = str(self.query_obj)
         parts.append(f"filter: {filters}" if filters else "no filter (/ or f)")
+        if mirror := _mirror_freshness(rows):
+            parts.append(mirror)
         status.update(" · ".join(parts))
 
     def on_run_table_selection_changed(self, message: RunTable.SelectionChanged) -> None:
@@ -383,3 +385,17 @@ class RunsScreen(EmberScreen):
         self.all_matching = False
         self.table.refresh()
         self._show_status()
+
+
+def _mirror_freshness(rows: RunRows) -> str:
+    """For a forwarded environment's runs: whose mirror they are and how fresh."""
+    marks = [rows.runs[i].sync for i in rows.loaded[:1]]
+    mark = marks[0] if marks else None
+    if mark is None:
+        return ""
+    where = f"mirror of {mark.profile} ({mark.url})"
+    if mark.live:
+        return f"{where}: live"
+    if mark.as_of is None:
+        return f"{where}: never reached yet"
+    return f"{where}: offline, as of {mark.as_of.astimezone():%Y-%m-%d %H:%M:%S}"

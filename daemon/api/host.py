@@ -24,6 +24,14 @@ if TYPE_CHECKING:
     from ember.daemon.store.db import Database
 
 
+class Forwarding(Protocol):
+    """The daemon's forwarded environments (``ember.daemon.api.sync.SyncService``)."""
+
+    def forwards(self, env: str) -> bool:
+        """True when this environment's runs go to a remote daemon."""
+        ...
+
+
 class ApiDaemon(Protocol):
     """The daemon as the API sees it: its parts, its identity, and the actions routes take."""
 
@@ -63,6 +71,11 @@ class ApiDaemon(Protocol):
     @property
     def scheduler(self) -> Scheduler:
         """The scheduler."""
+        ...
+
+    @property
+    def sync(self) -> Forwarding | None:
+        """The forwarded environments, when the daemon forwards any."""
         ...
 
     async def register_version(

@@ -65,10 +65,12 @@ from ember.daemon.api.admin import ADMIN_ROUTES
 from ember.daemon.api.alerts import ALERT_ROUTES
 from ember.daemon.api.batches import BATCH_ROUTES
 from ember.daemon.api.bulk import BULK_ROUTES
+from ember.daemon.api.bundles import BUNDLE_ROUTES
 from ember.daemon.api.callbacks import CALLBACK_ROUTES
 from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, check_run_env, int_param, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
+from ember.daemon.api.sync import FORWARDED, SYNC_ROUTES
 from ember.daemon.engine.environments import check_env_name
 from ember.daemon.store import runs as store
 
@@ -240,11 +242,12 @@ async def batch_trigger(daemon: ApiDaemon, request: Request, env: str) -> BatchT
         raise BadRequest(
             400, f"items: a batch holds 1 to {MAX_BATCH_ITEMS} runs, got {len(req.items)}"
         )
+    # group=false: many runs in one commit that form no batch (a sync link's push).
+    grouped = request.query_params.get("group") != "false"
     batch_id, responses = await daemon.engine.trigger(
-        env, req.items, batch=True, request_key=_request_key(request)
+        env, req.items, batch=grouped, request_key=_request_key(request)
     )
-    assert batch_id is not None
-    return BatchTriggerResponse(batch_id=batch_id, runs=responses)
+    return BatchTriggerResponse(batch_id=batch_id or "", runs=responses)
 
 
 async def list_runs(daemon: ApiDaemon, request: Request, env: str) -> RunPage:
@@ -267,6 +270,7 @@ async def list_runs(daemon: ApiDaemon, request: Request, env: str) -> RunPage:
         batch=request.query_params.get("batch") or None,
         created_from=_time_param(request, "from"),
         created_to=_time_param(request, "to"),
+        updated_from=_time_param(request, "updated_from"),
     )
     cursor = request.query_params.get("cursor") or None
     page, next_cursor = await daemon.db.read(lambda conn: store.list_runs(conn, flt, limit, cursor))
@@ -406,8 +410,10 @@ async def list_tokens(daemon: ApiDaemon, request: Request, env: str) -> TokenPag
 
 
 async def events(daemon: ApiDaemon, request: Request, env: str) -> StreamingResponse:
+    resume = request.query_params.get("resume") == "1"
+    last_event_id = request.headers.get("last-event-id") or None
     return StreamingResponse(
-        daemon.events.stream(env),
+        daemon.events.stream(env, resume=resume, last_event_id=last_event_id),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache"},
     )
@@ -422,6 +428,7 @@ _RUN_FILTERS = (
     ("batch", "a batch id: the runs of that batch"),
     ("from", "created at or after (ISO 8601 or epoch seconds)"),
     ("to", "created before (ISO 8601 or epoch seconds)"),
+    ("updated_from", "changed at or after (ISO 8601 or epoch seconds): a mirror's catch-up"),
     ("limit", "page size, 1-1000 (default 50)", PAGE_LIMIT),
     ("cursor", "next_cursor of the previous page"),
 )
@@ -590,6 +597,8 @@ ROUTES: tuple[RouteSpec, ...] = (
     *BULK_ROUTES,
     *CALLBACK_ROUTES,
     *ALERT_ROUTES,
+    *SYNC_ROUTES,
+    *BUNDLE_ROUTES,
 )
 
 
@@ -603,10 +612,16 @@ def build_app(daemon: ApiDaemon) -> Router:
     document = _json.encode(openapi_document(ROUTES))
 
     def endpoint(spec: RouteSpec) -> Endpoint:
+        forwarded = FORWARDED.get((spec.method, spec.path))
+
         async def handle(request: Request) -> Response:
             try:
                 env = "" if spec.public else await _authorize(daemon, request)
-                result = await spec.handler(daemon, request, env)
+                handler = spec.handler
+                # A forwarded environment's runs live in the outbox and the mirror.
+                if forwarded is not None and daemon.sync is not None and daemon.sync.forwards(env):
+                    handler = forwarded
+                result = await handler(daemon, request, env)
             except ApiError as exc:
                 return _error_response(exc.status, exc.detail)
             except EmberError as exc:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import gc
 import logging
 import os
@@ -28,7 +27,9 @@ from ember._errors import ConfigError
 from ember._types import VersionInfo
 from ember.daemon.api.limits import ConnectionGate, fit_tcp_cap, guarded_protocol, raise_fd_limit
 from ember.daemon.api.routes import build_app, hash_key
-from ember.daemon.api.sockets import answers, listen_unix, tcp_socket
+from ember.daemon.api.sockets import answers, listen_unix, start_server, tcp_socket
+from ember.daemon.api.sync import SyncService
+from ember.daemon.api.tls import check_tls
 from ember.daemon.builds.builder import Builder
 from ember.daemon.builds.venvs import python_for
 from ember.daemon.config import DaemonConfig
@@ -44,7 +45,7 @@ from ember.daemon.procs.supervisor import Supervisor
 from ember.daemon.store import runs as store
 from ember.daemon.store.db import Database
 from ember.daemon.store.diskguard import DiskGuard
-from ember.daemon.store.modes import PRIVATE_UMASK, tighten
+from ember.daemon.store.modes import PRIVATE_UMASK, lock_state_dir, tighten
 from ember.daemon.store.retention import prune_loop
 
 log = logging.getLogger("ember.daemon")
@@ -87,6 +88,9 @@ class Daemon:
         # The umask the daemon was started with, put back at stop and given to run processes.
         self._user_umask: int | None = None
         self._server: uvicorn.Server | None = None
+        self._tls_server: uvicorn.Server | None = None
+        self._tls_sockets: list[socket.socket] = []
+        self.sync: SyncService | None = None
         self._sockets: list[socket.socket] = []
         self.gate: ConnectionGate | None = None
         self.events = EventHub()
@@ -157,12 +161,13 @@ class Daemon:
         Raises:
             ConfigError: another daemon owns the state directory, or a socket is taken.
         """
+        check_tls(self.config.tls_cert, self.config.tls_key, self.config.tcp)
         state = self.config.state_dir
         # Everything the daemon writes in its state is private: the database, logs, blobs,
         # code, tokens and CRIU images (a process's memory). Task code keeps the user's umask.
         self._user_umask = os.umask(PRIVATE_UMASK)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_state_dir(state)
+        self._lock_file = lock_state_dir(state, self.pid)
         fixed = await asyncio.to_thread(tighten, state)
         if fixed:
             log.warning("made %d files and folders under %s private (0600/0700)", fixed, state)
@@ -174,7 +179,11 @@ class Daemon:
         await self.supervisor.start()
         recovered = await self.engine.recover()
         await self.scheduler.start()
+        if self.config.sync:
+            self.sync = SyncService(self, self.config.sync)
         await self._serve_api()
+        if self.sync is not None:
+            await self.sync.start()
         # What start-up loaded (recovered runs, their timers, the imports) lives long: out of
         # the collector's sight, full collections no longer walk it again and again.
         gc.freeze()
@@ -234,24 +243,6 @@ class Daemon:
             log.info("checkpoints off, waiting runs park: %s", self.criu.reason)
         log.info("long waits are held by %s", self.checkpoint_strategy)
 
-    def _lock_state_dir(self, state: Path) -> None:
-        lock = open(state / "daemon.lock", "a+")  # noqa: SIM115 - held for the daemon's life
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            owner = lock.read().strip() or "another process"
-            lock.close()
-            raise ConfigError(
-                f"another Ember daemon (pid {owner}) already uses the state directory {state}: "
-                "stop it, or give this one another EMBER_STATE_DIR"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(self.pid))
-        lock.flush()
-        self._lock_file = lock
-
     async def _serve_api(self) -> None:
         activated = listen_sockets(self.config.systemd)
         if activated:
@@ -261,8 +252,12 @@ class Daemon:
             self._sockets = activated
         else:
             self._sockets = [await self._bind_unix(self.config.api_socket)]
+        tls = self.config.tls_cert is not None
         if self.config.tcp:
-            self._sockets.append(tcp_socket(self.config.tcp))
+            tcp = tcp_socket(self.config.tcp)
+            # uvicorn applies one TLS setting to all its sockets: with TLS the TCP socket
+            # gets a server of its own, and the Unix socket stays plain.
+            (self._tls_sockets if tls else self._sockets).append(tcp)
             await self._ensure_api_key()
         # More descriptors than the usual 1,024, and a TCP cap under them: a TCP flood is
         # refused with a 503 while the Unix socket keeps its room.
@@ -276,22 +271,16 @@ class Daemon:
             idle_timeout_s=self.config.idle_timeout_s,
             request_timeout_s=self.config.request_timeout_s,
         )
-        config = uvicorn.Config(
-            build_app(self),
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            http=protocol,
-            loop="none",
-            date_header=False,
-            server_header=False,
-            timeout_graceful_shutdown=1,
-        )
-        config.load()
-        self._server = uvicorn.Server(config)
-        # startup()/shutdown() rather than serve(): the daemon owns its signals and its loop.
-        self._server.lifespan = config.lifespan_class(config)
-        await self._server.startup(sockets=self._sockets)
+        app = build_app(self)
+        self._server = await start_server(app, protocol, self._sockets)
+        if self._tls_sockets:
+            self._tls_server = await start_server(
+                app,
+                protocol,
+                self._tls_sockets,
+                ssl_certfile=str(self.config.tls_cert),
+                ssl_keyfile=str(self.config.tls_key),
+            )
 
     async def _bind_unix(self, path: Path) -> socket.socket:
         if await answers(path):
@@ -335,15 +324,21 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop serving and stop every process; the table keeps what was in flight."""
+        if self.sync is not None:
+            await self.sync.close()
         for chore in self._chores:
             chore.cancel()
         parts = self._parts
         if parts is not None:
             parts.engine.begin_close()
-        if self._server is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(Exception):
-                await self._server.shutdown(sockets=self._sockets)
+        for server, sockets in (
+            (self._server, self._sockets),
+            (self._tls_server, self._tls_sockets),
+        ):
+            if server is not None:
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await server.shutdown(sockets=sockets)
         if not self._activated:
             self.config.api_socket.unlink(missing_ok=True)
         if parts is not None:

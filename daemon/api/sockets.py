@@ -1,4 +1,4 @@
-"""The API's listening sockets: the Unix socket with its mode and group, and TCP."""
+"""The API's listening sockets (the Unix socket with its mode and group, TCP) and servers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 import os
 import socket
 from pathlib import Path
+
+import uvicorn
 
 from ember._errors import ConfigError
 from ember.daemon.config import DaemonConfig
@@ -71,3 +73,27 @@ async def answers(path: Path) -> bool:
         return False
     writer.close()
     return True
+
+
+async def start_server(
+    app: object, protocol: object, sockets: list[socket.socket], **tls: str
+) -> uvicorn.Server:
+    """Start an HTTP server (uvicorn, no lifespan, our protocol) on already bound sockets."""
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        http=protocol,  # type: ignore[arg-type]
+        loop="none",
+        date_header=False,
+        server_header=False,
+        timeout_graceful_shutdown=1,
+        **tls,  # type: ignore[arg-type]
+    )
+    config.load()
+    server = uvicorn.Server(config)
+    # startup()/shutdown() rather than serve(): the daemon owns its signals and its loop.
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=sockets)
+    return server

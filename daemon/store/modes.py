@@ -8,10 +8,14 @@ left looser, and :func:`loose_entries` is what ``ember doctor`` reports.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+
+from ember._errors import ConfigError
 
 PRIVATE_UMASK = 0o077
 # Written once a full pass has fixed every entry: later starts only check the top level,
@@ -57,3 +61,27 @@ def tighten(root: Path) -> int:
         fixed += 1
     (root / _TIGHTENED_MARKER).touch(mode=0o600)
     return fixed
+
+
+def lock_state_dir(state: Path, pid: int) -> IO[str]:
+    """Own the state directory (an exclusive lock held while the file stays open).
+
+    Raises:
+        ConfigError: another daemon owns it.
+    """
+    lock = open(state / "daemon.lock", "a+")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(
+            f"another Ember daemon (pid {owner}) already uses the state directory {state}: "
+            "stop it, or give this one another EMBER_STATE_DIR"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(pid))
+    lock.flush()
+    return lock

@@ -479,6 +479,7 @@ class RunFilter:
     created_to: float | None = None
     parent: str | None = None
     batch: str | None = None
+    updated_from: float | None = None
 
 
 def filter_sql(flt: RunFilter) -> tuple[str, list[str], list[Any]]:
@@ -506,6 +507,9 @@ def filter_sql(flt: RunFilter) -> tuple[str, list[str], list[Any]]:
     if flt.created_to is not None:
         where.append("r.created_at < ?")
         args.append(flt.created_to)
+    if flt.updated_from is not None:
+        where.append("r.updated_at >= ?")
+        args.append(flt.updated_from)
     source = "runs r"
     if flt.tags:
         # A run matches when it carries any of the tags, as in Trigger.dev.

@@ -294,6 +294,53 @@ MIGRATIONS: list[str] = [
     CREATE INDEX alert_deliveries_due ON alert_deliveries (next_at) WHERE status = 'PENDING';
     CREATE INDEX alert_deliveries_env ON alert_deliveries (env, id);
     """,
+    # 8: sync with a remote daemon: the outbox of what is still to send (in order), the
+    # mirror of the remote's runs (and of local runs not sent yet), and each environment's
+    # cursor into the remote's event stream
+    """
+    CREATE TABLE sync_outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        env TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        tries INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE INDEX sync_outbox_env ON sync_outbox (env, seq);
+    CREATE TABLE sync_runs (
+        id TEXT PRIMARY KEY,
+        env TEXT NOT NULL,
+        local_id TEXT UNIQUE,
+        remote_id TEXT UNIQUE,
+        task_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        idempotency_key TEXT,
+        updated_at REAL NOT NULL,
+        summary BLOB NOT NULL,
+        run BLOB,
+        logs BLOB,
+        mirrored_at REAL
+    ) WITHOUT ROWID;
+    CREATE INDEX sync_runs_env ON sync_runs (env, id);
+    CREATE INDEX sync_runs_key ON sync_runs (env, task_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE sync_state (
+        env TEXT PRIMARY KEY,
+        last_event_id TEXT,
+        caught_up_to REAL NOT NULL DEFAULT 0,
+        last_contact_at REAL,
+        last_error TEXT
+    );
+    CREATE TABLE sync_cache (
+        env TEXT NOT NULL,
+        path TEXT NOT NULL,
+        body BLOB NOT NULL,
+        fetched_at REAL NOT NULL,
+        PRIMARY KEY (env, path)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

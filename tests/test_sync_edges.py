@@ -1,0 +1,158 @@
+"""The edges of sync, on one in-process daemon: resuming the event stream, bundle uploads
+refused with the reason, TLS and sync settings that cannot work, and bad input to a
+forwarded environment."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from conftest import Harness, running_daemon
+from sync_parts import make_certificates
+
+from ember import BadRequest, Call, Client, ClientSettings, ConfigError, Conflict, Tasks
+from ember._bundle_types import BlobProgress, BundleFile, BundleRequest, MissingBlobs
+from ember._types import Event, GapEvent, RunEvent, VersionInfo
+from ember.cli._project import Project
+from ember.cli._settings import daemon_config
+from ember.daemon import Daemon, DaemonConfig
+from ember.daemon.config import SyncTarget
+from ember.sync import Profile, save_profile
+
+
+async def frames(client: Client, last_event_id: str | None, count: int) -> list[tuple[Any, Event]]:
+    """The first ``count`` events of a resumable stream."""
+    got: list[tuple[Any, Event]] = []
+    stream = client.event_frames({"resume": "1"}, last_event_id)
+    async for frame in stream:
+        got.append(frame)
+        if len(got) == count:
+            break
+    await stream.aclose()
+    return got
+
+
+async def test_a_resumed_stream_replays_what_was_missed_or_says_there_is_a_gap(
+    harness: Harness,
+) -> None:
+    from conftest import make_archive
+
+    files = {
+        "tasks/__init__.py": "",
+        "tasks/t.py": """
+            from ember import task
+
+            @task(id="t")
+            async def t(p: dict) -> int:
+                return 1
+        """,
+    }
+    await harness.daemon.register_version("dev", make_archive(files), promote=True)
+    ((first_id, gap),) = await frames(harness.client, None, 1)
+    assert isinstance(gap, GapEvent), "a stream with nothing to resume from starts with a gap"
+    # Nobody listens now; the hub keeps dev's events for the mirror that will come back.
+    run_id = (await Tasks(harness.client).trigger("t", {})).id
+    await harness.wait(run_id)
+    missed = await frames(harness.client, first_id, 3)
+    assert all(isinstance(e, RunEvent) and e.run.id == run_id for _, e in missed)
+    ids = [event_id for event_id, _ in missed]
+    assert ids == sorted(ids, key=lambda i: int(i.rsplit("-", 1)[1])) and first_id not in ids
+    ((_, other),) = await frames(harness.client, "0000-5", 1)
+    assert isinstance(other, GapEvent) and "no longer kept" in other.reason
+
+
+async def test_bundle_uploads_are_refused_with_the_reason(harness: Harness) -> None:
+    client = harness.client
+    data = b"print('hello')\n" * 100
+    sha = hashlib.sha256(data).hexdigest()
+
+    def put(sha256: str, body: bytes, offset: int, size: int) -> Call[BlobProgress]:
+        params = {"offset": offset, "size": size}
+        path = f"/api/v1/bundles/blobs/{sha256}"
+        return Call("PUT", path, BlobProgress, body=body, params=params)
+
+    with pytest.raises(BadRequest, match="is not a SHA-256"):
+        await client.request(put("nothex", data, 0, len(data)))
+    assert not (await client.request(put(sha, data[:500], 0, len(data)))).complete
+    with pytest.raises(Conflict, match="resume at offset 500, not 0"):
+        await client.request(put(sha, data, 0, len(data)))
+    with pytest.raises(BadRequest, match="runs past its size"):
+        await client.request(put(sha, data, 500, len(data)))
+    done = await client.request(put(sha, data[500:], 500, len(data)))
+    assert done.complete and done.have_bytes == len(data)
+
+    wrong = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(BadRequest, match="hash to"):
+        await client.request(put(wrong, data, 0, len(data)))
+    request = BundleRequest(files=[BundleFile(path="tasks/a.py", sha256=wrong, size=5)])
+    body = msgspec.json.encode(request)
+    missing = await client.request(Call("POST", "/api/v1/bundles/missing", MissingBlobs, body=body))
+    assert [m.sha256 for m in missing.missing] == [wrong]
+    with pytest.raises(Conflict, match=r"tasks/a\.py: blob .* is not uploaded yet"):
+        await client.request(Call("POST", "/api/v1/bundles/deploy", VersionInfo, body=body))
+
+
+async def test_tls_settings_that_cannot_work_are_refused(tmp_path: Path) -> None:
+    certs = await asyncio.to_thread(make_certificates, tmp_path / "tls")
+    cases = [
+        ({"tls_cert": certs.cert_file}, "go together"),
+        ({"tls_cert": certs.cert_file, "tls_key": certs.key_file}, "add --tcp"),
+        (
+            {"tls_cert": certs.ca_file, "tls_key": certs.key_file, "tcp": "127.0.0.1:0"},
+            "matching unencrypted PEM key",
+        ),
+        (
+            {"tls_cert": tmp_path / "no.pem", "tls_key": certs.key_file, "tcp": "127.0.0.1:0"},
+            "does not exist",
+        ),
+    ]
+    for i, (settings, message) in enumerate(cases):
+        state = tmp_path / f"state{i}"
+        config = DaemonConfig(state_dir=state, socket_path=state / "api.sock", **settings)
+        daemon = Daemon(config)
+        with pytest.raises(ConfigError, match=message):
+            await daemon.start()
+        await daemon.stop()
+
+
+def test_sync_settings_name_the_missing_profile_and_a_wrong_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    project = Project(root=tmp_path, dirs=("tasks",), settings={"sync": {"prod": "prod"}})
+    with pytest.raises(ConfigError, match="profile 'prod', which does not exist"):
+        daemon_config(project)
+    save_profile(Profile(name="prod", url="https://h:1", api_key="em_staging_x", env="staging"))
+    with pytest.raises(ConfigError, match="holds a key of environment staging, not prod"):
+        daemon_config(project)
+    with pytest.raises(ConfigError, match="maps environments to profiles"):
+        daemon_config(Project(root=tmp_path, dirs=("tasks",), settings={"sync": ["prod"]}))
+    save_profile(Profile(name="prod", url="https://h:1/", api_key="em_prod_x", env="prod"))
+    (target,) = daemon_config(project).sync
+    assert (target.env, target.url, target.api_key) == ("prod", "https://h:1", "em_prod_x")
+
+
+async def test_bad_input_to_a_forwarded_environment_is_a_clear_4xx(tmp_path: Path) -> None:
+    target = SyncTarget(env="prod", profile="prod", url="https://127.0.0.1:9", api_key="k")
+    async with running_daemon(tmp_path / "state", sync=(target,)) as harness:
+        prod = Client(ClientSettings(socket_path=harness.config.api_socket, env="prod"))
+        try:
+            with pytest.raises(BadRequest, match=r"options\.delay"):
+                await Tasks(prod).trigger("t", {}, delay="soon")
+            with pytest.raises(BadRequest, match="is not a run status"):
+                await prod.request(
+                    Call("GET", "/api/v1/runs", dict[str, Any], params={"status": "DONE"})
+                )
+            from ember import NotFound, Runs
+
+            with pytest.raises(NotFound, match="not in the mirror of prod"):
+                await Runs(prod).retrieve("run_nope")
+            handle = await Tasks(prod).trigger("t", {}, idempotency_key="once")
+            again = await Tasks(prod).trigger("t", {}, idempotency_key="once")
+            assert again.id == handle.id and again.is_cached
+        finally:
+            await prod.aclose()
