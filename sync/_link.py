@@ -213,7 +213,11 @@ class SyncLink:
                 continue
             try:
                 done = await self._send(items)
-            except DaemonUnavailable as exc:
+            except Exception as exc:
+                # The remote unreachable, or a failure of ours: the outbox keeps the items
+                # (marked tried), and the loop goes on rather than dying silently.
+                if not isinstance(exc, DaemonUnavailable):
+                    log.exception("pushing %s to %s failed", self.env, self.settings.where)
                 self.store.contact(self.env, False, str(exc))
                 await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
                 failures += 1
@@ -297,7 +301,9 @@ class SyncLink:
         while True:
             try:
                 await self._follow()
-            except EmberError as exc:
+            except Exception as exc:
+                if not isinstance(exc, EmberError):
+                    log.exception("mirroring %s from %s failed", self.env, self.settings.where)
                 # A stream that was up counts as a success: the next try starts quick again.
                 failures = 0 if self.live else failures + 1
                 self.live = False

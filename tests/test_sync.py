@@ -41,6 +41,23 @@ async def completed_locally(client: Client, count: int) -> bool:
     return len(page.data) >= count
 
 
+async def all_completed(client: Client, remote: RemoteDaemon, count: int) -> None:
+    """Until the mirror shows ``count`` completed runs; on a timeout, say where they are."""
+    try:
+        await eventually(lambda: completed_locally(client, count), timeout_s=300)
+    except AssertionError:
+        local = [
+            (r.status.value, r.sync and r.sync.state)
+            for r in (await Runs(client).list(limit=1000)).data
+        ]
+        remote_statuses = [status for *_, status in remote_runs(remote)]
+        summary = {
+            "local": sorted({(s, st, local.count((s, st))) for s, st in local}),
+            "remote": sorted({(s, remote_statuses.count(s)) for s in remote_statuses}),
+        }
+        raise AssertionError(f"not all {count} runs completed in the mirror: {summary}") from None
+
+
 async def check_exactly_once(client: Client, remote: RemoteDaemon, local: dict[str, int]) -> None:
     """Every local run became one remote run, completed, its output mirrored back."""
     rows = remote_runs(remote)
@@ -75,7 +92,7 @@ async def test_runs_triggered_while_the_remote_is_down_reach_it_once_each(tmp_pa
             assert remote_runs(remote) == []
 
             remote.start()
-            await eventually(lambda: completed_locally(local.client, 1000), timeout_s=300)
+            await all_completed(local.client, remote, 1000)
             await check_exactly_once(local.client, remote, triggered)
 
             # Offline: the mirror still shows production, saying how old it is.
@@ -116,7 +133,7 @@ async def test_kill_9_mid_push_and_cut_connections_lose_and_duplicate_nothing(
                     kills += 1
                     await asyncio.sleep(rng.uniform(0.1, 0.5))
                     remote.start()
-            await eventually(lambda: completed_locally(local.client, 600), timeout_s=300)
+            await all_completed(local.client, remote, 600)
             await check_exactly_once(local.client, remote, triggered)
             assert kills == 2 and proxy.cuts > 0
         await proxy.close()
@@ -165,7 +182,7 @@ async def test_both_daemons_killed_mid_push_lose_and_duplicate_nothing(tmp_path:
                 if burst == 2:
                     remote.kill9()
                     remote.start()
-            await eventually(lambda: completed_locally(client, 400), timeout_s=300)
+            await all_completed(client, remote, 400)
             await check_exactly_once(client, remote, triggered)
         finally:
             await client.aclose()
