@@ -15,7 +15,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -24,6 +24,7 @@ from ember._types import RunError, TokenInfo, WaitToken
 from ember.daemon.engine.ids import ulid
 from ember.daemon.model import WaitRecord
 from ember.daemon.store import runs as store
+from ember.daemon.store import waits as waits_store
 
 if TYPE_CHECKING:
     from ember.daemon.model import ActiveRun
@@ -95,11 +96,7 @@ class Waitpoints:
     async def journal(self, run: ActiveRun) -> bytes:
         """The completed waits of the run's current generation, as ``Execute.journal``."""
         rows = await self.engine.db.read(
-            lambda conn: conn.execute(
-                "SELECT seq, kind, task_ids, result FROM waits WHERE run_id = ? AND"
-                " generation = ? AND status = 'COMPLETED' ORDER BY seq",
-                (run.id, run.generation),
-            ).fetchall()
+            lambda conn: waits_store.completed_waits(conn, run.id, run.generation)
         )
         parts = [
             b'{"seq":%d,"kind":%s,"task_ids":%s,"result":%s}'
@@ -131,34 +128,19 @@ class Waitpoints:
         now = self.engine.clock()
         engine = self.engine
 
-        def write(
-            conn: sqlite3.Connection,
-        ) -> tuple[str, str, float | None, bytes, bytes, bytes | None]:
-            row = conn.execute(
-                "SELECT id, kind, resume_at, targets, task_ids, status, result FROM waits"
-                " WHERE run_id = ? AND generation = ? AND seq = ?",
-                (run.id, run.generation, seq),
-            ).fetchone()
-            if row is not None:
-                result = row[6] if row[5] == "COMPLETED" else None
-                return row[0], row[1], row[2], row[3], row[4], result
-            wait_id = "waitpoint_" + ulid()
-            conn.execute(
-                "INSERT INTO waits (id, run_id, generation, seq, kind, status, created_at,"
-                " resume_at, targets, task_ids) VALUES (?, ?, ?, ?, ?, 'WAITING', ?, ?, ?, ?)",
-                (
-                    wait_id,
-                    run.id,
-                    run.generation,
-                    seq,
-                    kind,
-                    now,
-                    resume_at,
-                    _json.encode(targets),
-                    _json.encode(task_ids),
-                ),
+        def write(conn: sqlite3.Connection) -> waits_store.StoredWait:
+            return waits_store.find_or_insert_wait(
+                conn,
+                run.id,
+                run.generation,
+                seq,
+                kind,
+                resume_at,
+                targets,
+                task_ids,
+                now,
+                lambda: "waitpoint_" + ulid(),
             )
-            return wait_id, kind, resume_at, _json.encode(targets), _json.encode(task_ids), None
 
         (
             wait_id,
@@ -201,15 +183,8 @@ class Waitpoints:
         return await self._children_result(record.targets)
 
     async def _children_result(self, child_ids: Sequence[str]) -> bytes | None:
-        def read(conn: sqlite3.Connection) -> list[Any]:
-            marks = ",".join("?" * len(child_ids))
-            return conn.execute(
-                f"SELECT id, task_id, status, output, output_ref, error FROM runs"
-                f" WHERE id IN ({marks})",
-                list(child_ids),
-            ).fetchall()
-
-        rows = {r[0]: r for r in await self.engine.db.read(read)}
+        found = await self.engine.db.read(lambda conn: waits_store.child_rows(conn, child_ids))
+        rows = {r[0]: r for r in found}
         results = []
         for child in child_ids:
             row = rows.get(child)
@@ -274,10 +249,7 @@ class Waitpoints:
         self.disarm(record)
         now = self.engine.clock()
         await self.engine.db.write(
-            lambda conn: conn.execute(
-                "UPDATE waits SET status = 'COMPLETED', result = ?, completed_at = ? WHERE id = ?",
-                (result, now, record.id),
-            )
+            lambda conn: waits_store.complete_wait(conn, record.id, result, now)
         )
         self.engine.wait_completed(record, result)
 
@@ -303,17 +275,10 @@ class Waitpoints:
     async def recover(self) -> list[tuple[WaitRecord, bytes | None]]:
         """Load tokens and the waits that were pending when the daemon stopped."""
         for token_id, env, status, timeout_at in self.engine.db.read_now(
-            lambda conn: conn.execute(
-                "SELECT id, env, status, timeout_at FROM tokens WHERE status = 'WAITING'"
-            ).fetchall()
+            waits_store.waiting_tokens
         ):
             self._arm_token(_Token(token_id, env, status, timeout_at))
-        rows = self.engine.db.read_now(
-            lambda conn: conn.execute(
-                "SELECT id, run_id, generation, seq, kind, resume_at, targets, task_ids"
-                " FROM waits WHERE status = 'WAITING'"
-            ).fetchall()
-        )
+        rows = self.engine.db.read_now(waits_store.waiting_waits)
         found = []
         for row in rows:
             record = WaitRecord(
@@ -347,31 +312,17 @@ class Waitpoints:
         key_expires = now + (key_ttl_s if key_ttl_s is not None else DEFAULT_TOKEN_KEY_TTL_S)
 
         def write(conn: sqlite3.Connection) -> tuple[str, float | None, bool]:
-            if key is not None:
-                row = conn.execute(
-                    "SELECT id, timeout_at, idempotency_expires_at FROM tokens"
-                    " WHERE env = ? AND idempotency_key = ?",
-                    (env, key),
-                ).fetchone()
-                if row is not None and (row[2] is None or row[2] > now):
-                    return row[0], row[1], True
-                if row is not None:
-                    conn.execute("UPDATE tokens SET idempotency_key = NULL WHERE id = ?", (row[0],))
-            conn.execute(
-                "INSERT INTO tokens (id, env, status, created_at, timeout_at, idempotency_key,"
-                " idempotency_expires_at, tags, run_id) VALUES (?, ?, 'WAITING', ?, ?, ?, ?, ?, ?)",
-                (
-                    token_id,
-                    env,
-                    now,
-                    timeout_at,
-                    key,
-                    key_expires if key else None,
-                    _json.encode(tags),
-                    run_id,
-                ),
+            return waits_store.insert_token(
+                conn,
+                token_id=token_id,
+                env=env,
+                now=now,
+                timeout_at=timeout_at,
+                key=key,
+                key_expires=key_expires,
+                tags=tags,
+                run_id=run_id,
             )
-            return token_id, timeout_at, False
 
         found_id, found_timeout, cached = await self.engine.db.write(write)
         if not cached:
@@ -400,7 +351,7 @@ class Waitpoints:
         """
         token = self._tokens.get(token_id)
         if token is None or token.env != env:
-            info = await self.engine.db.read(lambda conn: _token_row(conn, token_id))
+            info = await self.engine.db.read(lambda conn: waits_store.token_row(conn, token_id))
             if info is None or info.env != env:
                 raise NotFound(404, f"token {token_id} does not exist in environment {env}")
             raise Conflict(409, f"token {token_id} is already {info.status}")
@@ -413,10 +364,7 @@ class Waitpoints:
         self._tokens.pop(token.id, None)
         now = self.engine.clock()
         await self.engine.db.write(
-            lambda conn: conn.execute(
-                "UPDATE tokens SET status = ?, completed_at = ?, output = ? WHERE id = ?",
-                (status, now, data, token.id),
-            )
+            lambda conn: waits_store.settle_token(conn, token.id, status, now, data)
         )
         result = _token_result_json(status, data)
         for wait_id in list(token.waits):
@@ -428,7 +376,7 @@ class Waitpoints:
         token = self._tokens.get(token_id)
         if token is not None:
             return None
-        info = await self.engine.db.read(lambda conn: _token_row(conn, token_id))
+        info = await self.engine.db.read(lambda conn: waits_store.token_row(conn, token_id))
         if info is None:
             raise BadRequest(
                 400, f"token {token_id} does not exist: create it with wait.create_token"
@@ -444,7 +392,7 @@ class Waitpoints:
         token = self._tokens.get(token_id)
         if token is not None:
             return token.env
-        info = await self.engine.db.read(lambda conn: _token_row(conn, token_id))
+        info = await self.engine.db.read(lambda conn: waits_store.token_row(conn, token_id))
         return info.env if info is not None else None
 
     async def retrieve_token(self, env: str, token_id: str) -> TokenInfo:
@@ -453,7 +401,7 @@ class Waitpoints:
         Raises:
             NotFound: no such token in the environment.
         """
-        info = await self.engine.db.read(lambda conn: _token_row(conn, token_id))
+        info = await self.engine.db.read(lambda conn: waits_store.token_row(conn, token_id))
         if info is None or info.env != env:
             raise NotFound(404, f"token {token_id} does not exist in environment {env}")
         return msgspec.structs.replace(info, waiting_runs=self._waiting_on(token_id))
@@ -469,22 +417,9 @@ class Waitpoints:
     ) -> tuple[list[TokenInfo], str | None]:
         """Tokens of an environment, newest first."""
 
-        def read(conn: sqlite3.Connection) -> list[TokenInfo]:
-            where, args = ["env = ?"], [env]
-            if status is not None:
-                where.append("status = ?")
-                args.append(status)
-            if cursor is not None:
-                where.append("id < ?")
-                args.append(cursor)
-            rows = conn.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE {' AND '.join(where)}"
-                " ORDER BY id DESC LIMIT ?",
-                (*args, limit + 1),
-            ).fetchall()
-            return [_token_info(r) for r in rows]
-
-        rows = await self.engine.db.read(read)
+        rows = await self.engine.db.read(
+            lambda conn: waits_store.list_tokens(conn, env, status, cursor, limit + 1)
+        )
         page = [
             msgspec.structs.replace(info, waiting_runs=self._waiting_on(info.id))
             for info in rows[:limit]
@@ -494,31 +429,6 @@ class Waitpoints:
 
 class NonDeterministic(Exception):
     """A replayed wait differs from the journal (reported to the run, which then fails)."""
-
-
-_TOKEN_COLUMNS = (
-    "id, env, status, created_at, timeout_at, completed_at, output, idempotency_key, tags, run_id"
-)
-
-
-def _token_info(row: Sequence[Any]) -> TokenInfo:
-    return TokenInfo(
-        id=row[0],
-        env=row[1],
-        status=row[2],
-        created_at=store.ts(row[3]),
-        timeout_at=store.opt_ts(row[4]),
-        completed_at=store.opt_ts(row[5]),
-        output=store.stored_json(bytes(row[6]) if row[6] is not None else None),
-        idempotency_key=row[7],
-        tags=_list_decoder.decode(row[8]) if row[8] else [],
-        run_id=row[9],
-    )
-
-
-def _token_row(conn: sqlite3.Connection, token_id: str) -> TokenInfo | None:
-    row = conn.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)).fetchone()
-    return _token_info(row) if row else None
 
 
 def _token_result_json(status: str, data: bytes | None) -> bytes:
