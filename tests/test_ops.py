@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Harness, eventually, running_daemon
+from conftest import Clock, Harness, eventually, running_daemon
 from test_disk_full import small_disk
 
 from ember import NotFound, Runs, RunStatus, Tasks
@@ -317,11 +317,11 @@ def test_server_settings_are_read_as_people_write_them() -> None:
 
 @pytest.mark.timeout(180)
 async def test_daemon_with_retention_prunes_on_its_own(state_dir: Path) -> None:
-    # A clock 31 days ahead: runs finished now are past a 30-day retention at once.
-    ahead = 31 * 86400.0
-    async with running_daemon(
-        state_dir, clock=lambda: time.time() + ahead, retention_s=30 * 86400.0
-    ) as h:
+    # The daemon's clock (which its engine stamps runs with too) jumps 31 days once the runs
+    # are in place: the finished one is then past a 30-day retention, the waiting one is not
+    # finished at all.
+    clock = Clock()
+    async with running_daemon(state_dir, clock=clock, retention_s=30 * 86400.0) as h:
         await h.register(TASKS)
         runs = Runs(h.client)
         done = await h.run("echo", {"n": 1})
@@ -331,6 +331,7 @@ async def test_daemon_with_retention_prunes_on_its_own(state_dir: Path) -> None:
             return (await runs.retrieve(waiting.id)).status is RunStatus.WAITING
 
         await eventually(is_waiting)
+        clock.advance(31 * 86400.0)
 
         async def pruned() -> bool:
             try:

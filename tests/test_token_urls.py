@@ -101,3 +101,15 @@ async def test_an_empty_body_completes_with_null(state_dir: Path, body: bytes) -
         token = await Wait(h.client).create_token()
         status, info = await asyncio.to_thread(post, token.url, body)
         assert status == 200 and info["status"] == "COMPLETED" and info["output"] is None
+
+
+@pytest.mark.parametrize("secret", ["k%C3%A9y", "%F0%9F%94%91", "wrong"])
+async def test_a_wrong_secret_is_a_404_not_a_server_error(state_dir: Path, secret: str) -> None:
+    # Found by schemathesis: a non-ASCII secret made hmac.compare_digest raise (a 500).
+    address = f"127.0.0.1:{free_port()}"
+    async with running_daemon(state_dir, tcp=address) as h:
+        token = await Wait(h.client).create_token()
+        url = token.url.rsplit("/", 1)[0] + "/" + secret
+        status, info = await asyncio.to_thread(post, url, b"1")
+        assert status == 404, info
+        assert (await Wait(h.client).retrieve_token(token.id)).status == "WAITING"

@@ -67,4 +67,5 @@ class TokenCallbacks:
 
     def check(self, token_id: str, secret: str) -> bool:
         """True when the secret is the token's (compared in constant time)."""
-        return hmac.compare_digest(self.secret(token_id), secret)
+        # compare_digest refuses non-ASCII strings; no secret we make has any.
+        return secret.isascii() and hmac.compare_digest(self.secret(token_id), secret)
