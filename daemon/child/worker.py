@@ -192,6 +192,9 @@ class _JournalEntry(msgspec.Struct, frozen=True):
 
 
 _journal_decoder = msgspec.json.Decoder(list[_JournalEntry])
+# Each pending wait of the process: its future and the frame that asked (asked again after a
+# restore, see RunProcess._suspend).
+_Waiters = dict[tuple[str, int], tuple[asyncio.Future[bytes], Wait]]
 # Trigger.dev's names of the wait kinds, as the wait hooks see them.
 _WAIT_KINDS: dict[str, WaitKind] = {
     "DATETIME": "duration",
@@ -210,7 +213,7 @@ class _RunRuntime:
         channel: _Link,
         generation: int,
         journal: list[_JournalEntry],
-        waiters: dict[tuple[str, int], asyncio.Future[bytes]],
+        waiters: _Waiters,
         resumed_seq: int = 0,
     ) -> None:
         self._context = context
@@ -268,18 +271,17 @@ class _RunRuntime:
             await self.attempt.wait_started(info)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         key = (self._context.run_id, seq)
-        self._waiters[key] = future
-        self._channel.send(
-            Wait(
-                run_id=self._context.run_id,
-                attempt=self._context.attempt,
-                seq=seq,
-                kind=kind,
-                resume_at=resume_at,
-                targets=targets or [],
-                task_ids=task_ids or [],
-            )
+        asked = Wait(
+            run_id=self._context.run_id,
+            attempt=self._context.attempt,
+            seq=seq,
+            kind=kind,
+            resume_at=resume_at,
+            targets=targets or [],
+            task_ids=task_ids or [],
         )
+        self._waiters[key] = (future, asked)
+        self._channel.send(asked)
         try:
             result = await future
         finally:
@@ -443,7 +445,7 @@ class RunProcess:
         self._attempt: Attempt | None = None
         self._run_context: contextvars.Context | None = None  # the attempt's, for on_cancel
         self._canceling: asyncio.Task[None] | None = None
-        self._waiters: dict[tuple[str, int], asyncio.Future[bytes]] = {}
+        self._waiters: _Waiters = {}
         self._link = _Link()
         self._suspending: asyncio.Task[None] | None = None
         self._beat: asyncio.TimerHandle | None = None
@@ -552,9 +554,10 @@ class RunProcess:
             current.add_done_callback(lambda _: self._end())
 
     def _resume(self, message: Resume) -> None:
-        future = self._waiters.get((message.run_id, message.seq))
-        if future is None or future.done():
-            return
+        pending = self._waiters.get((message.run_id, message.seq))
+        if pending is None or pending[0].done():
+            return  # (a wait asked again after a restore may be answered twice)
+        future = pending[0]
         if message.error is not None:
             error = NonDeterminismError if message.nondeterministic else EmberError
             future.set_exception(error(message.error))
@@ -601,6 +604,12 @@ class RunProcess:
             self._daemon = ProcessIdentity.of(host_ppid()) or self._daemon
         await self._connect(*self._socket, restored=True)
         self._suspending = None
+        # Ask again for what this process waits for: its wait may have completed while no
+        # daemon held the result in memory (killed before this restore), and then only the
+        # journal knows it. The daemon answers from the journal, or holds the wait as it is.
+        for future, asked in list(self._waiters.values()):
+            if not future.done():
+                self._link.send(asked)
 
     async def _execute(self, message: Execute) -> None:
         context = _context_decoder.decode(message.context)
