@@ -42,9 +42,18 @@ TASKS = {
         limited = Queue(name="limited", concurrency_limit={LIMIT})
         retry = Retry(max_attempts=20, min_timeout_s=0.1, max_timeout_s=0.5)
 
+        def host_pid() -> int:
+            # With CRIU each run process is PID 1 of its own namespace: the host's PID is the
+            # first of NSpid's, and the one the test can kill.
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("NSpid:"):
+                        return int(line.split()[1])
+            return os.getpid()
+
         def note(payload: dict, ctx: Context, event: str) -> None:
             line = json.dumps({{"run": ctx.run_id, "attempt": ctx.attempt, "task": ctx.task_id,
-                               "event": event, "t": time.time(), "pid": os.getpid()}})
+                               "event": event, "t": time.time(), "pid": host_pid()}})
             fd = os.open(payload["ledger"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, (line + "\\n").encode())

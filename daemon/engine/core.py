@@ -1463,12 +1463,14 @@ class Engine:
             self.resume_on(run, worker, "restored from its checkpoint")
             return
         if run.status is RunStatus.DEQUEUED and run.wait is None:
-            # Checkpointed mid-execution by a shutdown drain: it carries on where it stood.
+            # Checkpointed mid-execution by a shutdown drain, it carries on where it stood; or
+            # its wait completed before a daemon crash lost the result: the process asks for its
+            # pending waits again on hello, and the journal answers them.
             worker.parked = None
             run.parked = None
             now = self.clock()
             self._bind(run, worker, now)
-            self._record_executing(run, now, "restored mid-execution from its shutdown checkpoint")
+            self._record_executing(run, now, "restored from its checkpoint, no wait pending")
             self._publish(run)
             return
         # Restored ahead of its deadline, or its dump failed: parked until the wait completes.
