@@ -27,6 +27,7 @@ from test_durability import DaemonProcess, children_of_state, wait_ready
 
 from ember import Call, Client, ClientSettings, Runs, RunStatus, Tasks
 from ember._types import VersionInfo
+from ember.daemon.engine.core import MAX_INTERRUPTIONS
 
 LIMIT = 3
 
@@ -189,6 +190,12 @@ def diagnose(state: Path, stuck: list[str]) -> str:
     return "\n".join([*lines, "daemon output (last 40 lines):", *out[-40:]])
 
 
+def crash_looped(run: Any) -> bool:
+    """Failed by the crash-loop guard: SYSTEM_FAILURE after more than MAX_INTERRUPTIONS."""
+    interrupted = sum(a.status == "INTERRUPTED" for a in run.attempts)
+    return run.status == RunStatus.SYSTEM_FAILURE and interrupted > MAX_INTERRUPTIONS
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -265,9 +272,15 @@ async def test_chaos(tmp_path: Path, chaos_s: float, leaves: int, parents: int) 
         # One deadline for all: the runs finish in parallel, so it is the whole drain's bound.
         settle = loop.time() + 240.0
         results = [await final(runs, run_id, settle) for run_id, _ in accepted]
-        stuck = [r.id for r in results if r.status != RunStatus.COMPLETED]
+        # A run executing through more than MAX_INTERRUPTIONS daemon crashes is failed by the
+        # crash-loop guard (it may be what kills the daemon): a final state, on purpose. Kills
+        # every few seconds for minutes (the soak) reach it; every other run completes.
+        guarded = {r.id for r in results if crash_looped(r)}
+        stuck = [r.id for r in results if r.status != RunStatus.COMPLETED and r.id not in guarded]
         assert stuck == [], f"runs were lost or failed:\n{diagnose(state, stuck)}"
-        assert [r.output_as(int) for r in results] == [i for _, i in accepted]
+        assert [r.output_as(int) for r in results if r.id not in guarded] == [
+            i for run_id, i in accepted if run_id not in guarded
+        ]
     finally:
         await client.aclose()
         daemon.stop()
@@ -286,9 +299,15 @@ async def test_chaos(tmp_path: Path, chaos_s: float, leaves: int, parents: int) 
         ).fetchall()
         limited = {r for (r,) in conn.execute("SELECT id FROM runs WHERE queue = 'limited'")}
     assert twice == [], "runs completed twice"
-    assert sorted(n for _, n in children) == [3] * parents, "a child was triggered twice"
+    completed_parents = len([1 for run_id, _ in accepted[leaves:] if run_id not in guarded])
+    whole = [n for parent, n in children if parent not in guarded]
+    assert sorted(whole) == [3] * completed_parents, "a child was triggered twice"
+    assert all(n <= 3 for _, n in children), "a child was triggered twice"
     spans = executions(read_ledger(ledger))
-    print(f"chaos: {len(accepted)} runs, {len(spans)} executions, kills {kills}")
+    print(
+        f"chaos: {len(accepted)} runs, {len(spans)} executions, kills {kills},"
+        f" {len(guarded)} failed by the crash-loop guard"
+    )
     assert kills["daemon"] and kills["run process"]
     assert overlapping(spans) == [], "two executions of one run overlapped"
     assert most_at_once(spans, limited) <= LIMIT, "the queue's concurrency limit was exceeded"
