@@ -213,11 +213,7 @@ class _Compiler:
                     if failure is not None:
                         failure[0].append(f".{name}")
                         return failure
-            if low is not None and len(value) < low:
-                return [], f"expected at least {low} fields, got {len(value)}"
-            if high is not None and len(value) > high:
-                return [], f"expected at most {high} fields, got {len(value)}"
-            return None
+            return _count_failure(len(value), low, high, "fields")
 
         return check
 
@@ -242,13 +238,18 @@ class _Compiler:
                     if failure is not None:
                         failure[0].append(f"[{index}]")
                         return failure
-            if low is not None and len(value) < low:
-                return [], f"expected at least {low} items, got {len(value)}"
-            if high is not None and len(value) > high:
-                return [], f"expected at most {high} items, got {len(value)}"
-            return None
+            return _count_failure(len(value), low, high, "items")
 
         return check
+
+
+def _count_failure(count: int, low: int | None, high: int | None, noun: str) -> Failure | None:
+    """Why ``count`` fields or items are outside ``[low, high]``, or None."""
+    if low is not None and count < low:
+        return [], f"expected at least {low} {noun}, got {count}"
+    if high is not None and count > high:
+        return [], f"expected at most {high} {noun}, got {count}"
+    return None
 
 
 def _ok(value: Any) -> None:

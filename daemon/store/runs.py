@@ -492,24 +492,17 @@ def filter_sql(flt: RunFilter) -> tuple[str, list[str], list[Any]]:
     if flt.tasks:
         where.append(f"r.task_id IN ({','.join('?' * len(flt.tasks))})")
         args.extend(flt.tasks)
-    if flt.version is not None:
-        where.append("r.version = ?")
-        args.append(flt.version)
-    if flt.parent is not None:
-        where.append("r.parent_run_id = ?")
-        args.append(flt.parent)
-    if flt.batch is not None:
-        where.append("r.batch_id = ?")
-        args.append(flt.batch)
-    if flt.created_from is not None:
-        where.append("r.created_at >= ?")
-        args.append(flt.created_from)
-    if flt.created_to is not None:
-        where.append("r.created_at < ?")
-        args.append(flt.created_to)
-    if flt.updated_from is not None:
-        where.append("r.updated_at >= ?")
-        args.append(flt.updated_from)
+    for term, value in (
+        ("r.version = ?", flt.version),
+        ("r.parent_run_id = ?", flt.parent),
+        ("r.batch_id = ?", flt.batch),
+        ("r.created_at >= ?", flt.created_from),
+        ("r.created_at < ?", flt.created_to),
+        ("r.updated_at >= ?", flt.updated_from),
+    ):
+        if value is not None:
+            where.append(term)
+            args.append(value)
     source = "runs r"
     if flt.tags:
         # A run matches when it carries any of the tags, as in Trigger.dev.
