@@ -21,7 +21,7 @@ from ember.daemon.engine.dispatch import QUEUE_WAITING, Dispatch
 from ember.daemon.engine.dormant import DormantRuns
 from ember.daemon.engine.holds import Holds
 from ember.daemon.engine.lifecycle import Lifecycle
-from ember.daemon.model import ActiveRun
+from ember.daemon.model import ActiveRun, Snapshot
 from ember.daemon.store import runs as store
 
 
@@ -170,7 +170,7 @@ class Actions(EnginePart):
                 run.id,
                 RunStatus.DELAYED,
                 now,
-                "DELAYED",
+                Snapshot.DELAYED,
                 description="rescheduled",
                 delay_until=when,
             )

@@ -21,7 +21,7 @@ from ember.daemon.engine.dispatch import Dispatch
 from ember.daemon.engine.dormant import DormantRuns
 from ember.daemon.engine.holds import Holds
 from ember.daemon.engine.lifecycle import Lifecycle
-from ember.daemon.model import ActiveRun, Worker
+from ember.daemon.model import ActiveRun, Snapshot, Worker
 from ember.daemon.procs.protocol import Done, Heartbeat, Log, Wait
 from ember.daemon.store import runs as store
 
@@ -191,7 +191,7 @@ class Attempts(EnginePart):
                 run.id,
                 RunStatus.QUEUED,
                 now,
-                "QUEUED",
+                Snapshot.QUEUED,
                 attempt=number,
                 description=f"retrying in {delay:.1f}s",
                 ready_at=run.ready_at,

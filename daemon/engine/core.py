@@ -50,7 +50,7 @@ from ember.daemon.engine.holds import Holds
 from ember.daemon.engine.lifecycle import Lifecycle
 from ember.daemon.engine.registry import Registry
 from ember.daemon.engine.waits import Waitpoints
-from ember.daemon.model import ActiveRun, Hold
+from ember.daemon.model import ActiveRun, Hold, Snapshot
 from ember.daemon.store import runs as store
 from ember.daemon.store.db import Database
 
@@ -270,7 +270,7 @@ class Engine:
                     run.id,
                     RunStatus.QUEUED,
                     now,
-                    "QUEUED",
+                    Snapshot.QUEUED,
                     attempt=run.attempt,
                     description="requeued after a daemon restart",
                     interruptions=run.interruptions + 1,

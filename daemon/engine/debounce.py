@@ -24,7 +24,7 @@ import msgspec
 from ember._duration import parse_duration_s
 from ember._errors import BadRequest, ConfigError
 from ember._types import BatchItem, Debounce, RunStatus, TriggerResponse
-from ember.daemon.model import ActiveRun
+from ember.daemon.model import ActiveRun, Snapshot
 from ember.daemon.store import runs as store
 from ember.daemon.store.db import Database
 from ember.daemon.store.runs import BlobStore
@@ -158,7 +158,7 @@ class Debouncer:
                 run.id,
                 RunStatus.DELAYED,
                 now,
-                "DELAYED",
+                Snapshot.DELAYED,
                 description="debounced: start pushed back"
                 + (", payload replaced" if trailing else ""),
                 **columns,

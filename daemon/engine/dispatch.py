@@ -25,7 +25,7 @@ from ember.daemon.engine.debounce import Debouncer
 from ember.daemon.engine.lifecycle import Lifecycle
 from ember.daemon.engine.registry import Registry
 from ember.daemon.engine.waits import Waitpoints
-from ember.daemon.model import ActiveRun, Hold, Worker
+from ember.daemon.model import ActiveRun, Hold, Snapshot, Worker
 from ember.daemon.procs.protocol import Execute
 from ember.daemon.store import runs as store
 
@@ -107,7 +107,7 @@ class Dispatch(EnginePart):
         run.status = RunStatus.QUEUED
         self.db.write(
             lambda conn: store.set_status(
-                conn, run.id, RunStatus.QUEUED, now, "QUEUED", description="delay elapsed"
+                conn, run.id, RunStatus.QUEUED, now, Snapshot.QUEUED, description="delay elapsed"
             )
         ).add_done_callback(lambda _: self.lifecycle.publish(run))
         self.enqueue(run, run.delay_until or now)
@@ -164,7 +164,7 @@ class Dispatch(EnginePart):
                     run.id,
                     RunStatus.QUEUED,
                     now,
-                    "QUEUED",
+                    Snapshot.QUEUED,
                     description="a version with this task is available",
                     queue=run.queue,
                     retry=_json.encode(run.retry),
@@ -249,7 +249,7 @@ class Dispatch(EnginePart):
                 run.id,
                 RunStatus.PENDING_VERSION,
                 now,
-                "QUEUED",
+                Snapshot.QUEUED,
                 description=f"version {self.registry.target_version(run)} does not have this task",
             )
         )

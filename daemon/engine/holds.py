@@ -16,7 +16,7 @@ from ember.daemon.engine.context import EngineContext, EnginePart
 from ember.daemon.engine.dispatch import Dispatch
 from ember.daemon.engine.lifecycle import Lifecycle
 from ember.daemon.engine.waits import NonDeterministic, Waitpoints
-from ember.daemon.model import ActiveRun, Hold, WaitRecord, Worker
+from ember.daemon.model import ActiveRun, Hold, Snapshot, WaitRecord, Worker
 from ember.daemon.procs.protocol import Evict, Resume, Wait
 from ember.daemon.store import runs as store
 
@@ -81,7 +81,7 @@ class Holds(EnginePart):
                     run.id,
                     RunStatus.EXECUTING,
                     now,
-                    "EXECUTING_WITH_WAITPOINTS",
+                    Snapshot.EXECUTING_WITH_WAITPOINTS,
                     attempt=run.attempt,
                     description=f"{record.kind} wait {record.seq}",
                 )
@@ -121,7 +121,7 @@ class Holds(EnginePart):
                 run.id,
                 RunStatus.WAITING,
                 now,
-                "SUSPENDED",
+                Snapshot.SUSPENDED,
                 attempt=run.attempt,
                 description=f"{record.kind} wait {record.seq}, held by {hold}",
                 hold=hold,
@@ -152,7 +152,7 @@ class Holds(EnginePart):
                 run.id,
                 RunStatus.QUEUED,
                 now,
-                "QUEUED",
+                Snapshot.QUEUED,
                 attempt=run.attempt,
                 description=f"wait {record.seq} completed; resuming",
             )

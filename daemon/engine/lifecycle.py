@@ -16,14 +16,15 @@ from typing import Any
 
 import msgspec
 
-from ember._types import RunError, RunEvent, RunStatus, RunSummary
+from ember._types import RunError, RunEvent, RunStatus
 from ember.daemon.engine.alerts import Alerts
 from ember.daemon.engine.batches import Batches
 from ember.daemon.engine.context import EngineContext, EnginePart
 from ember.daemon.engine.debounce import Debouncer
 from ember.daemon.engine.waits import Waitpoints
-from ember.daemon.model import ActiveRun, Hold, Worker
+from ember.daemon.model import ActiveRun, Hold, Snapshot, Worker
 from ember.daemon.procs.protocol import Resume
+from ember.daemon.store import columns
 from ember.daemon.store import runs as store
 
 log = logging.getLogger("ember.daemon")
@@ -93,7 +94,7 @@ class Lifecycle(EnginePart):
                 run.id,
                 RunStatus.EXECUTING,
                 now,
-                "EXECUTING",
+                Snapshot.EXECUTING,
                 attempt=run.attempt,
                 description=description,
                 hold=None,
@@ -110,7 +111,7 @@ class Lifecycle(EnginePart):
         worker.send(Resume(run_id=run.id, seq=seq, result=result))
         self.publish(run)
 
-    def note(self, run: ActiveRun, snapshot: str, description: str) -> None:
+    def note(self, run: ActiveRun, snapshot: Snapshot, description: str) -> None:
         """Record an execution snapshot that does not change the run's status."""
         now = self.clock()
         self.db.write(
@@ -230,29 +231,7 @@ class Lifecycle(EnginePart):
         if not self.events.has_subscribers(run.env):
             return
         now = self.clock()
-        summary = RunSummary(
-            id=run.id,
-            task_id=run.task_id,
-            status=run.status,
-            env=run.env,
-            created_at=store.ts(run.created_at),
-            updated_at=store.ts(now),
-            version=run.version,
-            tags=run.tags,
-            attempt_count=run.attempt,
-            started_at=store.opt_ts(run.started_at),
-            finished_at=store.ts(now) if finished else None,
-            delay_until=store.opt_ts(run.delay_until),
-            idempotency_key=run.idempotency_key,
-            queue=run.queue,
-            concurrency_key=run.concurrency_key,
-            priority=run.priority,
-            parent_run_id=run.parent_run_id,
-            root_run_id=run.root_run_id,
-            batch_id=run.batch_id,
-            replayed_from=run.replayed_from,
-            error=error,
-        )
+        summary = columns.summary_of(run, now, error=error, finished=finished)
         self.events.publish(run.env, RunEvent(run=summary))
 
     def update_idle(self) -> None:

@@ -14,7 +14,6 @@ import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,13 @@ from ember._types import (
     TaskInfo,
     VersionInfo,
 )
-from ember.daemon.model import ActiveRun, Hold
+from ember.daemon.model import ActiveRun, Hold, Snapshot
+from ember.daemon.store import columns
+
+# (re-exported: callers format times through the store)
+from ember.daemon.store.columns import opt_ts as opt_ts
+from ember.daemon.store.columns import stored_json as stored_json
+from ember.daemon.store.columns import ts as ts
 from ember.daemon.store.schema import NOT_FINAL
 
 OFFLOAD_BYTES = 512 * 1024
@@ -45,45 +50,6 @@ _retry_decoder = msgspec.json.Decoder(RetryOptions)
 _tasks_decoder = msgspec.json.Decoder(list[TaskInfo])
 _tags_decoder = msgspec.json.Decoder(list[str])
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
-
-
-_FIRST = datetime(1970, 1, 1, tzinfo=UTC)
-_LAST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
-
-
-def ts(epoch: float) -> datetime:
-    """An epoch time as an aware UTC datetime, clamped to what a datetime can hold.
-
-    Values are bounded where they enter, but a store written before that may hold a delay of
-    ``inf`` or ``6e16``: such a row reads back as 9999-12-31T23:59:59Z ("never"), and one
-    too far in the past as 1970-01-01, so the row is shown and the page around it still loads.
-    """
-    try:
-        return datetime.fromtimestamp(epoch, UTC)
-    except (OverflowError, ValueError, OSError, TypeError):
-        return _FIRST if isinstance(epoch, (int, float)) and epoch < 0 else _LAST
-
-
-def stored_json(data: bytes | None) -> msgspec.Raw:
-    """Stored JSON bytes to serve as they are, or a string saying why they cannot be.
-
-    Bodies are checked for UTF-8 where they enter, but an older daemon let invalid bytes
-    into the store; served raw they would make the whole answer invalid JSON.
-    """
-    if data is None:
-        return msgspec.Raw(b"null")
-    if not data.isascii():
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            note = f"<{len(data)} stored bytes that are not UTF-8 JSON, written by an older daemon>"
-            return msgspec.Raw(_json.encode(note))
-    return msgspec.Raw(data)
-
-
-def opt_ts(epoch: float | None) -> datetime | None:
-    """Like :func:`ts`, passing None through."""
-    return None if epoch is None else ts(epoch)
 
 
 class BlobStore:
@@ -151,57 +117,26 @@ def insert_run(
 ) -> None:
     """Insert a new run with its tags and first snapshots."""
     payload, payload_ref = inline_or_ref(blobs, run.payload)
-    conn.execute(
-        "INSERT INTO runs (id, env, task_id, status, created_at, updated_at, payload, payload_ref,"
-        " pinned_version, tags, metadata, max_attempts, retry, delay_until, expires_at, ttl_s,"
-        " idempotency_key, idempotency_slot, idempotency_expires_at, queue, concurrency_key,"
-        " priority, max_duration_s, machine, parent_run_id, root_run_id, batch_id, replayed_from,"
-        " batch_index, debounce_key, debounce_max_at)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            run.id,
-            run.env,
-            run.task_id,
-            run.status.value,
-            run.created_at,
-            run.created_at,
-            payload,
-            payload_ref,
-            run.pinned_version,
-            _json.encode(run.tags) if run.tags else None,
-            _json.encode(run.metadata) if run.metadata is not None else None,
-            run.max_attempts,
-            _json.encode(run.retry),
-            run.delay_until,
-            run.expires_at,
-            ttl_s,
-            run.idempotency_key,
-            run.idempotency_key,
-            idempotency_expires_at,
-            run.queue,
-            run.concurrency_key,
-            run.priority,
-            run.max_duration_s,
-            machine,
-            run.parent_run_id,
-            run.root_run_id,
-            run.batch_id,
-            run.replayed_from,
-            run.batch_index,
-            run.debounce_key,
-            run.debounce_max_at,
-        ),
+    extras = (
+        run.created_at,
+        payload,
+        payload_ref,
+        ttl_s,
+        run.idempotency_key,
+        idempotency_expires_at,
+        machine,
     )
+    conn.execute(columns.INSERT_RUN, columns.insert_values(run, extras))
     if run.tags:
         conn.executemany(
             "INSERT OR IGNORE INTO run_tags (run_id, env, tag) VALUES (?, ?, ?)",
             [(run.id, run.env, tag) for tag in run.tags],
         )
-    snapshots = [(run.id, "RUN_CREATED", run.created_at, 0, "")]
+    snapshots = [(run.id, Snapshot.RUN_CREATED, run.created_at, 0, "")]
     internal = {
-        RunStatus.DELAYED: "DELAYED",
-        RunStatus.QUEUED: "QUEUED",
-        RunStatus.PENDING_VERSION: "QUEUED",
+        RunStatus.DELAYED: Snapshot.DELAYED,
+        RunStatus.QUEUED: Snapshot.QUEUED,
+        RunStatus.PENDING_VERSION: Snapshot.QUEUED,
     }[run.status]
     note = "no version has this task yet" if run.status is RunStatus.PENDING_VERSION else ""
     snapshots.append((run.id, internal, run.created_at, 0, note))
@@ -217,7 +152,7 @@ def set_status(
     run_id: str,
     status: RunStatus,
     now: float,
-    snapshot: str,
+    snapshot: Snapshot,
     *,
     attempt: int = 0,
     description: str = "",
@@ -235,7 +170,7 @@ def set_status(
 def add_snapshot(
     conn: sqlite3.Connection,
     run_id: str,
-    snapshot: str,
+    snapshot: Snapshot,
     now: float,
     attempt: int,
     description: str,
@@ -270,7 +205,7 @@ def start_attempt(conn: sqlite3.Connection, run: ActiveRun, now: float, pid: int
         run.id,
         RunStatus.EXECUTING,
         now,
-        "EXECUTING",
+        Snapshot.EXECUTING,
         attempt=run.attempt,
         version=run.version,
         attempt_count=run.attempt,
@@ -333,7 +268,7 @@ def finish_run(
         run_id,
         status,
         now,
-        "FINISHED",
+        Snapshot.FINISHED,
         attempt=attempt,
         description=description or status.value,
         **columns,
@@ -414,37 +349,8 @@ def next_version_id(conn: sqlite3.Connection, env: str, day: str) -> str:
 
 # -- reads -------------------------------------------------------------------------------
 
-_SUMMARY_COLUMNS = (
-    "id, task_id, status, env, created_at, updated_at, version, tags, attempt_count,"
-    " started_at, finished_at, delay_until, idempotency_key, queue, concurrency_key, priority,"
-    " parent_run_id, root_run_id, batch_id, replayed_from, error"
-)
-
-
-def _summary(row: Sequence[Any]) -> RunSummary:
-    return RunSummary(
-        id=row[0],
-        task_id=row[1],
-        status=RunStatus(row[2]),
-        env=row[3],
-        created_at=ts(row[4]),
-        updated_at=ts(row[5]),
-        version=row[6],
-        tags=_tags_decoder.decode(row[7]) if row[7] else [],
-        attempt_count=row[8],
-        started_at=opt_ts(row[9]),
-        finished_at=opt_ts(row[10]),
-        delay_until=opt_ts(row[11]),
-        idempotency_key=row[12],
-        queue=row[13],
-        concurrency_key=row[14],
-        priority=row[15],
-        parent_run_id=row[16],
-        root_run_id=row[17],
-        batch_id=row[18],
-        replayed_from=row[19],
-        error=_error_decoder.decode(row[20]) if row[20] else None,
-    )
+_SUMMARY_COLUMNS = columns.names(columns.SUMMARY)
+_summary = columns.summary
 
 
 def get_summary(conn: sqlite3.Connection, run_id: str) -> RunSummary | None:
@@ -522,9 +428,9 @@ def list_runs(
     if cursor is not None:
         where.append("r.id < ?")
         args.append(cursor)
-    columns = ", ".join(f"r.{c.strip()}" for c in _SUMMARY_COLUMNS.split(","))
+    selected = columns.names(columns.SUMMARY, "r")
     rows = conn.execute(
-        f"SELECT {columns} FROM {source} WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?",
+        f"SELECT {selected} FROM {source} WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?",
         (*args, limit + 1),
     ).fetchall()
     page = [_summary(r) for r in rows[:limit]]
@@ -532,22 +438,21 @@ def list_runs(
     return page, next_cursor
 
 
+_RUN_COLUMNS = columns.names(columns.RUN)
+
+
 def get_run(
     conn: sqlite3.Connection, blobs: BlobStore, run_id: str, history: bool = True
 ) -> Run | None:
     """A run, with its attempts and snapshots unless ``history`` is False, or None."""
     row = conn.execute(
-        "SELECT id, task_id, status, env, created_at, updated_at, payload, payload_ref, output,"
-        " output_ref, error, version, pinned_version, tags, metadata, attempt_count, max_attempts,"
-        " started_at, finished_at, delay_until, expires_at, idempotency_key, queue,"
-        " concurrency_key, priority, max_duration_s, parent_run_id, root_run_id, batch_id,"
-        " replayed_from FROM runs WHERE id = ?",
+        f"SELECT payload, payload_ref, output, output_ref, {_RUN_COLUMNS} FROM runs WHERE id = ?",
         (run_id,),
     ).fetchone()
     if row is None:
         return None
-    payload = blobs.get(row[7]) if row[7] else row[6]
-    output = blobs.get(row[9]) if row[9] else row[8]
+    payload = blobs.get(row[1]) if row[1] else row[0]
+    output = blobs.get(row[3]) if row[3] else row[2]
     attempts = (
         []
         if not history
@@ -583,34 +488,9 @@ def get_run(
         ]
     )
     return Run(
-        id=row[0],
-        task_id=row[1],
-        status=RunStatus(row[2]),
-        env=row[3],
-        created_at=ts(row[4]),
-        updated_at=ts(row[5]),
+        **columns.run_fields(row[4:]),
         payload=stored_json(payload),
         output=stored_json(output),
-        error=_error_decoder.decode(row[10]) if row[10] else None,
-        version=row[11],
-        pinned_version=row[12],
-        tags=_tags_decoder.decode(row[13]) if row[13] else [],
-        metadata=_dict_decoder.decode(row[14]) if row[14] else None,
-        attempt_count=row[15],
-        max_attempts=row[16],
-        started_at=opt_ts(row[17]),
-        finished_at=opt_ts(row[18]),
-        delay_until=opt_ts(row[19]),
-        expires_at=opt_ts(row[20]),
-        idempotency_key=row[21],
-        queue=row[22],
-        concurrency_key=row[23],
-        priority=row[24],
-        max_duration_s=row[25],
-        parent_run_id=row[26],
-        root_run_id=row[27],
-        batch_id=row[28],
-        replayed_from=row[29],
         attempts=attempts,
         snapshots=snapshots,
     )
@@ -643,12 +523,8 @@ def get_logs(conn: sqlite3.Connection, run_id: str) -> list[LogLine]:
     ]
 
 
-_ACTIVE_COLUMNS = (
-    "id, env, task_id, status, queue, created_at, max_attempts, retry, concurrency_key, priority,"
-    " tags, metadata, max_duration_s, delay_until, ready_at, expires_at, version, pinned_version,"
-    " attempt_count, interruptions, parent_run_id, root_run_id, batch_id, replayed_from,"
-    " started_at, idempotency_key, generation, hold, executing_s"
-)
+_ACTIVE_COLUMNS = columns.names(columns.ACTIVE)
+_active_run = columns.active_run
 
 
 def load_active(conn: sqlite3.Connection, delayed_until: float) -> Iterable[ActiveRun]:
@@ -692,40 +568,6 @@ def load_delayed_run(conn: sqlite3.Connection, run_id: str) -> ActiveRun | None:
         f"SELECT {_ACTIVE_COLUMNS} FROM runs WHERE id = ? AND status = 'DELAYED'", (run_id,)
     ).fetchone()
     return None if row is None else _active_run(row)
-
-
-def _active_run(r: Sequence[Any]) -> ActiveRun:
-    return ActiveRun(
-        id=r[0],
-        env=r[1],
-        task_id=r[2],
-        status=RunStatus(r[3]),
-        queue=r[4],
-        created_at=r[5],
-        max_attempts=r[6],
-        retry=_retry_decoder.decode(r[7]) if r[7] else RetryOptions(),
-        concurrency_key=r[8],
-        priority=r[9],
-        tags=_tags_decoder.decode(r[10]) if r[10] else [],
-        metadata=_dict_decoder.decode(r[11]) if r[11] else None,
-        max_duration_s=r[12],
-        delay_until=r[13],
-        ready_at=r[14],
-        expires_at=r[15],
-        version=r[16],
-        pinned_version=r[17],
-        attempt=r[18],
-        interruptions=r[19],
-        parent_run_id=r[20],
-        root_run_id=r[21],
-        batch_id=r[22],
-        replayed_from=r[23],
-        started_at=r[24],
-        idempotency_key=r[25],
-        generation=r[26],
-        hold=Hold(r[27]) if r[27] is not None else None,
-        executing_s=r[28],
-    )
 
 
 def _version(row: Sequence[Any], current: str | None) -> VersionInfo:
