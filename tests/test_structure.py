@@ -42,7 +42,6 @@ WIRE_FORMAT = f"{ROOT_NAME}.procs.protocol"
 ALLOWED_LONG = {
     "api.routes",
     "child.worker",
-    "engine.waits",
     "procs.checkpoint",
     "procs.supervisor",
     "store.runs",

@@ -360,7 +360,7 @@ async def create_token(daemon: ApiDaemon, request: Request, env: str) -> WaitTok
     key_ttl_s = _duration_field("idempotency_key_ttl", req.idempotency_key_ttl)
     if len(req.tags) > 10:
         raise BadRequest(400, "tags: at most 10 tags per token")
-    token = await daemon.engine.waits.create_token(
+    token = await daemon.engine.waits.tokens.create(
         env, timeout_s, req.idempotency_key, key_ttl_s, req.tags, req.run_id
     )
     return msgspec.structs.replace(token, url=daemon.engine.callbacks.url(token.id))
@@ -380,8 +380,8 @@ async def complete_token(daemon: ApiDaemon, request: Request, env: str) -> Token
     limit = daemon.config.max_output_bytes + _BODY_OVERHEAD
     req: CompleteTokenRequest = _decode(await _body(request, limit), CompleteTokenRequest)
     token_id = request.path_params["token_id"]
-    await daemon.engine.waits.complete_token(env, token_id, bytes(req.data))
-    return await daemon.engine.waits.retrieve_token(env, token_id)
+    await daemon.engine.waits.tokens.complete(env, token_id, bytes(req.data))
+    return await daemon.engine.waits.tokens.retrieve(env, token_id)
 
 
 async def reset_idempotency_key(
@@ -395,7 +395,7 @@ async def reset_idempotency_key(
 
 
 async def retrieve_token(daemon: ApiDaemon, request: Request, env: str) -> TokenInfo:
-    token = await daemon.engine.waits.retrieve_token(env, request.path_params["token_id"])
+    token = await daemon.engine.waits.tokens.retrieve(env, request.path_params["token_id"])
     return msgspec.structs.replace(token, url=daemon.engine.callbacks.url(token.id))
 
 
@@ -405,7 +405,7 @@ async def list_tokens(daemon: ApiDaemon, request: Request, env: str) -> TokenPag
         raise BadRequest(400, f"status={status!r}: use WAITING, COMPLETED or TIMED_OUT")
     limit = int_param(request, "limit", 50, 1, 1000)
     cursor = request.query_params.get("cursor") or None
-    page, next_cursor = await daemon.engine.waits.list_tokens(env, status, limit, cursor)
+    page, next_cursor = await daemon.engine.waits.tokens.page(env, status, limit, cursor)
     return TokenPage(data=page, next_cursor=next_cursor)
 
 
