@@ -44,7 +44,6 @@ ALLOWED_LONG = {
     "child.worker",
     "procs.checkpoint",
     "procs.supervisor",
-    "store.runs",
 }
 # Issue 17's batches, bulk actions, alerts and debounce, whose
 # SQL is still to move behind store/.

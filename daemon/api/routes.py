@@ -72,6 +72,9 @@ from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
 from ember.daemon.api.sync import FORWARDED, SYNC_ROUTES
 from ember.daemon.engine.environments import check_env_name
+from ember.daemon.store import keys as keys_store
+from ember.daemon.store import listing as listing_store
+from ember.daemon.store import logs as logs_store
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -260,7 +263,7 @@ async def list_runs(daemon: ApiDaemon, request: Request, env: str) -> RunPage:
                 + ", ".join(RunStatus.__members__),
             )
     limit = int_param(request, "limit", 50, 1, 1000)
-    flt = store.RunFilter(
+    flt = listing_store.RunFilter(
         env=env,
         statuses=statuses,
         tasks=_csv(request, "task"),
@@ -273,7 +276,9 @@ async def list_runs(daemon: ApiDaemon, request: Request, env: str) -> RunPage:
         updated_from=_time_param(request, "updated_from"),
     )
     cursor = request.query_params.get("cursor") or None
-    page, next_cursor = await daemon.db.read(lambda conn: store.list_runs(conn, flt, limit, cursor))
+    page, next_cursor = await daemon.db.read(
+        lambda conn: listing_store.list_runs(conn, flt, limit, cursor)
+    )
     return RunPage(data=page, next_cursor=next_cursor)
 
 
@@ -297,7 +302,7 @@ async def wait_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
 async def run_logs(daemon: ApiDaemon, request: Request, env: str) -> LogPage:
     run_id = await _run_id(daemon, request, env)
     await daemon.engine.get_run(run_id)  # 404 for an unknown run, not an empty list
-    return LogPage(data=await daemon.db.read(lambda conn: store.get_logs(conn, run_id)))
+    return LogPage(data=await daemon.db.read(lambda conn: logs_store.get_logs(conn, run_id)))
 
 
 async def cancel_run(daemon: ApiDaemon, request: Request, env: str) -> Run:
@@ -744,7 +749,7 @@ async def _authorize(daemon: ApiDaemon, request: Request) -> str:
             "(set EMBER_API_KEY); `ember keys create` makes one",
         )
     key_hash = hash_key(header[7:].strip())
-    env = await daemon.db.read(lambda conn: store.key_env(conn, key_hash))
+    env = await daemon.db.read(lambda conn: keys_store.key_env(conn, key_hash))
     if env is None:
         raise Unauthorized(401, "the API key is unknown or revoked")
     if named is not None and named != env:

@@ -5,7 +5,6 @@ A trigger in a forwarded environment is committed to the outbox and answered at 
 local run id, online or not; ``runs.retrieve`` of that id shows the remote run once the
 mirror has it. Listing, retrieving, waiting and logs read the mirror (offline too, each row
 marked with how fresh it is); cancel, replay and token completion go through the outbox.
-
 ``GET /api/v1/whoami`` (every daemon) tells a key's environment, for ``ember login``.
 """
 
@@ -46,6 +45,7 @@ from ember.daemon.api.routing import read_json as _decode
 from ember.daemon.config import SyncTarget
 from ember.daemon.engine.ids import new_batch_id, new_run_id
 from ember.daemon.engine.mirror import MirrorDb
+from ember.daemon.store import idempotency as requests
 from ember.daemon.store import runs as store
 from ember.daemon.store import sync as sync_store
 from ember.daemon.store.sync import MirrorRow
@@ -153,7 +153,7 @@ async def _enqueue(
 
     def write(conn: Any) -> tuple[str | None, list[TriggerResponse]]:
         if request_key is not None:
-            answer = store.find_trigger_request(conn, env, request_key, now - REQUEST_KEY_TTL_S)
+            answer = requests.find_trigger_request(conn, env, request_key, now - REQUEST_KEY_TTL_S)
             if answer is not None:
                 return _answer_decoder.decode(answer)
         responses = []
@@ -183,7 +183,7 @@ async def _enqueue(
             sync_store.enqueue_trigger(conn, summary, msgspec.json.encode(item), key)
             responses.append(TriggerResponse(id=local_id, task_id=item.task))
         if request_key is not None:
-            store.save_trigger_request(
+            requests.save_trigger_request(
                 conn, env, request_key, now, _answer_encoder.encode((batch_id, responses))
             )
         return batch_id, responses

@@ -22,6 +22,7 @@ from ember.daemon.engine.dormant import DormantRuns
 from ember.daemon.engine.holds import Holds
 from ember.daemon.engine.lifecycle import Lifecycle
 from ember.daemon.model import ActiveRun, Snapshot
+from ember.daemon.store import idempotency as idempotency_store
 from ember.daemon.store import runs as store
 
 
@@ -133,7 +134,7 @@ class Actions(EnginePart):
         """
 
         held = await self.db.write(
-            lambda conn: store.reset_idempotency_slot(conn, env, task_id, key)
+            lambda conn: idempotency_store.reset_idempotency_slot(conn, env, task_id, key)
         )
         if not held:
             raise NotFound(

@@ -34,6 +34,7 @@ from ember.daemon.engine.lifecycle import Lifecycle
 from ember.daemon.engine.payloads import check_payload
 from ember.daemon.engine.registry import Registry
 from ember.daemon.model import ActiveRun
+from ember.daemon.store import idempotency as idempotency_store
 from ember.daemon.store import runs as store
 
 MAX_TAGS = 10
@@ -184,7 +185,7 @@ class Admission(EnginePart):
 
         def write(conn: sqlite3.Connection) -> list[str | None] | bytes:
             if request_key is not None:
-                answered = store.find_trigger_request(
+                answered = idempotency_store.find_trigger_request(
                     conn, env, request_key, now - TRIGGER_REQUEST_TTL_S
                 )
                 if answered is not None:
@@ -202,7 +203,7 @@ class Admission(EnginePart):
                     cached.append(made[run.batch_index].id)
                     continue
                 if run.idempotency_key is not None:
-                    existing = store.find_idempotent(
+                    existing = idempotency_store.find_idempotent(
                         conn, env, run.task_id, run.idempotency_key, now
                     )
                     if existing is not None:
@@ -219,7 +220,7 @@ class Admission(EnginePart):
                 cached.append(None)
             if request_key is not None:
                 answer = _response_encoder.encode((batch_id, _responses(prepared, cached)))
-                store.save_trigger_request(conn, env, request_key, now, answer)
+                idempotency_store.save_trigger_request(conn, env, request_key, now, answer)
             return cached
 
         cached = await self.db.write(write)

@@ -23,6 +23,8 @@ from ember.daemon.engine.holds import Holds
 from ember.daemon.engine.lifecycle import Lifecycle
 from ember.daemon.model import ActiveRun, Snapshot, Worker
 from ember.daemon.procs.protocol import Done, Heartbeat, Log, Wait
+from ember.daemon.store import idempotency as idempotency_store
+from ember.daemon.store import logs as logs_store
 from ember.daemon.store import runs as store
 
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -103,7 +105,7 @@ class Attempts(EnginePart):
     def flush_logs(self) -> None:
         rows, self._log_buffer = self._log_buffer, []
         if rows:
-            self.db.write(lambda conn: store.insert_logs(conn, rows))
+            self.db.write(lambda conn: logs_store.insert_logs(conn, rows))
 
     def _attempt_done(self, worker: Worker, run: ActiveRun, done: Done) -> None:
         worker.run = None
@@ -263,7 +265,7 @@ class Attempts(EnginePart):
             ticks += 1
             if ticks % 60 == 0:
                 prune = functools.partial(
-                    store.prune_trigger_requests, before=now - TRIGGER_REQUEST_TTL_S
+                    idempotency_store.prune_trigger_requests, before=now - TRIGGER_REQUEST_TTL_S
                 )
                 self.db.write(prune)
             for worker in self.ctx.supervisor.busy_workers():

@@ -21,6 +21,7 @@ import msgspec
 from ember._errors import BadRequest, EmberError, NotFound
 from ember._types import BulkAction, CreateBulkActionRequest, RunsFilter
 from ember.daemon.engine.ids import ulid
+from ember.daemon.store import listing as listing_store
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -75,8 +76,8 @@ def _action(row: Sequence[Any]) -> BulkAction:
     )
 
 
-def _run_filter(env: str, flt: RunsFilter) -> store.RunFilter:
-    return store.RunFilter(
+def _run_filter(env: str, flt: RunsFilter) -> listing_store.RunFilter:
+    return listing_store.RunFilter(
         env=env,
         statuses=tuple(s.value for s in flt.status),
         tasks=tuple(flt.task),
@@ -89,9 +90,9 @@ def _run_filter(env: str, flt: RunsFilter) -> store.RunFilter:
 
 
 def _matching_ids(
-    conn: sqlite3.Connection, flt: store.RunFilter, cursor: str | None, limit: int
+    conn: sqlite3.Connection, flt: listing_store.RunFilter, cursor: str | None, limit: int
 ) -> list[str]:
-    source, where, args = store.filter_sql(flt)
+    source, where, args = listing_store.filter_sql(flt)
     if cursor is not None:
         where.append("r.id < ?")
         args.append(cursor)
@@ -112,8 +113,8 @@ def _save_progress(
     )
 
 
-def _count(conn: sqlite3.Connection, flt: store.RunFilter) -> int:
-    source, where, args = store.filter_sql(flt)
+def _count(conn: sqlite3.Connection, flt: listing_store.RunFilter) -> int:
+    source, where, args = listing_store.filter_sql(flt)
     (count,) = conn.execute(
         f"SELECT COUNT(*) FROM {source} WHERE {' AND '.join(where)}", args
     ).fetchone()

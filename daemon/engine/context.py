@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from ember.daemon.config import DaemonConfig
 from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.queue import RunQueue
+from ember.daemon.store.blobs import BlobStore
 from ember.daemon.store.db import Database
-from ember.daemon.store.runs import BlobStore
 
 if TYPE_CHECKING:
     from ember.daemon.procs.checkpoint import Checkpointer

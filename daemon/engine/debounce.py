@@ -25,9 +25,10 @@ from ember._duration import parse_duration_s
 from ember._errors import BadRequest, ConfigError
 from ember._types import BatchItem, Debounce, RunStatus, TriggerResponse
 from ember.daemon.model import ActiveRun, Snapshot
+from ember.daemon.store import blobs as blobs_store
 from ember.daemon.store import runs as store
+from ember.daemon.store.blobs import BlobStore
 from ember.daemon.store.db import Database
-from ember.daemon.store.runs import BlobStore
 
 DebounceKey = tuple[str, str, str]
 MAX_KEY_CHARS = 512
@@ -147,7 +148,7 @@ class Debouncer:
         def write(conn: sqlite3.Connection) -> None:
             columns: dict[str, Any] = {"delay_until": delay_until}
             if trailing:
-                inline, ref = store.inline_or_ref(blobs, payload)
+                inline, ref = blobs_store.inline_or_ref(blobs, payload)
                 columns.update(
                     payload=inline,
                     payload_ref=ref,

@@ -21,6 +21,7 @@ from ember.daemon.engine.context import EngineContext, EnginePart
 from ember.daemon.engine.ratelimit import RateSpec
 from ember.daemon.model import ActiveRun
 from ember.daemon.store import runs as store
+from ember.daemon.store import versions as versions_store
 
 
 @dataclass(slots=True)
@@ -50,12 +51,14 @@ class Registry(EnginePart):
 
     def load(self) -> None:
         """Read the queue overrides and the versions from the table (on recovery)."""
-        for env, name, paused, limit, has_limit in self.db.read_now(store.load_queue_overrides):
+        for env, name, paused, limit, has_limit in self.db.read_now(
+            versions_store.load_queue_overrides
+        ):
             self._queue_overrides[(env, name)] = (paused, limit, has_limit)
             self.queue.set_paused(env, name, paused)
             if has_limit:
                 self.queue.set_limit(env, name, limit)
-        for info, code_dir in self.db.read_now(store.load_versions):
+        for info, code_dir in self.db.read_now(versions_store.load_versions):
             self.add(info, code_dir)
             if info.is_current:
                 self.make_current(info.env, info.id)
@@ -102,9 +105,9 @@ class Registry(EnginePart):
         alert = self.alerts.wants(info.env, event)
 
         def write(conn: sqlite3.Connection) -> None:
-            store.insert_version(conn, info, code_dir)
+            versions_store.insert_version(conn, info, code_dir)
             if promote and info.status == "READY":
-                store.set_current_version(conn, info.env, info.id)
+                versions_store.set_current_version(conn, info.env, info.id)
             if alert:
                 data = {"version": msgspec.to_builtins(info), "promoted": promote}
                 self.alerts.record(conn, info.env, event, info.id, data, self.clock())
@@ -124,12 +127,12 @@ class Registry(EnginePart):
             raise NotFound(404, f"version {version_id} is not registered in environment {env}")
         if record.info.status != "READY":
             raise Conflict(409, f"version {version_id} failed to build and cannot be promoted")
-        await self.db.write(lambda conn: store.set_current_version(conn, env, version_id))
+        await self.db.write(lambda conn: versions_store.set_current_version(conn, env, version_id))
         return self._promoted(env, version_id)
 
     def next_version_id(self, env: str, day: str) -> str:
         """The id the next version of ``env`` registered on ``day`` gets."""
-        return self.db.read_point(lambda conn: store.next_version_id(conn, env, day))
+        return self.db.read_point(lambda conn: versions_store.next_version_id(conn, env, day))
 
     def version_list(self, env: str) -> list[VersionInfo]:
         """Versions of an environment, newest first."""
@@ -187,7 +190,9 @@ class Registry(EnginePart):
     async def _save_queue(
         self, env: str, name: str, settings: tuple[bool, int | None, bool]
     ) -> None:
-        await self.db.write(lambda conn: store.save_queue_override(conn, env, name, *settings))
+        await self.db.write(
+            lambda conn: versions_store.save_queue_override(conn, env, name, *settings)
+        )
         self._queue_overrides[(env, name)] = settings
         self.queue.set_paused(env, name, settings[0])
         if settings[2]:

@@ -28,8 +28,8 @@ from ember.daemon.store import waits as waits_store
 
 if TYPE_CHECKING:
     from ember.daemon.model import ActiveRun
+    from ember.daemon.store.blobs import BlobStore
     from ember.daemon.store.db import Database
-    from ember.daemon.store.runs import BlobStore
 
 _json = msgspec.json.Encoder()
 _list_decoder = msgspec.json.Decoder(list[str])
