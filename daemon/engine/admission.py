@@ -24,7 +24,7 @@ from ember._types import (
     TriggerResponse,
 )
 from ember.daemon.engine.actions import Actions
-from ember.daemon.engine.batches import Batches, insert_batch
+from ember.daemon.engine.batches import Batches
 from ember.daemon.engine.context import EngineContext, EnginePart
 from ember.daemon.engine.debounce import Debouncer
 from ember.daemon.engine.dispatch import Dispatch
@@ -36,6 +36,7 @@ from ember.daemon.engine.registry import Registry
 from ember.daemon.model import ActiveRun
 from ember.daemon.store import idempotency as idempotency_store
 from ember.daemon.store import runs as store
+from ember.daemon.store.batches import insert_batch
 
 MAX_TAGS = 10
 MAX_TAG_CHARS = 128

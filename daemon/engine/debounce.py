@@ -26,6 +26,7 @@ from ember._errors import BadRequest, ConfigError
 from ember._types import BatchItem, Debounce, RunStatus, TriggerResponse
 from ember.daemon.model import ActiveRun, Snapshot
 from ember.daemon.store import blobs as blobs_store
+from ember.daemon.store import debounce as debounce_store
 from ember.daemon.store import runs as store
 from ember.daemon.store.blobs import BlobStore
 from ember.daemon.store.db import Database
@@ -122,13 +123,7 @@ class Debouncer:
         if run is not None and run.status is RunStatus.DELAYED:
             return run
         self._runs.pop(key, None)
-        row = self.db.read_point(
-            lambda conn: conn.execute(
-                "SELECT id, debounce_max_at FROM runs WHERE env = ? AND task_id = ?"
-                " AND debounce_key = ? AND status = 'DELAYED'",
-                key,
-            ).fetchone()
-        )
+        row = self.db.read_point(lambda conn: debounce_store.delayed_run(conn, *key))
         if row is None:
             return None
         run = self._held(row[0])
