@@ -66,7 +66,7 @@ class SyncService:
     def __init__(self, daemon: Daemon, targets: tuple[SyncTarget, ...]) -> None:
         self.daemon = daemon
         self.targets = {t.env: t for t in targets}
-        self.db = MirrorDb(daemon.db, daemon.events)
+        self.db = MirrorDb(daemon.db, daemon.events, daemon.clock)
         self.links: dict[str, SyncLink] = {}
 
     def forwards(self, env: str) -> bool:
@@ -148,7 +148,7 @@ async def _enqueue(
 ) -> tuple[str | None, list[TriggerResponse]]:
     for index, item in enumerate(items):
         _check_options(item.options, f"items[{index}]." if batch else "")
-    now = time.time()
+    now = daemon.clock()
     batch_id = new_batch_id() if batch else None
 
     def write(conn: Any) -> tuple[str | None, list[TriggerResponse]]:
@@ -286,7 +286,7 @@ async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
     row = await service.row(env, request.path_params["run_id"])
     if row.summary.status.is_final:
         raise Conflict(409, f"run {row.id} is already {row.summary.status.value}")
-    now = time.time()
+    now = daemon.clock()
     link = service.links[env]
     if row.remote_id is None and row.local_id is not None:
         local_id = row.local_id
@@ -300,7 +300,9 @@ async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
     # Sent, or being sent: the cancel follows it, naming the run by the id shown here (the
     # outbox resolves it to the remote id when it gets there).
     row_id = row.id
-    await daemon.db.write(lambda conn: sync_store.enqueue_action(conn, env, "cancel", row_id, b""))
+    await daemon.db.write(
+        lambda conn: sync_store.enqueue_action(conn, env, "cancel", row_id, b"", now)
+    )
     link.wake()
     return service.run_of(env, row)
 
@@ -334,12 +336,13 @@ async def complete_token(daemon: Daemon, request: Request, env: str) -> Response
     body = await _body(request, limit)
     _decode(body, CompleteTokenRequest)
     token_id = request.path_params["token_id"]
+    now = daemon.clock()
     await daemon.db.write(
-        lambda conn: sync_store.enqueue_action(conn, env, "complete_token", token_id, body)
+        lambda conn: sync_store.enqueue_action(conn, env, "complete_token", token_id, body, now)
     )
     _service(daemon).links[env].wake()
     # Accepted, not done: the remote completes it when the outbox reaches it.
-    info = TokenInfo(id=token_id, env=env, status="WAITING", created_at=store.ts(time.time()))
+    info = TokenInfo(id=token_id, env=env, status="WAITING", created_at=store.ts(now))
     return Response(msgspec.json.encode(info), 202, media_type="application/json")
 
 
@@ -361,7 +364,7 @@ async def read_through(daemon: Daemon, request: Request, env: str) -> Response:
         headers = {"x-ember-as-of": store.ts(fetched_at).isoformat()}
         return Response(body, 200, media_type="application/json", headers=headers)
     body = bytes(raw)
-    now = time.time()
+    now = daemon.clock()
     await daemon.db.write(lambda conn: sync_store.save_answer(conn, env, path, body, now))
     return Response(body, 200, media_type="application/json")
 

@@ -50,7 +50,7 @@ class EngineContext:
         self.events = events
         self.clock = clock
         self.blobs = BlobStore(config.state_dir / "blobs")
-        self.queue = RunQueue()
+        self.queue = RunQueue(clock)
         self.supervisor: Supervisor
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.

@@ -9,7 +9,6 @@ the interface a :class:`ember.sync.SyncLink` talks to.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,11 +91,13 @@ def enqueue_trigger(
     )
 
 
-def enqueue_action(conn: sqlite3.Connection, env: str, kind: str, target: str, body: bytes) -> None:
+def enqueue_action(
+    conn: sqlite3.Connection, env: str, kind: str, target: str, body: bytes, now: float
+) -> None:
     """A cancel or a token completion to send after everything before it."""
     conn.execute(
         "INSERT INTO sync_outbox (env, kind, target, body, created_at) VALUES (?, ?, ?, ?, ?)",
-        (env, kind, target, body, time.time()),
+        (env, kind, target, body, now),
     )
 
 
