@@ -11,10 +11,20 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import Harness, running_daemon
+from conftest import Clock, Harness, running_daemon
 from sync_parts import make_certificates
 
-from ember import BadRequest, Call, Client, ClientSettings, ConfigError, Conflict, Tasks
+from ember import (
+    BadRequest,
+    Call,
+    Client,
+    ClientSettings,
+    ConfigError,
+    Conflict,
+    Runs,
+    Tasks,
+    Wait,
+)
 from ember._bundle_types import BlobProgress, BundleFile, BundleRequest, MissingBlobs
 from ember._types import Event, GapEvent, RunEvent, VersionInfo
 from ember.cli._project import Project
@@ -154,5 +164,25 @@ async def test_bad_input_to_a_forwarded_environment_is_a_clear_4xx(tmp_path: Pat
             handle = await Tasks(prod).trigger("t", {}, idempotency_key="once")
             again = await Tasks(prod).trigger("t", {}, idempotency_key="once")
             assert again.id == handle.id and again.is_cached
+        finally:
+            await prod.aclose()
+
+
+async def test_a_forwarded_environment_keeps_the_daemons_clock(tmp_path: Path) -> None:
+    # A daemon whose clock is a day ahead of the host's, its remote away: what it accepts for
+    # the remote (a run in the outbox, a token completion) is stamped with its clock.
+    clock = Clock()
+    clock.advance(86400)
+    target = SyncTarget(env="prod", profile="prod", url="https://127.0.0.1:9", api_key="k")
+    async with running_daemon(tmp_path / "state", clock=clock, sync=(target,)) as harness:
+        prod = Client(ClientSettings(socket_path=harness.config.api_socket, env="prod"))
+        try:
+            handle = await Tasks(prod).trigger("t", {})
+            run = await Runs(prod).retrieve(handle.id)
+            assert run.sync is not None and run.sync.state == "outbox"
+            assert 0 <= clock() - run.created_at.timestamp() < 60
+            token = await Wait(prod).complete_token("waitpoint_later", {"ok": True})
+            assert token.status == "WAITING"
+            assert 0 <= clock() - token.created_at.timestamp() < 60
         finally:
             await prod.aclose()
