@@ -72,7 +72,9 @@ def receiver() -> Iterator[Receiver]:
 async def test_a_failed_run_alerts_the_webhook_signed_and_once(
     state_dir: Path, receiver: Receiver
 ) -> None:
-    async with running_daemon(state_dir, alert_retry_min_s=0.2) as h:
+    # The retry is 100 s after the refusal by the daemon's clock, which the test moves on.
+    clock = Clock()
+    async with running_daemon(state_dir, clock=clock, alert_retry_min_s=100.0) as h:
         await h.register(TASKS)
         added = await asyncio.to_thread(
             ember_cli,
@@ -94,13 +96,26 @@ async def test_a_failed_run_alerts_the_webhook_signed_and_once(
         assert failed.status is RunStatus.FAILED
         alerts = Alerts(h.client)
 
-        async def delivered() -> bool:
-            found = [d for d in await alerts.deliveries() if d.subject == failed.id]
-            return bool(found) and found[0].status == "DELIVERED"
+        def after(run_id: str, attempts: int, status: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                found = [d for d in await alerts.deliveries() if d.subject == run_id]
+                return bool(found) and (found[0].attempts, found[0].status) == (attempts, status)
 
-        await eventually(delivered, timeout_s=30)
-        await asyncio.sleep(0.5)  # nothing more may arrive
-    (refused, first_headers, first_body), (ok, headers, body) = receiver.requests
+            return check
+
+        await eventually(after(failed.id, 1, "PENDING"))
+        # (Within verify_signature's 300 s tolerance: the retry is signed by this clock.)
+        clock.advance(130)
+        await eventually(after(failed.id, 2, "DELIVERED"), timeout_s=30)
+        # Nothing more may arrive: with the clock past any retry of it, the next alert goes
+        # out, and a second send of the first would have gone out before it.
+        clock.advance(1300)
+        again = await h.run("boom", {})
+        await eventually(after(again.id, 1, "DELIVERED"), timeout_s=30)
+    (refused, first_headers, first_body), (ok, headers, body), (_, next_headers, _) = (
+        receiver.requests
+    )
+    assert next_headers["x-ember-delivery"] != headers["x-ember-delivery"]
     assert (refused, ok) == (503, 200), "the first attempt was refused and retried"
     assert first_body == body and first_headers["x-ember-delivery"] == headers["x-ember-delivery"]
     assert verify_signature(secret, body, headers["x-ember-signature"])
