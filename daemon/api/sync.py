@@ -299,10 +299,7 @@ async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
             return service.run_of(env, await service.row(env, row.id))
     # Sent, or being sent: the cancel follows it, naming the run by the id shown here (the
     # outbox resolves it to the remote id when it gets there).
-    row_id = row.id
-    await daemon.db.write(
-        lambda conn: sync_store.enqueue_action(conn, env, "cancel", row_id, b"", now)
-    )
+    await daemon.db.write(lambda c: sync_store.enqueue_action(c, env, "cancel", row.id, b"", now))
     link.wake()
     return service.run_of(env, row)
 
