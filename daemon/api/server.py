@@ -181,6 +181,8 @@ class Daemon:
         await self.scheduler.start()
         if self.config.sync:
             self.sync = SyncService(self, self.config.sync)
+            # Known before the API serves: a request for one never finds it missing (a 500).
+            await self.sync.db.add_envs(self.config.sync)
         await self._serve_api()
         if self.sync is not None:
             await self.sync.start()

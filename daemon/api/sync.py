@@ -11,7 +11,6 @@ marked with how fresh it is); cancel, replay and token completion go through the
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -74,12 +73,11 @@ class SyncService:
         return env in self.targets
 
     async def start(self) -> None:
-        """Start a link per forwarded environment (what the outbox holds goes out first)."""
+        """Start a link per forwarded environment (what the outbox holds goes out first); the
+        daemon added the environments to the mirror before its API served them."""
         from ember.sync._link import SyncLink
 
         for env, target in self.targets.items():
-            _, _, contact_at = await self.daemon.db.read(partial(sync_store.cursor, env=env))
-            self.db.add_env(env, target.profile, target.url, contact_at)
             settings = ClientSettings(
                 socket_path=self.daemon.config.api_socket,
                 url=target.url,

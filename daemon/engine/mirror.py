@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ember._types import LogLine, Run, RunEvent, RunSummary, SyncMark
+from ember.daemon.config import SyncTarget
 from ember.daemon.engine.events import EventHub
 from ember.daemon.store import runs as store
 from ember.daemon.store import sync as sync_store
@@ -49,9 +51,13 @@ class MirrorDb:
         self.clock = clock
         self.envs: dict[str, _EnvState] = {}
 
-    def add_env(self, env: str, profile: str, url: str, contact_at: float | None) -> None:
-        """Serve an environment forwarded to a profile."""
-        self.envs[env] = _EnvState(profile, url, contact_at=contact_at, saved_contact_at=contact_at)
+    async def add_envs(self, targets: Sequence[SyncTarget]) -> None:
+        """Serve the environments forwarded to these profiles, each with its last contact."""
+        for target in targets:
+            _, _, at = await self.db.read(functools.partial(sync_store.cursor, env=target.env))
+            self.envs[target.env] = _EnvState(
+                target.profile, target.url, contact_at=at, saved_contact_at=at
+            )
 
     def mark(self, env: str, row: MirrorRow) -> SyncMark:
         """How fresh a row is, for showing it."""
