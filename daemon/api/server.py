@@ -25,8 +25,8 @@ import uvicorn
 from ember._admin_types import CreatedKey
 from ember._errors import ConfigError
 from ember._types import VersionInfo
+from ember.daemon.api.app import build_app, hash_key
 from ember.daemon.api.limits import ConnectionGate, fit_tcp_cap, guarded_protocol, raise_fd_limit
-from ember.daemon.api.routes import build_app, hash_key
 from ember.daemon.api.sockets import answers, listen_unix, start_server, tcp_socket
 from ember.daemon.api.sync import SyncService
 from ember.daemon.api.tls import check_tls

@@ -38,7 +38,7 @@ from ember._types import (
     TriggerRequest,
     TriggerResponse,
 )
-from ember.daemon.api.routing import RouteSpec, over_tcp
+from ember.daemon.api.routing import BODY_OVERHEAD, RouteSpec, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
 from ember.daemon.config import SyncTarget
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 
 _answer_encoder = msgspec.msgpack.Encoder()
 _answer_decoder = msgspec.msgpack.Decoder(tuple[str | None, list[TriggerResponse]])
-_BODY_OVERHEAD = 300 * 1024
 REQUEST_KEY_TTL_S = 600.0
 
 
@@ -201,7 +200,7 @@ def _request_key(request: Request) -> str | None:
 
 
 async def trigger(daemon: Daemon, request: Request, env: str) -> TriggerResponse:
-    body = await _body(request, daemon.config.max_payload_bytes + _BODY_OVERHEAD)
+    body = await _body(request, daemon.config.max_payload_bytes + BODY_OVERHEAD)
     req: TriggerRequest = _decode(body, TriggerRequest)
     item = BatchItem(task=request.path_params["task_id"], payload=req.payload, options=req.options)
     _, responses = await _enqueue(daemon, env, [item], _request_key(request), batch=False)
@@ -209,7 +208,7 @@ async def trigger(daemon: Daemon, request: Request, env: str) -> TriggerResponse
 
 
 async def batch_trigger(daemon: Daemon, request: Request, env: str) -> BatchTriggerResponse:
-    limit = 1000 * (daemon.config.max_payload_bytes + _BODY_OVERHEAD)
+    limit = 1000 * (daemon.config.max_payload_bytes + BODY_OVERHEAD)
     req: BatchTriggerRequest = _decode(await _body(request, limit), BatchTriggerRequest)
     if not 1 <= len(req.items) <= 1000:
         raise BadRequest(400, f"items: a batch holds 1 to 1000 runs, got {len(req.items)}")
@@ -327,7 +326,7 @@ async def replay_run(daemon: Daemon, request: Request, env: str) -> TriggerRespo
 
 
 async def complete_token(daemon: Daemon, request: Request, env: str) -> Response:
-    limit = daemon.config.max_output_bytes + _BODY_OVERHEAD
+    limit = daemon.config.max_output_bytes + BODY_OVERHEAD
     body = await _body(request, limit)
     _decode(body, CompleteTokenRequest)
     token_id = request.path_params["token_id"]
