@@ -10,7 +10,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ember._config import ClientSettings, client_socket_path, default_socket_path, env_var
+from ember._config import (
+    ClientSettings,
+    client_socket_path,
+    default_socket_path,
+    env_var,
+    otlp_settings,
+)
 from ember._duration import parse_duration_s
 from ember._errors import ConfigError
 from ember.cli._project import Project
@@ -50,6 +56,8 @@ _DAEMON_KEYS = {
     "log_max_bytes": int,
     "log_backups": int,
     "public_url": str,
+    "tracing": bool,
+    "otlp_endpoint": str,
 }
 _AT_LEAST_ONE = (
     "max_concurrent_runs",
@@ -84,6 +92,8 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
                 raise ConfigError(f"[tool.ember] has an unknown key {key!r}; known keys: {known}")
             if key == "socket_mode" and isinstance(raw, int):
                 raw = oct(raw)  # (a TOML integer 0o660 arrives as 432)
+            if kind is bool and not isinstance(raw, bool):
+                raise ConfigError(f"[tool.ember] {key} = {raw!r} is not true or false")
             try:
                 value = kind(raw)
             except (TypeError, ValueError):
@@ -97,6 +107,11 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
         values["state_dir"] = Path(explicit)
     if env_var("EMBER_SOCKET"):
         values["socket_path"] = default_socket_path()
+    endpoint, headers = otlp_settings()
+    if endpoint is not None:
+        values["otlp_endpoint"] = endpoint
+    if headers:
+        values["otlp_headers"] = headers
     for spec in flags.pop("sync", None) or ():
         env, _, profile = spec.rpartition("=")
         forwarded[env or _profile_env(profile)] = profile

@@ -16,6 +16,7 @@ from ember._bulk import BulkActions
 from ember._client import Call, Client, default_client, request_key
 from ember._hooks import GlobalHookRegistry
 from ember._task import RunHandle, TriggerKwargs, _wire_delay, json_default, trigger_options
+from ember._trace_types import RunTrace
 from ember._types import (
     LogPage,
     ReplayRequest,
@@ -154,6 +155,9 @@ class Runs:
     def _logs(self, run_id: str) -> Call[LogPage]:
         return Call("GET", f"/api/v1/runs/{run_id}/logs", LogPage)
 
+    def _trace(self, run_id: str) -> Call[RunTrace]:
+        return Call("GET", f"/api/v1/runs/{run_id}/trace", RunTrace)
+
     # -- async --------------------------------------------------------------------------
 
     async def retrieve(self, run_id: str) -> Run:
@@ -219,6 +223,10 @@ class Runs:
         """Return the lines a run logged, oldest first."""
         return await self.client.request(self._logs(run_id))
 
+    async def trace(self, run_id: str) -> RunTrace:
+        """Return the run's OpenTelemetry spans: the run's own first, then by start time."""
+        return await self.client.request(self._trace(run_id))
+
     # -- blocking twins -----------------------------------------------------------------
 
     def retrieve_sync(self, run_id: str) -> Run:
@@ -264,6 +272,10 @@ class Runs:
     def logs_sync(self, run_id: str) -> LogPage:
         """Blocking twin of :meth:`logs`."""
         return self.client.request_sync(self._logs(run_id))
+
+    def trace_sync(self, run_id: str) -> RunTrace:
+        """Blocking twin of :meth:`trace`."""
+        return self.client.request_sync(self._trace(run_id))
 
 
 class Tasks(GlobalHookRegistry):

@@ -71,6 +71,7 @@ from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, check_run_env, int_p
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
 from ember.daemon.api.sync import FORWARDED, SYNC_ROUTES
+from ember.daemon.api.traces import TRACE_ROUTES
 from ember.daemon.engine.environments import check_env_name
 from ember.daemon.store import runs as store
 
@@ -597,6 +598,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     *BULK_ROUTES,
     *CALLBACK_ROUTES,
     *ALERT_ROUTES,
+    *TRACE_ROUTES,
     *SYNC_ROUTES,
     *BUNDLE_ROUTES,
 )

@@ -31,6 +31,7 @@ from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
 from ember._task import Task, json_default
 from ember._types import RunError
 from ember.daemon.child import lifeline as _lifeline
+from ember.daemon.child import tracing
 from ember.daemon.child.attempt import Attempt, attempt_locals
 from ember.daemon.child.lifeline import ProcessIdentity
 from ember.daemon.procs.protocol import (
@@ -248,6 +249,7 @@ class _RunRuntime:
                 "a wait must take the same path every time (move clocks, randomness and "
                 "external reads into child tasks)"
             )
+        tracing.set_wait_attributes(**{"ember.wait.replayed": True})
         return bytes(entry.result)
 
     async def replayed(self, seq: int, kind: str) -> None:
@@ -281,11 +283,16 @@ class _RunRuntime:
             task_ids=task_ids or [],
         )
         self._waiters[key] = (future, asked)
+        tracing.flush()  # what ended before the wait reaches the daemon before the process may go
         self._channel.send(asked)
+        checkpoints = tracing.checkpoints()
         try:
             result = await future
         finally:
             self._waiters.pop(key, None)
+        # The wait's span (the SDK's) says how it was held: a checkpoint, or this process.
+        held = "criu" if tracing.checkpoints() > checkpoints else "process"
+        tracing.set_wait_attributes(**{"ember.wait.held": held})
         if self.attempt is not None:
             await self.attempt.wait_over(info)
         return result
@@ -299,6 +306,7 @@ class _RunRuntime:
         message = cut(message, MAX_LOG_LINE_BYTES)
         if len(encoded) > MAX_LOG_LINE_BYTES:
             encoded = _json.encode({"truncated": f"… [truncated {len(encoded)} bytes]"})
+        tracing.log_event(level, message, attrs)
         self._channel.send(
             Log(
                 run_id=self._context.run_id,
@@ -456,6 +464,7 @@ class RunProcess:
     async def serve(self, socket_path: str, worker_id: int, token: str) -> None:
         loop = asyncio.get_running_loop()
         self._link.bind(loop)
+        tracing.bind(self._link.send, loop)
         self._ended = loop.create_future()
         # The daemon cancels with SIGTERM; on_cancel hooks run, then the attempt stops.
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
@@ -465,6 +474,7 @@ class RunProcess:
         finally:
             if self._current is not None:
                 self._current.cancel()
+            tracing.flush()  # a recycled, evicted or stopped process sends its last spans
             if self._link.channel is not None and self._link.channel.transport is not None:
                 self._link.channel.transport.close()
             _lifeline.kill_descendants()
@@ -590,6 +600,8 @@ class RunProcess:
 
         loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
         parent = host_ppid()
+        tracing.note_checkpoint()
+        tracing.flush()  # no span may stay behind in a buffer that an image might never bring back
         channel = self._link.channel
         assert channel is not None
         assert channel.transport is not None
@@ -625,7 +637,9 @@ class RunProcess:
         )
         done: Done
         try:
-            done = await self._call(message, context, runtime)
+            with tracing.attempt_span(context, message.traceparent) as span:
+                done = await self._call(message, context, runtime)
+                tracing.end_attempt(span, done.ok, done.error.message if done.error else None)
         finally:
             self._attempt = self._run_context = None
             self._beat.cancel()
@@ -653,6 +667,7 @@ class RunProcess:
             peak_rss = after.ru_maxrss * 1024  # KiB on Linux
         else:
             peak_rss = max(rss_before, self._memory.rss())
+        tracing.flush()  # the attempt's spans are recorded before its end
         self._link.send(
             msgspec.structs.replace(
                 done, cpu_s=_cpu_s(after) - _cpu_s(before), peak_rss_bytes=peak_rss

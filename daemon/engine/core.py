@@ -53,12 +53,14 @@ from ember.daemon.engine.ids import new_batch_id, new_run_id
 from ember.daemon.engine.payloads import check_payload
 from ember.daemon.engine.queue import RunQueue
 from ember.daemon.engine.ratelimit import RateSpec
+from ember.daemon.engine.traces import SpanIngest, check_traceparent
 from ember.daemon.engine.waits import NonDeterministic, Waitpoints
 from ember.daemon.model import ActiveRun, Hold, WaitRecord, Worker
-from ember.daemon.procs.protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Wait
+from ember.daemon.procs.protocol import Done, Evict, Execute, Heartbeat, Log, Resume, Spans, Wait
 from ember.daemon.store import runs as store
 from ember.daemon.store.db import Database
 from ember.daemon.store.runs import BlobStore
+from ember.daemon.store.traces import execute_traceparent
 
 if TYPE_CHECKING:
     from ember.daemon.procs.checkpoint import Checkpointer
@@ -147,6 +149,7 @@ class Engine:
         self.callbacks = TokenCallbacks(config)
         self.debounced = Debouncer(self.db, self.blobs, self._held, self._delay_moved)
         self.alerts = Alerts(self)
+        self.traces = SpanIngest(db)
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.
         self.strategy = "replay" if config.checkpoint == "replay" else "park"
@@ -613,6 +616,7 @@ class Engine:
             root_run_id=self._root_of(options.parent_run_id),
             batch_id=batch_id,
             idempotency_key=options.idempotency_key,
+            traceparent=field("traceparent", lambda: check_traceparent(options.traceparent)),
         )
         if options.debounce is not None:
             self.debounced.prepare(run, options.debounce, now)
@@ -1031,6 +1035,7 @@ class Engine:
                 last_attempt=run.attempt - run.interruptions >= run.max_attempts,
                 retry_delay_s=retry_delay_s(run.retry, run.attempt - run.interruptions),
                 resumed_seq=resumed_seq,
+                traceparent=execute_traceparent(run.id, run.traceparent),
             )
         )
         self._publish(run)
@@ -1055,11 +1060,16 @@ class Engine:
         else:
             self.supervisor.make_idle(worker)
 
-    def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Wait | Done) -> None:
+    def on_worker_message(
+        self, worker: Worker, message: Log | Spans | Heartbeat | Wait | Done
+    ) -> None:
         """Handle a frame from a run process."""
         run = worker.run
         if run is not None and self.checkpointer is not None:
             self.checkpointer.reported(worker)  # its run resumed here: its image can go
+        if isinstance(message, Spans):
+            self.traces.ingest(message)  # (also a late batch: the spans are the run's anyway)
+            return
         if isinstance(message, Log):
             logged = run if run is not None else worker.canceled
             if logged is not None and logged.id == message.run_id:
@@ -1538,6 +1548,7 @@ class Engine:
         blobs = self.blobs
         alert = status in _ALERT_STATUSES and self.alerts.wants(run.env, "run.failed")
         alert_data = _failed_run(run, status, error) if alert else {}
+        self.traces.run_final(run, status, now, error)
 
         def write(conn: sqlite3.Connection) -> None:
             if attempt_status is not None and number:

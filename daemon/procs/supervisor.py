@@ -44,6 +44,7 @@ from ember.daemon.procs.protocol import (
     Indexed,
     Log,
     Shutdown,
+    Spans,
     Wait,
     encode,
 )
@@ -99,7 +100,9 @@ class SupervisorEngine(Protocol):
         """A process reconnected after a checkpoint."""
         ...
 
-    def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Wait | Done) -> None:
+    def on_worker_message(
+        self, worker: Worker, message: Log | Spans | Heartbeat | Wait | Done
+    ) -> None:
         """A frame from a run process."""
         ...
 
@@ -163,7 +166,7 @@ class _WorkerProtocol(asyncio.Protocol):
                 self.worker = self._supervisor._on_hello(message, self._transport)
                 if self.worker is None:
                     return
-            elif isinstance(message, Log | Heartbeat | Wait | Done):
+            elif isinstance(message, Log | Spans | Heartbeat | Wait | Done):
                 engine.on_worker_message(self.worker, message)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -314,6 +317,7 @@ class Supervisor:
                     "--lock",
                     str(self._processes_lock),
                     *(["--pidns"] if self.pidns else []),
+                    *([] if self.config.tracing else ["--no-tracing"]),
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,

@@ -156,8 +156,8 @@ def insert_run(
         " pinned_version, tags, metadata, max_attempts, retry, delay_until, expires_at, ttl_s,"
         " idempotency_key, idempotency_slot, idempotency_expires_at, queue, concurrency_key,"
         " priority, max_duration_s, machine, parent_run_id, root_run_id, batch_id, replayed_from,"
-        " batch_index, debounce_key, debounce_max_at)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " batch_index, debounce_key, debounce_max_at, traceparent)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             run.id,
             run.env,
@@ -190,6 +190,7 @@ def insert_run(
             run.batch_index,
             run.debounce_key,
             run.debounce_max_at,
+            run.traceparent,
         ),
     )
     if run.tags:
@@ -647,7 +648,7 @@ _ACTIVE_COLUMNS = (
     "id, env, task_id, status, queue, created_at, max_attempts, retry, concurrency_key, priority,"
     " tags, metadata, max_duration_s, delay_until, ready_at, expires_at, version, pinned_version,"
     " attempt_count, interruptions, parent_run_id, root_run_id, batch_id, replayed_from,"
-    " started_at, idempotency_key, generation, hold, executing_s"
+    " started_at, idempotency_key, generation, hold, executing_s, traceparent"
 )
 
 
@@ -725,6 +726,7 @@ def _active_run(r: Sequence[Any]) -> ActiveRun:
         generation=r[26],
         hold=Hold(r[27]) if r[27] is not None else None,
         executing_s=r[28],
+        traceparent=r[29],
     )
 
 
