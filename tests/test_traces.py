@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +18,8 @@ from ember import Runs, RunStatus, Tasks, Wait
 from ember._client import Call
 from ember._trace_types import RunTrace, Span
 from ember._types import TriggerResponse
+from ember.daemon import DaemonConfig
+from ember.daemon.procs.checkpoint import detect
 
 TASKS = {
     "tasks/__init__.py": "",
@@ -44,6 +47,15 @@ TASKS = {
                     pass
             return {"child": child.output, "token": result.output}
 
+        @task(id="held")
+        async def held(payload: dict) -> str:
+            with logger.trace("before"):
+                pass
+            await wait.for_(seconds=payload["s"])
+            with logger.trace("after"):
+                pass
+            return "done"
+
         @task(id="emit-then-hang")
         async def emit_then_hang(payload: dict) -> None:
             with logger.trace("before-the-kill"):
@@ -62,6 +74,10 @@ async def h(state_dir: Path) -> AsyncIterator[Harness]:
         info = await harness.register(TASKS)
         assert info.status == "READY", info.error
         yield harness
+
+
+with tempfile.TemporaryDirectory() as _state:
+    CRIU = detect(DaemonConfig(state_dir=Path(_state)))
 
 
 def _by_name(trace: RunTrace) -> dict[str, Span]:
@@ -123,6 +139,44 @@ async def _token_waited(h: Harness, token_id: str, run_id: str) -> bool:
     return run_id in (await Wait(h.client).retrieve_token(token_id)).waiting_runs
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        pytest.param(
+            "criu",
+            marks=[
+                pytest.mark.criu,
+                pytest.mark.skipif(not CRIU.ok, reason=f"no working CRIU: {CRIU.reason}"),
+            ],
+        ),
+        "replay",
+    ],
+)
+async def test_spans_survive_a_checkpoint_and_a_replay(state_dir: Path, strategy: str) -> None:
+    async with running_daemon(state_dir, checkpoint=strategy, wait_park_threshold_s=0.1) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        run = await h.run("held", {"s": 1.0})
+        assert run.status is RunStatus.COMPLETED, run.error
+        trace = await Runs(h.client).trace(run.id)
+    names = [s.name for s in trace.spans]
+    waits = [s for s in trace.spans if s.name == "wait.for_"]
+    if strategy == "criu":
+        # One process, dumped and restored: every span once, the wait held by the checkpoint.
+        assert sorted(names) == sorted(["held", "Attempt 1", "before", "wait.for_", "after"])
+        assert waits[0].attributes["ember.wait.held"] == "criu"
+        assert waits[0].duration_ms is not None and waits[0].duration_ms >= 1000
+    else:
+        # The process that waited exits and a new one re-executes from the journal: the code
+        # before the wait ran twice, the second time its wait answered from the journal.
+        assert names.count("Attempt 1") == 2 and names.count("before") == 2
+        assert names.count("after") == 1 and len(waits) == 2
+        assert [w.attributes.get("ember.wait.replayed", False) for w in waits] == [False, True]
+    attempts = {s.span_id for s in trace.spans if s.name == "Attempt 1"}
+    for span in trace.spans:
+        if span.name in ("before", "wait.for_", "after"):
+            assert span.parent_id in attempts, span.name
+
+
 async def test_spans_survive_a_kill_9_of_their_process(h: Harness, tmp_path: Path) -> None:
     flag = tmp_path / "pid"
     handle = await Tasks(h.client).trigger("emit-then-hang", {"flag": str(flag)}, max_attempts=1)
@@ -132,8 +186,13 @@ async def test_spans_survive_a_kill_9_of_their_process(h: Harness, tmp_path: Pat
     os.kill(worker.pid, signal.SIGKILL)
     final = await h.wait(handle.id)
     assert final.status in {RunStatus.CRASHED, RunStatus.FAILED, RunStatus.SYSTEM_FAILURE}
-    names = [s.name for s in (await Runs(h.client).trace(handle.id)).spans]
-    assert "before-the-kill" in names
+    spans = _by_name(await Runs(h.client).trace(handle.id))
+    # The attempt's span was sent open when it started: its spans hang under it, and it
+    # ends, failed, with the run.
+    attempt = spans["Attempt 1"]
+    assert spans["before-the-kill"].parent_id == attempt.span_id
+    assert attempt.status == "ERROR" and attempt.end_ns is not None
+    assert "process ended" in (attempt.status_message or "")
 
 
 async def test_a_callers_traceparent_is_the_runs_parent(h: Harness) -> None:

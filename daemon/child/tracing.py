@@ -54,7 +54,10 @@ class ChannelSpanProcessor(SpanProcessor):
         self._loop_thread = threading.get_ident()
 
     def on_end(self, span: ReadableSpan) -> None:
-        record = to_record(span)
+        self.add(to_record(span))
+
+    def add(self, record: SpanRecord) -> None:
+        """Buffer a span record; the first of a batch schedules its flush."""
         with self._lock:
             self._buffer.append(record)
             first = len(self._buffer) == 1
@@ -176,6 +179,10 @@ def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
     if context.tags:
         attributes["ctx.run.tags"] = list(context.tags)
     span = tracer.start_span(f"Attempt {context.attempt}", context=parent, attributes=attributes)
+    if isinstance(span, ReadableSpan):
+        # Sent open too (end 0): the trace shows the attempt while it runs, and a process
+        # killed mid-attempt leaves the span its other spans hang under.
+        _processor.add(to_record(span))
     token = otel_context.attach(trace.set_span_in_context(span))
     try:
         yield span

@@ -128,7 +128,8 @@ class OtlpExporter:
     def spans(self, rows: list[SpanRow]) -> None:
         """Queue spans a run process sent."""
         for row in rows:
-            self._put(span_of_row(row[1:]))
+            if row[7]:  # (an open span is sent again when it ends)
+                self._put(span_of_row(row[1:]))
 
     def run_ended(self, span: Span) -> None:
         """Queue a run's own span."""

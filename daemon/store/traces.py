@@ -58,9 +58,9 @@ SpanRow = tuple[str, str, str, str, str, int, int, int, int, str, bytes, bytes]
 
 
 def insert_spans(conn: sqlite3.Connection, rows: Iterable[SpanRow]) -> None:
-    """Record spans of runs (a span sent twice, after a reconnect, is kept once)."""
+    """Record spans of runs; a span sent again (ended after it was sent open) replaces it."""
     conn.executemany(
-        "INSERT OR IGNORE INTO spans (run_id, span_id, trace_id, parent_id, name, kind, start_ns,"
+        "INSERT OR REPLACE INTO spans (run_id, span_id, trace_id, parent_id, name, kind, start_ns,"
         " end_ns, status, status_message, attrs, events) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         rows,
     )
@@ -79,7 +79,7 @@ def span_of_row(row: Sequence[Any]) -> Span:
         name=row[3],
         kind=row[4],
         start_ns=row[5],
-        end_ns=row[6],
+        end_ns=row[6] or None,  # 0: sent open, not ended (yet)
         status=_STATUS.get(row[7], "UNSET"),
         status_message=row[8] or None,
         attributes=_attrs_decoder.decode(row[9]),
@@ -149,7 +149,7 @@ def get_trace(conn: sqlite3.Connection, run_id: str) -> RunTrace | None:
         traceparent=row[7],
     )
     spans = [
-        span_of_row(r)
+        _closed(span_of_row(r), root.end_ns)
         for r in conn.execute(
             "SELECT span_id, trace_id, parent_id, name, kind, start_ns, end_ns, status,"
             " status_message, attrs, events FROM spans WHERE run_id = ? ORDER BY start_ns",
@@ -157,6 +157,18 @@ def get_trace(conn: sqlite3.Connection, run_id: str) -> RunTrace | None:
         )
     ]
     return RunTrace(run_id=run_id, trace_id=root.trace_id, spans=[root, *spans])
+
+
+def _closed(span: Span, run_end_ns: int | None) -> Span:
+    """A span left open by a process that died, ended where its run ended."""
+    if span.end_ns is not None or run_end_ns is None:
+        return span
+    return msgspec.structs.replace(
+        span,
+        end_ns=max(run_end_ns, span.start_ns),
+        status="ERROR",
+        status_message="its process ended before the span did (killed, or crashed)",
+    )
 
 
 def delete_spans(conn: sqlite3.Connection, ids: list[str]) -> int:
