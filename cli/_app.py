@@ -304,6 +304,25 @@ def runs_logs(
     _one_run(run_id, env, profile, "logs", as_json)
 
 
+@runs_app.command("trace")
+def runs_trace(
+    run_id: str, env: EnvOption = None, profile: ProfileOption = None, as_json: JsonFlag = False
+) -> None:
+    """Print a run's OpenTelemetry spans as a tree, with offsets and durations."""
+    from ember.cli._trace import print_trace
+
+    client = _client(env, profile)
+
+    async def go() -> None:
+        trace = await Runs(client).trace(run_id)
+        if as_json:
+            _print_json(trace)
+        else:
+            print_trace(trace)
+
+    _run_async(go())
+
+
 @runs_app.command("cancel")
 def runs_cancel(
     run_id: str, env: EnvOption = None, profile: ProfileOption = None, as_json: JsonFlag = False

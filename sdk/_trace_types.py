@@ -57,3 +57,26 @@ class RunTrace(Struct, frozen=True, kw_only=True):
     run_id: str
     trace_id: str
     spans: list[Span]
+
+    def tree(self) -> list[tuple[int, Span]]:
+        """The spans depth first, each with its depth; children in start order.
+
+        A span whose parent is not in the trace (a parent in the caller's application)
+        hangs under the run's span, so every span is shown once.
+        """
+        if not self.spans:
+            return []
+        root = self.spans[0]
+        known = {s.span_id for s in self.spans}
+        children: dict[str, list[Span]] = {}
+        for span in self.spans[1:]:
+            parent = span.parent_id if span.parent_id in known else root.span_id
+            children.setdefault(parent or root.span_id, []).append(span)
+        out: list[tuple[int, Span]] = []
+        stack = [(0, root)]
+        while stack:
+            depth, span = stack.pop()
+            out.append((depth, span))
+            below = sorted(children.get(span.span_id, ()), key=lambda s: s.start_ns)
+            stack.extend((depth + 1, s) for s in reversed(below))
+        return out

@@ -3,6 +3,7 @@ spans that outlive their process, a caller's traceparent, retention."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import Harness, eventually, http_server, running_daemon
+from conftest import Harness, ember_cli, eventually, http_server, running_daemon
 
 from ember import Runs, RunStatus, Tasks, Wait
 from ember._client import Call
@@ -133,6 +134,16 @@ async def test_a_run_with_a_child_a_wait_and_a_token_makes_the_span_tree(h: Harn
     assert child.trace_id == trace.trace_id
     assert child.spans[0].parent_id == spans["trigger"].span_id
     assert [e.name for e in _by_name(child)["Attempt 1"].events] == ["leaf working"]
+
+    # `ember runs trace` prints the same tree, in start order, with what each wait held.
+    printed = await asyncio.to_thread(ember_cli, h, "runs", "trace", run.id)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert lines[0] == f"trace {trace.trace_id}"
+    labels = [line.split("  +")[0].rstrip() for line in lines[1:]]
+    assert labels[:4] == ["tree", "└ Attempt 1", "  └ trigger_and_wait", "    └ trigger"]
+    assert labels[4:] == ["  └ wait.for_", "  └ wait.for_token", "  └ compute", "    └ raw-otel"]
+    assert "held=process" in lines[5] and f"id={child_id}" in lines[3]
 
 
 async def _token_waited(h: Harness, token_id: str, run_id: str) -> bool:
