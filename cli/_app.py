@@ -120,6 +120,13 @@ def daemon(
     log_format: Annotated[
         str, typer.Option(help="auto (journal under journald, else text), text, journal, json.")
     ] = "auto",
+    tracing: Annotated[
+        bool | None,
+        typer.Option("--tracing/--no-tracing", help="Record OpenTelemetry spans of runs."),
+    ] = None,
+    otlp_endpoint: Annotated[
+        str | None, typer.Option(help="Export spans with OTLP/HTTP to this traces URL.")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     from ember._config import SystemdEnv
@@ -146,6 +153,8 @@ def daemon(
             socket_group=socket_group,
             retention=retention,
             min_free_bytes=min_free_bytes,
+            tracing=tracing,
+            otlp_endpoint=otlp_endpoint,
             systemd=SystemdEnv.from_env(),
         )
     except EmberError as exc:

@@ -175,7 +175,8 @@ async def test_spans_survive_a_checkpoint_and_a_replay(state_dir: Path, strategy
         # One process, dumped and restored: every span once, the wait held by the checkpoint.
         assert sorted(names) == sorted(["held", "Attempt 1", "before", "wait.for_", "after"])
         assert waits[0].attributes["ember.wait.held"] == "criu"
-        assert waits[0].duration_ms is not None and waits[0].duration_ms >= 1000
+        # (timers may fire a few ms before their deadline)
+        assert waits[0].duration_ms is not None and waits[0].duration_ms >= 950
     else:
         # The process that waited exits and a new one re-executes from the journal: the code
         # before the wait ran twice, the second time its wait answered from the journal.

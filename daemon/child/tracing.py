@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,13 +26,12 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ember._runtime import Context
 from ember.daemon.procs.protocol import Message, SpanRecord, Spans
 
 _json = msgspec.json.Encoder()
-_propagator = TraceContextTextMapPropagator()
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 # Attribute values OTel accepts, kept as they are; anything else is sent as its repr.
 _PLAIN = (str, bool, int, float)
 
@@ -72,6 +72,9 @@ class ChannelSpanProcessor(SpanProcessor):
         """Send the buffered spans now, as one frame."""
         with self._lock:
             spans, self._buffer = self._buffer, []
+        if len(spans) > 1 and not spans[0].end_ns:
+            # An attempt that began and ended within the batch: its open record is moot.
+            spans = list({s.span_id: s for s in spans}.values())
         if spans and self._send is not None and self.run_id:
             self._send(Spans(run_id=self.run_id, spans=spans))
 
@@ -84,11 +87,12 @@ class ChannelSpanProcessor(SpanProcessor):
 
 
 _processor: ChannelSpanProcessor | None = None
+_tracer: trace.Tracer | None = None  # (get_tracer builds a new tracer each call: ~100 µs)
 
 
 def install(enabled: bool) -> None:
     """In the zygote, before any fork: make the channel's provider OTel's global one."""
-    global _processor
+    global _processor, _tracer
     if not enabled:
         return
     provider = TracerProvider(
@@ -99,6 +103,7 @@ def install(enabled: bool) -> None:
     _processor = ChannelSpanProcessor()
     provider.add_span_processor(_processor)
     trace.set_tracer_provider(provider)
+    _tracer = provider.get_tracer("ember")
 
 
 def bind(send: Callable[[Message], None], loop: asyncio.AbstractEventLoop) -> None:
@@ -123,8 +128,11 @@ def to_record(span: ReadableSpan) -> SpanRecord:
     ctx = span.get_span_context()
     assert ctx is not None
     parent = span.parent
+    # OTel keeps only plain values (str, bool, int, float, tuples of them), which msgspec
+    # encodes as they are.
     events = [
-        {"name": e.name, "time_ns": e.timestamp, "attrs": _plain(e.attributes)} for e in span.events
+        {"name": e.name, "time_ns": e.timestamp, "attrs": dict(e.attributes or {})}
+        for e in span.events
     ]
     return SpanRecord(
         trace_id=f"{ctx.trace_id:032x}",
@@ -136,7 +144,7 @@ def to_record(span: ReadableSpan) -> SpanRecord:
         end_ns=span.end_time or 0,
         status=span.status.status_code.value,
         status_message=span.status.description or "",
-        attrs=_json.encode(_plain(span.attributes)),
+        attrs=_json.encode(dict(span.attributes or {})),
         events=_json.encode(events) if events else b"[]",
     )
 
@@ -163,12 +171,16 @@ def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
     Spans end whatever way the attempt leaves (an eviction or a cancel raises through here),
     and are flushed before the attempt's ``Done`` is sent.
     """
-    if _processor is None or not traceparent:
+    if _processor is None or _tracer is None or not traceparent:
         yield None
         return
     _processor.run_id = context.run_id
-    parent = _propagator.extract({"traceparent": traceparent})
-    tracer = trace.get_tracer("ember")
+    _, trace_hex, parent_hex, _ = traceparent.split("-")
+    parent = trace.set_span_in_context(
+        trace.NonRecordingSpan(
+            trace.SpanContext(int(trace_hex, 16), int(parent_hex, 16), True, _SAMPLED)
+        )
+    )
     attributes: dict[str, Any] = {
         "ctx.run.id": context.run_id,
         "ctx.task.id": context.task_id,
@@ -178,11 +190,21 @@ def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
     }
     if context.tags:
         attributes["ctx.run.tags"] = list(context.tags)
-    span = tracer.start_span(f"Attempt {context.attempt}", context=parent, attributes=attributes)
-    if isinstance(span, ReadableSpan):
-        # Sent open too (end 0): the trace shows the attempt while it runs, and a process
-        # killed mid-attempt leaves the span its other spans hang under.
-        _processor.add(to_record(span))
+    name = f"Attempt {context.attempt}"
+    span = _tracer.start_span(name, context=parent, attributes=attributes)
+    # Sent open too (end 0): the trace shows the attempt while it runs, and a process killed
+    # mid-attempt leaves the span its others hang under.
+    _processor.add(
+        SpanRecord(
+            trace_id=trace_hex,
+            span_id=f"{span.get_span_context().span_id:016x}",
+            parent_id=parent_hex,
+            name=name,
+            start_ns=getattr(span, "start_time", None) or time.time_ns(),
+            end_ns=0,
+            attrs=_json.encode(attributes),
+        )
+    )
     token = otel_context.attach(trace.set_span_in_context(span))
     try:
         yield span

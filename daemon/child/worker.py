@@ -319,6 +319,24 @@ class _RunRuntime:
         )
 
 
+async def _hang_up(channel: _Channel, timeout_s: float = 1.0) -> None:
+    """Close the channel so that the daemon reads every frame sent before.
+
+    A Unix socket closed while frames from its peer wait unread in it (a ``Shutdown`` sent
+    just after an ``Evict``) resets the connection, and the peer loses what it had not read
+    yet: the process's last spans and log lines. So the process half-closes, goes on reading
+    until the daemon, having read everything up to that end, closes its side, and only then
+    closes its own.
+    """
+    transport = channel.transport
+    assert transport is not None
+    if transport.can_write_eof():
+        transport.write_eof()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(channel.closed), timeout_s)
+    transport.close()
+
+
 def cut(text: str, limit_bytes: int, dropped_bytes: int = 0) -> str:
     """``text`` if its UTF-8 form fits ``limit_bytes``, else its head and a marker.
 
@@ -475,8 +493,9 @@ class RunProcess:
             if self._current is not None:
                 self._current.cancel()
             tracing.flush()  # a recycled, evicted or stopped process sends its last spans
-            if self._link.channel is not None and self._link.channel.transport is not None:
-                self._link.channel.transport.close()
+            channel = self._link.channel
+            if channel is not None and channel.transport is not None:
+                await _hang_up(channel)
             _lifeline.kill_descendants()
 
     async def _connect(self, socket_path: str, worker_id: int, token: str, restored: bool) -> None:

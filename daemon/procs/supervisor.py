@@ -174,6 +174,25 @@ class _WorkerProtocol(asyncio.Protocol):
             self._supervisor._on_channel_closed(self.worker)
 
 
+def _drain(transport: asyncio.Transport) -> None:
+    """Hand the protocol what is readable on the transport's socket now, up to its end."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
+        return
+    protocol = transport.get_protocol()
+    assert isinstance(protocol, asyncio.Protocol)
+    while True:
+        try:
+            data = os.read(sock.fileno(), 256 * 1024)  # (non-blocking: the loop's socket)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if not data or transport.is_closing():
+            return
+        protocol.data_received(data)
+
+
 class Supervisor:
     """Starts zygotes, forks run processes, and watches them.
 
@@ -660,6 +679,9 @@ class Supervisor:
             return
         if worker.transport is not None:
             # The exit status came first: the channel's close follows and finishes the job.
+            # What the process wrote before it exited (its last spans and log lines) may
+            # still wait in the socket, unread: a close would drop it.
+            _drain(worker.transport)
             worker.transport.close()
             return
         worker.gone = True
