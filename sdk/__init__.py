@@ -65,6 +65,7 @@ if TYPE_CHECKING:
         locals,
     )
     from ember._logger import logger
+    from ember._metadata import Metadata, metadata
     from ember._queues import Queues, queues
     from ember._retry import heartbeats, retry
     from ember._runs import BatchEntry, ReplayChanges, Runs, Tasks, runs, tasks
@@ -127,6 +128,7 @@ _EXPORTS: dict[str, str] = {
     "Locals": "ember._hooks",
     "LogEvent": "ember._types",
     "LogLine": "ember._types",
+    "Metadata": "ember._metadata",
     "MiddlewareParams": "ember._hooks",
     "NonDeterminismError": "ember._errors",
     "NotFound": "ember._errors",
@@ -179,6 +181,7 @@ _EXPORTS: dict[str, str] = {
     "idempotency_keys": "ember._wait",
     "locals": "ember._hooks",
     "logger": "ember._logger",
+    "metadata": "ember._metadata",
     "queues": "ember._queues",
     "retry": "ember._retry",
     "runs": "ember._runs",
@@ -223,6 +226,7 @@ __all__ = [
     "Locals",
     "LogEvent",
     "LogLine",
+    "Metadata",
     "MiddlewareParams",
     "NonDeterminismError",
     "NotFound",
@@ -276,6 +280,7 @@ __all__ = [
     "idempotency_keys",
     "locals",
     "logger",
+    "metadata",
     "queues",
     "retry",
     "runs",

@@ -67,6 +67,7 @@ from ember.daemon.api.batches import BATCH_ROUTES
 from ember.daemon.api.bulk import BULK_ROUTES
 from ember.daemon.api.bundles import BUNDLE_ROUTES
 from ember.daemon.api.callbacks import CALLBACK_ROUTES
+from ember.daemon.api.metadata import METADATA_ROUTES
 from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, check_run_env, int_param, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
@@ -599,6 +600,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     *CALLBACK_ROUTES,
     *ALERT_ROUTES,
     *TRACE_ROUTES,
+    *METADATA_ROUTES,
     *SYNC_ROUTES,
     *BUNDLE_ROUTES,
 )

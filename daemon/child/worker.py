@@ -27,6 +27,7 @@ import msgspec
 
 from ember._errors import AbortTaskRunError, EmberError, NonDeterminismError
 from ember._hooks import WaitInfo, WaitKind, global_hooks
+from ember._metadata import flush_run, forget
 from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
 from ember._task import Task, json_default
 from ember._types import RunError
@@ -271,6 +272,8 @@ class _RunRuntime:
         info = WaitInfo(_WAIT_KINDS.get(kind, "duration"), seq, resume_at, tuple(targets or ()))
         if self.attempt is not None:
             await self.attempt.wait_started(info)
+        # The process may exit (replay) or be dumped during the wait: changes go first.
+        await flush_run(self._context.run_id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         key = (self._context.run_id, seq)
         asked = Wait(
@@ -658,8 +661,10 @@ class RunProcess:
         try:
             with tracing.attempt_span(context, message.traceparent) as span:
                 done = await self._call(message, context, runtime)
+                await self._flush_metadata(runtime)
                 tracing.end_attempt(span, done.ok, done.error.message if done.error else None)
         finally:
+            forget(message.run_id)
             self._attempt = self._run_context = None
             self._beat.cancel()
             reset_runtime(token)
@@ -692,6 +697,13 @@ class RunProcess:
                 done, cpu_s=_cpu_s(after) - _cpu_s(before), peak_rss_bytes=peak_rss
             )
         )
+
+    async def _flush_metadata(self, runtime: _RunRuntime) -> None:
+        """Send the attempt's metadata changes before its end; a refusal is logged with it."""
+        try:
+            await flush_run(runtime.context.run_id)
+        except EmberError as exc:
+            runtime.log("error", f"metadata changes not applied: {exc}", {})
 
     async def _call(self, message: Execute, context: Context, runtime: _RunRuntime) -> Done:
         """Run the attempt with its task's lifecycle; the Done that reports it."""

@@ -1894,6 +1894,14 @@ class Engine:
 
     # -- events and idleness ------------------------------------------------------------
 
+    def metadata_changed(self, changed: dict[str, dict[str, Any]]) -> None:
+        """Runs' metadata was written (``api/metadata.py``): their cached copies follow."""
+        for run_id, data in changed.items():
+            run = self.active.get(run_id)
+            if run is not None:
+                run.metadata = data  # (what the next attempt's context carries)
+                self._publish(run)
+
     def _publish(
         self, run: ActiveRun, *, error: RunError | None = None, finished: bool = False
     ) -> None:
