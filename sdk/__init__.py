@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from ember._logger import logger
     from ember._metadata import Metadata, metadata
     from ember._queues import Queues, queues
+    from ember._realtime_types import RunUpdate
     from ember._retry import heartbeats, retry
     from ember._runs import BatchEntry, ReplayChanges, Runs, Tasks, runs, tasks
     from ember._runtime import Context
@@ -146,6 +147,7 @@ _EXPORTS: dict[str, str] = {
     "RunHandle": "ember._task",
     "RunStatus": "ember._types",
     "RunSummary": "ember._types",
+    "RunUpdate": "ember._realtime_types",
     "RunsFilter": "ember._types",
     "Queues": "ember._queues",
     "Runs": "ember._runs",
@@ -245,6 +247,7 @@ __all__ = [
     "RunHandle",
     "RunStatus",
     "RunSummary",
+    "RunUpdate",
     "Runs",
     "RunsFilter",
     "Schedule",

@@ -68,6 +68,7 @@ from ember.daemon.api.bulk import BULK_ROUTES
 from ember.daemon.api.bundles import BUNDLE_ROUTES
 from ember.daemon.api.callbacks import CALLBACK_ROUTES
 from ember.daemon.api.metadata import METADATA_ROUTES
+from ember.daemon.api.realtime import REALTIME_ROUTES
 from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, check_run_env, int_param, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
@@ -601,6 +602,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     *ALERT_ROUTES,
     *TRACE_ROUTES,
     *METADATA_ROUTES,
+    *REALTIME_ROUTES,
     *SYNC_ROUTES,
     *BUNDLE_ROUTES,
 )
