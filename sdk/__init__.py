@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from ember._runtime import Context
     from ember._schedule_types import Schedule, ScheduledPayload, ScheduleList
     from ember._schedules import ScheduledTask, Schedules, schedules
+    from ember._streams import Streams, streams
     from ember._task import Queue, Retry, RunHandle, Task, TriggerItem, TriggerKwargs, task
     from ember._types import (
         Attempt,
@@ -157,6 +158,7 @@ _EXPORTS: dict[str, str] = {
     "ScheduledTask": "ember._schedules",
     "Schedules": "ember._schedules",
     "StartAttemptParams": "ember._hooks",
+    "Streams": "ember._streams",
     "SubtaskUnwrapError": "ember._errors",
     "SuccessParams": "ember._hooks",
     "Task": "ember._task",
@@ -188,6 +190,7 @@ _EXPORTS: dict[str, str] = {
     "retry": "ember._retry",
     "runs": "ember._runs",
     "schedules": "ember._schedules",
+    "streams": "ember._streams",
     "task": "ember._task",
     "tasks": "ember._runs",
     "verify_signature": "ember._alerts",
@@ -256,6 +259,7 @@ __all__ = [
     "ScheduledTask",
     "Schedules",
     "StartAttemptParams",
+    "Streams",
     "SubtaskUnwrapError",
     "SuccessParams",
     "Task",
@@ -288,6 +292,7 @@ __all__ = [
     "retry",
     "runs",
     "schedules",
+    "streams",
     "task",
     "tasks",
     "verify_signature",

@@ -72,6 +72,7 @@ from ember.daemon.api.realtime import REALTIME_ROUTES
 from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, check_run_env, int_param, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
+from ember.daemon.api.streams import STREAM_ROUTES
 from ember.daemon.api.sync import FORWARDED, SYNC_ROUTES
 from ember.daemon.api.traces import TRACE_ROUTES
 from ember.daemon.engine.environments import check_env_name
@@ -603,6 +604,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     *TRACE_ROUTES,
     *METADATA_ROUTES,
     *REALTIME_ROUTES,
+    *STREAM_ROUTES,
     *SYNC_ROUTES,
     *BUNDLE_ROUTES,
 )

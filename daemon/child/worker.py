@@ -29,6 +29,7 @@ from ember._errors import AbortTaskRunError, EmberError, NonDeterminismError
 from ember._hooks import WaitInfo, WaitKind, global_hooks
 from ember._metadata import flush_run, forget
 from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
+from ember._streams import flush_streams, forget_streams
 from ember._task import Task, json_default
 from ember._types import RunError
 from ember.daemon.child import lifeline as _lifeline
@@ -274,6 +275,7 @@ class _RunRuntime:
             await self.attempt.wait_started(info)
         # The process may exit (replay) or be dumped during the wait: changes go first.
         await flush_run(self._context.run_id)
+        await flush_streams(self._context.run_id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         key = (self._context.run_id, seq)
         asked = Wait(
@@ -665,6 +667,7 @@ class RunProcess:
                 tracing.end_attempt(span, done.ok, done.error.message if done.error else None)
         finally:
             forget(message.run_id)
+            forget_streams(message.run_id)
             self._attempt = self._run_context = None
             self._beat.cancel()
             reset_runtime(token)
@@ -699,11 +702,16 @@ class RunProcess:
         )
 
     async def _flush_metadata(self, runtime: _RunRuntime) -> None:
-        """Send the attempt's metadata changes before its end; a refusal is logged with it."""
+        """Send the attempt's metadata changes and stream chunks before its end; a refusal
+        is logged with the run."""
         try:
             await flush_run(runtime.context.run_id)
         except EmberError as exc:
             runtime.log("error", f"metadata changes not applied: {exc}", {})
+        try:
+            await flush_streams(runtime.context.run_id)
+        except EmberError as exc:
+            runtime.log("error", f"stream chunks not recorded: {exc}", {})
 
     async def _call(self, message: Execute, context: Context, runtime: _RunRuntime) -> Done:
         """Run the attempt with its task's lifecycle; the Done that reports it."""

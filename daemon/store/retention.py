@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ember._types import FINAL_STATUSES
 from ember.daemon.store.db import Database
 from ember.daemon.store.runs import BlobStore
+from ember.daemon.store.streams import CHUNK_ROWS_PER_WRITE, delete_chunks
 from ember.daemon.store.traces import SPAN_ROWS_PER_WRITE, delete_spans
 
 log = logging.getLogger("ember.daemon")
@@ -115,6 +116,7 @@ async def prune_once(db: Database, blobs: BlobStore, retention_s: float, now: fl
             return report
         report.log_rows += await _in_chunks(db, _delete_logs, ids, LOG_ROWS_PER_WRITE)
         report.spans += await _in_chunks(db, delete_spans, ids, SPAN_ROWS_PER_WRITE)
+        await _in_chunks(db, delete_chunks, ids, CHUNK_ROWS_PER_WRITE)
         delete = functools.partial(_delete_runs, blobs=blobs, ids=ids, cutoff=cutoff)
         runs, removed_blobs = await db.write(delete)
         report.runs += runs

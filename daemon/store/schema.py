@@ -360,6 +360,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, span_id)
     ) WITHOUT ROWID;
     """,
+    # 9: streams of runs (an LLM's tokens, progress lines), readable after the run
+    """
+    CREATE TABLE stream_chunks (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        stream TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (run_id, stream, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
