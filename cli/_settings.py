@@ -7,6 +7,7 @@ only), then ``[tool.ember]`` of the project, then Ember's default.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ _DAEMON_KEYS = {
     "public_url": str,
     "tracing": bool,
     "otlp_endpoint": str,
+    "instrumentations": tuple,
 }
 _AT_LEAST_ONE = (
     "max_concurrent_runs",
@@ -94,6 +96,8 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
                 raw = oct(raw)  # (a TOML integer 0o660 arrives as 432)
             if kind is bool and not isinstance(raw, bool):
                 raise ConfigError(f"[tool.ember] {key} = {raw!r} is not true or false")
+            if key == "instrumentations":
+                raw = _instrumentations(raw)
             try:
                 value = kind(raw)
             except (TypeError, ValueError):
@@ -186,6 +190,18 @@ def sync_targets(forwarded: dict[str, str]) -> tuple[SyncTarget, ...]:
             )
         )
     return tuple(targets)
+
+
+def _instrumentations(raw: Any) -> tuple[str, ...]:
+    """``["module:Class", ...]``, checked for shape (the zygote imports them)."""
+    if not isinstance(raw, list) or not all(
+        isinstance(item, str) and re.fullmatch(r"[\w.]+:[\w.]+", item) for item in raw
+    ):
+        raise ConfigError(
+            f"[tool.ember] instrumentations = {raw!r}: give a list of 'module:Class' strings, "
+            'e.g. ["opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor"]'
+        )
+    return tuple(raw)
 
 
 def _convert(values: dict[str, Any]) -> None:

@@ -96,6 +96,8 @@ class DaemonConfig:
         otlp_endpoint: where the daemon exports spans with OTLP/HTTP (protobuf), the full URL
             of the traces path (``http://collector:4318/v1/traces``); None: no export.
         otlp_headers: headers sent with each export (an API key of a hosted backend).
+        instrumentations: OpenTelemetry instrumentors (``"module:Class"``) each zygote
+            applies once, before it imports the task modules.
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -141,6 +143,7 @@ class DaemonConfig:
     tracing: bool = True
     otlp_endpoint: str | None = None
     otlp_headers: tuple[tuple[str, str], ...] = ()
+    instrumentations: tuple[str, ...] = ()
 
     @property
     def api_socket(self) -> Path:

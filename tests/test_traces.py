@@ -325,3 +325,68 @@ def test_the_standard_otel_variables_set_the_export(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     with pytest.raises(ConfigError, match="set it to http/protobuf"):
         daemon_config(None)
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+HTTP_TASKS = {
+    "tasks/__init__.py": "",
+    "tasks/calls.py": """
+        import httpx
+        from ember import task
+
+        @task(id="caller")
+        async def caller(payload: dict) -> str:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(payload["url"])).text
+    """,
+}
+
+
+async def test_an_instrumentation_in_the_config_adds_spans_of_http_calls(state_dir: Path) -> None:
+    instrumentor = "opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor"
+    with http_server(_Hello) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/greeting"
+        async with running_daemon(state_dir, instrumentations=(instrumentor,)) as h:
+            assert (await h.register(HTTP_TASKS)).status == "READY"
+            run = await h.run("caller", {"url": url})
+            assert run.output_as(str) == "hello", run.error
+            spans = _by_name(await Runs(h.client).trace(run.id))
+    call = spans["GET"]
+    assert call.parent_id == spans["Attempt 1"].span_id
+    assert call.kind == 2  # CLIENT
+    assert call.attributes.get("url.full", call.attributes.get("http.url")) == url
+    assert (
+        call.attributes.get("http.response.status_code", call.attributes.get("http.status_code"))
+        == 200
+    )
+
+
+async def test_an_instrumentation_that_cannot_load_fails_the_version_clearly(
+    state_dir: Path,
+) -> None:
+    async with running_daemon(state_dir, instrumentations=("no_such_module:Instrumentor",)) as h:
+        info = await h.register(HTTP_TASKS)
+    assert info.status == "FAILED"
+    assert "instrumentation 'no_such_module:Instrumentor' of [tool.ember]" in (info.error or "")
+
+
+def test_instrumentations_in_the_config_must_be_module_class_strings() -> None:
+    from ember._errors import ConfigError
+    from ember.cli._project import Project
+    from ember.cli._settings import daemon_config
+
+    good = Project(root=Path("/tmp"), settings={"instrumentations": ["a.b:C"]})
+    assert daemon_config(good).instrumentations == ("a.b:C",)
+    bad = Project(root=Path("/tmp"), settings={"instrumentations": "a.b:C"})
+    with pytest.raises(ConfigError, match="give a list of 'module:Class' strings"):
+        daemon_config(bad)

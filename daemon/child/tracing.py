@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -104,6 +105,28 @@ def install(enabled: bool) -> None:
     provider.add_span_processor(_processor)
     trace.set_tracer_provider(provider)
     _tracer = provider.get_tracer("ember")
+
+
+def instrument(names: list[str]) -> None:
+    """Apply each ``"module:Class"`` OpenTelemetry instrumentor once (``instrument()``).
+
+    Raises:
+        ImportError: one cannot be imported or applied, with what to do (the version's
+            index then fails with this message).
+    """
+    for name in names:
+        module_name, _, class_name = name.partition(":")
+        try:
+            found: Any = importlib.import_module(module_name)
+            for part in class_name.split("."):
+                found = getattr(found, part)
+            found().instrument()
+        except Exception as exc:
+            raise ImportError(
+                f"instrumentation {name!r} of [tool.ember] could not be applied "
+                f"({type(exc).__name__}: {exc}): install its package where the daemon runs "
+                "(or in the version's requirements), or remove it from instrumentations"
+            ) from exc
 
 
 def bind(send: Callable[[Message], None], loop: asyncio.AbstractEventLoop) -> None:

@@ -130,6 +130,7 @@ def main() -> int:
     parser.add_argument("--pidns", action="store_true")
     parser.add_argument("--lock")
     parser.add_argument("--no-tracing", action="store_true")
+    parser.add_argument("--instrument", action="append", default=[])
     args = parser.parse_args()
     channel = socket.socket(fileno=args.fd)
     lock_fd = -1
@@ -142,6 +143,7 @@ def main() -> int:
         # Before the task modules: OTel's SDK is imported once here, not in every run process,
         # and a task module's own tracer finds the provider.
         tracing.install(not args.no_tracing)
+        tracing.instrument(args.instrument)
         tasks, index = discover(Path(args.code_dir))
     except BaseException:
         _send(channel, Indexed(error=traceback.format_exc()))

@@ -337,6 +337,7 @@ class Supervisor:
                     str(self._processes_lock),
                     *(["--pidns"] if self.pidns else []),
                     *([] if self.config.tracing else ["--no-tracing"]),
+                    *(f"--instrument={name}" for name in self.config.instrumentations),
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
