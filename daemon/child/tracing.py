@@ -69,15 +69,22 @@ class ChannelSpanProcessor(SpanProcessor):
                 with contextlib.suppress(RuntimeError):  # the loop closed: the process ends
                     self._loop.call_soon_threadsafe(self.flush)
 
-    def flush(self) -> None:
-        """Send the buffered spans now, as one frame."""
+    def take(self) -> Spans | None:
+        """The buffered spans as one frame (None: none), the buffer emptied."""
         with self._lock:
             spans, self._buffer = self._buffer, []
+        if not spans or not self.run_id:
+            return None
         if len(spans) > 1 and not spans[0].end_ns:
             # An attempt that began and ended within the batch: its open record is moot.
             spans = list({s.span_id: s for s in spans}.values())
-        if spans and self._send is not None and self.run_id:
-            self._send(Spans(run_id=self.run_id, spans=spans))
+        return Spans(run_id=self.run_id, spans=spans)
+
+    def flush(self) -> None:
+        """Send the buffered spans now, as one frame."""
+        batch = self.take()
+        if batch is not None and self._send is not None:
+            self._send(batch)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         self.flush()
@@ -136,9 +143,15 @@ def bind(send: Callable[[Message], None], loop: asyncio.AbstractEventLoop) -> No
 
 
 def flush() -> None:
-    """Send what ended so far (before a wait, the attempt's end, a checkpoint, an exit)."""
+    """Send what ended so far (before a wait, a checkpoint, an exit)."""
     if _processor is not None:
         _processor.flush()
+
+
+def take() -> tuple[Spans, ...]:
+    """What ended so far, as a frame to send with another (the attempt's ``Done``)."""
+    batch = _processor.take() if _processor is not None else None
+    return () if batch is None else (batch,)
 
 
 def enabled() -> bool:

@@ -146,8 +146,8 @@ class _Link:
             self._paused = paused
             self._changed.notify_all()
 
-    def send(self, message: Message) -> None:
-        frame = encode(message)
+    def send(self, message: Message, *more: Message) -> None:
+        frame = encode(message) if not more else b"".join(map(encode, (message, *more)))
         if threading.get_ident() == self._loop_thread:
             self._flush()  # frames queued by a thread go first, as they were sent first
             if self.channel is not None:
@@ -694,12 +694,11 @@ class RunProcess:
             peak_rss = after.ru_maxrss * 1024  # KiB on Linux
         else:
             peak_rss = max(rss_before, self._memory.rss())
-        tracing.flush()  # the attempt's spans are recorded before its end
-        self._link.send(
-            msgspec.structs.replace(
-                done, cpu_s=_cpu_s(after) - _cpu_s(before), peak_rss_bytes=peak_rss
-            )
+        done = msgspec.structs.replace(
+            done, cpu_s=_cpu_s(after) - _cpu_s(before), peak_rss_bytes=peak_rss
         )
+        # The attempt's spans go first, in the same write (one send, one read by the daemon).
+        self._link.send(*tracing.take(), done)
 
     async def _flush_metadata(self, runtime: _RunRuntime) -> None:
         """Send the attempt's metadata changes and stream chunks before its end; a refusal
