@@ -268,7 +268,7 @@ _WAITER = textwrap.dedent(
     """
     import asyncio, signal, sys
     from ember.daemon.child.lifeline import ProcessIdentity
-    from ember.daemon.child.worker import await_wake
+    from ember.daemon.child.host import await_wake
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

@@ -40,7 +40,6 @@ MAY_IMPORT = {
 # The parts of procs/ that model.py and child/ may import: the wire format, a leaf.
 WIRE_FORMAT = f"{ROOT_NAME}.procs.protocol"
 ALLOWED_LONG = {
-    "child.worker",
     "procs.checkpoint",
     "procs.supervisor",
 }

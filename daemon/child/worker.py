@@ -12,446 +12,56 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import io
 import os
 import resource
 import signal
 import sys
-import threading
-import time
 import traceback
-from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 import msgspec
 
 from ember._errors import AbortTaskRunError, EmberError, NonDeterminismError
-from ember._hooks import WaitInfo, WaitKind, global_hooks
-from ember._metadata import flush_run, forget
-from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
-from ember._streams import flush_streams, forget_streams
+from ember._hooks import global_hooks
+from ember._metadata import forget
+from ember._runtime import Context, reset_runtime, set_runtime
+from ember._streams import forget_streams
 from ember._task import Task, json_default
-from ember._types import RunError
 from ember.daemon.child import lifeline as _lifeline
 from ember.daemon.child import tracing
 from ember.daemon.child.attempt import Attempt, attempt_locals
+from ember.daemon.child.channel import Channel, Link, hang_up
+from ember.daemon.child.host import Memory, abandon, await_wake, cpu_s, host_pid, host_ppid
 from ember.daemon.child.lifeline import ProcessIdentity
+from ember.daemon.child.runtime import (
+    JournalEntry,
+    RunRuntime,
+    RunStream,
+    Waiters,
+    error_of,
+    fit_frame,
+)
 from ember.daemon.procs.protocol import (
-    MAX_FRAME_BYTES,
-    MAX_LOG_LINE_BYTES,
     Cancel,
     Done,
     Evict,
     Execute,
-    FrameDecoder,
     Heartbeat,
     Hello,
-    Log,
-    Message,
     Resume,
     Shutdown,
     Suspend,
     ToWorker,
-    Wait,
     encode,
 )
 
 _json = msgspec.json.Encoder(enc_hook=json_default)
 _context_decoder = msgspec.json.Decoder(Context)
-# Frames queued by task threads (``def`` tasks that log or print) before a thread waits for
-# the loop to hand them to the channel: a flood of lines cannot grow memory without bound.
-_THREAD_QUEUE_BYTES = 4 * 1024 * 1024
-# How a parked process waits for SIGUSR1 (see await_wake).
-WAKE_CHECK_S = 1.0
-WAKE_TIMEOUT_S = 600.0
-WAKE_GRACE_CHECKS = 3
 # The share of the cancel grace that on_cancel hooks and the run's cleanup may use.
 _CANCEL_SHARE = 0.8
-# Room kept for the marker of a cut log line.
-_MARKER_BYTES = 64
-# Room left in a frame for everything but a Done's output.
-_FRAME_MARGIN_BYTES = 1024 * 1024
 
 
-class _Channel(asyncio.Protocol):
-    """The connection to the daemon: frames are handled as they arrive, in order.
-
-    A protocol rather than a stream reader: a no-op run costs a few loop iterations less
-    without a reader task to create and wait for after every frame.
-    """
-
-    def __init__(
-        self,
-        handle: Callable[[ToWorker], None],
-        lost: Callable[[], None],
-        flow: Callable[[bool], None],
-    ) -> None:
-        self._handle = handle
-        self._lost = lost
-        self._flow = flow
-        self._decoder = FrameDecoder(ToWorker)
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        for message in self._decoder.feed(data):
-            self._handle(message)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-        self._flow(False)
-        self._lost()
-
-    def pause_writing(self) -> None:
-        self._flow(True)
-
-    def resume_writing(self) -> None:
-        self._flow(False)
-
-    def write(self, frames: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frames)
-
-
-class _Link:
-    """The current channel to the daemon (a new one after a checkpoint's restore).
-
-    Only the loop's thread may touch a transport: frames sent from a ``def`` task's thread
-    are queued and handed over by the loop, in order, and the thread waits while the queue
-    is full or the channel's buffer is over its high-water mark.
-    """
-
-    def __init__(self) -> None:
-        self.channel: _Channel | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = threading.get_ident()
-        self._queue: list[bytes] = []
-        self._queued_bytes = 0
-        self._paused = False
-        self._changed = threading.Condition()
-
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Hand frames to this loop, running on the calling thread."""
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-
-    def set_paused(self, paused: bool) -> None:
-        """The channel's flow control (called on the loop's thread)."""
-        with self._changed:
-            self._paused = paused
-            self._changed.notify_all()
-
-    def send(self, message: Message, *more: Message) -> None:
-        frame = encode(message) if not more else b"".join(map(encode, (message, *more)))
-        if threading.get_ident() == self._loop_thread:
-            self._flush()  # frames queued by a thread go first, as they were sent first
-            if self.channel is not None:
-                self.channel.write(frame)
-            else:
-                # Closed for a checkpoint: a run checkpointed mid-execution may end before
-                # the channel is back, and its Done must reach the daemon. Sent on reconnect.
-                with self._changed:
-                    self._queue.append(frame)
-                    self._queued_bytes += len(frame)
-            return
-        with self._changed:
-            # (Re-checked every second: a channel closed meanwhile frees the thread.)
-            while (self._paused or self._queued_bytes >= _THREAD_QUEUE_BYTES) and (
-                self.channel is not None
-            ):
-                self._changed.wait(1.0)
-            first = not self._queue
-            self._queue.append(frame)
-            self._queued_bytes += len(frame)
-        if first and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: the process is ending
-                self._loop.call_soon_threadsafe(self._flush)
-
-    def flush(self) -> None:
-        """Hand over the frames queued while the channel was closed (after a reconnect)."""
-        self._flush()
-
-    def _flush(self) -> None:
-        if self.channel is None:
-            return  # kept until the channel is back (see send)
-        with self._changed:
-            frames, self._queue = self._queue, []
-            self._queued_bytes = 0
-            self._changed.notify_all()
-        if frames:
-            self.channel.write(b"".join(frames))
-
-
-class _JournalEntry(msgspec.Struct, frozen=True):
-    seq: int
-    kind: str
-    task_ids: list[str]
-    result: msgspec.Raw
-
-
-_journal_decoder = msgspec.json.Decoder(list[_JournalEntry])
-# Each pending wait of the process: its future and the frame that asked (asked again after a
-# restore, see RunProcess._suspend).
-_Waiters = dict[tuple[str, int], tuple[asyncio.Future[bytes], Wait]]
-# Trigger.dev's names of the wait kinds, as the wait hooks see them.
-_WAIT_KINDS: dict[str, WaitKind] = {
-    "DATETIME": "duration",
-    "RUN": "run",
-    "BATCH": "batch",
-    "TOKEN": "token",
-}
-
-
-class _RunRuntime:
-    """What ``logger``, ``ctx`` and ``wait`` reach inside one execution of a run."""
-
-    def __init__(
-        self,
-        context: Context,
-        channel: _Link,
-        generation: int,
-        journal: list[_JournalEntry],
-        waiters: _Waiters,
-        resumed_seq: int = 0,
-    ) -> None:
-        self._context = context
-        self._channel = channel
-        self._generation = generation
-        self._journal = {entry.seq: entry for entry in journal}
-        self._waiters = waiters
-        self._seq = 0
-        self._resumed_seq = resumed_seq
-        self.attempt: Attempt | None = None
-
-    @property
-    def context(self) -> Context:
-        return self._context
-
-    @property
-    def generation(self) -> int:
-        return self._generation
-
-    def next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
-
-    def journaled(self, seq: int, kind: str, task_ids: list[str]) -> bytes | None:
-        entry = self._journal.get(seq)
-        if entry is None:
-            return None
-        if entry.kind != kind or entry.task_ids != task_ids:
-            raise NonDeterminismError(
-                f"wait {seq} of run {self._context.run_id} was {entry.kind} {entry.task_ids} "
-                f"when the run first executed, and is {kind} {task_ids} on replay: code before "
-                "a wait must take the same path every time (move clocks, randomness and "
-                "external reads into child tasks)"
-            )
-        tracing.set_wait_attributes(**{"ember.wait.replayed": True})
-        return bytes(entry.result)
-
-    async def replayed(self, seq: int, kind: str) -> None:
-        if seq == self._resumed_seq and self.attempt is not None:
-            # The wait this execution resumes from: its on_wait fired in the process that
-            # waited, which has exited; its on_resume fires here, once.
-            self._resumed_seq = 0
-            await self.attempt.wait_over(WaitInfo(_WAIT_KINDS.get(kind, "duration"), seq))
-
-    async def wait(
-        self,
-        seq: int,
-        kind: str,
-        *,
-        resume_at: float | None = None,
-        targets: list[str] | None = None,
-        task_ids: list[str] | None = None,
-    ) -> bytes:
-        info = WaitInfo(_WAIT_KINDS.get(kind, "duration"), seq, resume_at, tuple(targets or ()))
-        if self.attempt is not None:
-            await self.attempt.wait_started(info)
-        # The process may exit (replay) or be dumped during the wait: changes go first.
-        await flush_run(self._context.run_id)
-        await flush_streams(self._context.run_id)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        key = (self._context.run_id, seq)
-        asked = Wait(
-            run_id=self._context.run_id,
-            attempt=self._context.attempt,
-            seq=seq,
-            kind=kind,
-            resume_at=resume_at,
-            targets=targets or [],
-            task_ids=task_ids or [],
-        )
-        self._waiters[key] = (future, asked)
-        tracing.flush()  # what ended before the wait reaches the daemon before the process may go
-        self._channel.send(asked)
-        checkpoints = tracing.checkpoints()
-        try:
-            result = await future
-        finally:
-            self._waiters.pop(key, None)
-        # The wait's span (the SDK's) says how it was held: a checkpoint, or this process.
-        held = "criu" if tracing.checkpoints() > checkpoints else "process"
-        tracing.set_wait_attributes(**{"ember.wait.held": held})
-        if self.attempt is not None:
-            await self.attempt.wait_over(info)
-        return result
-
-    def log(self, level: str, message: str, attrs: dict[str, Any]) -> None:
-        try:
-            encoded = _json.encode(attrs) if attrs else b""
-        except (TypeError, msgspec.EncodeError):
-            encoded = _json.encode({k: repr(v) for k, v in attrs.items()})
-        # A frame over the channel's limit would end the channel: cut what is too large.
-        message = cut(message, MAX_LOG_LINE_BYTES)
-        if len(encoded) > MAX_LOG_LINE_BYTES:
-            encoded = _json.encode({"truncated": f"… [truncated {len(encoded)} bytes]"})
-        tracing.log_event(level, message, attrs)
-        self._channel.send(
-            Log(
-                run_id=self._context.run_id,
-                attempt=self._context.attempt,
-                ts=time.time(),
-                level=level,
-                message=message,
-                attrs=encoded,
-            )
-        )
-
-
-async def _hang_up(channel: _Channel, timeout_s: float = 1.0) -> None:
-    """Close the channel so that the daemon reads every frame sent before.
-
-    A Unix socket closed while frames from its peer wait unread in it (a ``Shutdown`` sent
-    just after an ``Evict``) resets the connection, and the peer loses what it had not read
-    yet: the process's last spans and log lines. So the process half-closes, goes on reading
-    until the daemon, having read everything up to that end, closes its side, and only then
-    closes its own.
-    """
-    transport = channel.transport
-    assert transport is not None
-    if transport.can_write_eof():
-        transport.write_eof()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(channel.closed), timeout_s)
-    transport.close()
-
-
-def cut(text: str, limit_bytes: int, dropped_bytes: int = 0) -> str:
-    """``text`` if its UTF-8 form fits ``limit_bytes``, else its head and a marker.
-
-    The result always fits, marker included, so cutting it again changes nothing.
-    ``dropped_bytes`` counts what was cut off before (a stream's overlong line).
-    """
-    if not dropped_bytes and len(text) <= limit_bytes // 4:
-        return text  # fits whatever its characters
-    data = text.encode(errors="replace")
-    if not dropped_bytes and len(data) <= limit_bytes:
-        return text
-    head = data[: limit_bytes - _MARKER_BYTES].decode(errors="ignore")
-    return f"{head}… [truncated {len(data) - len(head.encode()) + dropped_bytes} bytes]"
-
-
-class _RunStream(io.TextIOBase):
-    """stdout/stderr that also records each complete line as a log line of the current run."""
-
-    def __init__(self, underlying: TextIO, level: str) -> None:
-        self._underlying = underlying
-        self._level = level
-        self._partial = ""
-        # Bytes of the line under way cut off already (kept to MAX_LOG_LINE_BYTES characters).
-        self._dropped = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self._underlying.write(text)
-        runtime = current_runtime()
-        if runtime is not None:
-            lines = (self._partial + text).split("\n")
-            self._partial = lines.pop()
-            if lines and self._dropped:
-                lines[0] = cut(lines[0], MAX_LOG_LINE_BYTES, self._dropped)
-                self._dropped = 0
-            if len(self._partial) > MAX_LOG_LINE_BYTES:
-                # No newline in sight: keep no more than a log line can hold.
-                self._dropped += len(self._partial[MAX_LOG_LINE_BYTES:].encode(errors="replace"))
-                self._partial = self._partial[:MAX_LOG_LINE_BYTES]
-            for line in lines:
-                runtime.log(self._level, line, {})
-        return len(text)
-
-    def flush(self) -> None:
-        self._underlying.flush()
-
-
-def _error_of(exc: BaseException) -> RunError:
-    return RunError(
-        name=type(exc).__name__,
-        message=cut(str(exc), MAX_LOG_LINE_BYTES),
-        stack=cut("".join(traceback.format_exception(exc)), MAX_LOG_LINE_BYTES),
-    )
-
-
-def host_ppid() -> int:
-    """The PID of this process's parent as the host sees it (0 if it cannot be read)."""
-    try:
-        with open("/proc/self/stat") as stat:
-            return int(stat.read().rsplit(") ", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-async def await_wake(
-    woke: asyncio.Future[None],
-    daemon: ProcessIdentity | None,
-    *,
-    timeout_s: float = WAKE_TIMEOUT_S,
-    check_s: float = WAKE_CHECK_S,
-    grace_checks: int = WAKE_GRACE_CHECKS,
-) -> bool:
-    """Wait for ``woke`` (SIGUSR1); False when it will not come: the daemon is gone, or late.
-
-    A parked process waits for its dump, or, once restored, for the signal that follows the
-    restore. The time is counted in checks, each on a fresh timer: the monotonic clock jumps
-    over the time a process spent as an image, so a restored process sees its pending timer
-    fire at once. The signal follows a restore within milliseconds, so giving up takes
-    ``grace_checks`` checks in a row that find the daemon gone (or the wait too long).
-
-    Args:
-        woke: resolved by the SIGUSR1 handler.
-        daemon: the daemon this process belongs to (None: unknown, only the timeout holds).
-        timeout_s: the longest wait for a dump or for the signal after a restore.
-        check_s: how often to look.
-        grace_checks: consecutive failed checks before giving up.
-    """
-    checks = failed = 0
-    while True:
-        try:
-            await asyncio.wait_for(asyncio.shield(woke), check_s)
-            return True
-        except TimeoutError:
-            pass
-        checks += 1
-        gone = daemon is not None and not daemon.alive()
-        failed = failed + 1 if gone or checks * check_s > timeout_s else 0
-        if failed >= grace_checks:
-            return False
-
-
-def host_pid() -> int:
-    """This process's PID as the daemon sees it, also as PID 1 of its own PID namespace."""
-    try:
-        # /proc is the host's (no mount namespace): /proc/self names the host PID.
-        return int(os.readlink("/proc/self"))
-    except (OSError, ValueError):
-        return os.getpid()
+_journal_decoder = msgspec.json.Decoder(list[JournalEntry])
 
 
 class RunProcess:
@@ -476,13 +86,13 @@ class RunProcess:
         self._attempt: Attempt | None = None
         self._run_context: contextvars.Context | None = None  # the attempt's, for on_cancel
         self._canceling: asyncio.Task[None] | None = None
-        self._waiters: _Waiters = {}
-        self._link = _Link()
+        self._waiters: Waiters = {}
+        self._link = Link()
         self._suspending: asyncio.Task[None] | None = None
         self._beat: asyncio.TimerHandle | None = None
         self._ended: asyncio.Future[None] | None = None
         self._socket = ("", 0, "")  # (path, worker id, token): what reconnecting needs
-        self._memory = _Memory()
+        self._memory = Memory()
 
     async def serve(self, socket_path: str, worker_id: int, token: str) -> None:
         loop = asyncio.get_running_loop()
@@ -500,13 +110,13 @@ class RunProcess:
             tracing.flush()  # a recycled, evicted or stopped process sends its last spans
             channel = self._link.channel
             if channel is not None and channel.transport is not None:
-                await _hang_up(channel)
+                await hang_up(channel)
             _lifeline.kill_descendants()
 
     async def _connect(self, socket_path: str, worker_id: int, token: str, restored: bool) -> None:
         loop = asyncio.get_running_loop()
         _, channel = await loop.create_unix_connection(
-            lambda: _Channel(self._on_message, self._on_lost, self._link.set_paused), socket_path
+            lambda: Channel(self._on_message, self._on_lost, self._link.set_paused), socket_path
         )
         self._link.channel = channel
         channel.write(
@@ -650,7 +260,7 @@ class RunProcess:
     async def _execute(self, message: Execute) -> None:
         context = _context_decoder.decode(message.context)
         journal = _journal_decoder.decode(message.journal)
-        runtime = _RunRuntime(
+        runtime = RunRuntime(
             context, self._link, message.generation, journal, self._waiters, message.resumed_seq
         )
         token = set_runtime(runtime)
@@ -663,7 +273,7 @@ class RunProcess:
         try:
             with tracing.attempt_span(context, message.traceparent) as span:
                 done = await self._call(message, context, runtime)
-                await self._flush_metadata(runtime)
+                await runtime.flush_changes()
                 tracing.end_attempt(span, done.ok, done.error.message if done.error else None)
         finally:
             forget(message.run_id)
@@ -673,20 +283,7 @@ class RunProcess:
             reset_runtime(token)
             # What the task forked ends with its attempt (a subreaper holds even the orphans).
             _lifeline.kill_descendants()
-        if done.output is not None and len(done.output) > MAX_FRAME_BYTES - _FRAME_MARGIN_BYTES:
-            done = Done(
-                run_id=message.run_id,
-                attempt=message.attempt,
-                ok=False,
-                retry=False,
-                error=RunError(
-                    name="OutputTooLarge",
-                    message=f"the output is {len(done.output)} bytes, more than the worker "
-                    f"channel carries ({MAX_FRAME_BYTES - _FRAME_MARGIN_BYTES}): return a "
-                    "reference to stored data instead",
-                    code="TASK_OUTPUT_TOO_LARGE",
-                ),
-            )
+        done = fit_frame(done)
         after = resource.getrusage(resource.RUSAGE_SELF)
         # The process's high-water mark is this attempt's peak only if the attempt raised it;
         # otherwise the larger of the sizes it started and ended with.
@@ -695,24 +292,12 @@ class RunProcess:
         else:
             peak_rss = max(rss_before, self._memory.rss())
         done = msgspec.structs.replace(
-            done, cpu_s=_cpu_s(after) - _cpu_s(before), peak_rss_bytes=peak_rss
+            done, cpu_s=cpu_s(after) - cpu_s(before), peak_rss_bytes=peak_rss
         )
         # The attempt's spans go first, in the same write (one send, one read by the daemon).
         self._link.send(*tracing.take(), done)
 
-    async def _flush_metadata(self, runtime: _RunRuntime) -> None:
-        """Send the attempt's metadata changes and stream chunks before its end; a refusal
-        is logged with the run."""
-        try:
-            await flush_run(runtime.context.run_id)
-        except EmberError as exc:
-            runtime.log("error", f"metadata changes not applied: {exc}", {})
-        try:
-            await flush_streams(runtime.context.run_id)
-        except EmberError as exc:
-            runtime.log("error", f"stream chunks not recorded: {exc}", {})
-
-    async def _call(self, message: Execute, context: Context, runtime: _RunRuntime) -> Done:
+    async def _call(self, message: Execute, context: Context, runtime: RunRuntime) -> Done:
         """Run the attempt with its task's lifecycle; the Done that reports it."""
         failed = functools.partial(Done, run_id=message.run_id, attempt=message.attempt, ok=False)
         task = self._tasks.get(message.task_id)
@@ -720,11 +305,11 @@ class RunProcess:
             error = AbortTaskRunError(
                 f"task {message.task_id!r} is not defined in version {context.version}"
             )
-            return failed(retry=False, error=_error_of(error))
+            return failed(retry=False, error=error_of(error))
         try:
             payload = task.decode_payload(message.payload) if task.takes_payload else None
         except EmberError as exc:  # a payload that does not match never will
-            return failed(retry=False, error=_error_of(exc))
+            return failed(retry=False, error=error_of(exc))
         args: tuple[Any, ...] = (payload,) if task.takes_payload else ()
         if task.wants_context:
             args = (*args, context)
@@ -765,7 +350,7 @@ class RunProcess:
         return failed(
             retry=outcome.retry,
             retry_delay_s=outcome.retry_delay_s,
-            error=_error_of(outcome.error),
+            error=error_of(outcome.error),
         )
 
     def _heartbeat(self, run_id: str) -> None:
@@ -773,43 +358,6 @@ class RunProcess:
         self._beat = asyncio.get_running_loop().call_later(
             self._heartbeat_s, self._heartbeat, run_id
         )
-
-
-def abandon() -> None:
-    """Leave now, with every descendant: the daemon is gone or this process was let go."""
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    with contextlib.suppress(Exception):
-        _lifeline.kill_descendants()
-    os._exit(1)
-
-
-class _Memory:
-    """This process's resident set size, from /proc/self/statm kept open between reads.
-
-    One ``pread`` per read; psutil opens, reads and closes the file every time. The file is
-    closed before a checkpoint and reopened on the next read.
-    """
-
-    _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-    def __init__(self) -> None:
-        self._fd: int | None = None
-
-    def rss(self) -> int:
-        if self._fd is None:
-            self._fd = os.open("/proc/self/statm", os.O_RDONLY)
-        return int(os.pread(self._fd, 128, 0).split()[1]) * self._PAGE
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _cpu_s(usage: resource.struct_rusage) -> float:
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_worker(
@@ -824,8 +372,8 @@ def run_worker(
     cancel_grace_s: float = 5.0,
 ) -> int:
     """Serve runs until the daemon says stop or goes away; returns the exit status."""
-    sys.stdout = _RunStream(sys.stdout, "info")
-    sys.stderr = _RunStream(sys.stderr, "error")
+    sys.stdout = RunStream(sys.stdout, "info")
+    sys.stderr = RunStream(sys.stderr, "error")
     process = RunProcess(tasks, heartbeat_s, daemon, lock_fd, cancel_grace_s)
     asyncio.run(process.serve(socket_path, worker_id, token))
     return 0
