@@ -319,9 +319,16 @@ class SyncLink:
         arrived: asyncio.Queue[tuple[str | None, Event] | None] = asyncio.Queue()
         reader = asyncio.create_task(self._read(last_event_id, arrived))
         try:
-            while (item := await arrived.get()) is not None:
+            ended = False
+            while not ended and (item := await arrived.get()) is not None:
                 batch = [item]
-                while not arrived.empty() and (more := arrived.get_nowait()) is not None:
+                while not arrived.empty():
+                    more = arrived.get_nowait()
+                    if more is None:
+                        # The stream's end came with these events: apply them, then
+                        # reconnect (taking the end for one more event would wait forever).
+                        ended = True
+                        break
                     batch.append(more)
                 if not self.live:
                     self.live = True
