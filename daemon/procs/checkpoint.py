@@ -35,11 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import zstandard
+
 import ember
 from ember._types import RunStatus
 from ember.daemon.config import DaemonConfig
 from ember.daemon.model import Hold
 from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
+from ember.daemon.procs.pages import PageStore
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -412,6 +415,7 @@ class Checkpointer:
         self._binary = support.binary
         self._criu_version = support.version
         self._root = config.state_dir / "checkpoints"
+        self._pages = PageStore(config.state_dir / "checkpoint-bases")
         self._restore_timeout_s = config.criu_restore_timeout_s
         self._engine = engine
         self._supervisor = supervisor
@@ -546,6 +550,10 @@ class Checkpointer:
                 os.kill(worker.pid, signal.SIGUSR1)
             self._keep_parked(run)
             return False
+        zygote = worker.zygote.process.pid if worker.zygote is not None else None
+        started = time.perf_counter()
+        packed = await self._pages.pack(images, run.id, self._pages.lineage(worker.id, zygote))
+        pack_ms = (time.perf_counter() - started) * 1000
         size = sum(f.stat().st_size for f in images.iterdir() if f.is_file())
         _write_private(images / MANIFEST_FILE, manifest)
         _write_private(
@@ -556,15 +564,23 @@ class Checkpointer:
                 "env": worker.key[0],
                 "version": worker.key[1],
                 "dump_ms": dump_ms,
+                "pack_ms": pack_ms,
                 "bytes": size,
+                "raw_page_bytes": packed.raw_bytes if packed else None,
             },
         )
         self._supervisor.forget(worker)
         worker.parked = None
         if run.parked is worker:
             run.parked = None
+        how = (
+            f" ({packed.raw_bytes / 1e6:.1f} MB of pages, {packed.literal_pages} not shared,"
+            f" packed in {pack_ms:.0f} ms)"
+            if packed
+            else ""
+        )
         self._engine.note(
-            run, "SUSPENDED", f"checkpointed: {size / 1e6:.1f} MB in {dump_ms:.0f} ms"
+            run, "SUSPENDED", f"checkpointed: {size / 1e6:.2f} MB in {dump_ms:.0f} ms{how}"
         )
         return True
 
@@ -694,9 +710,17 @@ class Checkpointer:
         run.parked = worker
         pidfile = images / "pidfile"
         pidfile.unlink(missing_ok=True)
+        try:
+            unpacked = await self._pages.unpack(images, worker.id)
+        except (OSError, ValueError, zstandard.ZstdError) as exc:
+            self._supervisor.forget(worker)
+            run.parked = None
+            return f"its pages cannot be read ({exc})", False
         error, restore_ms = await self._run_now(
             restore_args(images), images, "restore.log", self._restore_timeout_s
         )
+        for file in unpacked:  # (criu has read them; the delta stays until the run reports)
+            file.unlink(missing_ok=True)
         pid = 0
         if error is None:
             try:
@@ -774,6 +798,7 @@ class Checkpointer:
 
                 worker.exit_reason = describe_exit(os.waitstatus_to_exitcode(status))
             self._restored_pids.discard(pid)
+            self._pages.forget_worker(worker.id)
             self._supervisor.collect(worker)
 
         loop.add_reader(fd, exited)
@@ -783,6 +808,7 @@ class Checkpointer:
         run_id = self._kept.pop(worker.id, None)
         if run_id is not None:
             shutil.rmtree(self._root / run_id, ignore_errors=True)
+            self._pages.release(run_id)
 
     def lost(self, worker: Worker, parked: bool) -> bool:
         """A restored process exited; True if it was still ``parked`` (its run never resumed
@@ -795,6 +821,7 @@ class Checkpointer:
         if parked and (images / "meta.json").exists():
             return True
         shutil.rmtree(images, ignore_errors=True)
+        self._pages.release(run_id)
         return False
 
     def discard(self, run: ActiveRun) -> None:
@@ -802,14 +829,18 @@ class Checkpointer:
         for worker_id in [w for w, r in self._kept.items() if r == run.id]:
             del self._kept[worker_id]
         shutil.rmtree(self.images(run), ignore_errors=True)
+        self._pages.release(run.id)
 
     def prune(self, keep: set[str]) -> None:
         """At start: delete the images of runs no checkpoint holds any more."""
-        if not self._root.is_dir():
-            return
-        for images in self._root.iterdir():
-            if images.name not in keep:
-                shutil.rmtree(images, ignore_errors=True)
+        kept = {}
+        if self._root.is_dir():
+            for images in self._root.iterdir():
+                if images.name not in keep:
+                    shutil.rmtree(images, ignore_errors=True)
+                else:
+                    kept[images.name] = images
+        self._pages.prune(kept)
 
 
 def _write_private(path: Path, value: object) -> None:
