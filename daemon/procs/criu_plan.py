@@ -1,0 +1,84 @@
+"""How many CRIU dumps and restores run at once, and when each restore ahead must start.
+
+criu is CPU-bound here (a dump of the bench's run process is ~40 ms frozen plus criu's own
+start-up; its page files go to the page cache), so more at once than there are cores only
+makes each one slower. Dumps and restores have separate slots: a burst of dumps (many runs
+starting to wait) must not hold back the restores of runs that are due.
+
+Restores ahead are planned from measured times: the restore queue is ordered by deadline,
+and the restore at rank ``r`` (``P`` at a time, each taking ``t``, the 90th percentile of
+recent restores under the load they ran in) must start by ``deadline - (r // P + 1) * t -
+margin``; the soonest of those starts, over the whole queue, is when the next one starts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import deque
+
+# A process restored ahead of its deadline should be back this long before it.
+RESTORE_MARGIN_S = 0.25
+# Restore times kept to estimate the next ones.
+TIMES_KEPT = 64
+
+
+def parallelism() -> int:
+    """criu commands of one kind at a time: one per core the daemon may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class Timings:
+    """Recent durations of one kind of criu command, in seconds.
+
+    Args:
+        first_s: the estimate before anything was measured (the smoke test's time).
+    """
+
+    def __init__(self, first_s: float) -> None:
+        self._times: deque[float] = deque([first_s], maxlen=TIMES_KEPT)
+
+    def add(self, seconds: float) -> None:
+        """Record one command's wall time."""
+        self._times.append(seconds)
+
+    def estimate(self) -> float:
+        """The 90th percentile: planning on the median made half the restores late."""
+        ordered = sorted(self._times)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+
+
+class RestorePlan:
+    """Timed waits to restore ahead, soonest deadline first.
+
+    Args:
+        parallel: restores that run at once.
+        timings: what restores take.
+    """
+
+    def __init__(self, parallel: int, timings: Timings) -> None:
+        self._parallel = parallel
+        self._timings = timings
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, deadline: float, run_id: str) -> None:
+        """Plan a restore for a run whose wait ends at ``deadline``."""
+        heapq.heappush(self._heap, (deadline, run_id))
+
+    def pop(self) -> str:
+        """The run whose restore is due first."""
+        return heapq.heappop(self._heap)[1]
+
+    def next_start(self) -> float:
+        """When the soonest restore must start for every planned one to be back in time."""
+        each = self._timings.estimate()
+        return min(
+            deadline - (rank // self._parallel + 1) * each - RESTORE_MARGIN_S
+            for rank, (deadline, _) in enumerate(sorted(self._heap))
+        )
