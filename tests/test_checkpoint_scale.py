@@ -18,25 +18,36 @@ from test_checkpoint import SUPPORT, TASKS
 from ember import Call, Runs, Tasks
 from ember._types import Health
 from ember.daemon.procs.checkpoint import _namespace_children
-from ember.daemon.procs.criu_plan import RESTORE_MARGIN_S, RestorePlan, Timings
+from ember.daemon.procs.criu_plan import (
+    CALIBRATED_AFTER,
+    RESTORE_MARGIN_S,
+    SAFETY,
+    RestorePlan,
+    Timings,
+)
 
 criu_only = pytest.mark.skipif(not SUPPORT.ok, reason=f"no working CRIU: {SUPPORT.reason}")
 
 
 def test_restores_ahead_start_early_enough_for_the_whole_queue() -> None:
-    timings = Timings(0.1)
-    plan = RestorePlan(parallel=2, timings=timings)
+    timings, dumps = Timings(0.1), Timings(0.3)
+    plan = RestorePlan(parallel=2, timings=timings, before=dumps)
     for i in range(1000):
         plan.push(100.0, f"run{i}")
-    # 1,000 due at once, two at a time, 0.1 s each: the first starts 500 restores early.
-    assert plan.next_start() == pytest.approx(100.0 - 500 * 0.1 - RESTORE_MARGIN_S)
+    # Nothing restored yet: a restore is planned to take what a dump takes (0.3 s).
+    assert plan.each_s() == pytest.approx(0.3 * SAFETY)
+    for _ in range(CALIBRATED_AFTER):
+        timings.add(0.1)
+    each = 0.1 * SAFETY
+    # 1,000 due at once, two at a time: the first starts 500 restores early.
+    assert plan.next_start() == pytest.approx(100.0 - 500 * each - RESTORE_MARGIN_S)
     for _ in range(998):
         plan.pop()
-    assert plan.next_start() == pytest.approx(100.0 - 0.1 - RESTORE_MARGIN_S)
+    assert plan.next_start() == pytest.approx(100.0 - each - RESTORE_MARGIN_S)
     # Slower restores measured: the plan starts earlier (the 90th percentile counts).
     for _ in range(20):
         timings.add(0.4)
-    assert plan.next_start() == pytest.approx(100.0 - 0.4 - RESTORE_MARGIN_S)
+    assert plan.next_start() == pytest.approx(100.0 - 0.4 * SAFETY - RESTORE_MARGIN_S)
 
 
 @pytest.mark.criu
