@@ -152,6 +152,7 @@ def measure(strategy: str, n: int, wait_s: float, ahead: int) -> dict[str, Any]:
                 "lateness_p99_ms": round(run.percentile(lateness, 99), 1),
                 "lateness_max_ms": round(max(lateness), 1),
             }
+            figures.update(resume_parts(details, deadline_at))
             held_from, held_to = all_waiting_at, deadline_at
             if strategy == "criu":
                 costs = checkpoint_costs(details, deadline_at)
@@ -183,6 +184,31 @@ def sample(pid: int) -> tuple[int, float]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return len(pss), round(sum(pss) / run.MIB, 1)
+
+
+def resume_parts(details: list[Run], deadline_at: float) -> dict[str, float]:
+    """Where the lateness goes: deadline → wait completed → resumed in a process → finished."""
+    completed, resumed, finished = [], [], []
+    for detail in details:
+        times = {s.description: s.created_at.timestamp() for s in detail.snapshots}
+        done = next((t for d, t in times.items() if d.endswith("completed; resuming")), None)
+        back = next((t for d, t in times.items() if d.startswith(("resumed", "replay"))), None)
+        if done is not None:
+            completed.append((done - deadline_at) * 1000)
+            if back is not None:
+                resumed.append((back - done) * 1000)
+                end = max(times.values())
+                finished.append((end - back) * 1000)
+    parts = {}
+    for name, values in (
+        ("completed_after", completed),
+        ("resumed_after", resumed),
+        ("finished_after", finished),
+    ):
+        if values:
+            parts[f"{name}_p50_ms"] = round(run.percentile(values, 50), 1)
+            parts[f"{name}_p99_ms"] = round(run.percentile(values, 99), 1)
+    return parts
 
 
 DUMPED = re.compile(r"checkpointed: ([\d.]+) MB in (\d+) ms")
