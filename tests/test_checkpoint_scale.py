@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import Harness, eventually, running_daemon
 from test_checkpoint import SUPPORT, TASKS
+from test_state_modes import doctor
 
 from ember import Call, Runs, Tasks
 from ember._types import Health
@@ -134,18 +133,5 @@ async def test_a_failed_dump_is_retried_once_then_the_run_falls_back(
             assert not any(d.startswith("checkpointed:") for d in history), history
             assert "resumed in its parked process" in history
             assert counts == {"dump_failures": 2, "fallbacks_park": 1}
-            report = await asyncio.to_thread(_doctor, state_dir, h.config.socket_path)
+            report = await asyncio.to_thread(doctor, state_dir, h.config.socket_path)
             assert "2 dumps failed, 0 of them worked when retried; fell back to park 1" in report
-
-
-def _doctor(state: Path, socket: Path) -> str:
-    env = {**os.environ, "EMBER_STATE_DIR": str(state), "EMBER_SOCKET": str(socket)}
-    done = subprocess.run(
-        [sys.executable, "-m", "ember.cli", "doctor"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        cwd=state,
-    )
-    return done.stdout + done.stderr
