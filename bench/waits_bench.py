@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -82,18 +83,25 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            started = time.time()
-            procs, pss = sample(self.pid)
-            self.samples.append((started, procs, pss))
-            images = self.state / "checkpoints"
-            if images.is_dir():
-                count = len(list(images.glob("*/meta.json")))
-                if count > self.disk[0]:
-                    self.disk = (
-                        count,
-                        disk_bytes(images) + disk_bytes(self.state / "checkpoint-bases"),
-                    )
-            self.stopping.wait(max(0.0, 1.0 - (time.time() - started)))
+            try:
+                self._once()
+            except Exception as exc:  # (a sample lost is not the bench lost)
+                print(f"sample failed: {exc!r}", file=sys.stderr)
+                self.stopping.wait(1.0)
+
+    def _once(self) -> None:
+        started = time.time()
+        procs, pss = sample(self.pid)
+        self.samples.append((started, procs, pss))
+        images = self.state / "checkpoints"
+        if images.is_dir():
+            count = len(list(images.glob("*/meta.json")))
+            if count > self.disk[0]:
+                self.disk = (
+                    count,
+                    disk_bytes(images) + disk_bytes(self.state / "checkpoint-bases"),
+                )
+        self.stopping.wait(max(0.0, 1.0 - (time.time() - started)))
 
     def peak(self, start: float, end: float) -> tuple[int, float]:
         """The most processes and PSS MiB sampled between two times (0s if none)."""
@@ -104,14 +112,16 @@ class Sampler(threading.Thread):
 def disk_bytes(folder: Path) -> int:
     """What the files under a folder take on disk (allocated blocks; links counted once)."""
     seen, total = set(), 0
-    for path in folder.rglob("*"):
-        try:
-            info = path.lstat()
-        except FileNotFoundError:
-            continue
-        if path.is_file() and (info.st_dev, info.st_ino) not in seen:
-            seen.add((info.st_dev, info.st_ino))
-            total += info.st_blocks * 512
+    # (os.walk skips what vanishes meanwhile: images are deleted as their runs resume)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
     return total
 
 
