@@ -26,6 +26,7 @@ from ember.daemon.procs.criu_plan import (
     SAFETY,
     RestorePlan,
     Timings,
+    parallelism,
 )
 
 criu_only = pytest.mark.skipif(not SUPPORT.ok, reason=f"no working CRIU: {SUPPORT.reason}")
@@ -68,9 +69,13 @@ async def test_restored_processes_are_not_kept_idle(state_dir: Path) -> None:
         await eventually(lambda: not _namespace_children(exclude=set()), timeout_s=20)
 
 
-# criu itself, but the next dumps fail while the arm file holds a count above zero: a fake
-# that implements the real interface (the daemon runs it as it runs criu).
+# criu itself, but the next dumps fail while the arm file holds a count above zero, and each
+# dump first sleeps as many seconds as {arm}.slow says: a fake that implements the real
+# interface (the daemon runs it as it runs criu).
 FLAKY_CRIU = """#!/bin/sh
+if [ "$1" = dump ] && [ -s {arm}.slow ]; then
+  sleep "$(cat {arm}.slow)"
+fi
 if [ "$1" = dump ] && [ -s {arm} ]; then
   left=$(cat {arm})
   if [ "$left" -gt 0 ]; then
@@ -135,3 +140,34 @@ async def test_a_failed_dump_is_retried_once_then_the_run_falls_back(
             assert counts == {"dump_failures": 2, "fallbacks_park": 1}
             report = await asyncio.to_thread(doctor, state_dir, h.config.socket_path)
             assert "2 dumps failed, 0 of them worked when retried; fell back to park 1" in report
+
+
+@pytest.mark.criu
+@criu_only
+async def test_a_wait_over_before_its_dump_starts_is_not_dumped(
+    state_dir: Path, flaky_criu: tuple[Path, Path]
+) -> None:
+    wrapper, arm = flaky_criu
+    async with running_daemon(
+        state_dir, checkpoint="criu", wait_park_threshold_s=0.5, criu_path=str(wrapper)
+    ) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        arm.with_suffix(".slow").write_text("5")
+        # Every dump slot is taken for 5 s; the last run's 1 s wait ends before one frees.
+        tasks = Tasks(h.client)
+        handles = [await tasks.trigger("remember", {"s": 1}) for _ in range(parallelism() + 1)]
+        runs = Runs(h.client)
+        skipped = 0
+        for handle in handles:
+            done = await h.wait(handle.id)
+            lines = (await runs.logs(handle.id)).data
+            assert done.output_as()["secret"] == float(lines[0].attrs["secret"])
+            history = [s.description for s in done.snapshots]
+            if not any(d.startswith("checkpointed:") for d in history):
+                skipped += 1
+                # (woken, it reconnects as a restored process does: on_worker_back resumes it)
+                assert "restored from its checkpoint" in history, history
+                assert not any(d.startswith("restored its process") for d in history), history
+        counts = (await _health(h)).checkpoint_counters
+        assert skipped == counts["dumps_not_needed"] >= 1, counts
+        assert counts["dumps"] + skipped == len(handles), counts

@@ -53,6 +53,8 @@ log = logging.getLogger("ember.daemon")
 
 DUMP_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 20.0
+# What _run answers when the run's wait ended before its dump could start.
+NOT_NEEDED = "its wait is over: no dump needed"
 # A failed dump is tried again after this (its cause may pass: a process fd not there yet).
 DUMP_RETRY_DELAY_S = 0.2
 
@@ -445,9 +447,18 @@ class Checkpointer:
         """The run's image directory."""
         return self._root / run.id
 
-    async def _run(self, args: list[str], images: Path, log_name: str) -> tuple[str | None, float]:
-        """Run criu in a slot; return (None on success else the reason, milliseconds taken)."""
+    async def _run(
+        self, args: list[str], images: Path, log_name: str, run: ActiveRun | None = None
+    ) -> tuple[str | None, float]:
+        """Run criu in a slot; return (None on success else the reason, milliseconds taken).
+
+        With ``run``, nothing runs if its wait is over by the time a slot is free: when a
+        burst's dumps take longer than its waits, dumping a process only to restore it at
+        once cost a dump and a restore for nothing.
+        """
         async with self._dump_slots:
+            if run is not None and run.status is not RunStatus.WAITING:
+                return NOT_NEEDED, 0.0
             error, elapsed_ms = await self._run_now(args, images, log_name, DUMP_TIMEOUT_S)
         if error is None:
             self.dump_times.add(elapsed_ms / 1000)
@@ -549,8 +560,11 @@ class Checkpointer:
             error: str | None = f"its interpreter and libraries cannot be read ({exc})"
             dump_ms = 0.0
         else:
-            error, dump_ms = await self._run(dump_args(worker.pid, images), images, "dump.log")
-            if error is not None:
+            waiting = run if fall_back else None  # (the drain dumps runs that execute)
+            error, dump_ms = await self._run(
+                dump_args(worker.pid, images), images, "dump.log", waiting
+            )
+            if error is not None and error != NOT_NEEDED:
                 # Some failures pass (one of 100 dumps: "Can't get proc fd"); CRIU left the
                 # process as it was, parked with its channel closed, so it can go again.
                 self.counters["dump_failures"] += 1
@@ -559,8 +573,17 @@ class Checkpointer:
                 await asyncio.sleep(DUMP_RETRY_DELAY_S)
                 for stale in images.iterdir():
                     stale.unlink()
-                error, dump_ms = await self._run(dump_args(worker.pid, images), images, "dump.log")
-                self.counters["dump_retries_ok" if error is None else "dump_failures"] += 1
+                error, dump_ms = await self._run(
+                    dump_args(worker.pid, images), images, "dump.log", waiting
+                )
+                if error != NOT_NEEDED:
+                    self.counters["dump_retries_ok" if error is None else "dump_failures"] += 1
+        if error == NOT_NEEDED:
+            shutil.rmtree(images, ignore_errors=True)
+            self.counters["dumps_not_needed"] += 1
+            _wake(worker.pid)  # it reconnects and resumes, never dumped
+            self._keep_parked(run)
+            return False
         if error is not None:
             shutil.rmtree(images, ignore_errors=True)
             if fall_back:
