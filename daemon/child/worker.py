@@ -64,6 +64,9 @@ _THREAD_QUEUE_BYTES = 4 * 1024 * 1024
 WAKE_CHECK_S = 1.0
 WAKE_TIMEOUT_S = 600.0
 WAKE_GRACE_CHECKS = 3
+# Reconnecting after a checkpoint: tries, and how long each connect may take.
+RECONNECT_TRIES = 8
+RECONNECT_TIMEOUT_S = 5.0
 # The share of the cancel grace that on_cancel hooks and the run's cleanup may use.
 _CANCEL_SHARE = 0.8
 # Room kept for the marker of a cut log line.
@@ -495,6 +498,24 @@ class RunProcess:
         self._socket = (socket_path, worker_id, token)
         self._link.flush()  # (after the Hello: the daemon knows the process first)
 
+    async def _reconnect(self) -> None:
+        """Connect again after a checkpoint, with a bounded wait and a few tries.
+
+        A connect to a Unix socket whose backlog is full does not fail: it waits for a
+        writability that never comes. Hundreds of processes woken at once hung so for good.
+        """
+        for attempt in range(RECONNECT_TRIES):
+            try:
+                await asyncio.wait_for(
+                    self._connect(*self._socket, restored=True), RECONNECT_TIMEOUT_S
+                )
+                return
+            except (OSError, TimeoutError):
+                # (jitter not from `random`: that is the task's own sequence)
+                jitter = 0.5 + int.from_bytes(os.urandom(2), "big") / 65535
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt) * jitter)
+        abandon()  # the daemon is not there for it: the run resumes from its journal
+
     def _on_sigterm(self) -> None:
         attempt, current = self._attempt, self._current
         if (
@@ -617,7 +638,7 @@ class RunProcess:
         if host_ppid() != parent:
             # Restored: the daemon that restored this process is its parent now.
             self._daemon = ProcessIdentity.of(host_ppid()) or self._daemon
-        await self._connect(*self._socket, restored=True)
+        await self._reconnect()
         self._suspending = None
         # Ask again for what this process waits for: its wait may have completed while no
         # daemon held the result in memory (killed before this restore), and then only the

@@ -726,16 +726,15 @@ class Checkpointer:
             pending = self._dumps.get(run.id)
             if pending is not None:
                 await asyncio.shield(pending)  # (outside a slot: the dump needs one)
-            async with self._slots:
-                # Checked again now that a slot is ours: meanwhile the run may have been
-                # canceled or finished, its dump may have failed (it stays parked), or its
-                # process may be back already.
-                if (
-                    self._engine.active.get(run.id) is run
-                    and run.hold == Hold.CHECKPOINT
-                    and run.parked is None
-                ):
-                    failed, criu_ran = await self._bring_back(run)
+            # A run whose process was never dumped (or is back) queues for no restore slot:
+            # behind a burst's restores, such runs waited seconds for nothing.
+            if self._needs_restore(run):
+                async with self._slots:
+                    # Checked again now that a slot is ours: meanwhile the run may have been
+                    # canceled or finished, its dump may have failed (it stays parked), or
+                    # its process may be back already.
+                    if self._needs_restore(run):
+                        failed, criu_ran = await self._bring_back(run)
         except Exception as exc:  # its image vanished meanwhile, say: the run replays
             log.exception("restoring run %s failed", run.id)
             failed = f"{type(exc).__name__}: {exc}"
@@ -746,6 +745,14 @@ class Checkpointer:
             if criu_ran:
                 await self._sweep_strays()
             self._fail(run, failed)
+
+    def _needs_restore(self, run: ActiveRun) -> bool:
+        """The run is still held by its image alone."""
+        return (
+            self._engine.active.get(run.id) is run
+            and run.hold == Hold.CHECKPOINT
+            and run.parked is None
+        )
 
     async def _bring_back(self, run: ActiveRun) -> tuple[str | None, bool]:
         """Restore the run's process (a slot is held): (why it failed or None, criu ran)."""
