@@ -51,6 +51,11 @@ def test_restores_ahead_start_early_enough_for_the_whole_queue() -> None:
     for _ in range(20):
         timings.add(0.4)
     assert plan.next_start() == pytest.approx(100.0 - 0.4 * SAFETY - RESTORE_MARGIN_S)
+    # Room for 100 restored ahead: the plan is for those 100, the rest wait for room.
+    capped = RestorePlan(parallel=2, timings=timings, depth=100)
+    for i in range(1000):
+        capped.push(100.0, f"run{i}")
+    assert capped.next_start() == pytest.approx(100.0 - 50 * 0.4 * SAFETY - RESTORE_MARGIN_S)
 
 
 @pytest.mark.criu

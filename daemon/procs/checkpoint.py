@@ -430,7 +430,12 @@ class Checkpointer:
         self.counters: Counter[str] = Counter()
         self._sweeping = asyncio.Lock()
         # Timed waits whose process is restored ahead of the deadline: (deadline, run id).
-        self._ahead = RestorePlan(self.restore_parallel, self.restore_times, self.dump_times)
+        self._ahead = RestorePlan(
+            self.restore_parallel,
+            self.restore_times,
+            self.dump_times,
+            depth=max(1, config.max_restored_ahead),
+        )
         self._ahead_runs: dict[str, ActiveRun] = {}
         self._ahead_changed = asyncio.Event()
         self._ahead_task: asyncio.Task[None] | None = None
