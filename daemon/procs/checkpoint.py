@@ -38,7 +38,7 @@ import zstandard
 import ember
 from ember._types import RunStatus
 from ember.daemon.config import DaemonConfig
-from ember.daemon.model import Hold
+from ember.daemon.model import Hold, Snapshot
 from ember.daemon.procs.criu_plan import RestorePlan, Timings, parallelism
 from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
 from ember.daemon.procs.pages import PageStore
@@ -77,7 +77,7 @@ class CheckpointEngine(Protocol):
         """The state database."""
         ...
 
-    def note(self, run: ActiveRun, snapshot: str, description: str) -> None:
+    def note(self, run: ActiveRun, snapshot: Snapshot, description: str) -> None:
         """Record an execution snapshot that does not change the run's status."""
         ...
 
@@ -574,7 +574,7 @@ class Checkpointer:
                 # process as it was, parked with its channel closed, so it can go again.
                 self.counters["dump_failures"] += 1
                 log.warning("checkpoint of run %s failed (%s); retrying once", run.id, error)
-                self._engine.note(run, "SUSPENDED", f"checkpoint failed ({error}); retrying")
+                self._engine.note(run, Snapshot.SUSPENDED, f"checkpoint failed ({error}); retrying")
                 await asyncio.sleep(DUMP_RETRY_DELAY_S)
                 for stale in images.iterdir():
                     stale.unlink()
@@ -629,7 +629,7 @@ class Checkpointer:
             else ""
         )
         self._engine.note(
-            run, "SUSPENDED", f"checkpointed: {size / 1e6:.2f} MB in {dump_ms:.0f} ms{how}"
+            run, Snapshot.SUSPENDED, f"checkpointed: {size / 1e6:.2f} MB in {dump_ms:.0f} ms{how}"
         )
         return True
 
@@ -648,7 +648,7 @@ class Checkpointer:
         self.counters[f"fallbacks_{how}"] += 1
         log.warning("checkpoint of run %s failed again (%s); held by %s", run.id, reason, how)
         self._engine.note(
-            run, "SUSPENDED", f"checkpoint failed again ({reason}); held by {how} instead"
+            run, Snapshot.SUSPENDED, f"checkpoint failed again ({reason}); held by {how} instead"
         )
 
     def _keep_parked(self, run: ActiveRun) -> None:
@@ -811,7 +811,9 @@ class Checkpointer:
         worker.pid = pid
         self._reap_later(pid, worker)
         os.kill(pid, signal.SIGUSR1)
-        self._engine.note(run, "PENDING_EXECUTING", f"restored its process in {restore_ms:.0f} ms")
+        self._engine.note(
+            run, Snapshot.PENDING_EXECUTING, f"restored its process in {restore_ms:.0f} ms"
+        )
         return None, True
 
     async def _sweep_strays(self) -> None:
@@ -842,7 +844,7 @@ class Checkpointer:
         log.warning("restoring run %s failed (%s); it re-executes from its journal", run.id, reason)
         self._engine.note(
             run,
-            "PENDING_EXECUTING",
+            Snapshot.PENDING_EXECUTING,
             f"its checkpoint was not restored: {reason}; it replays from its journal",
         )
         self.discard(run)
