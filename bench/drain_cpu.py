@@ -1,6 +1,6 @@
 """Where CPU goes while the daemon drains: microseconds of CPU per run, daemon vs run processes.
 
-    .venv/bin/python bench/drain_cpu.py [--n 5000] [--rounds 3]
+    .venv/bin/python bench/drain_cpu.py [--n 5000] [--rounds 3] [--no-tracing]
 
 Pauses the task's queue, enqueues N no-op runs in batches of 1,000, resumes the queue and
 waits for the last run, reading the CPU time of the daemon and of the processes under it
@@ -59,9 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-tracing", action="store_true", help="run processes record no spans")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ember-drain-") as folder:
-        peer = EmberPeer(Path(folder))
+        peer = EmberPeer(Path(folder), tracing=not args.no_tracing)
         peer.start_workers()
         try:
             for _ in range(run.WARMUP_ROUND_TRIPS * 4):

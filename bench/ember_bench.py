@@ -147,20 +147,22 @@ class EmberPeer(run.Peer):
         "throughput": "held by pausing the task's queue (the daemon is the broker, so it runs)",
     }
 
-    def __init__(self, workdir: Path, checkpoint: str = "auto") -> None:
+    def __init__(self, workdir: Path, checkpoint: str = "auto", tracing: bool = True) -> None:
         import ember
 
         self.version = ember.__version__
         self._workdir = workdir
         self._socket = workdir / "ember.sock"
         self._checkpoint = checkpoint
+        self._tracing = tracing
         self._process: subprocess.Popen[bytes] | None = None
         self._client = Client(ClientSettings(socket_path=self._socket))
         self._tasks = Tasks(self._client)
         self.setup = (
             f"ember daemon (uvloop, SQLite WAL), max {self.PROCESSES} run processes forked from "
             f"a warm zygote, each recycled after {DaemonConfig().max_runs_per_process:,} runs, "
-            f"checkpoint={checkpoint}; client: the SDK's blocking calls"
+            f"checkpoint={checkpoint}, tracing {'on' if tracing else 'off'}; client: the SDK's "
+            "blocking calls"
         )
 
     def start_workers(self) -> None:
@@ -171,6 +173,7 @@ class EmberPeer(run.Peer):
             str(self.PROCESSES),
             "--checkpoint",
             self._checkpoint,
+            "--tracing" if self._tracing else "--no-tracing",
         )
         self._tasks = Tasks(self._client)
         register(self._client)

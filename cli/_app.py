@@ -120,6 +120,13 @@ def daemon(
     log_format: Annotated[
         str, typer.Option(help="auto (journal under journald, else text), text, journal, json.")
     ] = "auto",
+    tracing: Annotated[
+        bool | None,
+        typer.Option("--tracing/--no-tracing", help="Record OpenTelemetry spans of runs."),
+    ] = None,
+    otlp_endpoint: Annotated[
+        str | None, typer.Option(help="Export spans with OTLP/HTTP to this traces URL.")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     from ember._config import SystemdEnv
@@ -146,6 +153,8 @@ def daemon(
             socket_group=socket_group,
             retention=retention,
             min_free_bytes=min_free_bytes,
+            tracing=tracing,
+            otlp_endpoint=otlp_endpoint,
             systemd=SystemdEnv.from_env(),
         )
     except EmberError as exc:
@@ -302,6 +311,25 @@ def runs_logs(
 ) -> None:
     """Print a run's log lines."""
     _one_run(run_id, env, profile, "logs", as_json)
+
+
+@runs_app.command("trace")
+def runs_trace(
+    run_id: str, env: EnvOption = None, profile: ProfileOption = None, as_json: JsonFlag = False
+) -> None:
+    """Print a run's OpenTelemetry spans as a tree, with offsets and durations."""
+    from ember.cli._trace import print_trace
+
+    client = _client(env, profile)
+
+    async def go() -> None:
+        trace = await Runs(client).trace(run_id)
+        if as_json:
+            _print_json(trace)
+        else:
+            print_trace(trace)
+
+    _run_async(go())
 
 
 @runs_app.command("cancel")

@@ -88,6 +88,8 @@ def print_run(run: Run) -> None:
     created = f"{run.created_at.astimezone():%Y-%m-%d %H:%M:%S}"
     typer.echo(f"  created {created}  duration {duration_text(run.started_at, run.finished_at)}")
     typer.echo("  payload " + _json(run.payload).replace("\n", "\n  "))
+    if run.metadata is not None:
+        typer.echo("  metadata " + msgspec.json.encode(run.metadata).decode())
     if run.status is RunStatus.COMPLETED:
         typer.echo("  output " + _json(run.output).replace("\n", "\n  "))
     if run.error is not None:

@@ -7,10 +7,17 @@ only), then ``[tool.ember]`` of the project, then Ember's default.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
-from ember._config import ClientSettings, client_socket_path, default_socket_path, env_var
+from ember._config import (
+    ClientSettings,
+    client_socket_path,
+    default_socket_path,
+    env_var,
+    otlp_settings,
+)
 from ember._duration import parse_duration_s
 from ember._errors import ConfigError
 from ember.cli._project import Project
@@ -51,6 +58,9 @@ _DAEMON_KEYS = {
     "log_max_bytes": int,
     "log_backups": int,
     "public_url": str,
+    "tracing": bool,
+    "otlp_endpoint": str,
+    "instrumentations": tuple,
 }
 _AT_LEAST_ONE = (
     "max_concurrent_runs",
@@ -85,6 +95,10 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
                 raise ConfigError(f"[tool.ember] has an unknown key {key!r}; known keys: {known}")
             if key == "socket_mode" and isinstance(raw, int):
                 raw = oct(raw)  # (a TOML integer 0o660 arrives as 432)
+            if kind is bool and not isinstance(raw, bool):
+                raise ConfigError(f"[tool.ember] {key} = {raw!r} is not true or false")
+            if key == "instrumentations":
+                raw = _instrumentations(raw)
             try:
                 value = kind(raw)
             except (TypeError, ValueError):
@@ -98,6 +112,11 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
         values["state_dir"] = Path(explicit)
     if env_var("EMBER_SOCKET"):
         values["socket_path"] = default_socket_path()
+    endpoint, headers = otlp_settings()
+    if endpoint is not None:
+        values["otlp_endpoint"] = endpoint
+    if headers:
+        values["otlp_headers"] = headers
     for spec in flags.pop("sync", None) or ():
         env, _, profile = spec.rpartition("=")
         forwarded[env or _profile_env(profile)] = profile
@@ -172,6 +191,18 @@ def sync_targets(forwarded: dict[str, str]) -> tuple[SyncTarget, ...]:
             )
         )
     return tuple(targets)
+
+
+def _instrumentations(raw: Any) -> tuple[str, ...]:
+    """``["module:Class", ...]``, checked for shape (the zygote imports them)."""
+    if not isinstance(raw, list) or not all(
+        isinstance(item, str) and re.fullmatch(r"[\w.]+:[\w.]+", item) for item in raw
+    ):
+        raise ConfigError(
+            f"[tool.ember] instrumentations = {raw!r}: give a list of 'module:Class' strings, "
+            'e.g. ["opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor"]'
+        )
+    return tuple(raw)
 
 
 def _convert(values: dict[str, Any]) -> None:

@@ -94,6 +94,12 @@ class DaemonConfig:
         tls_cert: a PEM certificate (chain) for the TCP listener: it then speaks HTTPS.
         tls_key: the certificate's private key.
         sync: environments forwarded to remote daemons (outbox and mirror).
+        tracing: run processes record OpenTelemetry spans (the daemon stores them with the run).
+        otlp_endpoint: where the daemon exports spans with OTLP/HTTP (protobuf), the full URL
+            of the traces path (``http://collector:4318/v1/traces``); None: no export.
+        otlp_headers: headers sent with each export (an API key of a hosted backend).
+        instrumentations: OpenTelemetry instrumentors (``"module:Class"``) each zygote
+            applies once, before it imports the task modules.
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -137,6 +143,10 @@ class DaemonConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     sync: tuple[SyncTarget, ...] = ()
+    tracing: bool = True
+    otlp_endpoint: str | None = None
+    otlp_headers: tuple[tuple[str, str], ...] = ()
+    instrumentations: tuple[str, ...] = ()
 
     @property
     def api_socket(self) -> Path:

@@ -93,6 +93,8 @@ class ActiveRun:
     debounce_key: str | None = None
     debounce_max_at: float | None = None
     replayed_from: str | None = None
+    # The caller's W3C traceparent: the run's trace continues it (None: a trace of its own).
+    traceparent: str | None = None
     started_at: float | None = None
     idempotency_key: str | None = None
     generation: int = 0

@@ -65,12 +65,15 @@ if TYPE_CHECKING:
         locals,
     )
     from ember._logger import logger
+    from ember._metadata import Metadata, metadata
     from ember._queues import Queues, queues
+    from ember._realtime_types import RunUpdate
     from ember._retry import heartbeats, retry
     from ember._runs import BatchEntry, ReplayChanges, Runs, Tasks, runs, tasks
     from ember._runtime import Context
     from ember._schedule_types import Schedule, ScheduledPayload, ScheduleList
     from ember._schedules import ScheduledTask, Schedules, schedules
+    from ember._streams import Streams, streams
     from ember._task import Queue, Retry, RunHandle, Task, TriggerItem, TriggerKwargs, task
     from ember._types import (
         Attempt,
@@ -127,6 +130,7 @@ _EXPORTS: dict[str, str] = {
     "Locals": "ember._hooks",
     "LogEvent": "ember._types",
     "LogLine": "ember._types",
+    "Metadata": "ember._metadata",
     "MiddlewareParams": "ember._hooks",
     "NonDeterminismError": "ember._errors",
     "NotFound": "ember._errors",
@@ -144,6 +148,7 @@ _EXPORTS: dict[str, str] = {
     "RunHandle": "ember._task",
     "RunStatus": "ember._types",
     "RunSummary": "ember._types",
+    "RunUpdate": "ember._realtime_types",
     "RunsFilter": "ember._types",
     "Queues": "ember._queues",
     "Runs": "ember._runs",
@@ -153,6 +158,7 @@ _EXPORTS: dict[str, str] = {
     "ScheduledTask": "ember._schedules",
     "Schedules": "ember._schedules",
     "StartAttemptParams": "ember._hooks",
+    "Streams": "ember._streams",
     "SubtaskUnwrapError": "ember._errors",
     "SuccessParams": "ember._hooks",
     "Task": "ember._task",
@@ -179,10 +185,12 @@ _EXPORTS: dict[str, str] = {
     "idempotency_keys": "ember._wait",
     "locals": "ember._hooks",
     "logger": "ember._logger",
+    "metadata": "ember._metadata",
     "queues": "ember._queues",
     "retry": "ember._retry",
     "runs": "ember._runs",
     "schedules": "ember._schedules",
+    "streams": "ember._streams",
     "task": "ember._task",
     "tasks": "ember._runs",
     "verify_signature": "ember._alerts",
@@ -223,6 +231,7 @@ __all__ = [
     "Locals",
     "LogEvent",
     "LogLine",
+    "Metadata",
     "MiddlewareParams",
     "NonDeterminismError",
     "NotFound",
@@ -241,6 +250,7 @@ __all__ = [
     "RunHandle",
     "RunStatus",
     "RunSummary",
+    "RunUpdate",
     "Runs",
     "RunsFilter",
     "Schedule",
@@ -249,6 +259,7 @@ __all__ = [
     "ScheduledTask",
     "Schedules",
     "StartAttemptParams",
+    "Streams",
     "SubtaskUnwrapError",
     "SuccessParams",
     "Task",
@@ -276,10 +287,12 @@ __all__ = [
     "idempotency_keys",
     "locals",
     "logger",
+    "metadata",
     "queues",
     "retry",
     "runs",
     "schedules",
+    "streams",
     "task",
     "tasks",
     "verify_signature",

@@ -212,14 +212,23 @@ class Client:
         Raises:
             DaemonUnavailable: nothing listens at the address, or it went away.
         """
+        async for event_id, data in self.sse("/api/v1/events", params, last_event_id):
+            yield event_id, _event_decoder.decode(data)
+
+    async def sse(
+        self, path: str, params: Mapping[str, Any] | None, last_event_id: str | None = None
+    ) -> AsyncGenerator[tuple[str | None, bytes]]:
+        """Stream a server-sent-event response: each event's id and data, as they come.
+
+        Raises:
+            DaemonUnavailable: nothing listens at the address, or it went away.
+        """
         headers = dict(self._headers)
         if last_event_id is not None:
             headers["last-event-id"] = last_event_id
         buffer = b""
         try:
-            async for status, data in self._pool().stream(
-                target("/api/v1/events", params), headers
-            ):
+            async for status, data in self._pool().stream(target(path, params), headers):
                 if status >= 400:
                     raise self._error(status, data)
                 buffer += data
@@ -230,7 +239,7 @@ class Client:
                         if line.startswith(b"id: "):
                             event_id = line[4:].decode()
                         elif line.startswith(b"data: "):
-                            yield event_id, _event_decoder.decode(line[6:])
+                            yield event_id, line[6:]
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
             raise self._unavailable(str(exc) or "the event stream closed") from exc
 

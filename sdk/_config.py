@@ -11,6 +11,8 @@ values as arguments or through the frozen objects built here.
 | ``EMBER_ENV`` | the environment a client works in (``dev`` unless set) |
 | ``EMBER_VERSION`` / ``TRIGGER_VERSION`` | pin the version new runs lock to |
 | ``STATE_DIRECTORY`` / ``RUNTIME_DIRECTORY`` / ``LOGS_DIRECTORY`` | systemd's directories |
+| ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_HEADERS``, ``_PROTOCOL`` | \
+the daemon's OTLP export of spans (OpenTelemetry's standard names) |
 | ``NOTIFY_SOCKET``, ``WATCHDOG_USEC``/``_PID``, ``LISTEN_FDS``/``_PID``, ``JOURNAL_STREAM`` | \
 what systemd hands a service (see :class:`SystemdEnv`) |
 
@@ -36,6 +38,45 @@ def env_var(name: str) -> str | None:
     """Return an environment variable, treating an empty value as unset."""
     value = os.environ.get(name)
     return value or None
+
+
+def otlp_settings() -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """The OTLP traces endpoint and headers from OpenTelemetry's standard variables.
+
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is the full URL; ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    is a base to which ``/v1/traces`` is appended, as the OTel specification says.
+
+    Raises:
+        ConfigError: a protocol other than ``http/protobuf``, or headers not ``k=v,...``.
+    """
+    from urllib.parse import unquote
+
+    from ember._errors import ConfigError
+
+    protocol = env_var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env_var(
+        "OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
+    endpoint = env_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if endpoint is None and (base := env_var("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        endpoint = base.rstrip("/") + "/v1/traces"
+    if endpoint is not None and protocol not in (None, "http/protobuf"):
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: the daemon exports "
+            "OTLP over HTTP with protobuf; set it to http/protobuf (port 4318 on most collectors)"
+        )
+    raw = env_var("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env_var("OTEL_EXPORTER_OTLP_HEADERS")
+    headers: list[tuple[str, str]] = []
+    for pair in (raw or "").split(","):
+        if not pair.strip():
+            continue
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(
+                f"OTEL_EXPORTER_OTLP_HEADERS: {pair!r} is not name=value; write "
+                "name=value pairs separated by commas"
+            )
+        headers.append((unquote(name.strip()), unquote(value.strip())))
+    return endpoint, tuple(headers)
 
 
 def _systemd_dir(name: str) -> Path | None:

@@ -7,9 +7,11 @@ the standard :mod:`logging` module under the ``ember`` name, so the same code ru
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ember._runtime import current_runtime
+from ember._tracing import span
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -50,6 +52,15 @@ class Logger:
     def error(self, message: str, **attrs: Any) -> None:
         """Log at error level."""
         self._emit("error", message, attrs)
+
+    def trace(self, name: str, **attrs: Any) -> AbstractContextManager[Any]:
+        """A span of your own, as ``with logger.trace("fetch", url=url) as span: ...``.
+
+        Inside a run it is a child of the current span (the attempt's, or an enclosing one)
+        and shows in the run's trace; ``span`` is the OpenTelemetry span (None where no
+        OpenTelemetry is loaded, outside runs). An exception leaving the block marks it failed.
+        """
+        return span(name, attrs)
 
 
 logger = Logger()

@@ -6,7 +6,7 @@ the same :class:`~ember._client.Call`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
@@ -15,7 +15,9 @@ import msgspec
 from ember._bulk import BulkActions
 from ember._client import Call, Client, default_client, request_key
 from ember._hooks import GlobalHookRegistry
+from ember._realtime_types import RunUpdate
 from ember._task import RunHandle, TriggerKwargs, _wire_delay, json_default, trigger_options
+from ember._trace_types import RunTrace
 from ember._types import (
     LogPage,
     ReplayRequest,
@@ -154,6 +156,9 @@ class Runs:
     def _logs(self, run_id: str) -> Call[LogPage]:
         return Call("GET", f"/api/v1/runs/{run_id}/logs", LogPage)
 
+    def _trace(self, run_id: str) -> Call[RunTrace]:
+        return Call("GET", f"/api/v1/runs/{run_id}/trace", RunTrace)
+
     # -- async --------------------------------------------------------------------------
 
     async def retrieve(self, run_id: str) -> Run:
@@ -219,6 +224,10 @@ class Runs:
         """Return the lines a run logged, oldest first."""
         return await self.client.request(self._logs(run_id))
 
+    async def trace(self, run_id: str) -> RunTrace:
+        """Return the run's OpenTelemetry spans: the run's own first, then by start time."""
+        return await self.client.request(self._trace(run_id))
+
     # -- blocking twins -----------------------------------------------------------------
 
     def retrieve_sync(self, run_id: str) -> Run:
@@ -264,6 +273,52 @@ class Runs:
     def logs_sync(self, run_id: str) -> LogPage:
         """Blocking twin of :meth:`logs`."""
         return self.client.request_sync(self._logs(run_id))
+
+    # -- realtime -----------------------------------------------------------------------
+
+    def subscribe(self, run_id: str) -> AsyncIterator[RunUpdate]:
+        """Updates of one run as they happen, from its first; ends after its final one.
+
+        ``async for update in runs.subscribe(run_id): update.run.status, .run.metadata``.
+        A dropped connection (a daemon restart) resumes after the last update, with no gap.
+        """
+        from ember._realtime import updates
+
+        return updates(self.client, {"run_id": run_id}, until_final=True)
+
+    def subscribe_to_tag(self, tag: str) -> AsyncIterator[RunUpdate]:
+        """Updates of every run with this tag (those there and those to come), until you stop."""
+        from ember._realtime import updates
+
+        return updates(self.client, {"tag": tag}, until_final=False)
+
+    def subscribe_to_batch(self, batch_id: str) -> AsyncIterator[RunUpdate]:
+        """Updates of a batch's runs, until you stop."""
+        from ember._realtime import updates
+
+        return updates(self.client, {"batch_id": batch_id}, until_final=False)
+
+    def subscribe_sync(self, run_id: str) -> Iterator[RunUpdate]:
+        """Blocking twin of :meth:`subscribe`."""
+        from ember._realtime import blocking
+
+        return blocking(self.client, self.subscribe(run_id))
+
+    def subscribe_to_tag_sync(self, tag: str) -> Iterator[RunUpdate]:
+        """Blocking twin of :meth:`subscribe_to_tag`."""
+        from ember._realtime import blocking
+
+        return blocking(self.client, self.subscribe_to_tag(tag))
+
+    def subscribe_to_batch_sync(self, batch_id: str) -> Iterator[RunUpdate]:
+        """Blocking twin of :meth:`subscribe_to_batch`."""
+        from ember._realtime import blocking
+
+        return blocking(self.client, self.subscribe_to_batch(batch_id))
+
+    def trace_sync(self, run_id: str) -> RunTrace:
+        """Blocking twin of :meth:`trace`."""
+        return self.client.request_sync(self._trace(run_id))
 
 
 class Tasks(GlobalHookRegistry):

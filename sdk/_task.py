@@ -35,6 +35,7 @@ from ember._duration import check_rate_limit, parse_duration_s
 from ember._errors import ConfigError, PayloadValidationError, RunFailedError
 from ember._hooks import Hook, Hooks, task_hooks
 from ember._runtime import Context, current_runtime
+from ember._tracing import span, traceparent
 
 if TYPE_CHECKING:
     from ember._batch import Batch
@@ -208,7 +209,28 @@ def trigger_options(
         machine=machine,
         parent_run_id=runtime.context.run_id if runtime is not None else None,
         debounce=debounce,
+        traceparent=traceparent(),
     )
+
+
+def _traced(current: Any, response: TriggerResponse) -> None:
+    if current is not None:
+        current.set_attribute("ember.run.id", response.id)
+
+
+def continue_trace(items: list[BatchItem]) -> list[BatchItem]:
+    """The items, each continuing the current span's trace unless it names its own."""
+    parent = traceparent()
+    if parent is None:
+        return items
+    return [
+        item
+        if item.options.traceparent
+        else msgspec.structs.replace(
+            item, options=msgspec.structs.replace(item.options, traceparent=parent)
+        )
+        for item in items
+    ]
 
 
 def _wire_delay(delay: float | str | timedelta | datetime | None) -> float | str | None:
@@ -423,16 +445,22 @@ class Task(Generic[T, P, R]):
                 the field), or an option is invalid.
         """
         client = client or default_client()
-        call = self._trigger_call(payload, trigger_options(**options))
-        return RunHandle(await client.request(call), client, self.output_type)
+        with span("trigger", {"ember.task": self.id}) as current:
+            call = self._trigger_call(payload, trigger_options(**options))
+            response = await client.request(call)
+            _traced(current, response)
+        return RunHandle(response, client, self.output_type)
 
     def trigger_sync(
         self, payload: T, *, client: Client | None = None, **options: Unpack[TriggerKwargs]
     ) -> RunHandle[R]:
         """Blocking twin of :meth:`trigger`, for Django, Flask and scripts."""
         client = client or default_client()
-        call = self._trigger_call(payload, trigger_options(**options))
-        return RunHandle(client.request_sync(call), client, self.output_type)
+        with span("trigger", {"ember.task": self.id}) as current:
+            call = self._trigger_call(payload, trigger_options(**options))
+            response = client.request_sync(call)
+            _traced(current, response)
+        return RunHandle(response, client, self.output_type)
 
     async def batch_trigger(
         self,
@@ -455,8 +483,12 @@ class Task(Generic[T, P, R]):
         from ember._batch import Batch, plan_batch, send_batch
 
         client = client or default_client()
-        plan = plan_batch(self._batch_items(items), idempotency_key, idempotency_key_ttl)
-        batch_id, runs, cached = await send_batch(client, plan)
+        with span("batch_trigger", {"ember.task": self.id}) as current:
+            batch = continue_trace(self._batch_items(items))
+            plan = plan_batch(batch, idempotency_key, idempotency_key_ttl)
+            batch_id, runs, cached = await send_batch(client, plan)
+            if current is not None:
+                current.set_attributes({"ember.batch.id": batch_id, "ember.batch.size": len(runs)})
         return Batch(batch_id, runs, client, self.output_type, cached)
 
     async def trigger_and_wait(
@@ -494,8 +526,12 @@ class Task(Generic[T, P, R]):
         from ember._batch import Batch, plan_batch, send_batch_sync
 
         client = client or default_client()
-        plan = plan_batch(self._batch_items(items), idempotency_key, idempotency_key_ttl)
-        batch_id, runs, cached = send_batch_sync(client, plan)
+        with span("batch_trigger", {"ember.task": self.id}) as current:
+            batch = continue_trace(self._batch_items(items))
+            plan = plan_batch(batch, idempotency_key, idempotency_key_ttl)
+            batch_id, runs, cached = send_batch_sync(client, plan)
+            if current is not None:
+                current.set_attributes({"ember.batch.id": batch_id, "ember.batch.size": len(runs)})
         return Batch(batch_id, runs, client, self.output_type, cached)
 
 

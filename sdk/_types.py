@@ -131,6 +131,8 @@ class TriggerOptions(Request, frozen=True):
     machine: str | None = None
     parent_run_id: str | None = None
     debounce: Debounce | None = None
+    # The W3C traceparent of the caller's span: the run's trace continues it.
+    traceparent: str | None = None
 
 
 class TriggerRequest(Request, frozen=True):

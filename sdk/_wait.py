@@ -20,6 +20,7 @@ from ember._client import Call, Client, default_client
 from ember._duration import parse_duration_s
 from ember._errors import SubtaskUnwrapError, WaitOutsideRunError
 from ember._runtime import RunRuntime, current_runtime
+from ember._tracing import span
 from ember._types import (
     CompleteTokenRequest,
     CreateTokenRequest,
@@ -141,12 +142,15 @@ async def trigger_and_wait(
     """Trigger a child run on the parent's version and wait for it without holding a slot."""
     runtime = _runtime("trigger_and_wait")
     seq = runtime.next_seq()
-    journaled = await _from_journal(runtime, seq, "RUN", [task.id])
-    if journaled is None:
-        options.setdefault("idempotency_key", seed_key(runtime, seq))
-        options["version"] = runtime.context.version
-        handle = await task.trigger(payload, **options)
-        journaled = await runtime.wait(seq, "RUN", targets=[handle.id], task_ids=[task.id])
+    with span("trigger_and_wait", {"ember.task": task.id, "ember.wait.seq": seq}) as current:
+        journaled = await _from_journal(runtime, seq, "RUN", [task.id])
+        if journaled is None:
+            options.setdefault("idempotency_key", seed_key(runtime, seq))
+            options["version"] = runtime.context.version
+            handle = await task.trigger(payload, **options)
+            if current is not None:
+                current.set_attribute("ember.run.id", handle.id)
+            journaled = await runtime.wait(seq, "RUN", targets=[handle.id], task_ids=[task.id])
     return _to_results(journaled, task.output_type)[0]
 
 
@@ -154,11 +158,18 @@ async def batch_trigger_and_wait(
     task: Task[Any, Any, T], items: Iterable[Any]
 ) -> list[TaskRunResult[T]]:
     """Trigger children in one batch on the parent's version and wait for all of them."""
-    from ember._task import TriggerItem
-
     runtime = _runtime("batch_trigger_and_wait")
     seq = runtime.next_seq()
     entries = list(items)
+    with span("batch_trigger_and_wait", {"ember.task": task.id, "ember.wait.seq": seq}):
+        return await _batch_and_wait(runtime, seq, task, entries)
+
+
+async def _batch_and_wait(
+    runtime: RunRuntime, seq: int, task: Task[Any, Any, T], entries: list[Any]
+) -> list[TaskRunResult[T]]:
+    from ember._task import TriggerItem
+
     journaled = await _from_journal(runtime, seq, "BATCH", [task.id] * len(entries))
     if journaled is None:
         keyed: list[TriggerItem[Any]] = []
@@ -216,8 +227,10 @@ class Wait:
     async def _until(self, moment: datetime, what: str) -> None:
         runtime = _runtime(what)
         seq = runtime.next_seq()
-        if await _from_journal(runtime, seq, "DATETIME", []) is None:
-            await runtime.wait(seq, "DATETIME", resume_at=moment.timestamp())
+        attributes = {"ember.wait.seq": seq, "ember.wait.until": moment.isoformat()}
+        with span(what, attributes):
+            if await _from_journal(runtime, seq, "DATETIME", []) is None:
+                await runtime.wait(seq, "DATETIME", resume_at=moment.timestamp())
 
     # -- tokens -------------------------------------------------------------------------
 
@@ -274,9 +287,10 @@ class Wait:
         token_id = token if isinstance(token, str) else token.id
         runtime = _runtime("wait.for_token")
         seq = runtime.next_seq()
-        journaled = await _from_journal(runtime, seq, "TOKEN", [])
-        if journaled is None:
-            journaled = await runtime.wait(seq, "TOKEN", targets=[token_id])
+        with span("wait.for_token", {"ember.wait.seq": seq, "ember.token.id": token_id}):
+            journaled = await _from_journal(runtime, seq, "TOKEN", [])
+            if journaled is None:
+                journaled = await runtime.wait(seq, "TOKEN", targets=[token_id])
         return msgspec.json.decode(journaled, type=TokenResult)
 
     def _complete_call(self, token_id: str, data: Any) -> Call[TokenInfo]:

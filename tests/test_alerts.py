@@ -7,12 +7,12 @@ import json
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Clock, Harness, ember_cli, eventually, running_daemon
+from conftest import Clock, Harness, ember_cli, eventually, http_server, running_daemon
 
 from ember import AlertDelivery, Alerts, BadRequest, RunStatus, verify_signature
 
@@ -60,13 +60,9 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    got.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/ember"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield got
-    server.shutdown()
-    server.server_close()
+    with http_server(Handler) as server:
+        got.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/ember"
+        yield got
 
 
 async def test_a_failed_run_alerts_the_webhook_signed_and_once(

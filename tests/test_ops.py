@@ -144,12 +144,14 @@ async def test_retention_deletes_old_finished_runs_and_nothing_else(harness: Har
 
     old_blob, recent_blob = blob_of(old[0].id), blob_of(recent.id)
     assert count("logs", old[0].id) > 0 and count("attempts", old[0].id) > 0
+    assert count("spans", old[0].id) > 0  # (the attempt's span)
     report = await prune_once(db, harness.daemon.engine.blobs, retention_s=1.0, now=time.time())
     assert report.runs == 2 and report.blobs == 1 and report.log_rows >= 2
+    assert report.spans >= 2
     for run in old:
         with pytest.raises(NotFound):
             await runs.retrieve(run.id)
-        for table in ("logs", "attempts", "snapshots", "run_tags"):
+        for table in ("logs", "attempts", "snapshots", "run_tags", "spans"):
             assert count(table, run.id) == 0
     assert not old_blob.exists()
     # Kept: the run that finished within the retention, its blob, and the waiting run.

@@ -16,6 +16,7 @@ from textual.content import Content
 from textual.widgets import DataTable, Static, TabbedContent, TabPane
 
 from ember._errors import EmberError
+from ember._trace_types import RunTrace
 from ember._types import LogEvent, Run, RunStatus, RunSummary
 from ember.tui._base import EmberScreen
 from ember.tui._dialogs import ConfirmDialog, InputDialog
@@ -57,6 +58,7 @@ class RunDetailScreen(EmberScreen):
         self.run_id = run_id
         self.run: Run | None = None
         self.child_runs: list[RunSummary] = []
+        self.trace: RunTrace | None = None
         self._reload_pending = False
 
     def compose_body(self) -> ComposeResult:
@@ -100,11 +102,15 @@ class RunDetailScreen(EmberScreen):
         try:
             run = await self.runs.retrieve(self.run_id)
             page = await self.runs.list(parent=self.run_id, limit=CHILDREN_SHOWN)
+            trace = await self._fetch_trace()
         except EmberError as exc:
             self.query_one("#run-title", Static).update(f"[$error]{exc}[/]")
             return
         self.run = run
         self.child_runs = sorted(page.data, key=lambda child: (child.created_at, child.id))
+        if not self.is_mounted:
+            return  # the screen closed while the answers came
+        self.trace = trace
         self._show(run)
         self.refresh_bindings()
 
@@ -122,6 +128,21 @@ class RunDetailScreen(EmberScreen):
         if self.run is not None and not self.run.is_final:
             self._show_title(self.run)
             self.query_one(TraceView).redraw()
+            self._load_trace()  # spans arrive while the run executes, without a run event
+
+    @work(exclusive=True, group="trace-load")
+    async def _load_trace(self) -> None:
+        trace = await self._fetch_trace()
+        if trace is not None and self.run is not None and self.is_mounted:
+            self.trace = trace
+            self.query_one(TraceView).show(self.run, trace=trace)
+
+    async def _fetch_trace(self) -> RunTrace | None:
+        """The run's spans; None where there are none to get (a remote's mirrored run)."""
+        try:
+            return await self.runs.trace(self.run_id)
+        except EmberError:
+            return None  # the waterfall falls back to the attempts
 
     # -- showing ------------------------------------------------------------------------
 
@@ -130,7 +151,7 @@ class RunDetailScreen(EmberScreen):
         self.query_one(Overview).show(run)
         self._show_attempts(run)
         self._show_timeline(run)
-        self.query_one(TraceView).show(run, self.child_runs)
+        self.query_one(TraceView).show(run, self.child_runs, self.trace)
         self._show_children()
 
     def _show_title(self, run: Run) -> None:

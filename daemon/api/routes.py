@@ -55,9 +55,13 @@ from ember.daemon.api.batches import BATCH_ROUTES
 from ember.daemon.api.bulk import BULK_ROUTES
 from ember.daemon.api.bundles import BUNDLE_ROUTES
 from ember.daemon.api.callbacks import CALLBACK_ROUTES
+from ember.daemon.api.metadata import METADATA_ROUTES
+from ember.daemon.api.realtime import REALTIME_ROUTES
 from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, over_tcp
 from ember.daemon.api.routing import read_body as _body
+from ember.daemon.api.streams import STREAM_ROUTES
 from ember.daemon.api.sync import SYNC_ROUTES
+from ember.daemon.api.traces import TRACE_ROUTES
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -333,6 +337,10 @@ ROUTES: tuple[RouteSpec, ...] = (
     *BULK_ROUTES,
     *CALLBACK_ROUTES,
     *ALERT_ROUTES,
+    *TRACE_ROUTES,
+    *METADATA_ROUTES,
+    *REALTIME_ROUTES,
+    *STREAM_ROUTES,
     *SYNC_ROUTES,
     *BUNDLE_ROUTES,
 )

@@ -39,6 +39,7 @@ from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.schedules import Scheduler
 from ember.daemon.ops.drain import DrainReport, drain
 from ember.daemon.ops.logrotate import rotate_logs
+from ember.daemon.ops.otlp import OtlpExporter
 from ember.daemon.ops.systemd import Notifier, keep_posted, listen_sockets, status_line
 from ember.daemon.procs.checkpoint import Checkpointer, CriuSupport, detect
 from ember.daemon.procs.supervisor import Supervisor
@@ -91,6 +92,8 @@ class Daemon:
         self._tls_server: uvicorn.Server | None = None
         self._tls_sockets: list[socket.socket] = []
         self.sync: SyncService | None = None
+        # Spans to an OTLP collector, when otlp_endpoint (or OTEL_EXPORTER_OTLP_*) is set.
+        self.otlp: OtlpExporter | None = None
         self._sockets: list[socket.socket] = []
         self.gate: ConnectionGate | None = None
         self.events = EventHub()
@@ -211,6 +214,10 @@ class Daemon:
                 )
             )
         )
+        if self.config.otlp_endpoint:
+            self.otlp = OtlpExporter(self.config.otlp_endpoint, self.config.otlp_headers)
+            self.engine.traces.sinks.append(self.otlp)
+            self.otlp.start()
         if self.config.retention_s is not None:
             self._chores.append(
                 loop.create_task(
@@ -350,6 +357,8 @@ class Daemon:
             await parts.scheduler.close()
             await parts.engine.close()
             await parts.supervisor.stop()
+        if self.otlp is not None:
+            await self.otlp.stop()  # after the engine: the last runs' spans go too
         if self._db is not None:
             await asyncio.to_thread(self._db.close)
         if self._lock_file is not None:

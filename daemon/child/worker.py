@@ -29,10 +29,13 @@ import msgspec
 
 from ember._errors import AbortTaskRunError, EmberError, NonDeterminismError
 from ember._hooks import WaitInfo, WaitKind, global_hooks
+from ember._metadata import flush_run, forget
 from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
+from ember._streams import flush_streams, forget_streams
 from ember._task import Task, json_default
 from ember._types import RunError
 from ember.daemon.child import lifeline as _lifeline
+from ember.daemon.child import tracing
 from ember.daemon.child.attempt import Attempt, attempt_locals
 from ember.daemon.child.lifeline import ProcessIdentity
 from ember.daemon.procs.protocol import (
@@ -148,8 +151,8 @@ class _Link:
             self._paused = paused
             self._changed.notify_all()
 
-    def send(self, message: Message) -> None:
-        frame = encode(message)
+    def send(self, message: Message, *more: Message) -> None:
+        frame = encode(message) if not more else b"".join(map(encode, (message, *more)))
         if threading.get_ident() == self._loop_thread:
             self._flush()  # frames queued by a thread go first, as they were sent first
             if self.channel is not None:
@@ -253,6 +256,7 @@ class _RunRuntime:
                 "a wait must take the same path every time (move clocks, randomness and "
                 "external reads into child tasks)"
             )
+        tracing.set_wait_attributes(**{"ember.wait.replayed": True})
         return bytes(entry.result)
 
     async def replayed(self, seq: int, kind: str) -> None:
@@ -274,6 +278,9 @@ class _RunRuntime:
         info = WaitInfo(_WAIT_KINDS.get(kind, "duration"), seq, resume_at, tuple(targets or ()))
         if self.attempt is not None:
             await self.attempt.wait_started(info)
+        # The process may exit (replay) or be dumped during the wait: changes go first.
+        await flush_run(self._context.run_id)
+        await flush_streams(self._context.run_id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         key = (self._context.run_id, seq)
         asked = Wait(
@@ -286,11 +293,16 @@ class _RunRuntime:
             task_ids=task_ids or [],
         )
         self._waiters[key] = (future, asked)
+        tracing.flush()  # what ended before the wait reaches the daemon before the process may go
         self._channel.send(asked)
+        checkpoints = tracing.checkpoints()
         try:
             result = await future
         finally:
             self._waiters.pop(key, None)
+        # The wait's span (the SDK's) says how it was held: a checkpoint, or this process.
+        held = "criu" if tracing.checkpoints() > checkpoints else "process"
+        tracing.set_wait_attributes(**{"ember.wait.held": held})
         if self.attempt is not None:
             await self.attempt.wait_over(info)
         return result
@@ -304,6 +316,7 @@ class _RunRuntime:
         message = cut(message, MAX_LOG_LINE_BYTES)
         if len(encoded) > MAX_LOG_LINE_BYTES:
             encoded = _json.encode({"truncated": f"… [truncated {len(encoded)} bytes]"})
+        tracing.log_event(level, message, attrs)
         self._channel.send(
             Log(
                 run_id=self._context.run_id,
@@ -314,6 +327,24 @@ class _RunRuntime:
                 attrs=encoded,
             )
         )
+
+
+async def _hang_up(channel: _Channel, timeout_s: float = 1.0) -> None:
+    """Close the channel so that the daemon reads every frame sent before.
+
+    A Unix socket closed while frames from its peer wait unread in it (a ``Shutdown`` sent
+    just after an ``Evict``) resets the connection, and the peer loses what it had not read
+    yet: the process's last spans and log lines. So the process half-closes, goes on reading
+    until the daemon, having read everything up to that end, closes its side, and only then
+    closes its own.
+    """
+    transport = channel.transport
+    assert transport is not None
+    if transport.can_write_eof():
+        transport.write_eof()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(channel.closed), timeout_s)
+    transport.close()
 
 
 def cut(text: str, limit_bytes: int, dropped_bytes: int = 0) -> str:
@@ -473,6 +504,7 @@ class RunProcess:
     async def serve(self, socket_path: str, worker_id: int, token: str) -> None:
         loop = asyncio.get_running_loop()
         self._link.bind(loop)
+        tracing.bind(self._link.send, loop)
         self._ended = loop.create_future()
         # The daemon cancels with SIGTERM; on_cancel hooks run, then the attempt stops.
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
@@ -482,8 +514,10 @@ class RunProcess:
         finally:
             if self._current is not None:
                 self._current.cancel()
-            if self._link.channel is not None and self._link.channel.transport is not None:
-                self._link.channel.transport.close()
+            tracing.flush()  # a recycled, evicted or stopped process sends its last spans
+            channel = self._link.channel
+            if channel is not None and channel.transport is not None:
+                await _hang_up(channel)
             _lifeline.kill_descendants()
 
     async def _connect(self, socket_path: str, worker_id: int, token: str, restored: bool) -> None:
@@ -626,6 +660,8 @@ class RunProcess:
 
         loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
         parent = host_ppid()
+        tracing.note_checkpoint()
+        tracing.flush()  # no span may stay behind in a buffer that an image might never bring back
         channel = self._link.channel
         assert channel is not None
         assert channel.transport is not None
@@ -661,8 +697,13 @@ class RunProcess:
         )
         done: Done
         try:
-            done = await self._call(message, context, runtime)
+            with tracing.attempt_span(context, message.traceparent) as span:
+                done = await self._call(message, context, runtime)
+                await self._flush_metadata(runtime)
+                tracing.end_attempt(span, done.ok, done.error.message if done.error else None)
         finally:
+            forget(message.run_id)
+            forget_streams(message.run_id)
             self._attempt = self._run_context = None
             self._beat.cancel()
             reset_runtime(token)
@@ -689,11 +730,23 @@ class RunProcess:
             peak_rss = after.ru_maxrss * 1024  # KiB on Linux
         else:
             peak_rss = max(rss_before, self._memory.rss())
-        self._link.send(
-            msgspec.structs.replace(
-                done, cpu_s=_cpu_s(after) - _cpu_s(before), peak_rss_bytes=peak_rss
-            )
+        done = msgspec.structs.replace(
+            done, cpu_s=_cpu_s(after) - _cpu_s(before), peak_rss_bytes=peak_rss
         )
+        # The attempt's spans go first, in the same write (one send, one read by the daemon).
+        self._link.send(*tracing.take(), done)
+
+    async def _flush_metadata(self, runtime: _RunRuntime) -> None:
+        """Send the attempt's metadata changes and stream chunks before its end; a refusal
+        is logged with the run."""
+        try:
+            await flush_run(runtime.context.run_id)
+        except EmberError as exc:
+            runtime.log("error", f"metadata changes not applied: {exc}", {})
+        try:
+            await flush_streams(runtime.context.run_id)
+        except EmberError as exc:
+            runtime.log("error", f"stream chunks not recorded: {exc}", {})
 
     async def _call(self, message: Execute, context: Context, runtime: _RunRuntime) -> Done:
         """Run the attempt with its task's lifecycle; the Done that reports it."""

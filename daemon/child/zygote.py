@@ -24,6 +24,7 @@ from typing import Any
 
 from ember._task import Task
 from ember.daemon.child import lifeline as _lifeline
+from ember.daemon.child import tracing
 from ember.daemon.child.discover import discover
 from ember.daemon.child.lifeline import ProcessIdentity
 
@@ -128,6 +129,8 @@ def main() -> int:
     parser.add_argument("--cancel-grace-s", type=float, default=5.0)
     parser.add_argument("--pidns", action="store_true")
     parser.add_argument("--lock")
+    parser.add_argument("--no-tracing", action="store_true")
+    parser.add_argument("--instrument", action="append", default=[])
     args = parser.parse_args()
     channel = socket.socket(fileno=args.fd)
     lock_fd = -1
@@ -137,6 +140,10 @@ def main() -> int:
         lock_fd = os.open(args.lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(lock_fd, fcntl.LOCK_SH)
     try:
+        # Before the task modules: OTel's SDK is imported once here, not in every run process,
+        # and a task module's own tracer finds the provider.
+        tracing.install(not args.no_tracing)
+        tracing.instrument(args.instrument)
         tasks, index = discover(Path(args.code_dir))
     except BaseException:
         _send(channel, Indexed(error=traceback.format_exc()))

@@ -33,6 +33,7 @@ from ember.daemon.engine.ids import new_batch_id, new_run_id
 from ember.daemon.engine.lifecycle import Lifecycle
 from ember.daemon.engine.payloads import check_payload
 from ember.daemon.engine.registry import Registry
+from ember.daemon.engine.traces import check_traceparent
 from ember.daemon.model import ActiveRun
 from ember.daemon.store import idempotency as idempotency_store
 from ember.daemon.store import runs as store
@@ -321,6 +322,7 @@ class Admission(EnginePart):
             root_run_id=self._root_of(options.parent_run_id),
             batch_id=batch_id,
             idempotency_key=options.idempotency_key,
+            traceparent=field("traceparent", lambda: check_traceparent(options.traceparent)),
         )
         if options.debounce is not None:
             self.debounced.prepare(run, options.debounce, now)

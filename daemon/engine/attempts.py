@@ -22,7 +22,7 @@ from ember.daemon.engine.dormant import DormantRuns
 from ember.daemon.engine.holds import Holds
 from ember.daemon.engine.lifecycle import Lifecycle
 from ember.daemon.model import ActiveRun, Snapshot, Worker
-from ember.daemon.procs.protocol import Done, Heartbeat, Log, Wait
+from ember.daemon.procs.protocol import Done, Heartbeat, Log, Spans, Wait
 from ember.daemon.store import idempotency as idempotency_store
 from ember.daemon.store import logs as logs_store
 from ember.daemon.store import runs as store
@@ -56,11 +56,16 @@ class Attempts(EnginePart):
         self.holds = holds
         self._log_buffer: list[tuple[Any, ...]] = []
 
-    def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Wait | Done) -> None:
+    def on_worker_message(
+        self, worker: Worker, message: Log | Spans | Heartbeat | Wait | Done
+    ) -> None:
         """Handle a frame from a run process."""
         run = worker.run
         if run is not None and self.ctx.checkpointer is not None:
             self.ctx.checkpointer.reported(worker)  # its run resumed here: its image can go
+        if isinstance(message, Spans):
+            self.ctx.traces.ingest(message)  # (also a late batch: the spans are the run's anyway)
+            return
         if isinstance(message, Log):
             logged = run if run is not None else worker.canceled
             if logged is not None and logged.id == message.run_id:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ember.daemon.config import DaemonConfig
 from ember.daemon.engine.events import EventHub
 from ember.daemon.engine.queue import RunQueue
+from ember.daemon.engine.traces import SpanIngest
 from ember.daemon.store.blobs import BlobStore
 from ember.daemon.store.db import Database
 
@@ -51,6 +52,8 @@ class EngineContext:
         self.clock = clock
         self.blobs = BlobStore(config.state_dir / "blobs")
         self.queue = RunQueue(clock)
+        # The run processes' spans, stored with their runs and exported (engine/traces.py).
+        self.traces = SpanIngest(db)
         self.supervisor: Supervisor
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.

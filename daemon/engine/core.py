@@ -92,6 +92,7 @@ class Engine:
         self.events = events
         self.blobs = ctx.blobs
         self.queue = ctx.queue
+        self.traces = ctx.traces
         # The helpers beside the lifecycle see the engine through Protocols of their own.
         self.waits = Waitpoints(self)
         self.batches = Batches(self)
@@ -154,6 +155,7 @@ class Engine:
         self.replay_instead = self.lifecycle.replay_instead
         self.begin_close = self.lifecycle.begin_close
         self.run_until_idle = self.lifecycle.run_until_idle
+        self.metadata_changed = self.lifecycle.metadata_changed
 
     # -- the daemon's wiring, kept in the shared context --------------------------------
 

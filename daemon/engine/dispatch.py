@@ -28,6 +28,7 @@ from ember.daemon.engine.waits import Waitpoints
 from ember.daemon.model import ActiveRun, Hold, Snapshot, Worker
 from ember.daemon.procs.protocol import Execute
 from ember.daemon.store import runs as store
+from ember.daemon.store.traces import execute_traceparent
 
 log = logging.getLogger("ember.daemon")
 
@@ -338,6 +339,7 @@ class Dispatch(EnginePart):
                 last_attempt=run.attempt - run.interruptions >= run.max_attempts,
                 retry_delay_s=run.retry.delay_s(run.attempt - run.interruptions),
                 resumed_seq=resumed_seq,
+                traceparent=execute_traceparent(run.id, run.traceparent),
             )
         )
         self.lifecycle.publish(run)

@@ -145,6 +145,7 @@ class Lifecycle(EnginePart):
         blobs = self.blobs
         alert = status in _ALERT_STATUSES and self.alerts.wants(run.env, "run.failed")
         alert_data = _failed_run(run, status, error) if alert else {}
+        self.ctx.traces.run_final(run, status, now, error)
 
         def write(conn: sqlite3.Connection) -> None:
             if attempt_status is not None and number:
@@ -224,6 +225,14 @@ class Lifecycle(EnginePart):
             if not waiter.done():
                 waiter.set_result(None)
         self.update_idle()
+
+    def metadata_changed(self, changed: dict[str, dict[str, Any]]) -> None:
+        """Runs' metadata was written (``api/metadata.py``): their cached copies follow."""
+        for run_id, data in changed.items():
+            run = self.active.get(run_id)
+            if run is not None:
+                run.metadata = data  # (what the next attempt's context carries)
+                self.publish(run)
 
     def publish(
         self, run: ActiveRun, *, error: RunError | None = None, finished: bool = False

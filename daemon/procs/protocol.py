@@ -90,6 +90,8 @@ class Execute(Message, frozen=True, tag="execute"):
     retry_delay_s: float = 0.0
     # The wait this execution resumes from, replayed from the journal: on_resume fires for it.
     resumed_seq: int = 0
+    # The W3C traceparent of the run's root span: the attempt's span is its child ("": off).
+    traceparent: str = ""
 
 
 class Cancel(Message, frozen=True, tag="cancel"):
@@ -133,6 +135,41 @@ class Log(Message, frozen=True, tag="log"):
     level: str
     message: str
     attrs: bytes = b""
+
+
+class SpanRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One ended OpenTelemetry span, as a run process reports it.
+
+    Attributes:
+        trace_id: 32 hex digits.
+        span_id: 16 hex digits.
+        parent_id: the parent span's id ("" for a trace's root).
+        kind: OTel's SpanKind value (0 internal, 1 server, 2 client, 3 producer, 4 consumer).
+        start_ns: the start, in nanoseconds since the epoch (the host's clock).
+        end_ns: the end, likewise.
+        status: 0 unset, 1 ok, 2 error.
+        attrs: the attributes as a JSON object.
+        events: the events as a JSON list of ``{"name", "time_ns", "attrs"}``.
+    """
+
+    trace_id: str
+    span_id: str
+    parent_id: str = ""
+    name: str
+    kind: int = 0
+    start_ns: int
+    end_ns: int
+    status: int = 0
+    status_message: str = ""
+    attrs: bytes = b"{}"
+    events: bytes = b"[]"
+
+
+class Spans(Message, frozen=True, tag="spans"):
+    """Run process → daemon: spans that ended, in one batch, for the run they belong to."""
+
+    run_id: str
+    spans: list[SpanRecord] = []
 
 
 class Heartbeat(Message, frozen=True, tag="heartbeat"):
@@ -185,7 +222,7 @@ class Done(Message, frozen=True, tag="done"):
 ToZygote = Fork
 FromZygote = Indexed | Forked | Exited
 ToWorker = Execute | Cancel | Shutdown | Resume | Suspend | Evict
-FromWorker = Hello | Log | Heartbeat | Wait | Done
+FromWorker = Hello | Log | Spans | Heartbeat | Wait | Done
 
 _encoder = msgspec.msgpack.Encoder()
 

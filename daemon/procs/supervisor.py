@@ -44,6 +44,7 @@ from ember.daemon.procs.protocol import (
     Indexed,
     Log,
     Shutdown,
+    Spans,
     Wait,
     encode,
 )
@@ -101,7 +102,9 @@ class SupervisorEngine(Protocol):
         """A process reconnected after a checkpoint."""
         ...
 
-    def on_worker_message(self, worker: Worker, message: Log | Heartbeat | Wait | Done) -> None:
+    def on_worker_message(
+        self, worker: Worker, message: Log | Spans | Heartbeat | Wait | Done
+    ) -> None:
         """A frame from a run process."""
         ...
 
@@ -165,12 +168,31 @@ class _WorkerProtocol(asyncio.Protocol):
                 self.worker = self._supervisor._on_hello(message, self._transport)
                 if self.worker is None:
                     return
-            elif isinstance(message, Log | Heartbeat | Wait | Done):
+            elif isinstance(message, Log | Spans | Heartbeat | Wait | Done):
                 engine.on_worker_message(self.worker, message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker is not None:
             self._supervisor._on_channel_closed(self.worker)
+
+
+def _drain(transport: asyncio.Transport) -> None:
+    """Hand the protocol what is readable on the transport's socket now, up to its end."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
+        return
+    protocol = transport.get_protocol()
+    assert isinstance(protocol, asyncio.Protocol)
+    while True:
+        try:
+            data = os.read(sock.fileno(), 256 * 1024)  # (non-blocking: the loop's socket)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if not data or transport.is_closing():
+            return
+        protocol.data_received(data)
 
 
 class Supervisor:
@@ -320,6 +342,8 @@ class Supervisor:
                     "--lock",
                     str(self._processes_lock),
                     *(["--pidns"] if self.pidns else []),
+                    *([] if self.config.tracing else ["--no-tracing"]),
+                    *(f"--instrument={name}" for name in self.config.instrumentations),
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -671,6 +695,9 @@ class Supervisor:
             return
         if worker.transport is not None:
             # The exit status came first: the channel's close follows and finishes the job.
+            # What the process wrote before it exited (its last spans and log lines) may
+            # still wait in the socket, unread: a close would drop it.
+            _drain(worker.transport)
             worker.transport.close()
             return
         worker.gone = True

@@ -163,6 +163,7 @@ RUN_COLUMNS: tuple[Column, ...] = (
     Column("generation"),
     Column("hold", HOLD),
     Column("executing_s"),
+    Column("traceparent"),
 )
 # Stored with a new run but not kept by the engine: the payload (inline or a blob), and what
 # only the table needs (its TTL, idempotency slot and expiry, machine, first update time).

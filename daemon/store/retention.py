@@ -1,7 +1,8 @@
-"""Prune finished runs older than ``retention`` with their logs, attempts, waits and blobs.
+"""Prune finished runs older than ``retention`` with their logs, spans, attempts, waits, blobs.
 
 Work comes in small pieces so the loop never stalls: the candidates are found on a reader
-connection (off the loop), and each write deletes at most ``LOG_ROWS_PER_WRITE`` log rows or
+connection (off the loop), and each write deletes at most ``LOG_ROWS_PER_WRITE`` log rows,
+``SPAN_ROWS_PER_WRITE`` spans or
 ``RUNS_PER_BATCH`` runs (their tags, attempts, snapshots and waits go by ``ON DELETE
 CASCADE``), with a pause between writes for the loop's other work.
 """
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from ember._types import FINAL_STATUSES
 from ember.daemon.store.blobs import BlobStore
 from ember.daemon.store.db import Database
+from ember.daemon.store.streams import CHUNK_ROWS_PER_WRITE, delete_chunks
+from ember.daemon.store.traces import SPAN_ROWS_PER_WRITE, delete_spans
 
 log = logging.getLogger("ember.daemon")
 
@@ -36,6 +39,7 @@ class PruneReport:
 
     runs: int = 0
     log_rows: int = 0
+    spans: int = 0
     blobs: int = 0
 
 
@@ -89,6 +93,19 @@ def _delete_runs(
     return deleted, removed
 
 
+async def _in_chunks(
+    db: Database, delete: Callable[[sqlite3.Connection, list[str]], int], ids: list[str], chunk: int
+) -> int:
+    """Run ``delete`` (at most ``chunk`` rows a write) until nothing of ``ids`` is left."""
+    total = 0
+    while True:
+        removed = await db.write(lambda conn: delete(conn, ids))
+        total += removed
+        await asyncio.sleep(PAUSE_S)
+        if removed < chunk:
+            return total
+
+
 async def prune_once(db: Database, blobs: BlobStore, retention_s: float, now: float) -> PruneReport:
     """Delete every finished run that ended more than ``retention_s`` before ``now``."""
     cutoff = now - retention_s
@@ -97,12 +114,9 @@ async def prune_once(db: Database, blobs: BlobStore, retention_s: float, now: fl
         ids = await db.read(lambda conn: _candidates(conn, cutoff, RUNS_PER_BATCH))
         if not ids:
             return report
-        while True:
-            removed = await db.write(functools.partial(_delete_logs, ids=ids))
-            report.log_rows += removed
-            await asyncio.sleep(PAUSE_S)
-            if removed < LOG_ROWS_PER_WRITE:
-                break
+        report.log_rows += await _in_chunks(db, _delete_logs, ids, LOG_ROWS_PER_WRITE)
+        report.spans += await _in_chunks(db, delete_spans, ids, SPAN_ROWS_PER_WRITE)
+        await _in_chunks(db, delete_chunks, ids, CHUNK_ROWS_PER_WRITE)
         delete = functools.partial(_delete_runs, blobs=blobs, ids=ids, cutoff=cutoff)
         runs, removed_blobs = await db.write(delete)
         report.runs += runs

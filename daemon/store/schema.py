@@ -341,6 +341,35 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (env, path)
     ) WITHOUT ROWID;
     """,
+    # 8: OpenTelemetry spans of the runs, and the trace a run continues
+    """
+    ALTER TABLE runs ADD COLUMN traceparent TEXT;
+    CREATE TABLE spans (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        span_id TEXT NOT NULL,
+        trace_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        status_message TEXT NOT NULL,
+        attrs BLOB NOT NULL,
+        events BLOB NOT NULL,
+        PRIMARY KEY (run_id, span_id)
+    ) WITHOUT ROWID;
+    """,
+    # 9: streams of runs (an LLM's tokens, progress lines), readable after the run
+    """
+    CREATE TABLE stream_chunks (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        stream TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (run_id, stream, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

@@ -219,3 +219,60 @@ async def test_replay_with_an_edited_payload(tui: Any) -> None:
         assert replay is not None and replay.replayed_from == run_id
         assert replay.output_as()["echo"] == {"hello": "edited"}
         assert replay.tags == ["t1"]
+
+
+TRACED = {
+    "tasks/__init__.py": "",
+    "tasks/traced.py": """
+        import asyncio
+        from pathlib import Path
+        from ember import logger, task, wait
+
+        @task(id="leaf")
+        async def leaf(payload: dict) -> int:
+            return 1
+
+        @task(id="traced")
+        async def traced(payload: dict) -> int:
+            with logger.trace("prepare"):
+                logger.info("preparing")
+            gate = Path(payload["gate"])
+            while not gate.exists():
+                await asyncio.sleep(0.02)
+            await wait.for_(seconds=0.3)
+            return (await leaf.trigger_and_wait({})).unwrap()
+    """,
+}
+
+
+async def test_the_trace_tab_draws_the_recorded_spans_live(tui: Any) -> None:
+    assert (await tui.harness.register(TRACED)).status == "READY"
+    gate = tui.gate()
+    handle = await Tasks(tui.harness.client).trigger("traced", {"gate": str(gate)})
+    app = tui.app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_detail(tui, pilot, handle.id)
+        await pilot.press("w")
+        view = screen.query_one(TraceView)
+        # While the run executes: the attempt (sent open) and the span that ended already.
+        await tui.until(pilot, lambda: "prepare" in str(view.render()))
+        live = str(view.render())
+        assert "attempt 1 · executing" in live and "◆" in live  # the log line's mark
+        gate.touch()
+        await tui.until(
+            pilot, lambda: screen.run is not None and screen.run.status is RunStatus.COMPLETED
+        )
+        await tui.until(pilot, lambda: "↳ leaf · completed" in str(view.render()))
+        lines = str(view.render()).splitlines()
+        labels = [line[:30].strip() for line in lines[1:]]
+        assert labels[:2] == ["traced", "queued"]
+        assert labels[2:] == [
+            "attempt 1 · completed",
+            "prepare",
+            "wait.for_ · process",
+            "trigger_and_wait · process",
+            "trigger",
+            "↳ leaf · completed",
+        ]
+        wait_line = lines[1 + labels.index("wait.for_ · process")]
+        assert "░" in wait_line and "█" not in wait_line  # a wait is a hollow bar
