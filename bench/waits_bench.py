@@ -1,24 +1,31 @@
 """Durable waits under each strategy: what N waiting runs hold, and how late they resume.
 
-    .venv/bin/python bench/waits_bench.py [--n 1000] [--wait-s 45] [--strategies park,replay,criu]
+    .venv/bin/python bench/waits_bench.py [--n 1000] [--wait-s 60] [--strategies criu,park,replay]
 
 For each strategy a fresh ``ember daemon`` (its own process, configured through
-``[tool.ember]``) gets N runs that each wait W seconds. Once all are WAITING, it samples the
-processes and memory of the daemon's tree; when they are done it reports the lateness of
-each resume after its deadline, and for CRIU the dump and restore times and image sizes the
-daemon recorded in each run's history. Prints a Markdown table and one JSON line per strategy.
+``[tool.ember]``) gets N runs that each wait until the same instant, W seconds after they
+are triggered. A thread samples the processes and memory (PSS) of the daemon's tree every
+second from the trigger to the last result. Reported per strategy: the lateness of each
+resume after its deadline; the peak processes and PSS while the runs are held (CRIU: from
+the end of the dump phase to the first restore; park and replay: from all waiting to the
+deadline) and over the whole run; for CRIU the dump and restore times (p50/p99) the daemon
+recorded in each run's history, the dump phase (first wait held to last image written), and
+the images' size on disk (their folders and the shared bases, ``du``-style, divided by N,
+at the moment most images exist). Prints a Markdown table and one JSON line per strategy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run
 from ember_bench import register, start_daemon
 
-from ember import Client, Runs, Tasks
+from ember import Client, Run, Runs, Tasks
 
 
 def count_waiting(runs: Runs) -> int:
@@ -41,13 +48,16 @@ def count_waiting(runs: Runs) -> int:
         cursor = page.next_cursor
 
 
-def start_strategy(work: Path, strategy: str, n: int) -> tuple[subprocess.Popen[bytes], Client]:
+def start_strategy(
+    work: Path, strategy: str, n: int, ahead: int
+) -> tuple[subprocess.Popen[bytes], Client]:
     """``ember daemon`` for one strategy, in a project folder holding its settings."""
     (work / "pyproject.toml").write_text(
         "[tool.ember]\n"
         f'checkpoint = "{strategy}"\n'
         "wait_park_threshold_s = 1.0\n"
         f"max_parked_processes = {n}\n"
+        f"max_restored_ahead = {ahead}\n"
         "max_concurrent_runs = 25\n"
     )
     process, client, health = start_daemon(work / "state", work / "ember.sock", cwd=work)
@@ -61,13 +71,70 @@ def start_strategy(work: Path, strategy: str, n: int) -> tuple[subprocess.Popen[
     return process, client
 
 
-def measure(strategy: str, n: int, wait_s: float) -> dict[str, Any]:
-    """One strategy: N runs waiting W seconds."""
+class Sampler(threading.Thread):
+    """The daemon tree's process count and PSS, once a second, with the time of each."""
+
+    def __init__(self, pid: int, state: Path) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.state = pid, state
+        self.samples: list[tuple[float, int, float]] = []
+        self.disk: tuple[int, int] = (0, 0)  # (most images seen, their bytes with the bases)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._once()
+            except Exception as exc:  # (a sample lost is not the bench lost)
+                print(f"sample failed: {exc!r}", file=sys.stderr)
+                self.stopping.wait(1.0)
+
+    def _once(self) -> None:
+        started = time.time()
+        procs, pss = sample(self.pid)
+        self.samples.append((started, procs, pss))
+        images = self.state / "checkpoints"
+        if images.is_dir():
+            count = len(list(images.glob("*/meta.json")))
+            if count > self.disk[0]:
+                self.disk = (
+                    count,
+                    disk_bytes(images) + disk_bytes(self.state / "checkpoint-bases"),
+                )
+        self.stopping.wait(max(0.0, 1.0 - (time.time() - started)))
+
+    def peak(self, start: float, end: float) -> tuple[int, float]:
+        """The most processes and PSS MiB sampled between two times (0s if none)."""
+        inside = [(p, m) for t, p, m in self.samples if start <= t <= end]
+        return (max((p for p, _ in inside), default=0), max((m for _, m in inside), default=0.0))
+
+
+def disk_bytes(folder: Path) -> int:
+    """What the files under a folder take on disk (allocated blocks; links counted once)."""
+    seen, total = set(), 0
+    # (os.walk skips what vanishes meanwhile: images are deleted as their runs resume)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+    return total
+
+
+def measure(strategy: str, n: int, wait_s: float, ahead: int) -> dict[str, Any]:
+    """One strategy: N runs waiting until the same instant."""
     with tempfile.TemporaryDirectory(prefix="ember-waits-") as folder:
-        process, client = start_strategy(Path(folder), strategy, n)
+        process, client = start_strategy(Path(folder), strategy, n, ahead)
+        sampler = Sampler(process.pid, Path(folder) / "state")
         try:
             tasks, runs = Tasks(client), Runs(client)
-            deadline_at = time.time() + wait_s
+            sampler.start()
+            triggered_at = time.time()
+            deadline_at = triggered_at + wait_s
             handles = [
                 h
                 for offset in range(0, n, 1000)
@@ -80,103 +147,161 @@ def measure(strategy: str, n: int, wait_s: float) -> dict[str, Any]:
                 if waiting >= n or time.time() > deadline_at - 0.5:
                     break
                 time.sleep(0.2)
-            if strategy == "criu":
-                # WAITING is recorded before the dump, and processes are restored ahead of
-                # their deadlines: sample when the most runs are held by images alone.
-                images = Path(folder) / "state" / "checkpoints"
-                most, footprint = len(list(images.glob("*/meta.json"))), sample(process.pid)
-                while most < n and time.time() < deadline_at - 1.0:
-                    time.sleep(0.2)
-                    count = len(list(images.glob("*/meta.json")))
-                    if count > most:
-                        most, footprint = count, sample(process.pid)
-                footprint["images_at_sample"] = most
-            else:
-                footprint = sample(process.pid)
+            all_waiting_at = time.time()
             results = [h.result_sync(timeout_s=wait_s + 600) for h in handles]
+            sampler.stopping.set()
+            sampler.join()
             lateness = [(resumed - deadline) * 1000 for deadline, resumed in results]
+            details = [runs.retrieve_sync(h.id) for h in handles]
             figures: dict[str, Any] = {
                 "strategy": strategy,
                 "n": n,
                 "wait_s": wait_s,
-                "all_waiting_at_sample": waiting >= n,
+                "all_waiting_at_deadline": waiting >= n,
                 "lateness_p50_ms": round(run.percentile(lateness, 50), 1),
                 "lateness_p99_ms": round(run.percentile(lateness, 99), 1),
                 "lateness_max_ms": round(max(lateness), 1),
-                **footprint,
             }
+            figures.update(resume_parts(details, deadline_at))
+            held_from, held_to = all_waiting_at, deadline_at
             if strategy == "criu":
-                figures.update(checkpoint_costs(runs, [h.id for h in handles[:50]]))
+                costs = checkpoint_costs(details, deadline_at)
+                held_from, held_to = costs.pop("_held_from"), costs.pop("_held_to")
+                images, size = sampler.disk
+                costs["disk_mb_per_image"] = round(size / max(images, 1) / 1e6, 3)
+                costs["images_at_disk_sample"] = images
+                figures.update(costs)
+            figures["held_procs"], figures["held_pss_mb"] = sampler.peak(held_from, held_to)
+            figures["peak_procs"], figures["peak_pss_mb"] = sampler.peak(0, float("inf"))
+            figures["held_window_s"] = round(max(0.0, held_to - held_from), 1)
             return figures
         finally:
+            sampler.stopping.set()
             client.close()
             process.terminate()
             process.wait(60)
 
 
-def sample(pid: int) -> dict[str, float]:
-    """Count, RSS and PSS of the daemon's tree; processes exiting meanwhile are left out."""
+def sample(pid: int) -> tuple[int, float]:
+    """Count and PSS MiB of the daemon's tree; processes exiting meanwhile are left out."""
     import psutil
 
     root = psutil.Process(pid)
-    memory = []
+    pss = []
     for proc in (root, *root.children(recursive=True)):
         try:
-            memory.append(proc.memory_full_info())
-        except psutil.NoSuchProcess:
+            pss.append(proc.memory_full_info().pss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return {
-        "procs": len(memory),
-        "rss_mb": round(sum(m.rss for m in memory) / run.MIB, 1),
-        "pss_mb": round(sum(m.pss for m in memory) / run.MIB, 1),
-    }
+    return len(pss), round(sum(pss) / run.MIB, 1)
 
 
-def checkpoint_costs(runs: Runs, run_ids: list[str]) -> dict[str, float]:
-    """Dump and restore times and image sizes, from the runs' execution snapshots."""
-    dumps, sizes, restores = [], [], []
-    for run_id in run_ids:
-        for snap in runs.retrieve_sync(run_id).snapshots:
-            if m := re.match(r"checkpointed: ([\d.]+) MB in (\d+) ms", snap.description):
+def resume_parts(details: list[Run], deadline_at: float) -> dict[str, float]:
+    """Where the lateness goes: deadline → wait completed → resumed in a process → finished."""
+    completed, resumed, finished = [], [], []
+    for detail in details:
+        times = {s.description: s.created_at.timestamp() for s in detail.snapshots}
+        done = next((t for d, t in times.items() if d.endswith("completed; resuming")), None)
+        back = next((t for d, t in times.items() if d.startswith(("resumed", "replay"))), None)
+        if done is not None:
+            completed.append((done - deadline_at) * 1000)
+            if back is not None:
+                resumed.append((back - done) * 1000)
+                end = max(times.values())
+                finished.append((end - back) * 1000)
+    parts = {}
+    for name, values in (
+        ("completed_after", completed),
+        ("resumed_after", resumed),
+        ("finished_after", finished),
+    ):
+        if values:
+            parts[f"{name}_p50_ms"] = round(run.percentile(values, 50), 1)
+            parts[f"{name}_p99_ms"] = round(run.percentile(values, 99), 1)
+    return parts
+
+
+DUMPED = re.compile(r"checkpointed: ([\d.]+) MB in (\d+) ms")
+RESTORED = re.compile(r"restored its process in (\d+) ms")
+
+
+def checkpoint_costs(details: list[Run], deadline_at: float) -> dict[str, Any]:
+    """Dump and restore times, image sizes and phases, from the runs' execution snapshots."""
+    dumps, sizes, restores, fallbacks = [], [], [], 0
+    held: list[datetime] = []
+    dumped: list[datetime] = []
+    restore_starts: list[float] = []
+    restore_ends: list[float] = []
+    for detail in details:
+        for snap in detail.snapshots:
+            if snap.description.endswith("held by checkpoint"):
+                held.append(snap.created_at)
+            elif m := DUMPED.match(snap.description):
                 sizes.append(float(m.group(1)))
                 dumps.append(float(m.group(2)))
-            elif m := re.match(r"restored its process in (\d+) ms", snap.description):
+                dumped.append(snap.created_at)
+            elif m := RESTORED.match(snap.description):
                 restores.append(float(m.group(1)))
+                restore_starts.append(snap.created_at.timestamp() - float(m.group(1)) / 1000)
+                restore_ends.append(snap.created_at.timestamp())
+            elif "held by park instead" in snap.description or "replay instead" in snap.description:
+                fallbacks += 1
+    first_held = min(held).timestamp() if held else 0.0
+    last_dumped = max(dumped).timestamp() if dumped else 0.0
+    first_restore = min(restore_starts) if restore_starts else last_dumped
     return {
-        "dump_p50_ms": statistics.median(dumps) if dumps else -1,
-        "restore_p50_ms": statistics.median(restores) if restores else -1,
-        "image_mb_p50": statistics.median(sizes) if sizes else -1,
+        "dumped": len(dumps),
+        "fallbacks": fallbacks,
+        "dump_phase_s": round(last_dumped - first_held, 1),
+        "dump_p50_ms": run.percentile(dumps, 50) if dumps else -1,
+        "dump_p99_ms": run.percentile(dumps, 99) if dumps else -1,
+        "restore_p50_ms": run.percentile(restores, 50) if restores else -1,
+        "restore_p99_ms": run.percentile(restores, 99) if restores else -1,
+        "image_mb_p50": run.percentile(sizes, 50) if sizes else -1,
+        # The restores, from the deadline (negative: before it).
+        "restores_from_s": round(first_restore - deadline_at, 1),
+        "restores_to_s": round(max(restore_ends, default=deadline_at) - deadline_at, 1),
+        "_held_from": last_dumped,
+        "_held_to": first_restore,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--wait-s", type=float, default=45.0)
-    parser.add_argument("--strategies", default="park,replay,criu")
+    parser.add_argument("--wait-s", type=float, default=60.0)
+    parser.add_argument("--strategies", default="criu,park,replay")
+    parser.add_argument("--restored-ahead", type=int, default=100, help="max_restored_ahead")
     args = parser.parse_args()
     rows = []
     for strategy in args.strategies.split(","):
         try:
-            rows.append(measure(strategy, args.n, args.wait_s))
+            rows.append(measure(strategy, args.n, args.wait_s, args.restored_ahead))
         except RuntimeError as exc:
             rows.append({"strategy": strategy, "error": str(exc)})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.n} runs each waiting {args.wait_s:.0f} s, daemon tree sampled while all wait\n")
+    print(f"\n{args.n} runs each waiting {args.wait_s:.0f} s to the same instant\n")
     print(
-        "| strategy | processes | RSS MiB | PSS MiB | lateness p50 / p99 / max ms "
-        "| dump p50 ms | restore p50 ms | image MB |"
+        "| strategy | held: procs / PSS MiB | peak: procs / PSS MiB | lateness p50 / p99 / max ms "
+        "| dump phase s | dump p50 / p99 ms | restore p50 / p99 ms | disk MB per image |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['strategy']} | {r['error']} |||||||")
             continue
+        criu = r["strategy"] == "criu"
         print(
-            f"| {r['strategy']} | {r['procs']} | {r['rss_mb']} | {r['pss_mb']} | "
+            f"| {r['strategy']} | {r['held_procs']} / {r['held_pss_mb']} | "
+            f"{r['peak_procs']} / {r['peak_pss_mb']} | "
             f"{r['lateness_p50_ms']} / {r['lateness_p99_ms']} / {r['lateness_max_ms']} | "
-            f"{r.get('dump_p50_ms', '-')} | {r.get('restore_p50_ms', '-')} | "
-            f"{r.get('image_mb_p50', '-')} |"
+            + (
+                f"{r['dump_phase_s']} | {r['dump_p50_ms']:.0f} / {r['dump_p99_ms']:.0f} | "
+                f"{r['restore_p50_ms']:.0f} / {r['restore_p99_ms']:.0f} | "
+                f"{r['disk_mb_per_image']} |"
+                if criu
+                else "- | - | - | - |"
+            )
         )
 
 

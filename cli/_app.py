@@ -497,6 +497,17 @@ def doctor(env: EnvOption = None) -> None:
         f"by {health.checkpoint_strategy}; {health.active_runs} active runs, "
         f"{health.processes} processes"
     )
+    counts = health.checkpoint_counters
+    if health.checkpoint_strategy == "criu" or counts:
+        mark = "✗" if counts.get("fallbacks_park") or counts.get("fallbacks_replay") else "✓"
+        typer.echo(
+            f"{mark} checkpoints since the daemon started: {counts.get('dumps', 0)} dumped "
+            f"({counts.get('dumps_not_needed', 0)} not, their wait over first), "
+            f"{counts.get('dump_failures', 0)} dumps failed, "
+            f"{counts.get('dump_retries_ok', 0)} of them worked when retried; "
+            f"fell back to park {counts.get('fallbacks_park', 0)}, "
+            f"to replay {counts.get('fallbacks_replay', 0)} (reasons in each run's history)"
+        )
 
 
 def _check_state_modes(state: Path) -> None:

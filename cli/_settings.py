@@ -40,6 +40,7 @@ _DAEMON_KEYS = {
     "max_parked_processes": int,
     "criu_path": str,
     "criu_restore_timeout_s": float,
+    "max_restored_ahead": int,
     "max_header_bytes": int,
     "max_archive_bytes": int,
     "max_unpacked_bytes": int,

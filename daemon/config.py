@@ -61,6 +61,8 @@ class DaemonConfig:
         criu_path: the criu binary (found on PATH when None).
         criu_restore_timeout_s: a criu restore taking longer is killed, with the process tree
             it was restoring, and the run re-executes from its journal.
+        max_restored_ahead: processes restored ahead of their deadline (parked until it
+            comes) alive at once; each holds its own memory again (~16 MB for the bench's).
         max_header_bytes: largest request head (request line and headers) accepted (431).
         max_archive_bytes: largest version archive accepted, compressed (413).
         max_unpacked_bytes: largest total size of a version archive's files once unpacked.
@@ -118,6 +120,7 @@ class DaemonConfig:
     delayed_in_memory_s: float = 600.0
     criu_path: str | None = None
     criu_restore_timeout_s: float = 60.0
+    max_restored_ahead: int = 100
     max_header_bytes: int = 64 * 1024
     max_archive_bytes: int = 256 * 1024 * 1024
     max_unpacked_bytes: int = 256 * 1024 * 1024

@@ -521,6 +521,9 @@ class Health(Struct, frozen=True):
     queued_runs: int = 0
     processes: int = 0
     max_concurrent_runs: int = 0
+    # CRIU since the daemon started: dumps, dumps_not_needed, dump_failures, dump_retries_ok,
+    # fallbacks_park, fallbacks_replay (absent keys are zero).
+    checkpoint_counters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class ProcessInfo(Struct, frozen=True):

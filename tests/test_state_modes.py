@@ -42,8 +42,10 @@ def names_under(state: Path) -> set[str]:
     return {path.name for path in state.rglob("*")}
 
 
-def doctor(state: Path) -> str:
-    env = {**os.environ, "EMBER_STATE_DIR": str(state), "EMBER_SOCKET": str(state / "none.sock")}
+def doctor(state: Path, socket: Path | None = None) -> str:
+    """`ember doctor`'s report, for the state folder and the daemon at ``socket`` (none)."""
+    where = socket or state / "none.sock"
+    env = {**os.environ, "EMBER_STATE_DIR": str(state), "EMBER_SOCKET": str(where)}
     done = subprocess.run(
         [sys.executable, "-m", "ember.cli", "doctor"],
         capture_output=True,

@@ -98,6 +98,9 @@ async def health(daemon: ApiDaemon, request: Request, env: str) -> Health:
         queued_runs=stats["queued"],
         processes=processes,
         max_concurrent_runs=daemon.config.max_concurrent_runs,
+        checkpoint_counters=(
+            dict(daemon.engine.checkpointer.counters) if daemon.engine.checkpointer else {}
+        ),
     )
 
 

@@ -31,7 +31,16 @@ from ember.daemon.child import lifeline as _lifeline
 from ember.daemon.child import tracing
 from ember.daemon.child.attempt import Attempt, attempt_locals
 from ember.daemon.child.channel import Channel, Link, hang_up
-from ember.daemon.child.host import Memory, abandon, await_wake, cpu_s, host_pid, host_ppid
+from ember.daemon.child.host import (
+    Memory,
+    abandon,
+    await_wake,
+    cpu_s,
+    host_pid,
+    host_ppid,
+    reconnect,
+    shrink_heap,
+)
 from ember.daemon.child.lifeline import ProcessIdentity
 from ember.daemon.child.runtime import (
     JournalEntry,
@@ -221,6 +230,7 @@ class RunProcess:
         # Connections to the API would be sockets leading out of the dumped tree.
         await default_client().aclose()
         self._memory.close()
+        shrink_heap()
         if self._lock_fd >= 0:
             # CRIU dumps no file lock; the zygote's processes hold it meanwhile.
             os.close(self._lock_fd)
@@ -248,7 +258,7 @@ class RunProcess:
         if host_ppid() != parent:
             # Restored: the daemon that restored this process is its parent now.
             self._daemon = ProcessIdentity.of(host_ppid()) or self._daemon
-        await self._connect(*self._socket, restored=True)
+        await reconnect(lambda: self._connect(*self._socket, restored=True))
         self._suspending = None
         # Ask again for what this process waits for: its wait may have completed while no
         # daemon held the result in memory (killed before this restore), and then only the

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import heapq
 import json
 import logging
 import os
@@ -24,22 +23,25 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import zstandard
+
 import ember
 from ember._types import RunStatus
 from ember.daemon.config import DaemonConfig
 from ember.daemon.model import Hold, Snapshot
+from ember.daemon.procs.criu_plan import RestorePlan, Timings, parallelism
 from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
+from ember.daemon.procs.pages import PageStore
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -51,12 +53,10 @@ log = logging.getLogger("ember.daemon")
 
 DUMP_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 20.0
-# Dumps and restores are CPU- and disk-bound: a few at a time, as the research advises.
-PARALLEL_CRIU = 2
-# A process restored ahead of its deadline should be back this long before it.
-RESTORE_MARGIN_S = 0.25
-# Restores planned at once when timed waits end close together (the soonest ones).
-RESTORE_PLAN_DEPTH = 256
+# What _run answers when the run's wait ended before its dump could start.
+NOT_NEEDED = "its wait is over: no dump needed"
+# A failed dump is tried again after this (its cause may pass: a process fd not there yet).
+DUMP_RETRY_DELAY_S = 0.2
 
 
 class CheckpointEngine(Protocol):
@@ -412,14 +412,30 @@ class Checkpointer:
         self._binary = support.binary
         self._criu_version = support.version
         self._root = config.state_dir / "checkpoints"
+        self._pages = PageStore(config.state_dir / "checkpoint-bases")
         self._restore_timeout_s = config.criu_restore_timeout_s
         self._engine = engine
         self._supervisor = supervisor
         self._dumps: dict[str, asyncio.Future[bool]] = {}
-        self._slots = asyncio.Semaphore(PARALLEL_CRIU)
+        # Separate slots: a burst of dumps must not hold back the restores of runs now due.
+        self.dump_parallel = self.restore_parallel = parallelism()
+        self._dump_slots = asyncio.Semaphore(self.dump_parallel)
+        self._slots = asyncio.Semaphore(self.restore_parallel)  # (restores)
+        self.dump_times = Timings((support.dump_ms or 200.0) / 1000)
+        self.restore_times = Timings((support.restore_ms or 200.0) / 1000)
+        self._max_ahead = config.max_restored_ahead
+        self._room = asyncio.Event()  # a process restored ahead resumed or exited
+        self._max_parked = config.max_parked_processes
+        # Since the daemon started, for `ember doctor`: dumps, failures, retries, fallbacks.
+        self.counters: Counter[str] = Counter()
         self._sweeping = asyncio.Lock()
         # Timed waits whose process is restored ahead of the deadline: (deadline, run id).
-        self._ahead: list[tuple[float, str]] = []
+        self._ahead = RestorePlan(
+            self.restore_parallel,
+            self.restore_times,
+            self.dump_times,
+            depth=max(1, config.max_restored_ahead),
+        )
         self._ahead_runs: dict[str, ActiveRun] = {}
         self._ahead_changed = asyncio.Event()
         self._ahead_task: asyncio.Task[None] | None = None
@@ -431,16 +447,27 @@ class Checkpointer:
         # Restored processes alive now (the daemon's children): never taken for strays.
         self._restored_pids: set[int] = set()
         self._ahead_restores: set[asyncio.Task[None]] = set()
-        self._restore_s: deque[float] = deque([0.2], maxlen=32)  # recent restore times
 
     def images(self, run: ActiveRun) -> Path:
         """The run's image directory."""
         return self._root / run.id
 
-    async def _run(self, args: list[str], images: Path, log_name: str) -> tuple[str | None, float]:
-        """Run criu in a slot; return (None on success else the reason, milliseconds taken)."""
-        async with self._slots:
-            return await self._run_now(args, images, log_name, DUMP_TIMEOUT_S)
+    async def _run(
+        self, args: list[str], images: Path, log_name: str, run: ActiveRun | None = None
+    ) -> tuple[str | None, float]:
+        """Run criu in a slot; return (None on success else the reason, milliseconds taken).
+
+        With ``run``, nothing runs if its wait is over by the time a slot is free: when a
+        burst's dumps take longer than its waits, dumping a process only to restore it at
+        once cost a dump and a restore for nothing.
+        """
+        async with self._dump_slots:
+            if run is not None and run.status is not RunStatus.WAITING:
+                return NOT_NEEDED, 0.0
+            error, elapsed_ms = await self._run_now(args, images, log_name, DUMP_TIMEOUT_S)
+        if error is None:
+            self.dump_times.add(elapsed_ms / 1000)
+        return error, elapsed_ms
 
     async def _run_now(
         self, args: list[str], images: Path, log_name: str, timeout_s: float
@@ -522,9 +549,10 @@ class Checkpointer:
             # (its loop is busy in code that does not yield: it is interrupted instead)
             worker.checkpointing = None
             return False
-        return await self._dump(run, worker)
+        return await self._dump(run, worker, fall_back=False)  # (the drain interrupts it)
 
-    async def _dump(self, run: ActiveRun, worker: Worker) -> bool:
+    async def _dump(self, run: ActiveRun, worker: Worker, fall_back: bool = True) -> bool:
+        """Dump a process ready for it (retried once); on failure the run falls back."""
         images = self.images(run)
         shutil.rmtree(images, ignore_errors=True)
         images.mkdir(parents=True, mode=0o700)
@@ -537,15 +565,44 @@ class Checkpointer:
             error: str | None = f"its interpreter and libraries cannot be read ({exc})"
             dump_ms = 0.0
         else:
-            error, dump_ms = await self._run(dump_args(worker.pid, images), images, "dump.log")
-        if error is not None:
-            log.warning("checkpoint of run %s failed (%s); it stays parked", run.id, error)
+            waiting = run if fall_back else None  # (the drain dumps runs that execute)
+            error, dump_ms = await self._run(
+                dump_args(worker.pid, images), images, "dump.log", waiting
+            )
+            if error is not None and error != NOT_NEEDED:
+                # Some failures pass (one of 100 dumps: "Can't get proc fd"); CRIU left the
+                # process as it was, parked with its channel closed, so it can go again.
+                self.counters["dump_failures"] += 1
+                log.warning("checkpoint of run %s failed (%s); retrying once", run.id, error)
+                self._engine.note(run, Snapshot.SUSPENDED, f"checkpoint failed ({error}); retrying")
+                await asyncio.sleep(DUMP_RETRY_DELAY_S)
+                for stale in images.iterdir():
+                    stale.unlink()
+                error, dump_ms = await self._run(
+                    dump_args(worker.pid, images), images, "dump.log", waiting
+                )
+                if error != NOT_NEEDED:
+                    self.counters["dump_retries_ok" if error is None else "dump_failures"] += 1
+        if error == NOT_NEEDED:
             shutil.rmtree(images, ignore_errors=True)
-            # CRIU leaves a process it could not dump running: wake it to reconnect.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGUSR1)
+            self.counters["dumps_not_needed"] += 1
+            _wake(worker.pid)  # it reconnects and resumes, never dumped
             self._keep_parked(run)
             return False
+        if error is not None:
+            shutil.rmtree(images, ignore_errors=True)
+            if fall_back:
+                self._fall_back(run, worker, error)
+            else:
+                log.warning("checkpoint of run %s failed (%s)", run.id, error)
+                _wake(worker.pid)
+                self._keep_parked(run)
+            return False
+        self.counters["dumps"] += 1
+        zygote = worker.zygote.process.pid if worker.zygote is not None else None
+        started = time.perf_counter()
+        packed = await self._pages.pack(images, run.id, self._pages.lineage(worker.id, zygote))
+        pack_ms = (time.perf_counter() - started) * 1000
         size = sum(f.stat().st_size for f in images.iterdir() if f.is_file())
         _write_private(images / MANIFEST_FILE, manifest)
         _write_private(
@@ -556,17 +613,43 @@ class Checkpointer:
                 "env": worker.key[0],
                 "version": worker.key[1],
                 "dump_ms": dump_ms,
+                "pack_ms": pack_ms,
                 "bytes": size,
+                "raw_page_bytes": packed.raw_bytes if packed else None,
             },
         )
         self._supervisor.forget(worker)
         worker.parked = None
         if run.parked is worker:
             run.parked = None
+        how = (
+            f" ({packed.raw_bytes / 1e6:.1f} MB of pages, {packed.literal_pages} not shared,"
+            f" packed in {pack_ms:.0f} ms)"
+            if packed
+            else ""
+        )
         self._engine.note(
-            run, Snapshot.SUSPENDED, f"checkpointed: {size / 1e6:.1f} MB in {dump_ms:.0f} ms"
+            run, Snapshot.SUSPENDED, f"checkpointed: {size / 1e6:.2f} MB in {dump_ms:.0f} ms{how}"
         )
         return True
+
+    def _fall_back(self, run: ActiveRun, worker: Worker, reason: str) -> None:
+        """Its dump failed twice: the run is held by parking its process, else by replay."""
+        assert worker.pid is not None
+        if self._supervisor.parked_count() <= self._max_parked:
+            how = "park"
+            _wake(worker.pid)  # CRIU left it running: it reconnects and parks
+            self._keep_parked(run)
+        else:
+            how = "replay"
+            worker.parked = None
+            self._supervisor.kill(worker)
+            self._engine.replay_instead(run)
+        self.counters[f"fallbacks_{how}"] += 1
+        log.warning("checkpoint of run %s failed again (%s); held by %s", run.id, reason, how)
+        self._engine.note(
+            run, Snapshot.SUSPENDED, f"checkpoint failed again ({reason}); held by {how} instead"
+        )
 
     def _keep_parked(self, run: ActiveRun) -> None:
         """The process could not be dumped: it stays alive, holding the run."""
@@ -583,29 +666,24 @@ class Checkpointer:
         if wait is None or wait.kind != "DATETIME" or wait.resume_at is None:
             return
         self._ahead_runs[run.id] = run
-        heapq.heappush(self._ahead, (wait.resume_at, run.id))
+        self._ahead.push(wait.resume_at, run.id)
         self._ahead_changed.set()
         if self._ahead_task is None or self._ahead_task.done():
             self._ahead_task = asyncio.get_running_loop().create_task(self._restore_ahead_loop())
 
-    def _next_restore_at(self) -> float:
-        """When the soonest planned restore must start for every one to be back in time."""
-        estimate = statistics.median(self._restore_s)
-        deadlines = heapq.nsmallest(RESTORE_PLAN_DEPTH, self._ahead)
-        return min(
-            deadline - (rank // PARALLEL_CRIU + 1) * estimate - RESTORE_MARGIN_S
-            for rank, (deadline, _) in enumerate(deadlines)
-        )
-
     async def _restore_ahead_loop(self) -> None:
         while self._ahead:
-            delay = self._next_restore_at() - self._engine.clock()
+            delay = self._ahead.next_start() - self._engine.clock()
             if delay > 0:
                 self._ahead_changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ahead_changed.wait(), delay)
                 continue
-            _, run_id = heapq.heappop(self._ahead)
+            while len(self._kept) + len(self._ahead_restores) >= self._max_ahead:
+                # Each restored process holds its own memory: at most so many parked ahead.
+                self._room.clear()
+                await self._room.wait()
+            run_id = self._ahead.pop()
             run = self._ahead_runs.pop(run_id, None)
             if run is None or run.hold != Hold.CHECKPOINT or run.id in self._restoring:
                 continue
@@ -616,6 +694,7 @@ class Checkpointer:
             task = asyncio.get_running_loop().create_task(self._restore_once(run))
             self._ahead_restores.add(task)
             task.add_done_callback(self._ahead_restores.discard)
+            task.add_done_callback(lambda _: self._room.set())
             await asyncio.sleep(0)
 
     async def close(self) -> None:
@@ -652,16 +731,15 @@ class Checkpointer:
             pending = self._dumps.get(run.id)
             if pending is not None:
                 await asyncio.shield(pending)  # (outside a slot: the dump needs one)
-            async with self._slots:
-                # Checked again now that a slot is ours: meanwhile the run may have been
-                # canceled or finished, its dump may have failed (it stays parked), or its
-                # process may be back already.
-                if (
-                    self._engine.active.get(run.id) is run
-                    and run.hold == Hold.CHECKPOINT
-                    and run.parked is None
-                ):
-                    failed, criu_ran = await self._bring_back(run)
+            # A run whose process was never dumped (or is back) queues for no restore slot:
+            # behind a burst's restores, such runs waited seconds for nothing.
+            if self._needs_restore(run):
+                async with self._slots:
+                    # Checked again now that a slot is ours: meanwhile the run may have been
+                    # canceled or finished, its dump may have failed (it stays parked), or
+                    # its process may be back already.
+                    if self._needs_restore(run):
+                        failed, criu_ran = await self._bring_back(run)
         except Exception as exc:  # its image vanished meanwhile, say: the run replays
             log.exception("restoring run %s failed", run.id)
             failed = f"{type(exc).__name__}: {exc}"
@@ -672,6 +750,14 @@ class Checkpointer:
             if criu_ran:
                 await self._sweep_strays()
             self._fail(run, failed)
+
+    def _needs_restore(self, run: ActiveRun) -> bool:
+        """The run is still held by its image alone."""
+        return (
+            self._engine.active.get(run.id) is run
+            and run.hold == Hold.CHECKPOINT
+            and run.parked is None
+        )
 
     async def _bring_back(self, run: ActiveRun) -> tuple[str | None, bool]:
         """Restore the run's process (a slot is held): (why it failed or None, criu ran)."""
@@ -694,9 +780,18 @@ class Checkpointer:
         run.parked = worker
         pidfile = images / "pidfile"
         pidfile.unlink(missing_ok=True)
+        began = time.perf_counter()  # (the pages written back count: they are the restore's)
+        try:
+            unpacked = await self._pages.unpack(images, worker.id)
+        except (OSError, ValueError, zstandard.ZstdError) as exc:
+            self._supervisor.forget(worker)
+            run.parked = None
+            return f"its pages cannot be read ({exc})", False
         error, restore_ms = await self._run_now(
             restore_args(images), images, "restore.log", self._restore_timeout_s
         )
+        for file in unpacked:  # (criu has read them; the delta stays until the run reports)
+            file.unlink(missing_ok=True)
         pid = 0
         if error is None:
             try:
@@ -707,7 +802,7 @@ class Checkpointer:
             self._supervisor.forget(worker)
             run.parked = None
             return error, True
-        self._restore_s.append(restore_ms / 1000)
+        self.restore_times.add(time.perf_counter() - began)
         self._restored_pids.add(pid)
         # Kept until the resumed run reports back (see reported()): if the daemon dies first,
         # the next one restores it again. _kill_earlier_copy makes sure only one copy lives.
@@ -732,7 +827,7 @@ class Checkpointer:
         async with self._sweeping:
             taken = 0
             try:
-                for _ in range(PARALLEL_CRIU):
+                for _ in range(self.restore_parallel):
                     await self._slots.acquire()
                     taken += 1
                 for pid in _namespace_children(exclude=self._restored_pids):
@@ -776,6 +871,7 @@ class Checkpointer:
 
                 worker.exit_reason = describe_exit(os.waitstatus_to_exitcode(status))
             self._restored_pids.discard(pid)
+            self._pages.forget_worker(worker.id)
             self._supervisor.collect(worker)
 
         loop.add_reader(fd, exited)
@@ -783,35 +879,50 @@ class Checkpointer:
     def reported(self, worker: Worker) -> None:
         """The run resumed in this restored process reported back: its image can go."""
         run_id = self._kept.pop(worker.id, None)
+        self._room.set()
         if run_id is not None:
             shutil.rmtree(self._root / run_id, ignore_errors=True)
+            self._pages.release(run_id)
 
     def lost(self, worker: Worker, parked: bool) -> bool:
         """A restored process exited; True if it was still ``parked`` (its run never resumed
         there) and its kept image can restore the run again. Otherwise the image goes.
         """
         run_id = self._kept.pop(worker.id, None)
+        self._room.set()
         if run_id is None:
             return False
         images = self._root / run_id
         if parked and (images / "meta.json").exists():
             return True
         shutil.rmtree(images, ignore_errors=True)
+        self._pages.release(run_id)
         return False
 
     def discard(self, run: ActiveRun) -> None:
         """Delete a run's image (the run was canceled or finished otherwise)."""
         for worker_id in [w for w, r in self._kept.items() if r == run.id]:
             del self._kept[worker_id]
+        self._room.set()
         shutil.rmtree(self.images(run), ignore_errors=True)
+        self._pages.release(run.id)
 
     def prune(self, keep: set[str]) -> None:
         """At start: delete the images of runs no checkpoint holds any more."""
-        if not self._root.is_dir():
-            return
-        for images in self._root.iterdir():
-            if images.name not in keep:
-                shutil.rmtree(images, ignore_errors=True)
+        kept = {}
+        if self._root.is_dir():
+            for images in self._root.iterdir():
+                if images.name not in keep:
+                    shutil.rmtree(images, ignore_errors=True)
+                else:
+                    kept[images.name] = images
+        self._pages.prune(kept)
+
+
+def _wake(pid: int) -> None:
+    """SIGUSR1 a parked process: it reconnects (restored, or never dumped)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGUSR1)
 
 
 def _write_private(path: Path, value: object) -> None:

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     pass
 
 log = logging.getLogger("ember.daemon")
+# Connections to the worker socket the kernel queues before the daemon accepts them.
+WORKER_BACKLOG = 4096
 
 # After a run process's channel closes, wait this long for its exit status before reporting
 # it gone, so the reason says "killed by SIGKILL" rather than "closed its channel".
@@ -237,7 +239,11 @@ class Supervisor:
         path.unlink(missing_ok=True)
         self._logs_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _WorkerProtocol(self), str(path))
+        # A deep backlog: hundreds of processes woken at once (a burst of waits) reconnect
+        # together, and asyncio's default of 100 left the rest hanging in connect().
+        self._server = await loop.create_unix_server(
+            lambda: _WorkerProtocol(self), str(path), backlog=WORKER_BACKLOG
+        )
         os.chmod(path, 0o600)
         self._sweeper = loop.create_task(self._sweep())
 
@@ -605,8 +611,17 @@ class Supervisor:
         _close_pidfd(worker)
 
     def release(self, worker: Worker) -> None:
-        """A run process finished a run: recycle it or hand it the next one."""
-        if worker.runs_done >= self.config.max_runs_per_process or self._outdated(worker):
+        """A run process finished a run: recycle it or hand it the next one.
+
+        A process restored from a checkpoint exits with its run: it shares no page with a
+        zygote (~16 MB each, against ~5 MB for a fork), so it is no worker to keep warm.
+        """
+        restored = worker.zygote is None
+        if (
+            restored
+            or worker.runs_done >= self.config.max_runs_per_process
+            or self._outdated(worker)
+        ):
             self.retire(worker)
             self.engine.rebalance()
         else:

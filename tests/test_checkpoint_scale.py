@@ -1,0 +1,178 @@
+"""CRIU at scale: restored processes do not linger, failed dumps are retried, plans hold.
+
+Skipped, with the reason, wherever `ember doctor` would say checkpoints do not work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Harness, eventually, running_daemon
+from test_checkpoint import SUPPORT, TASKS
+from test_state_modes import doctor
+
+from ember import Call, Runs, Tasks
+from ember._types import Health
+from ember.daemon.procs.checkpoint import _namespace_children
+from ember.daemon.procs.criu_plan import (
+    CALIBRATED_AFTER,
+    RESTORE_MARGIN_S,
+    SAFETY,
+    RestorePlan,
+    Timings,
+    parallelism,
+)
+
+criu_only = pytest.mark.skipif(not SUPPORT.ok, reason=f"no working CRIU: {SUPPORT.reason}")
+
+
+def test_restores_ahead_start_early_enough_for_the_whole_queue() -> None:
+    timings, dumps = Timings(0.1), Timings(0.3)
+    plan = RestorePlan(parallel=2, timings=timings, before=dumps)
+    for i in range(1000):
+        plan.push(100.0, f"run{i}")
+    # Nothing restored yet: a restore is planned to take what a dump takes (0.3 s).
+    assert plan.each_s() == pytest.approx(0.3 * SAFETY)
+    for _ in range(CALIBRATED_AFTER):
+        timings.add(0.1)
+    each = 0.1 * SAFETY
+    # 1,000 due at once, two at a time: the first starts 500 restores early.
+    assert plan.next_start() == pytest.approx(100.0 - 500 * each - RESTORE_MARGIN_S)
+    for _ in range(998):
+        plan.pop()
+    assert plan.next_start() == pytest.approx(100.0 - each - RESTORE_MARGIN_S)
+    # Slower restores measured: the plan starts earlier (the 90th percentile counts).
+    for _ in range(20):
+        timings.add(0.4)
+    assert plan.next_start() == pytest.approx(100.0 - 0.4 * SAFETY - RESTORE_MARGIN_S)
+    # Room for 100 restored ahead: the plan is for those 100, the rest wait for room.
+    capped = RestorePlan(parallel=2, timings=timings, depth=100)
+    for i in range(1000):
+        capped.push(100.0, f"run{i}")
+    assert capped.next_start() == pytest.approx(100.0 - 50 * 0.4 * SAFETY - RESTORE_MARGIN_S)
+
+
+@pytest.mark.criu
+@criu_only
+async def test_restored_processes_are_not_kept_idle(state_dir: Path) -> None:
+    async with running_daemon(
+        state_dir, checkpoint="criu", wait_park_threshold_s=0.5, process_idle_s=300
+    ) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        handles = [await Tasks(h.client).trigger("remember", {"s": 2}) for _ in range(1)]
+        for handle in handles:
+            done = await h.wait(handle.id)
+            assert any(s.description.startswith("restored its process") for s in done.snapshots)
+        # Each restored process (the daemon's child, init of its PID namespace) exits with its
+        # run instead of idling as a worker for process_idle_s.
+        await eventually(lambda: not _namespace_children(exclude=set()), timeout_s=20)
+
+
+# criu itself, but the next dumps fail while the arm file holds a count above zero, and each
+# dump first sleeps as many seconds as {arm}.slow says: a fake that implements the real
+# interface (the daemon runs it as it runs criu).
+FLAKY_CRIU = """#!/bin/sh
+if [ "$1" = dump ] && [ -s {arm}.slow ]; then
+  sleep "$(cat {arm}.slow)"
+fi
+if [ "$1" = dump ] && [ -s {arm} ]; then
+  left=$(cat {arm})
+  if [ "$left" -gt 0 ]; then
+    echo $((left - 1)) > {arm}
+    echo "Error (flaky criu): a transient failure, $left left" >&2
+    exit 1
+  fi
+fi
+exec {real} "$@"
+"""
+
+
+@pytest.fixture
+def flaky_criu() -> Iterator[tuple[Path, Path]]:
+    """(the wrapper, its arm file), in a folder a root daemon trusts (root's, not /tmp)."""
+    if not os.access("/run", os.W_OK):
+        pytest.skip("no writable /run for a root-owned criu wrapper")
+    folder = Path(tempfile.mkdtemp(dir="/run", prefix="ember-test-criu-"))
+    try:
+        arm, wrapper = folder / "arm", folder / "criu"
+        assert SUPPORT.binary is not None
+        wrapper.write_text(FLAKY_CRIU.format(arm=arm, real=SUPPORT.binary))
+        wrapper.chmod(0o755)
+        yield wrapper, arm
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _health(h: Harness) -> Health:
+    return await h.client.request(Call("GET", "/healthz", Health))
+
+
+@pytest.mark.criu
+@criu_only
+@pytest.mark.parametrize("failures", [1, 2])
+async def test_a_failed_dump_is_retried_once_then_the_run_falls_back(
+    state_dir: Path, flaky_criu: tuple[Path, Path], failures: int
+) -> None:
+    wrapper, arm = flaky_criu
+    async with running_daemon(
+        state_dir, checkpoint="criu", wait_park_threshold_s=0.5, criu_path=str(wrapper)
+    ) as h:
+        assert h.daemon.checkpoint_strategy == "criu"  # (its smoke test went through it)
+        assert (await h.register(TASKS)).status == "READY"
+        arm.write_text(str(failures))
+        handle = await Tasks(h.client).trigger("remember", {"s": 3})
+        done = await h.wait(handle.id)
+        history = [s.description for s in done.snapshots]
+        lines = (await Runs(h.client).logs(handle.id)).data
+        assert done.output_as()["secret"] == float(lines[0].attrs["secret"])
+        assert any("checkpoint failed (Error (flaky criu)" in d for d in history), history
+        counts = (await _health(h)).checkpoint_counters
+        if failures == 1:
+            # Dumped on the retry, then restored with its memory.
+            assert any(d.startswith("checkpointed:") for d in history), history
+            assert any(d.startswith("restored its process") for d in history), history
+            assert counts == {"dump_failures": 1, "dump_retries_ok": 1, "dumps": 1}
+        else:
+            assert any("failed again" in d and "held by park instead" in d for d in history)
+            assert not any(d.startswith("checkpointed:") for d in history), history
+            assert "resumed in its parked process" in history
+            assert counts == {"dump_failures": 2, "fallbacks_park": 1}
+            report = await asyncio.to_thread(doctor, state_dir, h.config.socket_path)
+            assert "2 dumps failed, 0 of them worked when retried; fell back to park 1" in report
+
+
+@pytest.mark.criu
+@criu_only
+async def test_a_wait_over_before_its_dump_starts_is_not_dumped(
+    state_dir: Path, flaky_criu: tuple[Path, Path]
+) -> None:
+    wrapper, arm = flaky_criu
+    async with running_daemon(
+        state_dir, checkpoint="criu", wait_park_threshold_s=0.5, criu_path=str(wrapper)
+    ) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        arm.with_suffix(".slow").write_text("5")
+        # Every dump slot is taken for 5 s; the last run's 1 s wait ends before one frees.
+        tasks = Tasks(h.client)
+        handles = [await tasks.trigger("remember", {"s": 1}) for _ in range(parallelism() + 1)]
+        runs = Runs(h.client)
+        skipped = 0
+        for handle in handles:
+            done = await h.wait(handle.id)
+            lines = (await runs.logs(handle.id)).data
+            assert done.output_as()["secret"] == float(lines[0].attrs["secret"])
+            history = [s.description for s in done.snapshots]
+            if not any(d.startswith("checkpointed:") for d in history):
+                skipped += 1
+                # (woken, it reconnects as a restored process does: on_worker_back resumes it)
+                assert "restored from its checkpoint" in history, history
+                assert not any(d.startswith("restored its process") for d in history), history
+        counts = (await _health(h)).checkpoint_counters
+        assert skipped == counts["dumps_not_needed"] >= 1, counts
+        assert counts["dumps"] + skipped == len(handles), counts
