@@ -33,6 +33,7 @@ _DAEMON_KEYS = {
     "max_parked_processes": int,
     "criu_path": str,
     "criu_restore_timeout_s": float,
+    "machine_limits": str,
     "max_header_bytes": int,
     "max_archive_bytes": int,
     "max_unpacked_bytes": int,
@@ -62,7 +63,11 @@ _AT_LEAST_ONE = (
     "max_tcp_connections",
 )
 _PROJECT_KEYS = {"dirs", "project", "requirements", "sync"}
-_CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}
+_CHOICES = {
+    "durability": ("normal", "fsync"),
+    "checkpoint": ("auto", "criu", "park", "replay"),
+    "machine_limits": ("auto", "cgroup", "rlimit", "off"),
+}
 
 
 def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:

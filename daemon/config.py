@@ -10,6 +10,7 @@ from ember._config import SystemdEnv, default_socket_path, default_state_dir, lo
 from ember.daemon.store.db import Durability
 
 CheckpointStrategy = Literal["auto", "criu", "park", "replay"]
+MachineLimitsMode = Literal["auto", "cgroup", "rlimit", "off"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,9 @@ class DaemonConfig:
         criu_path: the criu binary (found on PATH when None).
         criu_restore_timeout_s: a criu restore taking longer is killed, with the process tree
             it was restoring, and the run re-executes from its journal.
+        machine_limits: how run processes are held to their machine presets: ``auto`` (a
+            cgroup per process where cgroups are writable, else rlimits), ``cgroup`` (refuse
+            to start without), ``rlimit`` (memory only) or ``off``.
         max_header_bytes: largest request head (request line and headers) accepted (431).
         max_archive_bytes: largest version archive accepted, compressed (413).
         max_unpacked_bytes: largest total size of a version archive's files once unpacked.
@@ -112,6 +116,7 @@ class DaemonConfig:
     delayed_in_memory_s: float = 600.0
     criu_path: str | None = None
     criu_restore_timeout_s: float = 60.0
+    machine_limits: MachineLimitsMode = "auto"
     max_header_bytes: int = 64 * 1024
     max_archive_bytes: int = 256 * 1024 * 1024
     max_unpacked_bytes: int = 256 * 1024 * 1024

@@ -15,10 +15,13 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember._machines import DEFAULT_MACHINE
 from ember._types import RetryOptions, RunStatus
 from ember.daemon.procs.protocol import Fork, Indexed, Message, encode
 
 VersionKey = tuple[str, str]
+# (environment, version, machine preset): run processes are shared only within one.
+PoolKey = tuple[str, str, str]
 
 
 class Hold(enum.StrEnum):
@@ -74,6 +77,8 @@ class ActiveRun:
     # How a WAITING run is held; None while executing.
     hold: Hold | None = None
     executing_s: float = 0.0
+    # The machine preset: named at trigger or by the task, else resolved when it is placed.
+    machine: str | None = None
     # Engine bookkeeping, never stored.
     wait: WaitRecord | None = None
     parked: Worker | None = None
@@ -147,6 +152,17 @@ class Worker:
     fault: str | None = None
     # The run canceled in this process: its on_cancel hooks may still log, until it exits.
     canceled: ActiveRun | None = None
+    # Its machine preset (its cgroup's limits); it runs only runs of that preset.
+    machine: str = DEFAULT_MACHINE
+    # Set when it is gone: the kernel killed it for memory, and its cgroup's CPU seconds and
+    # peak memory over its life (for an attempt that ended with it, which reported neither).
+    oom_killed: bool = False
+    usage: tuple[float | None, int | None] = (None, None)
+
+    @property
+    def pool(self) -> PoolKey:
+        """The processes it may stand in for: its version's, of its preset."""
+        return (*self.key, self.machine)
 
     def send(self, message: Message) -> None:
         """Write a frame to the process; held until it reconnects if it is checkpointing."""

@@ -27,6 +27,7 @@ import msgspec
 
 from ember._errors import AbortTaskRunError, EmberError, NonDeterminismError
 from ember._hooks import WaitInfo, WaitKind, global_hooks
+from ember._machines import OOM_KILLED
 from ember._runtime import Context, current_runtime, reset_runtime, set_runtime
 from ember._task import Task, json_default
 from ember._types import RunError
@@ -361,10 +362,16 @@ class _RunStream(io.TextIOBase):
 
 
 def _error_of(exc: BaseException) -> RunError:
+    message = str(exc)
+    if isinstance(exc, MemoryError) and not message:
+        message = "out of memory: an allocation failed under the machine preset's memory limit"
     return RunError(
         name=type(exc).__name__,
-        message=cut(str(exc), MAX_LOG_LINE_BYTES),
+        message=cut(message, MAX_LOG_LINE_BYTES),
         stack=cut("".join(traceback.format_exception(exc)), MAX_LOG_LINE_BYTES),
+        # Out of memory under a memory rlimit (or any limit Python hits first): the same
+        # outcome as the kernel's OOM kill in a cgroup, so the same retry on a larger machine.
+        code=OOM_KILLED if isinstance(exc, MemoryError) else "TASK_RUN_ERROR",
     )
 
 

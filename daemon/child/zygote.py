@@ -24,6 +24,7 @@ from typing import Any
 
 from ember._task import Task
 from ember.daemon.child import lifeline as _lifeline
+from ember.daemon.child import limits as _limits
 from ember.daemon.child.discover import discover
 from ember.daemon.child.lifeline import ProcessIdentity
 
@@ -98,6 +99,7 @@ def _child(
     _lifeline.die_with_parent()
     if os.getppid() != zygote_pid:
         return 1  # the zygote died before the signal was armed
+    _limits.enter(fork)  # its machine preset's cgroup (or rlimit), before any task code
 
     def run() -> int:
         return run_worker(

@@ -43,6 +43,7 @@ from ember._types import (
     VersionInfo,
 )
 from ember.daemon.config import DaemonConfig
+from ember.daemon.engine import machines
 from ember.daemon.engine.alerts import Alerts
 from ember.daemon.engine.batches import Batches, insert_batch
 from ember.daemon.engine.bulk import BulkActions
@@ -127,7 +128,7 @@ class Engine:
         self._delayed_horizon = math.inf
         self.versions: dict[tuple[str, str], VersionRecord] = {}
         self.current: dict[str, str] = {}
-        self._awaiting: dict[tuple[str, str], deque[ActiveRun]] = {}
+        self._awaiting: dict[tuple[str, str, str], deque[ActiveRun]] = {}
         self._pending_version: dict[str, ActiveRun] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._busy = 0
@@ -621,6 +622,7 @@ class Engine:
             elif ttl_s:
                 run.expires_at = (run.delay_until or now) + ttl_s
         machine = options.machine or (task.machine if task else None)
+        run.machine = machine
         idem_expires = now + idem_ttl_s if options.idempotency_key else None
         return run, ttl_s, idem_expires, machine
 
@@ -666,6 +668,7 @@ class Engine:
             and len(_json.encode(options.metadata)) > MAX_METADATA_BYTES
         ):
             raise BadRequest(400, f"{where}options.metadata: over {MAX_METADATA_BYTES} bytes")
+        machines.check_option(options.machine, where)
 
     def _resolve_task(
         self, env: str, task_id: str, version: str | None, where: str
@@ -902,13 +905,14 @@ class Engine:
     def place(self, run: ActiveRun) -> None:
         """Give a DEQUEUED run (its slot taken) a process of its version: idle, or new."""
         assert run.version is not None
-        worker = self.supervisor.take_idle(run.env, run.version)
+        record = self.versions[(run.env, run.version)]
+        machine = machines.resolve(run, record.tasks.get(run.task_id))
+        worker = self.supervisor.take_idle(run.env, run.version, machine)
         if worker is not None:
             self._start(run, worker)
             return
-        record = self.versions[(run.env, run.version)]
-        self._awaiting.setdefault((run.env, run.version), deque()).append(run)
-        self.supervisor.spawn(run.env, run.version, record.code_dir)
+        self._awaiting.setdefault((run.env, run.version, machine), deque()).append(run)
+        self.supervisor.spawn(run.env, run.version, record.code_dir, machine)
 
     def _to_pending_version(self, run: ActiveRun) -> None:
         now = self.clock()
@@ -930,7 +934,7 @@ class Engine:
 
     def on_worker_ready(self, worker: Worker) -> None:
         """A run process is connected and free: give it the next run waiting for one."""
-        waiting = self._awaiting.get(worker.key)
+        waiting = self._awaiting.get(worker.pool)
         while waiting:
             run = waiting.popleft()
             if run.status is RunStatus.DEQUEUED:
@@ -939,8 +943,8 @@ class Engine:
         self.supervisor.make_idle(worker)
         self.rebalance()
 
-    def awaiting_count(self, key: tuple[str, str]) -> int:
-        """Runs of a version that hold a slot and wait for a run process."""
+    def awaiting_count(self, key: tuple[str, str, str]) -> int:
+        """Runs of a version and preset that hold a slot and wait for a run process."""
         waiting = self._awaiting.get(key)
         if not waiting:
             return 0
@@ -950,9 +954,10 @@ class Engine:
 
     def rebalance(self) -> None:
         """Runs of some version wait for a process: start what the cap allows."""
-        for (env, version), waiting in list(self._awaiting.items()):
+        for (env, version, machine), waiting in list(self._awaiting.items()):
             if waiting:
-                self.supervisor.spawn(env, version, self.versions[(env, version)].code_dir)
+                code_dir = self.versions[(env, version)].code_dir
+                self.supervisor.spawn(env, version, code_dir, machine)
 
     def _bind(self, run: ActiveRun, worker: Worker, now: float) -> None:
         """From now on the run executes in this process (a start, a replay or a resume)."""
@@ -1188,6 +1193,8 @@ class Engine:
             # An attempt that raised starts a new journal: its retry waits afresh.
             run.generation += 1
         generation = run.generation
+        larger = machines.after_failure(run, error)
+        on = f" on {larger}, out of memory" if larger else ""
 
         def write(conn: sqlite3.Connection) -> None:
             store.finish_attempt(
@@ -1200,10 +1207,11 @@ class Engine:
                 now,
                 "QUEUED",
                 attempt=number,
-                description=f"retrying in {delay:.1f}s",
+                description=f"retrying in {delay:.1f}s{on}",
                 ready_at=run.ready_at,
                 generation=generation,
                 hold=None,
+                machine=run.machine,
             )
 
         def requeue(_: asyncio.Future[None]) -> None:
@@ -1254,12 +1262,10 @@ class Engine:
             )
             return
         code = "TASK_RUN_STALLED_EXECUTING" if worker.stalled else "TASK_PROCESS_EXITED"
-        self._attempt_failed(
-            run,
-            RunError(name="TaskRunCrashed", message=f"the run process {reason}", code=code),
-            RunStatus.CRASHED,
-            retryable=True,
-        )
+        error = RunError(name="TaskRunCrashed", message=f"the run process {reason}", code=code)
+        if worker.oom_killed:
+            error = machines.oom_error(worker, reason)
+        self._attempt_failed(run, error, RunStatus.CRASHED, True, *worker.usage)
 
     def on_spawn_failed(self, env: str, version: str, reason: str) -> None:
         """The version's zygote could not start: runs waiting for it fail as system failures."""
@@ -1267,7 +1273,9 @@ class Engine:
             # The daemon stopped it: the runs were only dequeued in memory and stay QUEUED in
             # the table for the next start (a restart must not fail them).
             return
-        waiting = self._awaiting.pop((env, version), deque())
+        waiting: deque[ActiveRun] = deque()
+        for key in [k for k in self._awaiting if k[:2] == (env, version)]:
+            waiting += self._awaiting.pop(key)
         error = RunError(name="WorkerStartFailed", message=reason, code="COULD_NOT_START_WORKER")
         for run in waiting:
             if run.status is RunStatus.DEQUEUED:

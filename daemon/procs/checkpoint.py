@@ -688,6 +688,7 @@ class Checkpointer:
             return f"its image does not fit this machine: {refused}", False
         _kill_earlier_copy(images)
         worker = Worker(meta["worker_id"], (meta["env"], meta["version"]), meta["token"])
+        worker.machine = run.machine or worker.machine  # restored into its preset's cgroup
         worker.parked = run
         worker.checkpointing = asyncio.get_running_loop().create_future()
         self._supervisor.adopt(worker)
@@ -695,7 +696,10 @@ class Checkpointer:
         pidfile = images / "pidfile"
         pidfile.unlink(missing_ok=True)
         error, restore_ms = await self._run_now(
-            restore_args(images), images, "restore.log", self._restore_timeout_s
+            restore_args(images) + self._supervisor.criu_cgroup_args(worker),
+            images,
+            "restore.log",
+            self._restore_timeout_s,
         )
         pid = 0
         if error is None:

@@ -259,7 +259,7 @@ def set_replayed_from(conn: sqlite3.Connection, run_id: str, source_id: str) -> 
 
 
 def start_attempt(conn: sqlite3.Connection, run: ActiveRun, now: float, pid: int | None) -> None:
-    """Record a new attempt and the run as EXECUTING on its locked version."""
+    """Record a new attempt and the run as EXECUTING on its locked version and preset."""
     conn.execute(
         "INSERT INTO attempts (run_id, number, status, started_at, version, pid)"
         " VALUES (?, ?, 'EXECUTING', ?, ?, ?)",
@@ -276,6 +276,7 @@ def start_attempt(conn: sqlite3.Connection, run: ActiveRun, now: float, pid: int
         attempt_count=run.attempt,
         started_at=run.started_at,
         interruptions=run.interruptions,
+        machine=run.machine,
     )
 
 
@@ -541,7 +542,7 @@ def get_run(
         " output_ref, error, version, pinned_version, tags, metadata, attempt_count, max_attempts,"
         " started_at, finished_at, delay_until, expires_at, idempotency_key, queue,"
         " concurrency_key, priority, max_duration_s, parent_run_id, root_run_id, batch_id,"
-        " replayed_from FROM runs WHERE id = ?",
+        " replayed_from, machine FROM runs WHERE id = ?",
         (run_id,),
     ).fetchone()
     if row is None:
@@ -611,6 +612,7 @@ def get_run(
         root_run_id=row[27],
         batch_id=row[28],
         replayed_from=row[29],
+        machine=row[30],
         attempts=attempts,
         snapshots=snapshots,
     )
@@ -647,7 +649,7 @@ _ACTIVE_COLUMNS = (
     "id, env, task_id, status, queue, created_at, max_attempts, retry, concurrency_key, priority,"
     " tags, metadata, max_duration_s, delay_until, ready_at, expires_at, version, pinned_version,"
     " attempt_count, interruptions, parent_run_id, root_run_id, batch_id, replayed_from,"
-    " started_at, idempotency_key, generation, hold, executing_s"
+    " started_at, idempotency_key, generation, hold, executing_s, machine"
 )
 
 
@@ -725,6 +727,7 @@ def _active_run(r: Sequence[Any]) -> ActiveRun:
         generation=r[26],
         hold=Hold(r[27]) if r[27] is not None else None,
         executing_s=r[28],
+        machine=r[29],
     )
 
 
