@@ -34,6 +34,8 @@ _DAEMON_KEYS = {
     "criu_path": str,
     "criu_restore_timeout_s": float,
     "machine_limits": str,
+    "docker_url": str,
+    "docker_network": str,
     "max_header_bytes": int,
     "max_archive_bytes": int,
     "max_unpacked_bytes": int,
@@ -62,7 +64,8 @@ _AT_LEAST_ONE = (
     "max_connections_per_client",
     "max_tcp_connections",
 )
-_PROJECT_KEYS = {"dirs", "project", "requirements", "sync"}
+_PROJECT_KEYS = {"dirs", "project", "requirements", "sync", "runtime", "image"}
+_RUNTIMES = ("process", "docker")
 _CHOICES = {
     "durability": ("normal", "fsync"),
     "checkpoint": ("auto", "criu", "park", "replay"),
@@ -80,6 +83,7 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
     forwarded: dict[str, str] = {}
     if project is not None:
         forwarded = _sync_table(project.settings.get("sync", {}))
+        values["docker_environments"] = _docker_environments(project.settings.get("runtime"))
         for key, raw in project.settings.items():
             if key in _PROJECT_KEYS:
                 continue
@@ -122,6 +126,21 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
             raise ConfigError(f"{key} must be more than 0 and less than a day (seconds)")
     fields = {f.name for f in dataclasses.fields(DaemonConfig)}
     return DaemonConfig(**{k: v for k, v in values.items() if k in fields})
+
+
+def _docker_environments(runtime: Any) -> tuple[str, ...]:
+    """``runtime = "docker"`` (every environment) or ``[tool.ember.runtime] prod = "docker"``."""
+    if runtime is None:
+        return ()
+    table = {"*": runtime} if isinstance(runtime, str) else runtime
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and v in _RUNTIMES for k, v in table.items()
+    ):
+        raise ConfigError(
+            '[tool.ember] runtime is "process" or "docker", or a table of environments, e.g. '
+            '[tool.ember.runtime] prod = "docker"'
+        )
+    return tuple(env for env, kind in table.items() if kind == "docker")
 
 
 def _sync_table(table: Any) -> dict[str, str]:

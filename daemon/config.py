@@ -65,6 +65,10 @@ class DaemonConfig:
         machine_limits: how run processes are held to their machine presets: ``auto`` (a
             cgroup per process where cgroups are writable, else rlimits), ``cgroup`` (refuse
             to start without), ``rlimit`` (memory only) or ``off``.
+        docker_environments: environments whose zygotes run in containers of their
+            versions' images (``runtime = "docker"``; ``*`` for every environment).
+        docker_url: the Docker daemon (``unix:///...``); DOCKER_HOST's when None.
+        docker_network: the containers' network (``none``: no network).
         max_header_bytes: largest request head (request line and headers) accepted (431).
         max_archive_bytes: largest version archive accepted, compressed (413).
         max_unpacked_bytes: largest total size of a version archive's files once unpacked.
@@ -117,6 +121,9 @@ class DaemonConfig:
     criu_path: str | None = None
     criu_restore_timeout_s: float = 60.0
     machine_limits: MachineLimitsMode = "auto"
+    docker_environments: tuple[str, ...] = ()
+    docker_url: str | None = None
+    docker_network: str = "none"
     max_header_bytes: int = 64 * 1024
     max_archive_bytes: int = 256 * 1024 * 1024
     max_unpacked_bytes: int = 256 * 1024 * 1024

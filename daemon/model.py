@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import subprocess
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ember._machines import DEFAULT_MACHINE
 from ember._types import RetryOptions, RunStatus
@@ -158,6 +157,8 @@ class Worker:
     # peak memory over its life (for an attempt that ended with it, which reported neither).
     oom_killed: bool = False
     usage: tuple[float | None, int | None] = (None, None)
+    # Forked in a container (runtime = "docker"): waits park or replay, never CRIU.
+    contained: bool = False
 
     @property
     def pool(self) -> PoolKey:
@@ -172,13 +173,29 @@ class Worker:
             self.outbox.append(message)
 
 
+class ZygoteProcess(Protocol):
+    """A zygote's process: a ``subprocess.Popen``, or its container (docker runtime)."""
+
+    def poll(self) -> int | None:
+        """None while it runs, else its exit status."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for its end (``subprocess.TimeoutExpired`` past ``timeout``)."""
+        ...
+
+    def kill(self) -> None:
+        """End it at once."""
+        ...
+
+
 @dataclass(slots=True, eq=False)
 class Zygote:
     """A version's warm parent process."""
 
     key: VersionKey
     code_dir: str
-    process: subprocess.Popen[bytes]
+    process: ZygoteProcess
     indexed: asyncio.Future[Indexed]
     transport: asyncio.Transport | None = None
     connecting: asyncio.Task[None] | None = None

@@ -17,10 +17,10 @@ import pytest
 from conftest import Harness, running_daemon
 
 from ember import BadRequest, Retry, RunStatus, Tasks, task
-from ember.daemon import DaemonConfig
-from ember.daemon.procs.checkpoint import detect
 from ember._errors import ConfigError
 from ember._machines import MACHINES, OOM_KILLED
+from ember.daemon import DaemonConfig
+from ember.daemon.procs.checkpoint import detect
 
 # Helpers the tasks use to read their own cgroup's limits, as /proc shows them.
 LIMITS = """
@@ -33,7 +33,9 @@ def own_cgroup_limits() -> list:
         _, names, path = line.split(":", 2)
         if "memory" in names.split(","):
             memory = int(open(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read())
-            cpu_path = next(l.split(":", 2)[2] for l in lines if "cpu" in l.split(":")[1].split(","))
+            cpu_path = next(
+                l.split(":", 2)[2] for l in lines if "cpu" in l.split(":")[1].split(",")
+            )
             base = f"/sys/fs/cgroup/cpu{cpu_path}"
             if not os.path.exists(base):
                 base = f"/sys/fs/cgroup/cpu,cpuacct{cpu_path}"
@@ -141,7 +143,7 @@ async def test_a_run_over_its_memory_is_oom_killed_and_retried_on_the_larger_pre
 ) -> None:
     run = await h.run("hog", {}, timeout_s=60)
     assert run.status is RunStatus.COMPLETED, run.error
-    first, second = run.attempts
+    first, _ = run.attempts
     assert first.error is not None and first.error.code == OOM_KILLED, first.error
     assert "micro" in first.error.message if cgroups(h) else "out of memory" in first.error.message
     assert run.machine == "small-2x"

@@ -329,7 +329,11 @@ async def register_version(daemon: ApiDaemon, request: Request, env: str) -> Ver
     archive = await _body(request, daemon.config.max_archive_bytes, "max_archive_bytes")
     promote = request.query_params.get("promote", "true") != "false"
     wait = request.query_params.get("wait", "true") != "false"
-    return await daemon.register_version(env, archive, promote=promote, wait=wait)
+    push = request.query_params.get("push") or None
+    image = request.query_params.get("image", "false") == "true" or push is not None
+    return await daemon.register_version(
+        env, archive, promote=promote, wait=wait, image=image, push=push
+    )
 
 
 async def list_versions(daemon: ApiDaemon, request: Request, env: str) -> VersionList:

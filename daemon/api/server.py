@@ -31,6 +31,7 @@ from ember.daemon.api.sockets import answers, listen_unix, start_server, tcp_soc
 from ember.daemon.api.sync import SyncService
 from ember.daemon.api.tls import check_tls
 from ember.daemon.builds.builder import Builder
+from ember.daemon.builds.images import VersionImages
 from ember.daemon.builds.venvs import python_for
 from ember.daemon.config import DaemonConfig
 from ember.daemon.engine.core import Engine
@@ -143,13 +144,15 @@ class Daemon:
         supervisor = Supervisor(self.config, engine, self.config.api_socket)
         engine.supervisor = supervisor
         supervisor.interpreter = partial(python_for, state)
+        images = VersionImages(self.config)
+        supervisor.docker = images.runtime()
         supervisor.child_umask = self._user_umask
         engine.disk_guard = DiskGuard(state, self.config.min_free_bytes)
         return _Parts(
             engine=engine,
             supervisor=supervisor,
             env_vars=EnvVars(db, self.clock, supervisor.refresh_env),
-            builder=Builder(state, engine, supervisor, self.clock, self._on_current),
+            builder=Builder(state, engine, supervisor, self.clock, self._on_current, images),
             scheduler=Scheduler(db, engine, self.clock),
         )
 
@@ -357,13 +360,23 @@ class Daemon:
     # -- versions, environments -------------------------------------------------------
 
     async def register_version(
-        self, env: str, archive: bytes, *, promote: bool, wait: bool = True
+        self,
+        env: str,
+        archive: bytes,
+        *,
+        promote: bool,
+        wait: bool = True,
+        image: bool = False,
+        push: str | None = None,
     ) -> VersionInfo:
         """Build a version from a project archive (see :mod:`ember.daemon.builds.builder`).
 
         Identical content to the current version registers nothing and returns it.
+        ``image`` builds its Docker image too (``push`` sends it to that registry).
         """
-        return await self.builder.register(check_env_name(env), archive, promote=promote, wait=wait)
+        return await self.builder.register(
+            check_env_name(env), archive, promote=promote, wait=wait, image=image, push=push
+        )
 
     async def promote(self, env: str, version_id: str) -> VersionInfo:
         """Make a READY version the current one of its environment."""

@@ -1382,12 +1382,16 @@ class Engine:
         self._release_slot(run)
         run.status = RunStatus.WAITING
         parked = self.supervisor.parked_count()
-        if self.strategy == "criu" and self.checkpointer is not None:
+        # (a process in a container parks: CRIU cannot dump it apart from its zygote's mounts)
+        criu = self.strategy == "criu" and not worker.contained
+        if criu and self.checkpointer is not None:
             run.hold = Hold.CHECKPOINT
             worker.parked = run
             run.parked = worker
             self._spawn(self.checkpointer.checkpoint(run, worker))
-        elif self.strategy == "park" and parked < self.config.max_parked_processes:
+        elif (self.strategy == "park" or worker.contained) and (
+            parked < self.config.max_parked_processes
+        ):
             run.hold = Hold.PARKED
             worker.parked = run
             run.parked = worker

@@ -30,8 +30,15 @@ import psutil
 from ember._machines import DEFAULT_MACHINE, MACHINES
 from ember._types import ProcessInfo
 from ember.daemon.config import DaemonConfig
-from ember.daemon.model import PoolKey, VersionKey, Worker, Zygote
+from ember.daemon.model import PoolKey, VersionKey, Worker, Zygote, ZygoteProcess
 from ember.daemon.procs.cgroups import MachineLimits, RunCgroup
+from ember.daemon.procs.docker_runtime import (
+    CONTAINER_SITE,
+    ContainerProcess,
+    DockerRuntime,
+    nested_cgroup,
+    site_packages,
+)
 from ember.daemon.procs.protocol import (
     MAX_FRAME_BYTES,
     Done,
@@ -196,6 +203,8 @@ class Supervisor:
         # cgroup of each process that has one.
         self.limits = MachineLimits("off")
         self._cgroups: dict[int, RunCgroup] = {}
+        # Set by the daemon when some environment has runtime = "docker".
+        self.docker: DockerRuntime | None = None
         # Ids stay unique across restarts: a restored process says hello with its old id.
         self._next_id = time.time_ns() // 1000
         self.pidns = False
@@ -301,39 +310,46 @@ class Supervisor:
         zygote = self._zygotes.get(key)
         if zygote is not None and zygote.alive:
             return zygote
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_path = self._logs_dir / f"{env.replace('/', '_')}-{version}.log"
-        with open(log_path, "ab") as log_file:
-            process = subprocess.Popen(
-                [
-                    self.interpreter(code_dir),
-                    "-m",
-                    "ember.daemon.child.zygote",
-                    "--fd",
-                    str(theirs.fileno()),
-                    "--code-dir",
-                    code_dir,
-                    "--worker-socket",
-                    str(self.config.worker_socket),
-                    "--heartbeat-s",
-                    str(self.config.heartbeat_interval_s),
-                    "--cancel-grace-s",
-                    str(self.config.cancel_grace_s),
-                    "--lock",
-                    str(self._processes_lock),
-                    *(["--pidns"] if self.pidns else []),
-                ],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=self._zygote_env(env, version),
-                cwd=code_dir,
-                close_fds=True,
-                start_new_session=True,
-                umask=-1 if self.child_umask is None else self.child_umask,
-            )
-        theirs.close()
+        common = [
+            "--code-dir",
+            code_dir,
+            "--worker-socket",
+            str(self.config.worker_socket),
+            "--heartbeat-s",
+            str(self.config.heartbeat_interval_s),
+            "--cancel-grace-s",
+            str(self.config.cancel_grace_s),
+        ]
+        process: ZygoteProcess
+        if self.docker is not None and self.docker.runs(env):
+            process, ours = self._start_container(key, code_dir, common, log_path)
+        else:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            with open(log_path, "ab") as log_file:
+                process = subprocess.Popen(
+                    [
+                        self.interpreter(code_dir),
+                        "-m",
+                        "ember.daemon.child.zygote",
+                        "--fd",
+                        str(theirs.fileno()),
+                        *common,
+                        "--lock",
+                        str(self._processes_lock),
+                        *(["--pidns"] if self.pidns else []),
+                    ],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=self._zygote_env(env, version),
+                    cwd=code_dir,
+                    close_fds=True,
+                    start_new_session=True,
+                    umask=-1 if self.child_umask is None else self.child_umask,
+                )
+            theirs.close()
         loop = asyncio.get_running_loop()
         zygote = Zygote(
             key, code_dir, process, loop.create_future(), idle_since=self.engine.clock()
@@ -342,8 +358,46 @@ class Supervisor:
         zygote.connecting = loop.create_task(self._connect_zygote(zygote, ours))
         return zygote
 
+    def _start_container(
+        self, key: VersionKey, code_dir: str, common: list[str], log_path: Path
+    ) -> tuple[ContainerProcess, socket.socket]:
+        """The zygote in a container of the version's image (``procs/docker_runtime.py``)."""
+        assert self.docker is not None
+        log_path.touch()
+        channel = self.config.worker_socket.parent / f"zygote-{secrets.token_hex(4)}.sock"
+        interpreter = self.interpreter(code_dir)
+        env = self._zygote_env(*key)
+        if interpreter != sys.executable:  # the version's own environment, copied in
+            env["PYTHONPATH"] = f"{site_packages(interpreter)}:{CONTAINER_SITE}"
+        argv = [str(Path(sys.executable).resolve()), "-m", "ember.daemon.child.zygote"]
+        argv += ["--connect", str(channel), "--log-file", str(log_path), *common]
+
+        def failed(reason: str) -> None:
+            zygote = self._zygotes.get(key)
+            if zygote is not None and not zygote.indexed.done():
+                zygote.indexed.set_result(Indexed(error=reason))
+            if zygote is not None:
+                if zygote.connecting is not None:
+                    zygote.connecting.cancel()  # (nothing will connect)
+                self._on_zygote_lost(zygote)
+
+        return self.docker.start(
+            key=key,
+            code_dir=code_dir,
+            argv=argv,
+            env=env,
+            mounts=[self.config.worker_socket, self._api_socket, log_path],
+            channel=channel,
+            on_failed=failed,
+            retired=lambda: self._is_stale(key),
+        )
+
     async def _connect_zygote(self, zygote: Zygote, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            # A containerized zygote connects to us: the listener serves that one connection.
+            with sock:
+                sock, _ = await loop.sock_accept(sock)
         transport, _ = await loop.create_unix_connection(
             lambda: _ZygoteProtocol(self, zygote), sock=sock
         )
@@ -548,6 +602,7 @@ class Supervisor:
         self._starting[worker.pool] = self._starting.get(worker.pool, 0) + 1
         zygote = self._ensure_zygote(env, version, code_dir)
         worker.zygote = zygote
+        worker.contained = isinstance(zygote.process, ContainerProcess)
         zygote.fork(
             Fork(
                 worker_id=worker.id,
@@ -559,6 +614,8 @@ class Supervisor:
         return True
 
     def _make_cgroup(self, worker: Worker) -> RunCgroup | None:
+        if self.docker is not None and self.docker.runs(worker.key[0]):
+            return None  # made inside its container's cgroup once it says hello
         cgroup = self.limits.create(f"w{worker.id}", MACHINES[worker.machine])
         if cgroup is not None:
             self._cgroups[worker.id] = cgroup
@@ -571,6 +628,29 @@ class Supervisor:
             worker.oom_killed = worker.oom_killed or cgroup.oom_kills() > 0
             worker.usage = cgroup.usage()
             self.limits.discard(cgroup)
+
+    def _enter_container(self, worker: Worker, ns_pid: int) -> int | None:
+        """A containerized process's host PID, once it is in its preset's nested cgroup.
+
+        Before the engine gives it a run, so no task code runs outside the preset's limits.
+        """
+        assert worker.zygote is not None
+        process = cast(ContainerProcess, worker.zygote.process)
+        host_pid = process.host_pid(ns_pid)
+        if host_pid is None:
+            log.warning("run process %s (pid %s in its container) is not found", worker.id, ns_pid)
+            return None
+        try:
+            cgroup = nested_cgroup(process, f"w{worker.id}", MACHINES[worker.machine])
+            self._cgroups[worker.id] = cgroup
+            for procs in cgroup.procs:
+                Path(procs).write_text(str(host_pid))
+        except OSError as exc:
+            log.warning("cannot hold run process %s to its preset: %s", worker.id, exc)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(host_pid, signal.SIGKILL)
+            return None
+        return host_pid
 
     def cgroup_of(self, worker: Worker) -> RunCgroup | None:
         """The process's cgroup (for reading its limits back, or a restore into it)."""
@@ -600,11 +680,18 @@ class Supervisor:
             transport.close()
             return None
         reconnected = worker.transport is None and (worker.pid is not None or hello.restored)
+        pid = hello.pid
+        if worker.contained:  # its PID in the container: the host's is found once
+            host_pid = worker.pid or self._enter_container(worker, hello.pid)
+            if host_pid is None:
+                transport.close()
+                return None
+            pid = host_pid
         worker.transport = transport
-        worker.pid = hello.pid
+        worker.pid = pid
         _close_pidfd(worker)
         with contextlib.suppress(OSError):  # (gone already: its channel's close follows)
-            worker.pidfd = os.pidfd_open(hello.pid)
+            worker.pidfd = os.pidfd_open(pid)
         if hello.restored or (reconnected and worker.parked is not None):
             # Back from a checkpoint (or from a dump that failed): deliver what waited.
             worker.checkpointing = None
