@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ember import Client, ClientSettings, Runs, Tasks
 from ember.daemon import Daemon, DaemonConfig
-from ember.daemon.builds.images import base_tag, docker_client, ensure_base, image_tag
+from ember.daemon.builds.base_image import base_tag, ensure_base
+from ember.daemon.builds.images import docker_client, image_tag
 
 TASK = """
 from ember import task

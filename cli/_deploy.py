@@ -93,7 +93,8 @@ def _dry_run(project: Project, archive: bytes, env: str, where: str) -> Path:
 
 def _dry_run_image(project: Project, files: Path, env: str, push: str | None) -> None:
     """Show the image's build context: its Dockerfile and what each part holds."""
-    from ember.daemon.builds.images import base_tag, image_tag, project_name, version_context
+    from ember.daemon.builds.base_image import base_tag
+    from ember.daemon.builds.images import image_tag, project_name, version_context
 
     tag = image_tag(project_name(files), "<version>", env)
     context = version_context(files, None, tag)
