@@ -135,7 +135,8 @@ def write_project(root: Path, files: dict[str, str]) -> Path:
 def image_tags(url: str) -> set[str]:
     client = docker_client(url)
     try:
-        return {tag for image in client.images.list() for tag in image.tags}
+        # One listing call (images.list() fetches each image again: one may go meanwhile).
+        return {tag for image in client.api.images() for tag in image.get("RepoTags") or ()}
     finally:
         client.close()
 

@@ -234,7 +234,7 @@ class MachineLimits:
             return "no cgroup hierarchy here has the memory and cpu controllers"
         own_dir = _dir_of(unified, own.get("", "/"))
         try:
-            parent = self._v2_parent(own_dir, tag)
+            parent = self._v2_parent(own_dir, unified.point, tag)
         except OSError as exc:
             return f"no writable cgroup v2 with memory and cpu for run processes ({exc})"
         self._v2 = True
@@ -243,7 +243,7 @@ class MachineLimits:
         self.mode, self.reason = "cgroup2", f"a cgroup v2 per run process under {parent}"
         return None
 
-    def _v2_parent(self, own_dir: Path, tag: str) -> Path:
+    def _v2_parent(self, own_dir: Path, mount: Path, tag: str) -> Path:
         """``ember-<pid>`` with memory and cpu enabled for its children (see the module doc)."""
         enable = "+memory +cpu"
         try:
@@ -252,8 +252,8 @@ class MachineLimits:
         except OSError:
             # Its own processes keep it from giving children controllers: go beside it.
             controllers = set((own_dir / "cgroup.controllers").read_text().split())
-            if not {"memory", "cpu"} <= controllers or own_dir == own_dir.parent:
-                raise
+            if not {"memory", "cpu"} <= controllers or own_dir == mount:
+                raise  # (the top of what this process sees: nothing above to go to)
             base = own_dir.parent
         _sweep_stale(base)
         parent = base / tag
