@@ -134,7 +134,9 @@ async def _follow(client: Client, info: VersionInfo) -> VersionInfo:
         await asyncio.sleep(_POLL_S)
 
 
-async def _send_bundle(client: Client, project: Project, skip_promotion: bool) -> VersionInfo:
+async def _send_bundle(
+    client: Client, project: Project, skip_promotion: bool, image_params: dict[str, str]
+) -> VersionInfo:
     """Send the blobs the remote lacks (resuming a cut-off deploy), with a progress bar."""
     from ember.sync._bundle import plan_bundle, send_bundle
 
@@ -145,7 +147,9 @@ async def _send_bundle(client: Client, project: Project, skip_promotion: bool) -
         f"{client.settings.where} ({size_text(held)} already there)"
     )
     with typer.progressbar(length=max(plan.to_send_bytes, 1), label="  uploading") as bar:
-        info = await send_bundle(client, plan, promote=not skip_promotion, progress=bar.update)
+        info = await send_bundle(
+            client, plan, promote=not skip_promotion, progress=bar.update, image_params=image_params
+        )
         bar.update(max(plan.to_send_bytes, 1) - bar.pos)
     return info
 
@@ -204,15 +208,15 @@ def deploy(
 
     async def go() -> VersionInfo:
         started = time.monotonic()
+        image_params = {"image": "true"} if with_image else {}
+        if push is not None:
+            image_params["push"] = push
         if profile is not None:
-            info = await _send_bundle(client, project, skip_promotion)
+            info = await _send_bundle(client, project, skip_promotion, image_params)
         else:
             say(f"Uploading {size_text(len(archive))} to {client.settings.where} ({name})…")
             params = {"promote": "false" if skip_promotion else "true", "wait": "false"}
-            if with_image:
-                params["image"] = "true"
-            if push is not None:
-                params["push"] = push
+            params.update(image_params)
             call = Call(
                 "POST", "/api/v1/versions", VersionInfo, body=archive, params=params, timeout_s=600
             )

@@ -67,7 +67,14 @@ from ember.daemon.api.batches import BATCH_ROUTES
 from ember.daemon.api.bulk import BULK_ROUTES
 from ember.daemon.api.bundles import BUNDLE_ROUTES
 from ember.daemon.api.callbacks import CALLBACK_ROUTES
-from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, check_run_env, int_param, over_tcp
+from ember.daemon.api.routing import (
+    PAGE_LIMIT,
+    RouteSpec,
+    check_run_env,
+    image_options,
+    int_param,
+    over_tcp,
+)
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
 from ember.daemon.api.sync import FORWARDED, SYNC_ROUTES
@@ -329,8 +336,7 @@ async def register_version(daemon: ApiDaemon, request: Request, env: str) -> Ver
     archive = await _body(request, daemon.config.max_archive_bytes, "max_archive_bytes")
     promote = request.query_params.get("promote", "true") != "false"
     wait = request.query_params.get("wait", "true") != "false"
-    push = request.query_params.get("push") or None
-    image = request.query_params.get("image", "false") == "true" or push is not None
+    image, push = image_options(request)
     return await daemon.register_version(
         env, archive, promote=promote, wait=wait, image=image, push=push
     )
