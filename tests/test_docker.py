@@ -9,9 +9,11 @@ image is imported from this Python (``builds/images.py``).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import textwrap
@@ -34,6 +36,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
 
+PR_SET_PDEATHSIG = 1
 TASKS = {
     "pyproject.toml": '[project]\nname = "Shop"\n\n[tool.ember]\ndirs = ["tasks"]\n',
     "tasks/__init__.py": "",
@@ -96,6 +99,8 @@ def dockerd() -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # SIGTERM (a clean shutdown) if this test process dies before its teardown.
+        preexec_fn=lambda: ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM),
     )
     deadline = time.monotonic() + 60
     while True:
