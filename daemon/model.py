@@ -34,6 +34,31 @@ class Hold(enum.StrEnum):
     """No process: it resumes by replaying its journal."""
 
 
+class Snapshot(enum.StrEnum):
+    """The kinds of a run's execution snapshots (Trigger.dev's run engine states).
+
+    A snapshot records each step of a run's internal state machine, with or without a change
+    of its public status; ``runs.retrieve`` shows them in order as the run's history.
+    """
+
+    RUN_CREATED = "RUN_CREATED"
+    """The run was triggered."""
+    DELAYED = "DELAYED"
+    """It waits for its delay."""
+    QUEUED = "QUEUED"
+    """It waits in its queue (or for a version with its task)."""
+    EXECUTING = "EXECUTING"
+    """An attempt executes."""
+    EXECUTING_WITH_WAITPOINTS = "EXECUTING_WITH_WAITPOINTS"
+    """An attempt waits, keeping its process and slot."""
+    SUSPENDED = "SUSPENDED"
+    """It waits, its slot released, held by the daemon's strategy."""
+    PENDING_EXECUTING = "PENDING_EXECUTING"
+    """Its held process is being restored, or it replays instead."""
+    FINISHED = "FINISHED"
+    """It reached a final status."""
+
+
 @dataclass(slots=True, eq=False)
 class ActiveRun:
     """A run that is not final, as the engine keeps it in memory.

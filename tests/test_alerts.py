@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Harness, ember_cli, eventually, running_daemon
+from conftest import Clock, Harness, ember_cli, eventually, running_daemon
 
-from ember import Alerts, BadRequest, RunStatus, verify_signature
+from ember import AlertDelivery, Alerts, BadRequest, RunStatus, verify_signature
 
 TASKS = {
     "tasks/__init__.py": "",
@@ -72,7 +72,9 @@ def receiver() -> Iterator[Receiver]:
 async def test_a_failed_run_alerts_the_webhook_signed_and_once(
     state_dir: Path, receiver: Receiver
 ) -> None:
-    async with running_daemon(state_dir, alert_retry_min_s=0.2) as h:
+    # The retry is 100 s after the refusal by the daemon's clock, which the test moves on.
+    clock = Clock()
+    async with running_daemon(state_dir, clock=clock, alert_retry_min_s=100.0) as h:
         await h.register(TASKS)
         added = await asyncio.to_thread(
             ember_cli,
@@ -94,13 +96,26 @@ async def test_a_failed_run_alerts_the_webhook_signed_and_once(
         assert failed.status is RunStatus.FAILED
         alerts = Alerts(h.client)
 
-        async def delivered() -> bool:
-            found = [d for d in await alerts.deliveries() if d.subject == failed.id]
-            return bool(found) and found[0].status == "DELIVERED"
+        def after(run_id: str, attempts: int, status: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                found = [d for d in await alerts.deliveries() if d.subject == run_id]
+                return bool(found) and (found[0].attempts, found[0].status) == (attempts, status)
 
-        await eventually(delivered, timeout_s=30)
-        await asyncio.sleep(0.5)  # nothing more may arrive
-    (refused, first_headers, first_body), (ok, headers, body) = receiver.requests
+            return check
+
+        await eventually(after(failed.id, 1, "PENDING"))
+        # (Within verify_signature's 300 s tolerance: the retry is signed by this clock.)
+        clock.advance(130)
+        await eventually(after(failed.id, 2, "DELIVERED"), timeout_s=30)
+        # Nothing more may arrive: with the clock past any retry of it, the next alert goes
+        # out, and a second send of the first would have gone out before it.
+        clock.advance(1300)
+        again = await h.run("boom", {})
+        await eventually(after(again.id, 1, "DELIVERED"), timeout_s=30)
+    (refused, first_headers, first_body), (ok, headers, body), (_, next_headers, _) = (
+        receiver.requests
+    )
+    assert next_headers["x-ember-delivery"] != headers["x-ember-delivery"]
     assert (refused, ok) == (503, 200), "the first attempt was refused and retried"
     assert first_body == body and first_headers["x-ember-delivery"] == headers["x-ember-delivery"]
     assert verify_signature(secret, body, headers["x-ember-signature"])
@@ -114,28 +129,48 @@ async def test_a_failed_run_alerts_the_webhook_signed_and_once(
 
 
 async def test_deployments_alert_and_deliveries_show_retries(
-    harness: Harness, receiver: Receiver
+    state_dir: Path, receiver: Receiver
 ) -> None:
-    alerts = Alerts(harness.client)
+    # Retries 100 s and then 200 s apart (and a quarter more at most, the jitter), by the
+    # daemon's clock: the test moves it on instead of waiting.
+    clock = Clock()
     receiver.fail_first = 2
-    channel = await alerts.create(webhook=receiver.url, events=["deployment.succeeded"])
-    assert [c.id for c in await alerts.list()] == [channel.id]
-    version = await harness.register(TASKS)
-    found: list[Any] = []
+    async with running_daemon(
+        state_dir, clock=clock, cancel_grace_s=1.0, process_idle_s=30.0, alert_retry_min_s=100.0
+    ) as harness:
+        alerts = Alerts(harness.client)
+        channel = await alerts.create(webhook=receiver.url, events=["deployment.succeeded"])
+        assert [c.id for c in await alerts.list()] == [channel.id]
+        version = await harness.register(TASKS)
+        found: list[AlertDelivery] = []
 
-    async def delivered() -> bool:
-        found[:] = [d for d in await alerts.deliveries() if d.subject == version.id]
-        return bool(found) and found[0].status == "DELIVERED"
+        def after(attempts: int, status: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                found[:] = [d for d in await alerts.deliveries() if d.subject == version.id]
+                return bool(found) and (found[0].attempts, found[0].status) == (attempts, status)
 
-    # The first retry waits 1 s (the default), the second 2 s.
-    await eventually(delivered, timeout_s=30)
-    assert found[0].attempts == 3 and found[0].event == "deployment.succeeded"
-    assert found[0].last_error is None
-    assert json.loads(receiver.requests[-1][2])["data"]["version"]["id"] == version.id
-    listed = await asyncio.to_thread(ember_cli, harness, "alerts", "deliveries")
-    assert "deployment.succeeded" in listed.stdout and "DELIVERED" in listed.stdout
-    removed = await alerts.delete(channel.id)
-    assert removed.id == channel.id and await alerts.list() == []
+            return check
+
+        await eventually(after(1, "PENDING"))
+        assert found[0].last_error == "HTTP 503 Service Unavailable"
+        assert found[0].next_attempt_at is not None
+        wait_s = found[0].next_attempt_at.timestamp() - found[0].created_at.timestamp()
+        assert 100.0 <= wait_s <= 125.0 + 10.0, wait_s
+        clock.advance(130.0)
+        await eventually(after(2, "PENDING"))
+        assert found[0].next_attempt_at is not None
+        wait_s = found[0].next_attempt_at.timestamp() - clock()
+        assert 200.0 - 10.0 <= wait_s <= 250.0, wait_s
+        clock.advance(260.0)
+        await eventually(after(3, "DELIVERED"))
+        assert found[0].event == "deployment.succeeded"
+        assert found[0].last_error is None and found[0].next_attempt_at is None
+        assert [r[0] for r in receiver.requests] == [503, 503, 200]
+        assert json.loads(receiver.requests[-1][2])["data"]["version"]["id"] == version.id
+        listed = await asyncio.to_thread(ember_cli, harness, "alerts", "deliveries")
+        assert "deployment.succeeded" in listed.stdout and "DELIVERED" in listed.stdout
+        removed = await alerts.delete(channel.id)
+        assert removed.id == channel.id and await alerts.list() == []
 
 
 async def test_bad_alert_channels_are_refused(harness: Harness) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import Harness, eventually, running_daemon
+from conftest import Clock, Harness, eventually, running_daemon
 
 from ember import Batch, Batches, BatchInfo, Conflict, NotFound, Queues, Runs, RunStatus, Tasks
 from ember._batch import CHUNK_ITEMS
@@ -163,3 +163,25 @@ async def test_an_open_batch_completes_after_a_restart(state_dir: Path) -> None:
         await Queues(h.client).resume("task/echo")
         info = await Batch(made.id, [], h.client).wait(timeout_s=60)
         assert info.counts == {"COMPLETED": 20}
+
+
+async def test_a_batch_key_expires_after_its_ttl_by_the_daemons_clock(state_dir: Path) -> None:
+    # The daemon's clock moves past the key's TTL: no sleeping for it to pass.
+    clock = Clock()
+    async with running_daemon(state_dir, clock=clock) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        batches = Batches(h.client)
+        items = [("echo", i) for i in range(3)]
+        first = await batches.trigger(items, idempotency_key="hourly", idempotency_key_ttl="1h")
+        info = await first.wait(timeout_s=60)
+        # Its times are the daemon's: created and finished a moment ago by its clock.
+        assert info.finished_at is not None
+        assert 0 <= clock() - info.created_at.timestamp() < 60
+        assert info.created_at <= info.finished_at
+        clock.advance(1800)
+        held = await batches.trigger(items, idempotency_key="hourly")
+        assert held.id == first.id and held.is_cached
+        clock.advance(1801)
+        later = await batches.trigger(items, idempotency_key="hourly")
+        assert later.id != first.id and not later.is_cached
+        assert (await later.wait(timeout_s=60)).counts == {"COMPLETED": 3}

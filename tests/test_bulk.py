@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Harness, running_daemon
+from conftest import Clock, Harness, running_daemon
 
 from ember import BadRequest, NotFound, Queues, Runs, Tasks
 
@@ -120,3 +120,23 @@ async def test_abort_stops_a_bulk_action_after_its_chunk(h: Harness) -> None:
     assert 0 < stopped.processed < 5000
     canceled = statuses(h.config.state_dir).get(("mail", "CANCELED"), 0)
     assert canceled == stopped.succeeded
+
+
+async def test_a_bulk_filter_is_bounded_by_the_daemons_clock(state_dir: Path) -> None:
+    # A daemon whose clock is a day ahead of the host's: runs are created in its time, so the
+    # filter's bound (``created_before``, "now" when the action starts) must be too.
+    clock = Clock()
+    clock.advance(86400)
+    async with running_daemon(state_dir, clock=clock) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        await Queues(h.client).pause("task/mail")
+        await Tasks(h.client).batch_trigger([("mail", i) for i in range(3)])
+        runs = Runs(h.client)
+        action = await runs.bulk.cancel(filter={"task": ["mail"]})
+        assert action.filter is not None and action.filter.created_before is not None
+        assert 0 <= clock() - action.filter.created_before.timestamp() < 60
+        assert 0 <= clock() - action.created_at.timestamp() < 60
+        done = await runs.bulk.poll(action.id, timeout_s=60)
+        assert (done.status, done.total, done.succeeded) == ("COMPLETED", 3, 3)
+        assert done.finished_at is not None and done.finished_at >= done.created_at
+        assert statuses(state_dir) == {("mail", "CANCELED"): 3}

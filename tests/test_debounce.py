@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
-from conftest import Harness
+from conftest import Clock, Harness, running_daemon
 
 from ember import BadRequest, Runs, RunStatus, Tasks
 
@@ -66,21 +67,29 @@ async def test_a_concurrent_burst_makes_one_run(h: Harness) -> None:
     assert len((await Runs(h.client).list(task="digest")).data) == 1
 
 
-async def test_max_delay_caps_the_pushes(h: Harness) -> None:
-    tasks = Tasks(h.client)
-    debounce = {"key": "capped", "delay": "0.6s", "max_delay": "1.5s"}
-    first = await tasks.trigger("digest", {"i": 0}, debounce=debounce)
-    created = time.time()
-    ids = {first.id}
-    # Triggers every 0.2 s would push the start forever without the cap.
-    while time.time() - created < 3.0:
-        await asyncio.sleep(0.2)
-        ids.add((await tasks.trigger("digest", {"i": 1}, debounce=debounce)).id)
-    assert len(ids) >= 2, "after the cap the run started and a new one was made"
-    run = await h.wait(first.id)
-    started = run.attempts[0].started_at.timestamp()
-    assert started <= run.created_at.timestamp() + 1.5 + 0.5
-    assert run.output_as(dict) == {"i": 0}
+async def test_max_delay_caps_the_pushes(state_dir: Path) -> None:
+    # The daemon's clock moves on between the triggers: a delay of a minute, capped at 150 s,
+    # without waiting for either.
+    clock = Clock()
+    async with running_daemon(state_dir, clock=clock, cancel_grace_s=1.0, process_idle_s=30.0) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        tasks = Tasks(h.client)
+        debounce = {"key": "capped", "delay": "60s", "max_delay": "150s"}
+        first = await tasks.trigger("digest", {"i": 0}, debounce=debounce)
+        created = (await Runs(h.client).retrieve(first.id)).created_at.timestamp()
+        # Triggers 50 s apart push the start on each time, which would never end without
+        # the cap; at 150 s the cap is reached and the run starts.
+        for _ in range(3):
+            clock.advance(50)
+            pushed = await tasks.trigger("digest", {"i": 1}, debounce=debounce)
+            assert pushed.id == first.id and pushed.is_cached
+        run = await h.wait(first.id)
+        started = run.attempts[0].started_at.timestamp()
+        assert created + 150 <= started <= created + 150 + 30
+        assert run.output_as(dict) == {"i": 0}
+        # The run left DELAYED: the key makes a new run.
+        after = await tasks.trigger("digest", {"i": 2}, debounce=debounce)
+        assert after.id != first.id and not after.is_cached
 
 
 async def test_bad_debounce_options_say_what_is_wrong(h: Harness) -> None:

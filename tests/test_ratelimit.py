@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import Harness, eventually, running_daemon
+from conftest import Clock, Harness, eventually, running_daemon
 
 from ember import ConfigError, Queue, Queues, RateLimit, Runs, RunStatus, Tasks, task
 
@@ -130,27 +131,45 @@ async def test_a_per_key_rate_limit_gives_each_concurrency_key_its_own_window(
     assert together[9] - together[0] < 1.0
 
 
+def next_start_in_s(reason: str) -> float:
+    """The seconds a queued reason says the next run may start in."""
+    found = re.search(r"the next may start in ([0-9.]+)s", reason)
+    assert found is not None, reason
+    return float(found.group(1))
+
+
 async def test_runs_over_the_limit_wait_queued_and_cancel_frees_nothing_twice(
-    harness: Harness,
+    state_dir: Path,
 ) -> None:
-    info = await harness.register(TASKS)
-    assert info.status == "READY", info.error
-    tasks, runs = Tasks(harness.client), Runs(harness.client)
-    first = await tasks.trigger("hourly", {"i": 0})
-    assert (await harness.wait(first.id)).output_as(int) == 0
-    second = await tasks.trigger("hourly", {"i": 1})
+    # The daemon's clock: the window and the "next may start in" message are in its time.
+    clock = Clock()
+    async with running_daemon(
+        state_dir, clock=clock, cancel_grace_s=1.0, process_idle_s=30.0
+    ) as harness:
+        info = await harness.register(TASKS)
+        assert info.status == "READY", info.error
+        tasks, runs = Tasks(harness.client), Runs(harness.client)
+        first = await tasks.trigger("hourly", {"i": 0})
+        assert (await harness.wait(first.id)).output_as(int) == 0
+        second = await tasks.trigger("hourly", {"i": 1})
 
-    async def queued_with_reason() -> bool:
+        async def queued_with_reason() -> bool:
+            run = await runs.retrieve(second.id)
+            return run.queued_reason is not None
+
+        await eventually(queued_with_reason)
         run = await runs.retrieve(second.id)
-        return run.queued_reason is not None
-
-    await eventually(queued_with_reason)
-    run = await runs.retrieve(second.id)
-    assert run.status is RunStatus.QUEUED
-    assert run.queued_reason is not None
-    assert "1 starts per 3600s" in run.queued_reason
-    canceled = await runs.cancel(second.id)
-    assert canceled.status is RunStatus.CANCELED
+        assert run.status is RunStatus.QUEUED
+        assert run.queued_reason is not None
+        assert "1 starts per 3600s" in run.queued_reason
+        assert 3500 < next_start_in_s(run.queued_reason) <= 3600
+        # Half the window later by the daemon's clock, half of it is left.
+        clock.advance(1800)
+        run = await runs.retrieve(second.id)
+        assert run.status is RunStatus.QUEUED and run.queued_reason is not None
+        assert 1700 < next_start_in_s(run.queued_reason) <= 1800
+        canceled = await runs.cancel(second.id)
+        assert canceled.status is RunStatus.CANCELED
 
 
 def test_a_rate_limit_is_checked_where_the_task_is_declared() -> None:

@@ -40,23 +40,10 @@ MAY_IMPORT = {
 # The parts of procs/ that model.py and child/ may import: the wire format, a leaf.
 WIRE_FORMAT = f"{ROOT_NAME}.procs.protocol"
 ALLOWED_LONG = {
-    "api.routes",
     "child.worker",
-    "engine.core",
-    "engine.waits",
     "procs.checkpoint",
     "procs.supervisor",
-    "store.runs",
 }
-# Issue 17's batches, bulk actions, alerts and debounce, whose
-# SQL is still to move behind store/.
-ALLOWED_SQL_OUTSIDE_STORE = {
-    "engine.alerts",
-    "engine.batches",
-    "engine.bulk",
-    "engine.debounce",
-}
-
 # The start of a string that is a statement or a clause of one. Upper case only: prose in
 # docstrings and messages is not SQL.
 SQL = re.compile(
@@ -232,9 +219,7 @@ def test_sql_lives_in_the_store() -> None:
         for name, (_, tree) in modules().items()
         if not name.startswith(f"{ROOT_NAME}.store") and holds_sql(tree)
     }
-    check_allowlist(
-        outside, ALLOWED_SQL_OUTSIDE_STORE, "SQL outside daemon/store/ (add a store function)"
-    )
+    assert not outside, f"SQL outside daemon/store/ (add a store function): {sorted(outside)}"
 
 
 def find_class(tree: ast.Module, name: str) -> ast.ClassDef:

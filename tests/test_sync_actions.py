@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import eventually
+from conftest import Clock, eventually
 from sync_parts import forwarding_daemon, production
 from test_sync import remote_runs
 
@@ -39,9 +39,13 @@ async def _status_is(client: Client, run_id: str, status: RunStatus) -> bool:
 async def test_cancel_replay_and_tokens_reach_the_remote_through_the_outbox(
     tmp_path: Path,
 ) -> None:
+    # The local daemon's clock is a day ahead of the host's (and the remote's): the mirror
+    # says how fresh its rows are by the local clock.
+    clock = Clock()
+    clock.advance(86400)
     async with production(tmp_path) as remote:
         url, key, certs = remote.url, remote.key, remote.certs
-        async with forwarding_daemon(tmp_path / "local", url, key, certs) as local:
+        async with forwarding_daemon(tmp_path / "local", url, key, certs, clock=clock) as local:
             runs, tasks = Runs(local.client), Tasks(local.client)
 
             # A token completed while production is down: sent when it is back.
@@ -96,6 +100,9 @@ async def test_cancel_replay_and_tokens_reach_the_remote_through_the_outbox(
             socket = str(local.config.api_socket)
             listed = await asyncio.to_thread(cli, socket, "runs", "list", "--env", "prod")
             assert f"mirror of prod ({url}): live" in listed.stdout, listed.stderr
+            fresh = (await runs.retrieve(echo)).sync
+            assert fresh is not None and fresh.live and fresh.as_of is not None
+            assert 0 <= clock() - fresh.as_of.timestamp() < 60
             shown = await asyncio.to_thread(cli, socket, "runs", "show", echo, "--env", "prod")
             assert f"sync mirrored, remote {again.sync.remote_id}" not in shown.stdout
             assert "sync mirrored, remote run_" in shown.stdout, shown.stderr

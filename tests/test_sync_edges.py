@@ -6,17 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from conftest import Harness, running_daemon
+from conftest import Clock, Harness, running_daemon
 from sync_parts import make_certificates
 
-from ember import BadRequest, Call, Client, ClientSettings, ConfigError, Conflict, Tasks
+from ember import (
+    BadRequest,
+    Call,
+    Client,
+    ClientSettings,
+    ConfigError,
+    Conflict,
+    Runs,
+    Tasks,
+    Wait,
+)
 from ember._bundle_types import BlobProgress, BundleFile, BundleRequest, MissingBlobs
-from ember._types import Event, GapEvent, RunEvent, VersionInfo
+from ember._types import Event, GapEvent, RunEvent, RunStatus, RunSummary, VersionInfo
 from ember.cli._project import Project
 from ember.cli._settings import daemon_config
 from ember.daemon import Daemon, DaemonConfig
@@ -156,3 +168,85 @@ async def test_bad_input_to_a_forwarded_environment_is_a_clear_4xx(tmp_path: Pat
             assert again.id == handle.id and again.is_cached
         finally:
             await prod.aclose()
+
+
+async def test_a_forwarded_environment_keeps_the_daemons_clock(tmp_path: Path) -> None:
+    # A daemon whose clock is a day ahead of the host's, its remote away: what it accepts for
+    # the remote (a run in the outbox, a token completion) is stamped with its clock.
+    clock = Clock()
+    clock.advance(86400)
+    target = SyncTarget(env="prod", profile="prod", url="https://127.0.0.1:9", api_key="k")
+    async with running_daemon(tmp_path / "state", clock=clock, sync=(target,)) as harness:
+        prod = Client(ClientSettings(socket_path=harness.config.api_socket, env="prod"))
+        try:
+            handle = await Tasks(prod).trigger("t", {})
+            run = await Runs(prod).retrieve(handle.id)
+            assert run.sync is not None and run.sync.state == "outbox"
+            assert 0 <= clock() - run.created_at.timestamp() < 60
+            token = await Wait(prod).complete_token("waitpoint_later", {"ok": True})
+            assert token.status == "WAITING"
+            assert 0 <= clock() - token.created_at.timestamp() < 60
+        finally:
+            await prod.aclose()
+
+
+async def test_a_stream_that_ends_with_its_last_events_is_followed_again(tmp_path: Path) -> None:
+    """Events and the stream's end read together: the link applies them and reconnects from
+    the last one. (It used to take the end for one more event, drop it, and wait forever:
+    a mirror that froze after the remote restarted while events were in flight.)"""
+    certs = make_certificates(tmp_path / "tls")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(certs.cert_file, certs.key_file)
+    now = datetime.now(UTC)
+    burst = b"".join(
+        b"id: boot-%d\ndata: %s\n\n"
+        % (
+            i,
+            msgspec.json.encode(
+                RunEvent(
+                    run=RunSummary(
+                        id=f"run_remote{i}",
+                        task_id="echo",
+                        status=RunStatus.QUEUED,
+                        env="prod",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+            ),
+        )
+        for i in (1, 2, 3)
+    )
+    resumed_from: list[str | None] = []
+
+    async def remote(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The remote's event stream, ending right after a burst; anything else a 503."""
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        if head.startswith("GET /api/v1/events"):
+            last = [h for h in head.split("\r\n") if h.lower().startswith("last-event-id:")]
+            resumed_from.append(last[0].split(":", 1)[1].strip() if last else None)
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(burst), burst)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + body)
+        else:
+            writer.write(b"HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(remote, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    target = SyncTarget(
+        env="prod",
+        profile="prod",
+        url=f"https://127.0.0.1:{port}",
+        api_key="k",
+        ca_file=certs.ca_file,
+    )
+    try:
+        async with running_daemon(tmp_path / "local", sync=(target,)):
+            for _ in range(200):
+                if len(resumed_from) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        server.close()
+    assert resumed_from[:2] == [None, "boot-3"], "the link reconnects after the last event"

@@ -33,9 +33,9 @@ async def token_callback(daemon: ApiDaemon, request: Request, env: str) -> Token
         msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         raise BadRequest(400, f"the body is not JSON ({exc}): post JSON, or nothing") from None
-    owner = (await waits.token_env(token_id)) or env
-    await waits.complete_token(owner, token_id, data)
-    return await waits.retrieve_token(owner, token_id)
+    owner = (await waits.tokens.env_of(token_id)) or env
+    await waits.tokens.complete(owner, token_id, data)
+    return await waits.tokens.retrieve(owner, token_id)
 
 
 CALLBACK_ROUTES: tuple[RouteSpec, ...] = (

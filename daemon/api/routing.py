@@ -67,6 +67,8 @@ async def read_body(request: Request, limit: int, setting: str = "") -> bytes:
 
 
 PAGE_LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}
+# JSON framing around a payload or output in a body: options, keys, escaping.
+BODY_OVERHEAD = 300 * 1024
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

@@ -25,8 +25,8 @@ import uvicorn
 from ember._admin_types import CreatedKey
 from ember._errors import ConfigError
 from ember._types import VersionInfo
+from ember.daemon.api.app import build_app, hash_key
 from ember.daemon.api.limits import ConnectionGate, fit_tcp_cap, guarded_protocol, raise_fd_limit
-from ember.daemon.api.routes import build_app, hash_key
 from ember.daemon.api.sockets import answers, listen_unix, start_server, tcp_socket
 from ember.daemon.api.sync import SyncService
 from ember.daemon.api.tls import check_tls
@@ -43,7 +43,7 @@ from ember.daemon.ops.logrotate import rotate_logs
 from ember.daemon.ops.systemd import Notifier, keep_posted, listen_sockets, status_line
 from ember.daemon.procs.checkpoint import Checkpointer, CriuSupport, detect
 from ember.daemon.procs.supervisor import Supervisor
-from ember.daemon.store import runs as store
+from ember.daemon.store import keys as keys_store
 from ember.daemon.store.db import Database
 from ember.daemon.store.diskguard import DiskGuard
 from ember.daemon.store.modes import PRIVATE_UMASK, lock_state_dir, tighten
@@ -184,6 +184,8 @@ class Daemon:
         await self.scheduler.start()
         if self.config.sync:
             self.sync = SyncService(self, self.config.sync)
+            # Known before the API serves: a request for one never finds it missing (a 500).
+            await self.sync.db.add_envs(self.config.sync)
         await self._serve_api()
         if self.sync is not None:
             await self.sync.start()
@@ -294,11 +296,13 @@ class Daemon:
 
     async def _ensure_api_key(self) -> None:
         """Over TCP a key is required: make one for ``dev`` if none exists yet."""
-        if await self.db.read(store.has_keys):
+        if await self.db.read(keys_store.has_keys):
             return
         key = "em_" + secrets.token_urlsafe(32)
         now = self.clock()
-        await self.db.write(lambda conn: store.insert_key(conn, hash_key(key), "dev", "first", now))
+        await self.db.write(
+            lambda conn: keys_store.insert_key(conn, hash_key(key), "dev", "first", now)
+        )
         key_file = self.config.state_dir / "dev.key"
         key_file.touch(mode=0o600)
         key_file.write_text(key + "\n")
@@ -372,7 +376,6 @@ class Daemon:
         """Build a version from a project archive (see :mod:`ember.daemon.builds.builder`).
 
         Identical content to the current version registers nothing and returns it.
-        ``image`` builds its Docker image too (``push`` sends it to that registry).
         """
         return await self.builder.register(
             check_env_name(env), archive, promote=promote, wait=wait, image=image, push=push
@@ -393,5 +396,5 @@ class Daemon:
         key = new_key(check_env_name(env))
         now = self.clock()
         key_hash = hash_key(key)
-        await self.db.write(lambda conn: store.insert_key(conn, key_hash, env, name, now))
+        await self.db.write(lambda conn: keys_store.insert_key(conn, key_hash, env, name, now))
         return created_key(key, env, name, now, key_hash)

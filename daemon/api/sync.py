@@ -5,14 +5,12 @@ A trigger in a forwarded environment is committed to the outbox and answered at 
 local run id, online or not; ``runs.retrieve`` of that id shows the remote run once the
 mirror has it. Listing, retrieving, waiting and logs read the mirror (offline too, each row
 marked with how fresh it is); cancel, replay and token completion go through the outbox.
-
 ``GET /api/v1/whoami`` (every daemon) tells a key's environment, for ``ember login``.
 """
 
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -40,12 +38,13 @@ from ember._types import (
     TriggerRequest,
     TriggerResponse,
 )
-from ember.daemon.api.routing import RouteSpec, over_tcp
+from ember.daemon.api.routing import BODY_OVERHEAD, RouteSpec, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
 from ember.daemon.config import SyncTarget
 from ember.daemon.engine.ids import new_batch_id, new_run_id
 from ember.daemon.engine.mirror import MirrorDb
+from ember.daemon.store import idempotency as requests
 from ember.daemon.store import runs as store
 from ember.daemon.store import sync as sync_store
 from ember.daemon.store.sync import MirrorRow
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
 
 _answer_encoder = msgspec.msgpack.Encoder()
 _answer_decoder = msgspec.msgpack.Decoder(tuple[str | None, list[TriggerResponse]])
-_BODY_OVERHEAD = 300 * 1024
 REQUEST_KEY_TTL_S = 600.0
 
 
@@ -66,7 +64,7 @@ class SyncService:
     def __init__(self, daemon: Daemon, targets: tuple[SyncTarget, ...]) -> None:
         self.daemon = daemon
         self.targets = {t.env: t for t in targets}
-        self.db = MirrorDb(daemon.db, daemon.events)
+        self.db = MirrorDb(daemon.db, daemon.events, daemon.clock)
         self.links: dict[str, SyncLink] = {}
 
     def forwards(self, env: str) -> bool:
@@ -74,12 +72,11 @@ class SyncService:
         return env in self.targets
 
     async def start(self) -> None:
-        """Start a link per forwarded environment (what the outbox holds goes out first)."""
+        """Start a link per forwarded environment (what the outbox holds goes out first); the
+        daemon added the environments to the mirror before its API served them."""
         from ember.sync._link import SyncLink
 
         for env, target in self.targets.items():
-            _, _, contact_at = await self.daemon.db.read(partial(sync_store.cursor, env=env))
-            self.db.add_env(env, target.profile, target.url, contact_at)
             settings = ClientSettings(
                 socket_path=self.daemon.config.api_socket,
                 url=target.url,
@@ -148,12 +145,12 @@ async def _enqueue(
 ) -> tuple[str | None, list[TriggerResponse]]:
     for index, item in enumerate(items):
         _check_options(item.options, f"items[{index}]." if batch else "")
-    now = time.time()
+    now = daemon.clock()
     batch_id = new_batch_id() if batch else None
 
     def write(conn: Any) -> tuple[str | None, list[TriggerResponse]]:
         if request_key is not None:
-            answer = store.find_trigger_request(conn, env, request_key, now - REQUEST_KEY_TTL_S)
+            answer = requests.find_trigger_request(conn, env, request_key, now - REQUEST_KEY_TTL_S)
             if answer is not None:
                 return _answer_decoder.decode(answer)
         responses = []
@@ -183,7 +180,7 @@ async def _enqueue(
             sync_store.enqueue_trigger(conn, summary, msgspec.json.encode(item), key)
             responses.append(TriggerResponse(id=local_id, task_id=item.task))
         if request_key is not None:
-            store.save_trigger_request(
+            requests.save_trigger_request(
                 conn, env, request_key, now, _answer_encoder.encode((batch_id, responses))
             )
         return batch_id, responses
@@ -203,7 +200,7 @@ def _request_key(request: Request) -> str | None:
 
 
 async def trigger(daemon: Daemon, request: Request, env: str) -> TriggerResponse:
-    body = await _body(request, daemon.config.max_payload_bytes + _BODY_OVERHEAD)
+    body = await _body(request, daemon.config.max_payload_bytes + BODY_OVERHEAD)
     req: TriggerRequest = _decode(body, TriggerRequest)
     item = BatchItem(task=request.path_params["task_id"], payload=req.payload, options=req.options)
     _, responses = await _enqueue(daemon, env, [item], _request_key(request), batch=False)
@@ -211,7 +208,7 @@ async def trigger(daemon: Daemon, request: Request, env: str) -> TriggerResponse
 
 
 async def batch_trigger(daemon: Daemon, request: Request, env: str) -> BatchTriggerResponse:
-    limit = 1000 * (daemon.config.max_payload_bytes + _BODY_OVERHEAD)
+    limit = 1000 * (daemon.config.max_payload_bytes + BODY_OVERHEAD)
     req: BatchTriggerRequest = _decode(await _body(request, limit), BatchTriggerRequest)
     if not 1 <= len(req.items) <= 1000:
         raise BadRequest(400, f"items: a batch holds 1 to 1000 runs, got {len(req.items)}")
@@ -286,7 +283,7 @@ async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
     row = await service.row(env, request.path_params["run_id"])
     if row.summary.status.is_final:
         raise Conflict(409, f"run {row.id} is already {row.summary.status.value}")
-    now = time.time()
+    now = daemon.clock()
     link = service.links[env]
     if row.remote_id is None and row.local_id is not None:
         local_id = row.local_id
@@ -299,8 +296,7 @@ async def cancel_run(daemon: Daemon, request: Request, env: str) -> Run:
             return service.run_of(env, await service.row(env, row.id))
     # Sent, or being sent: the cancel follows it, naming the run by the id shown here (the
     # outbox resolves it to the remote id when it gets there).
-    row_id = row.id
-    await daemon.db.write(lambda conn: sync_store.enqueue_action(conn, env, "cancel", row_id, b""))
+    await daemon.db.write(lambda c: sync_store.enqueue_action(c, env, "cancel", row.id, b"", now))
     link.wake()
     return service.run_of(env, row)
 
@@ -330,16 +326,17 @@ async def replay_run(daemon: Daemon, request: Request, env: str) -> TriggerRespo
 
 
 async def complete_token(daemon: Daemon, request: Request, env: str) -> Response:
-    limit = daemon.config.max_output_bytes + _BODY_OVERHEAD
+    limit = daemon.config.max_output_bytes + BODY_OVERHEAD
     body = await _body(request, limit)
     _decode(body, CompleteTokenRequest)
     token_id = request.path_params["token_id"]
+    now = daemon.clock()
     await daemon.db.write(
-        lambda conn: sync_store.enqueue_action(conn, env, "complete_token", token_id, body)
+        lambda conn: sync_store.enqueue_action(conn, env, "complete_token", token_id, body, now)
     )
     _service(daemon).links[env].wake()
     # Accepted, not done: the remote completes it when the outbox reaches it.
-    info = TokenInfo(id=token_id, env=env, status="WAITING", created_at=store.ts(time.time()))
+    info = TokenInfo(id=token_id, env=env, status="WAITING", created_at=store.ts(now))
     return Response(msgspec.json.encode(info), 202, media_type="application/json")
 
 
@@ -361,7 +358,7 @@ async def read_through(daemon: Daemon, request: Request, env: str) -> Response:
         headers = {"x-ember-as-of": store.ts(fetched_at).isoformat()}
         return Response(body, 200, media_type="application/json", headers=headers)
     body = bytes(raw)
-    now = time.time()
+    now = daemon.clock()
     await daemon.db.write(lambda conn: sync_store.save_answer(conn, env, path, body, now))
     return Response(body, 200, media_type="application/json")
 

@@ -22,10 +22,9 @@ import logging
 import random
 import secrets
 import sqlite3
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
@@ -41,6 +40,7 @@ from ember._alert_types import (
 )
 from ember._errors import BadRequest, NotFound
 from ember.daemon.engine.ids import ulid
+from ember.daemon.store import alerts as alert_store
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ class AlertsEngine(Protocol):
 
     config: DaemonConfig
     db: Database
+    # Wall-clock seconds: deliveries' times, retry backoff and signature stamps read it.
+    clock: Callable[[], float]
 
 
 log = logging.getLogger("ember.daemon")
@@ -104,9 +106,7 @@ class Alerts:
     def recover(self) -> None:
         """Load the channels and start sending (startup)."""
         for channel_id, env, webhook, events, secret in self.engine.db.read_now(
-            lambda conn: conn.execute(
-                "SELECT id, env, webhook, events, secret FROM alert_channels ORDER BY id"
-            ).fetchall()
+            alert_store.load_channels
         ):
             self._add(env, channel_id, _events_decoder.decode(events), webhook, secret)
         self._sender = asyncio.get_running_loop().create_task(self._send_loop())
@@ -127,13 +127,11 @@ class Alerts:
             raise BadRequest(400, "events: name at least one of " + ", ".join(ALERT_EVENTS))
         channel_id = "alert_" + ulid()
         secret = "whsec_" + secrets.token_urlsafe(24)
-        now = time.time()
+        now = self.engine.clock()
         events = list(dict.fromkeys(req.events))
         await self.engine.db.write(
-            lambda conn: conn.execute(
-                "INSERT INTO alert_channels (id, env, webhook, events, secret, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (channel_id, env, req.webhook, msgspec.json.encode(events), secret, now),
+            lambda conn: alert_store.insert_channel(
+                conn, channel_id, env, req.webhook, events, secret, now
             )
         )
         self._add(env, channel_id, events, req.webhook, secret)
@@ -155,58 +153,19 @@ class Alerts:
         found = [c for c in await self.channels(env, with_secrets=False) if c.id == channel_id]
         if not found:
             raise NotFound(404, f"alert channel {channel_id} does not exist in environment {env}")
-        await self.engine.db.write(
-            lambda conn: conn.execute("DELETE FROM alert_channels WHERE id = ?", (channel_id,))
-        )
+        await self.engine.db.write(lambda conn: alert_store.delete_channel(conn, channel_id))
         self._channels[env] = [c for c in self._channels.get(env, []) if c[0] != channel_id]
         return found[0]
 
     async def channels(self, env: str, with_secrets: bool) -> list[AlertChannel]:
         """The environment's channels (secrets only for the socket's owner)."""
-        rows = await self.engine.db.read(
-            lambda conn: conn.execute(
-                "SELECT id, env, webhook, events, created_at, secret FROM alert_channels"
-                " WHERE env = ? ORDER BY id",
-                (env,),
-            ).fetchall()
+        return await self.engine.db.read(
+            lambda conn: alert_store.list_channels(conn, env, with_secrets)
         )
-        return [
-            AlertChannel(
-                id=r[0],
-                env=r[1],
-                webhook=r[2],
-                events=msgspec.json.decode(r[3], type=list[AlertEvent]),
-                created_at=store.ts(r[4]),
-                secret=r[5] if with_secrets else "",
-            )
-            for r in rows
-        ]
 
     async def deliveries(self, env: str, limit: int = 100) -> list[AlertDelivery]:
         """Recent deliveries of the environment, newest first."""
-        rows = await self.engine.db.read(
-            lambda conn: conn.execute(
-                "SELECT id, channel_id, event, subject, status, attempts, created_at, next_at,"
-                " delivered_at, last_error FROM alert_deliveries WHERE env = ?"
-                " ORDER BY id DESC LIMIT ?",
-                (env, limit),
-            ).fetchall()
-        )
-        return [
-            AlertDelivery(
-                id=r[0],
-                channel_id=r[1],
-                event=r[2],
-                subject=r[3],
-                status=r[4],
-                attempts=r[5],
-                created_at=store.ts(r[6]),
-                next_attempt_at=store.opt_ts(r[7]) if r[4] == "PENDING" else None,
-                delivered_at=store.opt_ts(r[8]),
-                last_error=r[9],
-            )
-            for r in rows
-        ]
+        return await self.engine.db.read(lambda conn: alert_store.list_deliveries(conn, env, limit))
 
     # -- events -------------------------------------------------------------------------
 
@@ -237,10 +196,8 @@ class Alerts:
                     "data": data,
                 }
             )
-            conn.execute(
-                "INSERT OR IGNORE INTO alert_deliveries (id, channel_id, env, event, subject,"
-                " body, status, created_at, next_at) VALUES (?, ?, ?, ?, ?, ?, 'PENDING', ?, ?)",
-                (delivery_id, channel_id, env, event, subject, body, now, now),
+            alert_store.insert_delivery(
+                conn, delivery_id, channel_id, env, event, subject, body, now
             )
 
     def wake(self) -> None:
@@ -251,8 +208,10 @@ class Alerts:
 
     async def _send_loop(self) -> None:
         while True:
-            now = time.time()
-            due, next_at = await self.engine.db.read(functools.partial(_due, now=now))
+            now = self.engine.clock()
+            due, next_at = await self.engine.db.read(
+                functools.partial(alert_store.due_deliveries, now=now, limit=SEND_BATCH)
+            )
             if due:
                 await asyncio.gather(*(self._send(*row) for row in due))
                 continue
@@ -264,7 +223,7 @@ class Alerts:
     async def _send(
         self, delivery_id: str, event: str, body: bytes, attempts: int, url: str, secret: str
     ) -> None:
-        stamp = int(time.time())
+        stamp = int(self.engine.clock())
         headers = {
             "content-type": "application/json",
             "user-agent": "ember-alerts",
@@ -277,8 +236,9 @@ class Alerts:
             await asyncio.to_thread(_post, url, body, headers)
         except RuntimeError as exc:
             error = str(exc)
-        now = time.time()
+        now = self.engine.clock()
         attempts += 1
+        # (status, next attempt at, delivered at, last error)
         update: tuple[str, float | None, float | None, str | None]
         if error is None:
             update = ("DELIVERED", None, now, None)
@@ -289,10 +249,8 @@ class Alerts:
             wait_s = min(MAX_RETRY_S, self.retry_min_s * 2 ** (attempts - 1))
             update = ("PENDING", now + wait_s * random.uniform(1.0, 1.25), None, error)
         await self.engine.db.write(
-            lambda conn: conn.execute(
-                "UPDATE alert_deliveries SET status = ?, attempts = ?, next_at = ?,"
-                " delivered_at = ?, last_error = ? WHERE id = ?",
-                (update[0], attempts, update[1], update[2], update[3], delivery_id),
+            lambda conn: alert_store.set_delivery_outcome(
+                conn, delivery_id, update[0], attempts, update[1], update[2], update[3]
             )
         )
 
@@ -300,18 +258,3 @@ class Alerts:
         """Stop sending; what is pending is sent after the next start."""
         if self._sender is not None:
             self._sender.cancel()
-
-
-def _due(
-    conn: sqlite3.Connection, now: float
-) -> tuple[list[tuple[str, str, bytes, int, str, str]], float | None]:
-    rows = conn.execute(
-        "SELECT d.id, d.event, d.body, d.attempts, c.webhook, c.secret FROM alert_deliveries d"
-        " JOIN alert_channels c ON c.id = d.channel_id"
-        " WHERE d.status = 'PENDING' AND d.next_at <= ? ORDER BY d.next_at LIMIT ?",
-        (now, SEND_BATCH),
-    ).fetchall()
-    (next_at,) = conn.execute(
-        "SELECT MIN(next_at) FROM alert_deliveries WHERE status = 'PENDING'"
-    ).fetchone()
-    return rows, next_at

@@ -18,8 +18,7 @@ table on start), so completion costs one counter per run end, not a count per ru
 from __future__ import annotations
 
 import sqlite3
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -28,7 +27,7 @@ from ember._duration import parse_duration_s
 from ember._errors import BadRequest, ConfigError, Conflict, NotFound
 from ember._types import BatchEvent, BatchInfo, BatchItem, BatchItemsResponse, TriggerResponse
 from ember.daemon.engine.ids import new_batch_id
-from ember.daemon.store import runs as store
+from ember.daemon.store import batches as batch_store
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -44,6 +43,8 @@ class BatchesEngine(Protocol):
     db: Database
     events: EventHub
     alerts: Alerts
+    # Wall-clock seconds: a batch's creation, sealing, completion and key expiry read it.
+    clock: Callable[[], float]
 
     async def trigger_batch_chunk(
         self, env: str, batch_id: str, start_index: int, items: Sequence[BatchItem]
@@ -56,67 +57,6 @@ class BatchesEngine(Protocol):
 MAX_CHUNK_ITEMS = 1000
 MAX_BATCH_RUNS = 1_000_000
 DEFAULT_IDEMPOTENCY_TTL_S = 30 * 86400.0
-
-_FINAL = tuple(s.value for s in store.FINAL)
-_FINAL_MARKS = ",".join("?" * len(_FINAL))
-
-
-def insert_batch(
-    conn: sqlite3.Connection,
-    batch_id: str,
-    env: str,
-    run_count: int,
-    now: float,
-    *,
-    received: int = 0,
-    idempotency_key: str | None = None,
-    idempotency_expires_at: float | None = None,
-) -> None:
-    """Record a new batch; sealed (``PROCESSING``) when it already holds every item."""
-    sealed = received >= run_count
-    conn.execute(
-        "INSERT INTO batches (id, env, status, run_count, received, created_at, sealed_at,"
-        " idempotency_key, idempotency_expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            batch_id,
-            env,
-            "PROCESSING" if sealed else "PENDING",
-            run_count,
-            received,
-            now,
-            now if sealed else None,
-            idempotency_key,
-            idempotency_expires_at,
-        ),
-    )
-
-
-def _row(conn: sqlite3.Connection, batch_id: str) -> Any:
-    return conn.execute(
-        "SELECT id, env, status, run_count, received, created_at, finished_at, idempotency_key"
-        " FROM batches WHERE id = ?",
-        (batch_id,),
-    ).fetchone()
-
-
-def _info(conn: sqlite3.Connection, row: Any, is_cached: bool = False) -> BatchInfo:
-    counts = dict(
-        conn.execute(
-            "SELECT status, COUNT(*) FROM runs WHERE batch_id = ? GROUP BY status", (row[0],)
-        ).fetchall()
-    )
-    return BatchInfo(
-        id=row[0],
-        env=row[1],
-        status=row[2],
-        run_count=row[3],
-        received=row[4],
-        created_at=store.ts(row[5]),
-        finished_at=store.opt_ts(row[6]),
-        counts=counts,
-        idempotency_key=row[7],
-        is_cached=is_cached,
-    )
 
 
 class Batches:
@@ -133,15 +73,7 @@ class Batches:
 
     def recover(self) -> None:
         """Rebuild the open batches' counters from the table (startup)."""
-        rows = self.engine.db.read_now(
-            lambda conn: conn.execute(
-                "SELECT b.id, b.status, (SELECT COUNT(*) FROM runs r WHERE r.batch_id = b.id"
-                f" AND r.status NOT IN ({_FINAL_MARKS})) FROM batches b"
-                " WHERE b.status != 'COMPLETED'",
-                _FINAL,
-            ).fetchall()
-        )
-        for batch_id, status, open_runs in rows:
+        for batch_id, status, open_runs in self.engine.db.read_now(batch_store.open_batches):
             self._open[batch_id] = [open_runs, status == "PROCESSING"]
             self._maybe_complete(batch_id)
 
@@ -169,23 +101,15 @@ class Batches:
                 raise BadRequest(400, f"idempotency_key_ttl: {exc}") from None
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 2048:
             raise BadRequest(400, "idempotency_key: must be 1-2048 characters")
-        now = time.time()
+        now = self.engine.clock()
         batch_id = new_batch_id()
 
         def write(conn: sqlite3.Connection) -> BatchInfo:
             if idempotency_key is not None:
-                found = conn.execute(
-                    "SELECT id, idempotency_expires_at FROM batches"
-                    " WHERE env = ? AND idempotency_key = ?",
-                    (env, idempotency_key),
-                ).fetchone()
-                if found is not None and (found[1] is None or found[1] > now):
-                    return _info(conn, _row(conn, found[0]), is_cached=True)
-                if found is not None:  # expired: the key is free for a new batch
-                    conn.execute(
-                        "UPDATE batches SET idempotency_key = NULL WHERE id = ?", (found[0],)
-                    )
-            insert_batch(
+                cached = batch_store.keyed_batch(conn, env, idempotency_key, now)
+                if cached is not None:
+                    return cached
+            batch_store.insert_batch(
                 conn,
                 batch_id,
                 env,
@@ -194,7 +118,9 @@ class Batches:
                 idempotency_key=idempotency_key,
                 idempotency_expires_at=now + ttl_s if idempotency_key else None,
             )
-            return _info(conn, _row(conn, batch_id))
+            made = batch_store.get_batch(conn, batch_id)
+            assert made is not None  # (inserted just above, in this transaction)
+            return made
 
         info: BatchInfo = await self.engine.db.write(write)
         if not info.is_cached:
@@ -213,10 +139,10 @@ class Batches:
         """
         if not 1 <= len(items) <= MAX_CHUNK_ITEMS:
             raise BadRequest(400, f"items: a chunk holds 1 to {MAX_CHUNK_ITEMS} items")
-        row = self.engine.db.read_point(lambda conn: _row(conn, batch_id))
-        if row is None or row[1] != env:
+        size = self.engine.db.read_point(lambda conn: batch_store.batch_size(conn, batch_id))
+        if size is None or size[0] != env:
             raise NotFound(404, f"batch {batch_id} does not exist in environment {env}")
-        run_count, received = row[3], row[4]
+        _, run_count, received = size
         if start_index < 0 or start_index > received:
             raise Conflict(
                 409,
@@ -250,29 +176,18 @@ class Batches:
         """
         existing = {
             index: TriggerResponse(id=run_id, task_id=task_id, is_cached=True)
-            for index, run_id, task_id in conn.execute(
-                "SELECT batch_index, id, task_id FROM runs WHERE batch_id = ?"
-                " AND batch_index >= ? AND batch_index < ?",
-                (batch_id, start_index, start_index + count),
+            for index, run_id, task_id in batch_store.indexed_runs(
+                conn, batch_id, start_index, start_index + count
             )
         }
-        run_count, received = conn.execute(
-            "SELECT run_count, received FROM batches WHERE id = ?", (batch_id,)
-        ).fetchone()
+        size = batch_store.batch_size(conn, batch_id)
+        assert size is not None  # (batches are never deleted)
+        _, run_count, received = size
         if start_index > received:
             raise Conflict(409, f"start_index {start_index}: only {received} items have arrived")
         new_received = max(received, start_index + count)
         if new_received != received:
-            sealed = new_received >= run_count
-            conn.execute(
-                "UPDATE batches SET received = ?, status = ?, sealed_at = ? WHERE id = ?",
-                (
-                    new_received,
-                    "PROCESSING" if sealed else "PENDING",
-                    now if sealed else None,
-                    batch_id,
-                ),
-            )
+            batch_store.set_received(conn, batch_id, new_received, run_count, now)
         return existing, new_received, run_count
 
     def opened(self, batch_id: str, new_runs: int, received: int, run_count: int) -> None:
@@ -298,15 +213,13 @@ class Batches:
         if entry is None or entry[0] > 0 or not entry[1]:
             return
         del self._open[batch_id]
-        now = time.time()
+        now = self.engine.clock()
         engine = self.engine
 
         def write(conn: sqlite3.Connection) -> BatchInfo:
-            conn.execute(
-                "UPDATE batches SET status = 'COMPLETED', finished_at = ? WHERE id = ?",
-                (now, batch_id),
-            )
-            info = _info(conn, _row(conn, batch_id))
+            batch_store.complete_batch(conn, batch_id, now)
+            info = batch_store.get_batch(conn, batch_id)
+            assert info is not None  # (batches are never deleted)
             if engine.alerts.wants(info.env, "batch.completed"):
                 data = {"batch": msgspec.to_builtins(info)}
                 engine.alerts.record(conn, info.env, "batch.completed", batch_id, data, now)
@@ -332,8 +245,8 @@ class Batches:
         """
 
         def read(conn: sqlite3.Connection) -> BatchInfo | None:
-            row = _row(conn, batch_id)
-            return _info(conn, row) if row is not None and row[1] == env else None
+            info = batch_store.get_batch(conn, batch_id)
+            return info if info is not None and info.env == env else None
 
         info = await self.engine.db.read(read)
         if info is None:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
-import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from ember._errors import BadRequest, EmberError, NotFound
 from ember._types import BulkAction, CreateBulkActionRequest, RunsFilter
 from ember.daemon.engine.ids import ulid
+from ember.daemon.store import bulk as bulk_store
+from ember.daemon.store import listing as listing_store
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ class BulkEngine(Protocol):
     """What bulk actions use of the engine (a Protocol: no import of the engine's module)."""
 
     db: Database
+    # Wall-clock seconds: an action's times and its filter's bound read it.
+    clock: Callable[[], float]
 
     @property
     def closing(self) -> bool:
@@ -50,33 +53,9 @@ class BulkEngine(Protocol):
 CHUNK_RUNS = 500
 MAX_RUN_IDS = 10_000
 
-_filter_decoder = msgspec.json.Decoder(RunsFilter)
-_ids_decoder = msgspec.json.Decoder(list[str])
-_COLUMNS = (
-    "id, env, action, status, filter, run_ids, total, processed, succeeded, failed,"
-    " created_at, finished_at"
-)
 
-
-def _action(row: Sequence[Any]) -> BulkAction:
-    return BulkAction(
-        id=row[0],
-        env=row[1],
-        action=row[2],
-        status=row[3],
-        filter=_filter_decoder.decode(row[4]) if row[4] else None,
-        run_ids=_ids_decoder.decode(row[5]) if row[5] else [],
-        total=row[6],
-        processed=row[7],
-        succeeded=row[8],
-        failed=row[9],
-        created_at=store.ts(row[10]),
-        finished_at=store.opt_ts(row[11]),
-    )
-
-
-def _run_filter(env: str, flt: RunsFilter) -> store.RunFilter:
-    return store.RunFilter(
+def _run_filter(env: str, flt: RunsFilter) -> listing_store.RunFilter:
+    return listing_store.RunFilter(
         env=env,
         statuses=tuple(s.value for s in flt.status),
         tasks=tuple(flt.task),
@@ -86,38 +65,6 @@ def _run_filter(env: str, flt: RunsFilter) -> store.RunFilter:
         created_from=flt.created_after.timestamp() if flt.created_after else None,
         created_to=flt.created_before.timestamp() if flt.created_before else None,
     )
-
-
-def _matching_ids(
-    conn: sqlite3.Connection, flt: store.RunFilter, cursor: str | None, limit: int
-) -> list[str]:
-    source, where, args = store.filter_sql(flt)
-    if cursor is not None:
-        where.append("r.id < ?")
-        args.append(cursor)
-    rows = conn.execute(
-        f"SELECT r.id FROM {source} WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?",
-        (*args, limit),
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
-def _save_progress(
-    conn: sqlite3.Connection, action_id: str, cursor: str | None, done: int, ok: int
-) -> None:
-    conn.execute(
-        "UPDATE bulk_actions SET cursor = ?, processed = processed + ?,"
-        " succeeded = succeeded + ?, failed = failed + ? WHERE id = ?",
-        (cursor, done, ok, done - ok, action_id),
-    )
-
-
-def _count(conn: sqlite3.Connection, flt: store.RunFilter) -> int:
-    source, where, args = store.filter_sql(flt)
-    (count,) = conn.execute(
-        f"SELECT COUNT(*) FROM {source} WHERE {' AND '.join(where)}", args
-    ).fetchone()
-    return int(count)
 
 
 class BulkActions:
@@ -134,12 +81,7 @@ class BulkActions:
 
     def recover(self) -> None:
         """Resume the actions that were running when the daemon stopped (startup)."""
-        rows = self.engine.db.read_now(
-            lambda conn: conn.execute(
-                "SELECT id FROM bulk_actions WHERE status = 'RUNNING' ORDER BY id"
-            ).fetchall()
-        )
-        for (action_id,) in rows:
+        for action_id in self.engine.db.read_now(bulk_store.running_actions):
             self._start(action_id)
 
     async def create(self, env: str, req: CreateBulkActionRequest) -> BulkAction:
@@ -158,28 +100,20 @@ class BulkActions:
             raise BadRequest(
                 400, f"run_ids: at most {MAX_RUN_IDS:,} ids; use a filter for more runs"
             )
-        now = time.time()
+        now = self.engine.clock()
         flt = req.filter
         if flt is not None and flt.created_before is None:
             flt = msgspec.structs.replace(flt, created_before=store.ts(now))
         action_id = "bulk_" + ulid()
 
         def write(conn: sqlite3.Connection) -> BulkAction:
-            total = _count(conn, _run_filter(env, flt)) if flt is not None else len(req.run_ids)
-            conn.execute(
-                "INSERT INTO bulk_actions (id, env, action, status, filter, run_ids, total,"
-                " created_at) VALUES (?, ?, ?, 'RUNNING', ?, ?, ?, ?)",
-                (
-                    action_id,
-                    env,
-                    req.action,
-                    msgspec.json.encode(flt) if flt is not None else None,
-                    msgspec.json.encode(req.run_ids) if req.run_ids else None,
-                    total,
-                    now,
-                ),
+            if flt is not None:
+                total = bulk_store.count_matching(conn, _run_filter(env, flt))
+            else:
+                total = len(req.run_ids)
+            return bulk_store.insert_action(
+                conn, action_id, env, req.action, flt, req.run_ids, total, now
             )
-            return self._read(conn, action_id)
 
         action: BulkAction = await self.engine.db.write(write)
         self._start(action_id)
@@ -190,28 +124,18 @@ class BulkActions:
         self._workers[action_id] = task
         task.add_done_callback(lambda _: self._workers.pop(action_id, None))
 
-    @staticmethod
-    def _read(conn: sqlite3.Connection, action_id: str) -> BulkAction:
-        row = conn.execute(
-            f"SELECT {_COLUMNS} FROM bulk_actions WHERE id = ?", (action_id,)
-        ).fetchone()
-        return _action(row)
-
     async def _work(self, action_id: str) -> None:
         db = self.engine.db
-        row = db.read_point(
-            lambda conn: conn.execute(
-                "SELECT env, action, filter, run_ids, cursor FROM bulk_actions WHERE id = ?",
-                (action_id,),
-            ).fetchone()
+        env, kind, runs_filter, ids, cursor = db.read_point(
+            lambda conn: bulk_store.action_cursor(conn, action_id)
         )
-        env, kind, flt_json, ids_json, cursor = row
-        flt = _run_filter(env, _filter_decoder.decode(flt_json)) if flt_json else None
-        ids = _ids_decoder.decode(ids_json) if ids_json else []
+        flt = _run_filter(env, runs_filter) if runs_filter is not None else None
         while action_id not in self._aborted and not self.engine.closing:
             if flt is not None:
                 chunk = await db.read(
-                    functools.partial(_matching_ids, flt=flt, cursor=cursor, limit=CHUNK_RUNS)
+                    functools.partial(
+                        bulk_store.matching_ids, flt=flt, cursor=cursor, limit=CHUNK_RUNS
+                    )
                 )
                 next_cursor = chunk[-1] if chunk else cursor
             else:
@@ -227,20 +151,19 @@ class BulkActions:
             cursor = next_cursor
             await db.write(
                 functools.partial(
-                    _save_progress, action_id=action_id, cursor=cursor, done=len(chunk), ok=ok
+                    bulk_store.save_progress,
+                    action_id=action_id,
+                    cursor=cursor,
+                    done=len(chunk),
+                    ok=ok,
                 )
             )
         if self.engine.closing and action_id not in self._aborted:
             return  # the next start resumes it from its cursor
         status = "ABORTED" if action_id in self._aborted else "COMPLETED"
         self._aborted.discard(action_id)
-        now = time.time()
-        await db.write(
-            lambda conn: conn.execute(
-                "UPDATE bulk_actions SET status = ?, finished_at = ? WHERE id = ?",
-                (status, now, action_id),
-            )
-        )
+        now = self.engine.clock()
+        await db.write(lambda conn: bulk_store.finish_action(conn, action_id, status, now))
 
     async def _one(self, env: str, kind: str, run_id: str, by_id: bool) -> bool:
         """Cancel or replay one run; False when it cannot be (final, gone, elsewhere)."""
@@ -277,26 +200,14 @@ class BulkActions:
             NotFound: no such action in this environment.
         """
 
-        def read(conn: sqlite3.Connection) -> BulkAction | None:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM bulk_actions WHERE id = ? AND env = ?", (action_id, env)
-            ).fetchone()
-            return _action(row) if row is not None else None
-
-        found = await self.engine.db.read(read)
+        found = await self.engine.db.read(lambda conn: bulk_store.get_action(conn, action_id, env))
         if found is None:
             raise NotFound(404, f"bulk action {action_id} does not exist in environment {env}")
         return found
 
     async def list(self, env: str, limit: int = 50) -> list[BulkAction]:
         """The environment's actions, newest first."""
-        rows = await self.engine.db.read(
-            lambda conn: conn.execute(
-                f"SELECT {_COLUMNS} FROM bulk_actions WHERE env = ? ORDER BY id DESC LIMIT ?",
-                (env, limit),
-            ).fetchall()
-        )
-        return [_action(r) for r in rows]
+        return await self.engine.db.read(lambda conn: bulk_store.list_actions(conn, env, limit))
 
     async def close(self) -> None:
         """Let running actions stop at their next chunk (they resume on the next start)."""

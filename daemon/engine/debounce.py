@@ -24,10 +24,12 @@ import msgspec
 from ember._duration import parse_duration_s
 from ember._errors import BadRequest, ConfigError
 from ember._types import BatchItem, Debounce, RunStatus, TriggerResponse
-from ember.daemon.model import ActiveRun
+from ember.daemon.model import ActiveRun, Snapshot
+from ember.daemon.store import blobs as blobs_store
+from ember.daemon.store import debounce as debounce_store
 from ember.daemon.store import runs as store
+from ember.daemon.store.blobs import BlobStore
 from ember.daemon.store.db import Database
-from ember.daemon.store.runs import BlobStore
 
 DebounceKey = tuple[str, str, str]
 MAX_KEY_CHARS = 512
@@ -121,13 +123,7 @@ class Debouncer:
         if run is not None and run.status is RunStatus.DELAYED:
             return run
         self._runs.pop(key, None)
-        row = self.db.read_point(
-            lambda conn: conn.execute(
-                "SELECT id, debounce_max_at FROM runs WHERE env = ? AND task_id = ?"
-                " AND debounce_key = ? AND status = 'DELAYED'",
-                key,
-            ).fetchone()
-        )
+        row = self.db.read_point(lambda conn: debounce_store.delayed_run(conn, *key))
         if row is None:
             return None
         run = self._held(row[0])
@@ -147,7 +143,7 @@ class Debouncer:
         def write(conn: sqlite3.Connection) -> None:
             columns: dict[str, Any] = {"delay_until": delay_until}
             if trailing:
-                inline, ref = store.inline_or_ref(blobs, payload)
+                inline, ref = blobs_store.inline_or_ref(blobs, payload)
                 columns.update(
                     payload=inline,
                     payload_ref=ref,
@@ -158,7 +154,7 @@ class Debouncer:
                 run.id,
                 RunStatus.DELAYED,
                 now,
-                "DELAYED",
+                Snapshot.DELAYED,
                 description="debounced: start pushed back"
                 + (", payload replaced" if trailing else ""),
                 **columns,

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 from ember._types import LogLine, Run, RunEvent, RunSummary, SyncMark
+from ember.daemon.config import SyncTarget
 from ember.daemon.engine.events import EventHub
 from ember.daemon.store import runs as store
 from ember.daemon.store import sync as sync_store
@@ -40,16 +41,23 @@ class MirrorDb:
         db: the daemon's database.
         events: the local event hub: mirrored changes are published on it, so the dashboard
             and ``runs.subscribe`` see production's runs as they change.
+        clock: wall-clock seconds (the daemon's): when rows were mirrored and the remote
+            last answered.
     """
 
-    def __init__(self, db: Database, events: EventHub) -> None:
+    def __init__(self, db: Database, events: EventHub, clock: Callable[[], float]) -> None:
         self.db = db
         self.events = events
+        self.clock = clock
         self.envs: dict[str, _EnvState] = {}
 
-    def add_env(self, env: str, profile: str, url: str, contact_at: float | None) -> None:
-        """Serve an environment forwarded to a profile."""
-        self.envs[env] = _EnvState(profile, url, contact_at=contact_at, saved_contact_at=contact_at)
+    async def add_envs(self, targets: Sequence[SyncTarget]) -> None:
+        """Serve the environments forwarded to these profiles, each with its last contact."""
+        for target in targets:
+            _, _, at = await self.db.read(functools.partial(sync_store.cursor, env=target.env))
+            self.envs[target.env] = _EnvState(
+                target.profile, target.url, contact_at=at, saved_contact_at=at
+            )
 
     def mark(self, env: str, row: MirrorRow) -> SyncMark:
         """How fresh a row is, for showing it."""
@@ -57,7 +65,7 @@ class MirrorDb:
         kind = "outbox" if row.remote_id is None else "mirrored"
         if row.summary.error is not None and row.summary.error.code == "SYNC_REFUSED":
             kind = "refused"
-        as_of = time.time() if state.live else state.contact_at
+        as_of = self.clock() if state.live else state.contact_at
         return SyncMark(
             profile=state.profile,
             url=state.url,
@@ -98,7 +106,7 @@ class MirrorDb:
         await self.db.write(lambda conn: sync_store.tried(conn, seqs))
 
     async def delivered(self, env: str, done: Sequence[Delivered]) -> None:
-        now = time.time()
+        now = self.clock()
         await self.db.write(lambda conn: sync_store.delivered(conn, env, done, now))
         linked = [d.target for d in done if d.kind == "trigger"]
         await self.changed(env, linked)
@@ -106,7 +114,7 @@ class MirrorDb:
     async def mirror(
         self, env: str, summaries: Sequence[RunSummary], event_id: str | None
     ) -> list[str]:
-        now = time.time()
+        now = self.clock()
 
         def write(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
             result = sync_store.mirror(conn, env, summaries, now)
@@ -119,7 +127,7 @@ class MirrorDb:
         return fetch
 
     async def finished(self, env: str, run: Run, logs: Sequence[LogLine]) -> None:
-        now = time.time()
+        now = self.clock()
         changed = await self.db.write(lambda conn: sync_store.finished(conn, env, run, logs, now))
         await self.changed(env, changed)
 
@@ -131,7 +139,7 @@ class MirrorDb:
         return event_id, caught_up_to
 
     async def caught_up(self, env: str, remote_time: float, event_id: str | None) -> None:
-        now = time.time()
+        now = self.clock()
         await self.db.write(
             lambda conn: sync_store.save_cursor(conn, env, event_id, remote_time, now)
         )
@@ -140,7 +148,7 @@ class MirrorDb:
         state = self.envs[env]
         state.live, state.error = live, error
         if error is None:
-            state.contact_at = time.time()
+            state.contact_at = self.clock()
         # The last contact is kept across restarts (offline, rows say how old they are),
         # written at most once a second.
         if state.contact_at is not None and (

@@ -18,8 +18,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember._types import RunStatus
@@ -47,9 +47,14 @@ class Lane:
 
 
 class RunQueue:
-    """Queued runs of every environment, ready to be taken in fair order."""
+    """Queued runs of every environment, ready to be taken in fair order.
 
-    def __init__(self) -> None:
+    Args:
+        clock: wall-clock seconds (the engine's): rate windows are in its time.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
         self._lanes: dict[LaneKey, Lane] = {}
         self._limits: dict[tuple[str, str], int | None] = {}
         self._paused: set[tuple[str, str]] = set()
@@ -177,7 +182,7 @@ class RunQueue:
         if until is not None:
             spec = self.rates.specs[(run.env, run.queue)]
             return f"rate limit of queue {run.queue!r} reached ({spec.describe()})" + (
-                f"; the next may start in {max(0.0, until - time.time()):.1f}s"
+                f"; the next may start in {max(0.0, until - self.clock()):.1f}s"
                 if until != math.inf
                 else ""
             )

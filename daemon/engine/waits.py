@@ -1,4 +1,4 @@
-"""Waitpoints: the journal of each run's waits, and the tokens humans complete.
+"""Waitpoints: the journal of each run's waits.
 
 A run's ``seq``-th wait of a generation is one row of ``waits``: the daemon owns its deadline
 (DATETIME), its child runs (RUN, BATCH) or its token (TOKEN), and writes the result there
@@ -14,26 +14,25 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from ember._errors import BadRequest, Conflict, NotFound
-from ember._types import RunError, TokenInfo, WaitToken
+from ember._errors import BadRequest
+from ember._types import RunError
 from ember.daemon.engine.ids import ulid
+from ember.daemon.engine.tokens import Tokens
 from ember.daemon.model import WaitRecord
 from ember.daemon.store import runs as store
 from ember.daemon.store import waits as waits_store
 
 if TYPE_CHECKING:
     from ember.daemon.model import ActiveRun
+    from ember.daemon.store.blobs import BlobStore
     from ember.daemon.store.db import Database
-    from ember.daemon.store.runs import BlobStore
 
 _json = msgspec.json.Encoder()
 _list_decoder = msgspec.json.Decoder(list[str])
-DEFAULT_TOKEN_KEY_TTL_S = 3600.0
 
 
 class _ChildResult(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -42,16 +41,6 @@ class _ChildResult(msgspec.Struct, frozen=True, omit_defaults=True):
     task_id: str
     output: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
     error: RunError | None = None
-
-
-@dataclass(slots=True)
-class _Token:
-    id: str
-    env: str
-    status: str
-    timeout_at: float | None
-    timer: asyncio.TimerHandle | None = None
-    waits: set[str] = field(default_factory=set)
 
 
 class WaitsEngine(Protocol):
@@ -83,13 +72,13 @@ class WaitsEngine(Protocol):
 
 
 class Waitpoints:
-    """Registers, times and completes waits; creates and completes tokens."""
+    """Registers, times and completes waits (tokens are :attr:`tokens`)."""
 
     def __init__(self, engine: WaitsEngine) -> None:
         self.engine = engine
         self.pending: dict[str, WaitRecord] = {}
         self._by_child: dict[str, set[str]] = {}
-        self._tokens: dict[str, _Token] = {}
+        self.tokens = Tokens(engine, self)
 
     # -- journal ------------------------------------------------------------------------
 
@@ -177,7 +166,7 @@ class Waitpoints:
             assert record.resume_at is not None
             return b"null" if record.resume_at <= self.engine.clock() else None
         if record.kind == "TOKEN":
-            return await self._token_result(record.targets[0])
+            return await self.tokens.result(record.targets[0])
         if any(child in self.engine.active for child in record.targets):
             return None
         return await self._children_result(record.targets)
@@ -218,9 +207,7 @@ class Waitpoints:
                 delay, self._complete_soon, record, b"null"
             )
         elif record.kind == "TOKEN":
-            token = self._tokens.get(record.targets[0])
-            if token is not None:
-                token.waits.add(record.id)
+            self.tokens.watch(record)
         else:
             for child in record.targets:
                 self._by_child.setdefault(child, set()).add(record.id)
@@ -235,9 +222,8 @@ class Waitpoints:
             waits = self._by_child.get(child)
             if waits is not None:
                 waits.discard(record.id)
-        token = self._tokens.get(record.targets[0]) if record.kind == "TOKEN" else None
-        if token is not None:
-            token.waits.discard(record.id)
+        if record.kind == "TOKEN":
+            self.tokens.unwatch(record)
 
     def _complete_soon(self, record: WaitRecord, result: bytes) -> None:
         asyncio.get_running_loop().create_task(self.complete(record, result))
@@ -274,10 +260,7 @@ class Waitpoints:
 
     async def recover(self) -> list[tuple[WaitRecord, bytes | None]]:
         """Load tokens and the waits that were pending when the daemon stopped."""
-        for token_id, env, status, timeout_at in self.engine.db.read_now(
-            waits_store.waiting_tokens
-        ):
-            self._arm_token(_Token(token_id, env, status, timeout_at))
+        self.tokens.recover()
         rows = self.engine.db.read_now(waits_store.waiting_waits)
         found = []
         for row in rows:
@@ -294,144 +277,6 @@ class Waitpoints:
             found.append((record, await self._result_now(record)))
         return found
 
-    # -- tokens -------------------------------------------------------------------------
-
-    async def create_token(
-        self,
-        env: str,
-        timeout_s: float | None,
-        key: str | None,
-        key_ttl_s: float | None,
-        tags: list[str],
-        run_id: str | None,
-    ) -> WaitToken:
-        """Create a token (or return the one holding the idempotency key)."""
-        now = self.engine.clock()
-        token_id = "waitpoint_" + ulid()
-        timeout_at = now + timeout_s if timeout_s is not None else None
-        key_expires = now + (key_ttl_s if key_ttl_s is not None else DEFAULT_TOKEN_KEY_TTL_S)
-
-        def write(conn: sqlite3.Connection) -> tuple[str, float | None, bool]:
-            return waits_store.insert_token(
-                conn,
-                token_id=token_id,
-                env=env,
-                now=now,
-                timeout_at=timeout_at,
-                key=key,
-                key_expires=key_expires,
-                tags=tags,
-                run_id=run_id,
-            )
-
-        found_id, found_timeout, cached = await self.engine.db.write(write)
-        if not cached:
-            self._arm_token(_Token(found_id, env, "WAITING", found_timeout))
-        return WaitToken(id=found_id, is_cached=cached, timeout_at=store.opt_ts(found_timeout))
-
-    def _arm_token(self, token: _Token) -> None:
-        self._tokens[token.id] = token
-        if token.timeout_at is not None:
-            delay = max(0.0, token.timeout_at - self.engine.clock())
-            token.timer = asyncio.get_running_loop().call_later(
-                delay, lambda: asyncio.get_running_loop().create_task(self._time_out(token))
-            )
-
-    async def _time_out(self, token: _Token) -> None:
-        if token.status != "WAITING":
-            return
-        await self._settle_token(token, "TIMED_OUT", None)
-
-    async def complete_token(self, env: str, token_id: str, data: bytes) -> None:
-        """Complete a token with JSON data.
-
-        Raises:
-            NotFound: no such token in the environment.
-            Conflict: it is already completed or timed out.
-        """
-        token = self._tokens.get(token_id)
-        if token is None or token.env != env:
-            info = await self.engine.db.read(lambda conn: waits_store.token_row(conn, token_id))
-            if info is None or info.env != env:
-                raise NotFound(404, f"token {token_id} does not exist in environment {env}")
-            raise Conflict(409, f"token {token_id} is already {info.status}")
-        await self._settle_token(token, "COMPLETED", data)
-
-    async def _settle_token(self, token: _Token, status: str, data: bytes | None) -> None:
-        token.status = status
-        if token.timer is not None:
-            token.timer.cancel()
-        self._tokens.pop(token.id, None)
-        now = self.engine.clock()
-        await self.engine.db.write(
-            lambda conn: waits_store.settle_token(conn, token.id, status, now, data)
-        )
-        result = _token_result_json(status, data)
-        for wait_id in list(token.waits):
-            record = self.pending.get(wait_id)
-            if record is not None:
-                await self.complete(record, result)
-
-    async def _token_result(self, token_id: str) -> bytes | None:
-        token = self._tokens.get(token_id)
-        if token is not None:
-            return None
-        info = await self.engine.db.read(lambda conn: waits_store.token_row(conn, token_id))
-        if info is None:
-            raise BadRequest(
-                400, f"token {token_id} does not exist: create it with wait.create_token"
-            )
-        if info.status == "WAITING":
-            return None
-        return _token_result_json(
-            info.status, bytes(info.output) if info.status == "COMPLETED" else None
-        )
-
-    async def token_env(self, token_id: str) -> str | None:
-        """The environment of a token, None when there is no such token."""
-        token = self._tokens.get(token_id)
-        if token is not None:
-            return token.env
-        info = await self.engine.db.read(lambda conn: waits_store.token_row(conn, token_id))
-        return info.env if info is not None else None
-
-    async def retrieve_token(self, env: str, token_id: str) -> TokenInfo:
-        """A token with the runs waiting on it.
-
-        Raises:
-            NotFound: no such token in the environment.
-        """
-        info = await self.engine.db.read(lambda conn: waits_store.token_row(conn, token_id))
-        if info is None or info.env != env:
-            raise NotFound(404, f"token {token_id} does not exist in environment {env}")
-        return msgspec.structs.replace(info, waiting_runs=self._waiting_on(token_id))
-
-    def _waiting_on(self, token_id: str) -> list[str]:
-        token = self._tokens.get(token_id)
-        if token is None:
-            return []
-        return sorted({self.pending[w].run_id for w in token.waits if w in self.pending})
-
-    async def list_tokens(
-        self, env: str, status: str | None, limit: int, cursor: str | None
-    ) -> tuple[list[TokenInfo], str | None]:
-        """Tokens of an environment, newest first."""
-
-        rows = await self.engine.db.read(
-            lambda conn: waits_store.list_tokens(conn, env, status, cursor, limit + 1)
-        )
-        page = [
-            msgspec.structs.replace(info, waiting_runs=self._waiting_on(info.id))
-            for info in rows[:limit]
-        ]
-        return page, (page[-1].id if len(rows) > limit and page else None)
-
 
 class NonDeterministic(Exception):
     """A replayed wait differs from the journal (reported to the run, which then fails)."""
-
-
-def _token_result_json(status: str, data: bytes | None) -> bytes:
-    if status == "COMPLETED":
-        return b'{"ok":true,"output":' + (data or b"null") + b"}"
-    return b'{"ok":false,"error":"the token timed out before it was completed"}'

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ember._types import RunError, RunStatus
+from ember.daemon.model import Snapshot
 from ember.daemon.ops.systemd import Notifier
 from ember.daemon.store import runs as store
 
@@ -147,7 +148,7 @@ async def _hold(
         )
         to_interrupt += [pair for pair, ok in zip(pairs, dumped, strict=True) if not ok]
         held = [run for (run, _), ok in zip(pairs, dumped, strict=True) if ok]
-        await engine.db.write(lambda conn: _record_checkpointed(conn, held, time.time()))
+        await engine.db.write(lambda conn: _record_checkpointed(conn, held, engine.clock()))
         report.checkpointed = [run.id for run in held]
         for run in held:
             run.worker = None
@@ -157,7 +158,7 @@ async def _hold(
         run.worker = None
         supervisor.kill(worker)
     interrupted = [run for run, _ in to_interrupt]
-    await engine.db.write(lambda conn: _record_interrupted(conn, interrupted, time.time()))
+    await engine.db.write(lambda conn: _record_interrupted(conn, interrupted, engine.clock()))
     report.interrupted = [run.id for run in interrupted]
 
 
@@ -170,7 +171,7 @@ def _requeue(
         run.id,
         RunStatus.QUEUED,
         now,
-        "QUEUED",
+        Snapshot.QUEUED,
         attempt=run.attempt,
         description=description,
         ready_at=None,

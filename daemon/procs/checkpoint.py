@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 import ember
 from ember._types import RunStatus
 from ember.daemon.config import DaemonConfig
-from ember.daemon.model import Hold
+from ember.daemon.model import Hold, Snapshot
 from ember.daemon.procs.manifest import MANIFEST_FILE, mismatch, record
 from ember.daemon.store import runs as store
 
@@ -77,7 +77,7 @@ class CheckpointEngine(Protocol):
         """The state database."""
         ...
 
-    def note(self, run: ActiveRun, snapshot: str, description: str) -> None:
+    def note(self, run: ActiveRun, snapshot: Snapshot, description: str) -> None:
         """Record an execution snapshot that does not change the run's status."""
         ...
 
@@ -564,7 +564,7 @@ class Checkpointer:
         if run.parked is worker:
             run.parked = None
         self._engine.note(
-            run, "SUSPENDED", f"checkpointed: {size / 1e6:.1f} MB in {dump_ms:.0f} ms"
+            run, Snapshot.SUSPENDED, f"checkpointed: {size / 1e6:.1f} MB in {dump_ms:.0f} ms"
         )
         return True
 
@@ -720,7 +720,9 @@ class Checkpointer:
         worker.pid = pid
         self._reap_later(pid, worker)
         os.kill(pid, signal.SIGUSR1)
-        self._engine.note(run, "PENDING_EXECUTING", f"restored its process in {restore_ms:.0f} ms")
+        self._engine.note(
+            run, Snapshot.PENDING_EXECUTING, f"restored its process in {restore_ms:.0f} ms"
+        )
         return None, True
 
     async def _sweep_strays(self) -> None:
@@ -751,7 +753,7 @@ class Checkpointer:
         log.warning("restoring run %s failed (%s); it re-executes from its journal", run.id, reason)
         self._engine.note(
             run,
-            "PENDING_EXECUTING",
+            Snapshot.PENDING_EXECUTING,
             f"its checkpoint was not restored: {reason}; it replays from its journal",
         )
         self.discard(run)

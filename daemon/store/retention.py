@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ember._types import FINAL_STATUSES
+from ember.daemon.store.blobs import BlobStore
 from ember.daemon.store.db import Database
-from ember.daemon.store.runs import BlobStore
 
 log = logging.getLogger("ember.daemon")
 

@@ -9,7 +9,6 @@ the interface a :class:`ember.sync.SyncLink` talks to.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,11 +91,13 @@ def enqueue_trigger(
     )
 
 
-def enqueue_action(conn: sqlite3.Connection, env: str, kind: str, target: str, body: bytes) -> None:
+def enqueue_action(
+    conn: sqlite3.Connection, env: str, kind: str, target: str, body: bytes, now: float
+) -> None:
     """A cancel or a token completion to send after everything before it."""
     conn.execute(
         "INSERT INTO sync_outbox (env, kind, target, body, created_at) VALUES (?, ?, ?, ?, ?)",
-        (env, kind, target, body, time.time()),
+        (env, kind, target, body, now),
     )
 
 
@@ -214,6 +215,9 @@ def mirror(
     """Record remote runs; return the row ids that changed and the final runs to fetch whole.
 
     An older view of a run (a catch-up page listed before an event) never replaces a newer.
+    A row not mirrored yet holds only the outbox's view, stamped by this daemon's clock: the
+    remote's first view replaces it whatever the two clocks say (a laptop ahead of
+    production would otherwise show its runs QUEUED until production's clock caught up).
     """
     changed, fetch = [], []
     for summary in summaries:
@@ -221,7 +225,8 @@ def mirror(
         if local_id is not None:
             _link(conn, local_id, summary.id)
         row = conn.execute(
-            "SELECT id, updated_at, run IS NOT NULL FROM sync_runs WHERE remote_id = ?",
+            "SELECT id, updated_at, run IS NOT NULL, mirrored_at FROM sync_runs"
+            " WHERE remote_id = ?",
             (summary.id,),
         ).fetchone()
         updated = summary.updated_at.timestamp()
@@ -241,7 +246,7 @@ def mirror(
                 ),
             )
             row_id, has_run = summary.id, False
-        elif updated >= row[1]:
+        elif row[3] is None or updated >= row[1]:
             row_id, has_run = row[0], bool(row[2])
             _put_summary(conn, row_id, summary, now)
         else:

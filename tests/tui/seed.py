@@ -22,6 +22,8 @@ import msgspec
 from ember._types import RetryOptions, RunError, RunStatus
 from ember.daemon import Daemon, DaemonConfig
 from ember.daemon.store import admin as admin
+from ember.daemon.store import blobs as blobs_store
+from ember.daemon.store import logs as logs_store
 from ember.daemon.store import runs as store
 from ember.daemon.store.db import connect
 from ember.daemon.store.schema import migrate
@@ -139,7 +141,7 @@ def seed_store(db_path: Path, now: datetime, runs: tuple[SeedRun, ...] = SEEDED)
     new state database."""
     conn = connect(db_path, "normal")
     migrate(conn)
-    blobs = store.BlobStore(db_path.parent / "blobs")
+    blobs = blobs_store.BlobStore(db_path.parent / "blobs")
     conn.execute("BEGIN")
     for seed in runs:
         _write(conn, blobs, seed, now.timestamp())
@@ -148,7 +150,7 @@ def seed_store(db_path: Path, now: datetime, runs: tuple[SeedRun, ...] = SEEDED)
     conn.close()
 
 
-def _write(conn: Any, blobs: store.BlobStore, seed: SeedRun, now: float) -> None:
+def _write(conn: Any, blobs: blobs_store.BlobStore, seed: SeedRun, now: float) -> None:
     created = now - seed.age_s
     run = store.ActiveRun(
         id=seed.id,
@@ -184,7 +186,7 @@ def _write(conn: Any, blobs: store.BlobStore, seed: SeedRun, now: float) -> None
     finished = (start - 0.1) if seed.attempts else created + 1.0
     for index, (level, message) in enumerate(seed.logs):
         row = (run.id, 1, created + 0.1 + index * 0.2, level, message, None)
-        store.insert_logs(conn, [row])
+        logs_store.insert_logs(conn, [row])
     store.finish_run(
         conn,
         blobs,
