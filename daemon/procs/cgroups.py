@@ -215,7 +215,12 @@ class MachineLimits:
         except OSError as exc:
             return f"the cgroups of this process cannot be read ({exc})"
         tag = f"ember-{os.getpid()}"
-        v1 = {c: m for m in mounts if not m.v2 for c in m.controllers}
+        # The first mount of each controller: the system's. A criu cut off mid-restore can
+        # leave its cgroup yard mounted under an image folder, later in mountinfo.
+        v1: dict[str, _Mount] = {}
+        for mount in (m for m in mounts if not m.v2):
+            for controller in mount.controllers:
+                v1.setdefault(controller, mount)
         if "memory" in v1 and "cpu" in v1:
             try:
                 for name in ("memory", "cpu", "cpuacct"):
@@ -275,6 +280,13 @@ class MachineLimits:
         if not self.uses_cgroups:
             return None
         self._retry_pending()
+        for parent in dict.fromkeys(self._parents.values()):
+            if not parent.exists():
+                # Removed under us: seen after a criu restore cut off mid-way (it cleans up
+                # the cgroups it thinks it made, it seems). Made again, so forks go on.
+                parent.mkdir()
+                if self._v2:
+                    _write(parent / "cgroup.subtree_control", "+memory +cpu")
         dirs = {h: self._parents[h] / name for h in ("memory", "cpu", "cpuacct")}
         cgroup = RunCgroup(name, self._v2, dirs["memory"], dirs["cpu"], dirs["cpuacct"])
         for directory in cgroup.dirs:
