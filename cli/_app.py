@@ -485,6 +485,7 @@ def doctor(env: EnvOption = None) -> None:
         typer.echo(f"  smoke test: dump {support.dump_ms} ms, restore {support.restore_ms} ms")
     else:
         typer.echo("  long waits park their process (or use checkpoint = 'replay' to free it)")
+    _check_machine_limits(config.machine_limits)
     _check_state_modes(config.state_dir)
     client = Client(client_settings(config, env))
     try:
@@ -507,6 +508,24 @@ def doctor(env: EnvOption = None) -> None:
             f"{counts.get('dump_retries_ok', 0)} of them worked when retried; "
             f"fell back to park {counts.get('fallbacks_park', 0)}, "
             f"to replay {counts.get('fallbacks_replay', 0)} (reasons in each run's history)"
+        )
+
+
+def _check_machine_limits(want: str) -> None:
+    """Say how run processes are held to their machine presets here: cgroups, or rlimits."""
+    from ember.daemon.procs.cgroups import MachineLimits
+
+    try:
+        limits = MachineLimits(want)
+    except RuntimeError as exc:
+        typer.echo(f"✗ machine limits: {exc}")
+        return
+    limits.close()  # (the probe made this process's own cgroup folder: it goes now)
+    typer.echo(f"{'✓' if limits.uses_cgroups else '✗'} machine limits: {limits.reason}")
+    if limits.mode == "rlimit":
+        typer.echo(
+            "  memory is capped by RLIMIT_DATA and CPU is not limited; run the daemon as root "
+            "in a cgroup it may write (systemd: Delegate=yes) for real limits"
         )
 
 

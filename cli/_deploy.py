@@ -72,7 +72,7 @@ def _git_branch(root: Path) -> str | None:
     return branch if result.returncode == 0 and branch != "HEAD" else None
 
 
-def _dry_run(project: Project, archive: bytes, env: str, where: str) -> None:
+def _dry_run(project: Project, archive: bytes, env: str, where: str) -> Path:
     folder = project.root / ".ember" / "tmp" / f"deploy-{datetime.now():%Y%m%d-%H%M%S}"
     files = folder / "files"
     files.mkdir(parents=True)
@@ -88,6 +88,34 @@ def _dry_run(project: Project, archive: bytes, env: str, where: str) -> None:
         typer.echo("  requirements.txt: installed into the version's own virtual environment")
     say(f"Dry run: nothing uploaded. It would go to {env} on {where}.")
     say(f"The build lies in {folder} (snapshot.tar.gz, and files/ unpacked)")
+    return folder
+
+
+def _dry_run_image(project: Project, files: Path, env: str, push: str | None) -> None:
+    """Show the image's build context: its Dockerfile and what each part holds."""
+    from ember.daemon.builds.base_image import base_tag
+    from ember.daemon.builds.images import image_tag, project_name, version_context
+
+    tag = image_tag(project_name(files), "<version>", env)
+    context = version_context(files, None, tag)
+    (files.parent / "Dockerfile").write_text(context.dockerfile)
+    say(f"The image {tag} would be built FROM {base_tag()} (imported from this Python):")
+    for line in context.dockerfile.splitlines():
+        typer.echo(f"  │ {line}")
+    parts: dict[str, list[int]] = {}
+    for arcname, path in context.files:
+        counts = parts.setdefault(arcname.split("/", 1)[0], [0, 0])
+        counts[0] += 1
+        counts[1] += path.stat().st_size
+    described = {"code": "the version's code", "site": "Ember and its dependencies"}
+    for part, (n, size) in parts.items():
+        what = described.get(part, "")
+        typer.echo(f"  {part + '/':8} {n:6} files {size_text(size):>10}  {what}")
+    if any(m.name == "requirements.txt" for m in files.iterdir()):
+        typer.echo("  venv/    the version's virtual environment, once the daemon installs it")
+    if push is not None:
+        typer.echo(f"  then pushed to {push}/{tag.split(':')[0]}")
+    say(f"Its Dockerfile is {files.parent / 'Dockerfile'}")
 
 
 async def _follow(client: Client, info: VersionInfo) -> VersionInfo:
@@ -106,7 +134,9 @@ async def _follow(client: Client, info: VersionInfo) -> VersionInfo:
         await asyncio.sleep(_POLL_S)
 
 
-async def _send_bundle(client: Client, project: Project, skip_promotion: bool) -> VersionInfo:
+async def _send_bundle(
+    client: Client, project: Project, skip_promotion: bool, image_params: dict[str, str]
+) -> VersionInfo:
     """Send the blobs the remote lacks (resuming a cut-off deploy), with a progress bar."""
     from ember.sync._bundle import plan_bundle, send_bundle
 
@@ -117,7 +147,9 @@ async def _send_bundle(client: Client, project: Project, skip_promotion: bool) -
         f"{client.settings.where} ({size_text(held)} already there)"
     )
     with typer.progressbar(length=max(plan.to_send_bytes, 1), label="  uploading") as bar:
-        info = await send_bundle(client, plan, promote=not skip_promotion, progress=bar.update)
+        info = await send_bundle(
+            client, plan, promote=not skip_promotion, progress=bar.update, image_params=image_params
+        )
         bar.update(max(plan.to_send_bytes, 1) - bar.pos)
     return info
 
@@ -137,6 +169,18 @@ def deploy(
         "."
     ),
     profile: ProfileOption = None,
+    image: Annotated[
+        bool | None,
+        typer.Option(
+            "--image/--no-image",
+            help="Also build the version's Docker image ember/<project>:<version> "
+            "(default: [tool.ember] image).",
+        ),
+    ] = None,
+    push: Annotated[
+        str | None,
+        typer.Option("--push", metavar="REGISTRY", help="Push the image to this registry."),
+    ] = None,
 ) -> None:
     """Build a version of the project, upload it, and make it current."""
     try:
@@ -153,17 +197,26 @@ def deploy(
     except EmberError as exc:
         fail(str(exc))
     say(f"Snapshot ready: {count} files, {size_text(len(archive))}")
+    with_image = push is not None or (
+        image if image is not None else bool(project.settings.get("image"))
+    )
     if dry_run:
-        _dry_run(project, archive, name, client.settings.where)
+        folder = _dry_run(project, archive, name, client.settings.where)
+        if with_image:
+            _dry_run_image(project, folder / "files", name, push)
         return
 
     async def go() -> VersionInfo:
         started = time.monotonic()
+        image_params = {"image": "true"} if with_image else {}
+        if push is not None:
+            image_params["push"] = push
         if profile is not None:
-            info = await _send_bundle(client, project, skip_promotion)
+            info = await _send_bundle(client, project, skip_promotion, image_params)
         else:
             say(f"Uploading {size_text(len(archive))} to {client.settings.where} ({name})…")
             params = {"promote": "false" if skip_promotion else "true", "wait": "false"}
+            params.update(image_params)
             call = Call(
                 "POST", "/api/v1/versions", VersionInfo, body=archive, params=params, timeout_s=600
             )

@@ -41,6 +41,9 @@ _DAEMON_KEYS = {
     "criu_path": str,
     "criu_restore_timeout_s": float,
     "max_restored_ahead": int,
+    "machine_limits": str,
+    "docker_url": str,
+    "docker_network": str,
     "max_header_bytes": int,
     "max_archive_bytes": int,
     "max_unpacked_bytes": int,
@@ -72,8 +75,13 @@ _AT_LEAST_ONE = (
     "max_connections_per_client",
     "max_tcp_connections",
 )
-_PROJECT_KEYS = {"dirs", "project", "requirements", "sync"}
-_CHOICES = {"durability": ("normal", "fsync"), "checkpoint": ("auto", "criu", "park", "replay")}
+_PROJECT_KEYS = {"dirs", "project", "requirements", "sync", "runtime", "image"}
+_RUNTIMES = ("process", "docker")
+_CHOICES = {
+    "durability": ("normal", "fsync"),
+    "checkpoint": ("auto", "criu", "park", "replay"),
+    "machine_limits": ("auto", "cgroup", "rlimit", "off"),
+}
 
 
 def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
@@ -86,6 +94,7 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
     forwarded: dict[str, str] = {}
     if project is not None:
         forwarded = _sync_table(project.settings.get("sync", {}))
+        values["docker_environments"] = _docker_environments(project.settings.get("runtime"))
         for key, raw in project.settings.items():
             if key in _PROJECT_KEYS:
                 continue
@@ -137,6 +146,21 @@ def daemon_config(project: Project | None, **flags: Any) -> DaemonConfig:
             raise ConfigError(f"{key} must be more than 0 and less than a day (seconds)")
     fields = {f.name for f in dataclasses.fields(DaemonConfig)}
     return DaemonConfig(**{k: v for k, v in values.items() if k in fields})
+
+
+def _docker_environments(runtime: Any) -> tuple[str, ...]:
+    """``runtime = "docker"`` (every environment) or ``[tool.ember.runtime] prod = "docker"``."""
+    if runtime is None:
+        return ()
+    table = {"*": runtime} if isinstance(runtime, str) else runtime
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and v in _RUNTIMES for k, v in table.items()
+    ):
+        raise ConfigError(
+            '[tool.ember] runtime is "process" or "docker", or a table of environments, e.g. '
+            '[tool.ember.runtime] prod = "docker"'
+        )
+    return tuple(env for env, kind in table.items() if kind == "docker")
 
 
 def _sync_table(table: Any) -> dict[str, str]:

@@ -10,6 +10,7 @@ from ember._config import SystemdEnv, default_socket_path, default_state_dir, lo
 from ember.daemon.store.db import Durability
 
 CheckpointStrategy = Literal["auto", "criu", "park", "replay"]
+MachineLimitsMode = Literal["auto", "cgroup", "rlimit", "off"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,13 @@ class DaemonConfig:
             it was restoring, and the run re-executes from its journal.
         max_restored_ahead: processes restored ahead of their deadline (parked until it
             comes) alive at once; each holds its own memory again (~16 MB for the bench's).
+        machine_limits: how run processes are held to their machine presets: ``auto`` (a
+            cgroup per process where cgroups are writable, else rlimits), ``cgroup`` (refuse
+            to start without), ``rlimit`` (memory only) or ``off``.
+        docker_environments: environments whose zygotes run in containers of their
+            versions' images (``runtime = "docker"``; ``*`` for every environment).
+        docker_url: the Docker daemon (``unix:///...``); DOCKER_HOST's when None.
+        docker_network: the containers' network (``none``: no network).
         max_header_bytes: largest request head (request line and headers) accepted (431).
         max_archive_bytes: largest version archive accepted, compressed (413).
         max_unpacked_bytes: largest total size of a version archive's files once unpacked.
@@ -121,6 +129,10 @@ class DaemonConfig:
     criu_path: str | None = None
     criu_restore_timeout_s: float = 60.0
     max_restored_ahead: int = 100
+    machine_limits: MachineLimitsMode = "auto"
+    docker_environments: tuple[str, ...] = ()
+    docker_url: str | None = None
+    docker_network: str = "none"
     max_header_bytes: int = 64 * 1024
     max_archive_bytes: int = 256 * 1024 * 1024
     max_unpacked_bytes: int = 256 * 1024 * 1024

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import subprocess
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from ember._machines import DEFAULT_MACHINE
 from ember._types import RetryOptions, RunStatus
 from ember.daemon.procs.protocol import Fork, Indexed, Message, encode
 
 VersionKey = tuple[str, str]
+# (environment, version, machine preset): run processes are shared only within one.
+PoolKey = tuple[str, str, str]
 
 
 class Hold(enum.StrEnum):
@@ -101,6 +103,8 @@ class ActiveRun:
     # How a WAITING run is held; None while executing.
     hold: Hold | None = None
     executing_s: float = 0.0
+    # The machine preset: named at trigger or by the task, else resolved when it is placed.
+    machine: str | None = None
     # Engine bookkeeping, never stored.
     wait: WaitRecord | None = None
     parked: Worker | None = None
@@ -174,6 +178,19 @@ class Worker:
     fault: str | None = None
     # The run canceled in this process: its on_cancel hooks may still log, until it exits.
     canceled: ActiveRun | None = None
+    # Its machine preset (its cgroup's limits); it runs only runs of that preset.
+    machine: str = DEFAULT_MACHINE
+    # Set when it is gone: the kernel killed it for memory, and its cgroup's CPU seconds and
+    # peak memory over its life (for an attempt that ended with it, which reported neither).
+    oom_killed: bool = False
+    usage: tuple[float | None, int | None] = (None, None)
+    # Forked in a container (runtime = "docker"): waits park or replay, never CRIU.
+    contained: bool = False
+
+    @property
+    def pool(self) -> PoolKey:
+        """The processes it may stand in for: its version's, of its preset."""
+        return (*self.key, self.machine)
 
     def send(self, message: Message) -> None:
         """Write a frame to the process; held until it reconnects if it is checkpointing."""
@@ -183,13 +200,34 @@ class Worker:
             self.outbox.append(message)
 
 
+class ZygoteProcess(Protocol):
+    """A zygote's process: a ``subprocess.Popen``, or its container (docker runtime)."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its host PID (None: a container not started yet)."""
+        ...
+
+    def poll(self) -> int | None:
+        """None while it runs, else its exit status."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for its end (``subprocess.TimeoutExpired`` past ``timeout``)."""
+        ...
+
+    def kill(self) -> None:
+        """End it at once."""
+        ...
+
+
 @dataclass(slots=True, eq=False)
 class Zygote:
     """A version's warm parent process."""
 
     key: VersionKey
     code_dir: str
-    process: subprocess.Popen[bytes]
+    process: ZygoteProcess
     indexed: asyncio.Future[Indexed]
     transport: asyncio.Transport | None = None
     connecting: asyncio.Task[None] | None = None

@@ -36,6 +36,16 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -f /e
   "${install[@]}" >/dev/null 2>&1 || { apt-get update -qq >/dev/null && "${install[@]}" >/dev/null; }
 fi
 
+# Docker for the image and container-runtime tests: Debian's docker.io (dockerd, containerd,
+# runc). The tests start their own dockerd with its data in a temporary folder; where it cannot
+# start, they skip with the reason.
+if ! command -v dockerd >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then
+  echo "○ installing docker.io (for the image and container-runtime tests)"
+  install=(apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends docker.io)
+  "${install[@]}" >/dev/null 2>&1 || { apt-get update -qq >/dev/null && "${install[@]}" >/dev/null; } \
+    || echo "  docker.io could not be installed: the Docker tests will skip" >&2
+fi
+
 # Reinstall when the dependencies or the set of modules change: the strict editable install
 # (which mypy and IDEs need to resolve ember.*) links files, so new modules need a reinstall.
 STAMP="$VENV/.ember-install-stamp"

@@ -34,6 +34,7 @@ from ember._config import pinned_version
 from ember._duration import check_rate_limit, parse_duration_s
 from ember._errors import ConfigError, PayloadValidationError, RunFailedError
 from ember._hooks import Hook, Hooks, task_hooks
+from ember._machines import machine_problem
 from ember._runtime import Context, current_runtime
 from ember._tracing import span, traceparent
 
@@ -126,7 +127,8 @@ class TriggerKwargs(TypedDict, total=False):
         max_attempts: overrides the task's retry policy for this run.
         max_duration_s: wall-clock limit of one attempt.
         version: the version to run on (``YYYYMMDD.N``); the current one when omitted.
-        machine: a resource preset name, recorded with the run.
+        machine: the run's machine preset (``micro`` ... ``large-2x``; ``small-1x`` when
+            omitted): its CPU and memory limits.
         debounce: collapse triggers with the same key into one delayed run
             (:class:`~ember.Debounce`, or a dict of its fields).
     """
@@ -343,6 +345,8 @@ class Task(Generic[T, P, R]):
             raise ConfigError(f"task {id!r}: queue concurrency_limit must be at least 1")
         if queue is not None and queue.rate_limit is not None:
             check_rate_limit(queue.rate_limit, f"task {id!r}: queue rate_limit")
+        if machine is not None and (problem := machine_problem(machine)) is not None:
+            raise ConfigError(f"task {id!r}: machine {problem}")
         self.fn = fn
         self.id = id
         self.retry = retry
@@ -631,7 +635,8 @@ def task(
         queue: a shared :class:`Queue`; each task has its own unlimited queue otherwise.
         max_duration_s: wall-clock limit of one attempt; the run ends TIMED_OUT past it.
         ttl: a run not started within this duration ends EXPIRED.
-        machine: a resource preset name, recorded with the run.
+        machine: the run's machine preset (``micro`` ... ``large-2x``; ``small-1x`` when
+            omitted): its CPU and memory limits.
         description: shown in listings; the docstring's first line when omitted.
         schema: the payload's type when the function's argument is not annotated (a
             msgspec Struct, a dataclass, a TypedDict, a pydantic model...); the daemon

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from ember._machines import machine_problem
+
 
 def _null() -> msgspec.Raw:
     return msgspec.Raw(b"null")
@@ -81,6 +83,16 @@ class RetryOptions(Struct, frozen=True):
     min_timeout_s: float = 1.0
     max_timeout_s: float = 60.0
     randomize: bool = True
+    out_of_memory_machine: str | None = None
+    """The machine preset of the attempt after one killed for memory (Trigger.dev's
+    ``retry.outOfMemory.machine``); the run keeps that preset for its later attempts."""
+
+    def __post_init__(self) -> None:
+        """Refuse a preset name that does not exist (with the valid ones)."""
+        if self.out_of_memory_machine is not None:
+            problem = machine_problem(self.out_of_memory_machine)
+            if problem is not None:
+                raise ValueError(f"out_of_memory_machine: {problem}")
 
     def delay_s(self, failed_attempts: int) -> float:
         """Seconds before the attempt that follows ``failed_attempts`` failures."""
@@ -357,6 +369,9 @@ class Run(Struct, frozen=True):
     root_run_id: str | None = None
     batch_id: str | None = None
     replayed_from: str | None = None
+    machine: str | None = None
+    """The machine preset its next (or last) attempt runs on; None until it first starts
+    when neither the trigger nor the task names one (then ``small-1x``)."""
     attempts: list[Attempt] = []
     snapshots: list[ExecutionSnapshot] = []
     # Why a QUEUED run has not started: its queue is paused, full, or rate limited.

@@ -8,7 +8,7 @@ half-way sends, the next time, only what did not arrive.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -61,6 +61,7 @@ async def send_bundle(
     *,
     promote: bool,
     progress: Callable[[int], None] | None = None,
+    image_params: Mapping[str, str] | None = None,
 ) -> VersionInfo:
     """Send the missing bytes, then have the remote build the version (answers BUILDING).
 
@@ -69,6 +70,7 @@ async def send_bundle(
         plan: from :func:`plan_bundle`.
         promote: make the version current once it builds.
         progress: called with the bytes of each chunk sent.
+        image_params: ``image`` / ``push`` for the remote to build (and push) its image.
 
     Raises:
         DaemonUnavailable: the connection broke (deploy again: it resumes).
@@ -94,7 +96,7 @@ async def send_bundle(
             if answer.complete:
                 break
     body = msgspec.json.encode(plan.request)
-    params = {"promote": "true" if promote else "false"}
+    params = {"promote": "true" if promote else "false", **(image_params or {})}
     return await client.request(
         Call("POST", "/api/v1/bundles/deploy", VersionInfo, body=body, params=params, timeout_s=600)
     )

@@ -239,9 +239,12 @@ async def test_a_restore_that_times_out_kills_what_it_restored(state_dir: Path) 
         assert done.status is RunStatus.COMPLETED
         assert any("took longer than 0.05 s" in s.description for s in done.snapshots)
         assert done.output_as()["secret"] != await logged_secret(runs, handle.id), "it replayed"
-        # Nothing of the cut-off restore lives on: no namespace of a restore, no zombie.
+        # Nothing of the cut-off restore lives on: no namespace of a restore, no zombie, no
+        # cgroup yard criu had mounted under the images when it was killed.
         assert _namespace_children(exclude=set()) == []
         assert namespace_zombies() == []
+        mounts = Path("/proc/self/mountinfo").read_text()  # noqa: ASYNC240 - procfs, instant
+        assert str(state_dir) not in mounts
 
 
 def test_a_planted_cache_cannot_choose_the_binary(

@@ -14,6 +14,7 @@ import re
 import secrets
 import sqlite3
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -32,6 +33,7 @@ from ember.daemon.store import keys as keys_store
 
 if TYPE_CHECKING:
     from ember.daemon.api.host import ApiDaemon
+    from ember.daemon.store.db import Database
 
 _json = msgspec.json.Encoder()
 log = logging.getLogger("ember.daemon")
@@ -198,3 +200,16 @@ async def _authorize(daemon: ApiDaemon, request: Request) -> str:
     if named is not None and named != env:
         raise Unauthorized(403, f"this API key belongs to environment {env}, not {named}")
     return env
+
+
+async def ensure_api_key(db: Database, clock: Callable[[], float], state_dir: Path) -> None:
+    """Over TCP a key is required: make one for ``dev`` if none exists yet (in ``dev.key``)."""
+    if await db.read(keys_store.has_keys):
+        return
+    key = "em_" + secrets.token_urlsafe(32)
+    now = clock()
+    await db.write(lambda conn: keys_store.insert_key(conn, hash_key(key), "dev", "first", now))
+    key_file = state_dir / "dev.key"
+    key_file.touch(mode=0o600)
+    key_file.write_text(key + "\n")
+    log.warning("created an API key for environment dev in %s", key_file)

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from ember._bundle_types import BlobProgress, BundleRequest, MissingBlob, MissingBlobs
 from ember._errors import BadRequest, Conflict
 from ember._types import VersionInfo
-from ember.daemon.api.routing import RouteSpec
+from ember.daemon.api.routing import RouteSpec, image_options
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.routing import read_json as _decode
 
@@ -153,7 +153,10 @@ async def deploy(daemon: Daemon, request: Request, env: str) -> VersionInfo:
     req = await _bundle(request)
     archive = await asyncio.to_thread(_store(daemon).archive, req)
     promote = request.query_params.get("promote", "true") != "false"
-    return await daemon.register_version(env, archive, promote=promote, wait=False)
+    image, push = image_options(request)
+    return await daemon.register_version(
+        env, archive, promote=promote, wait=False, image=image, push=push
+    )
 
 
 BUNDLE_ROUTES = (

@@ -79,9 +79,16 @@ class ApiDaemon(Protocol):
         ...
 
     async def register_version(
-        self, env: str, archive: bytes, *, promote: bool, wait: bool = True
+        self,
+        env: str,
+        archive: bytes,
+        *,
+        promote: bool,
+        wait: bool = True,
+        image: bool = False,
+        push: str | None = None,
     ) -> VersionInfo:
-        """Build a version from a project archive."""
+        """Build a version from a project archive (and its Docker image with ``image``)."""
         ...
 
     async def promote(self, env: str, version_id: str) -> VersionInfo:

@@ -57,7 +57,7 @@ from ember.daemon.api.bundles import BUNDLE_ROUTES
 from ember.daemon.api.callbacks import CALLBACK_ROUTES
 from ember.daemon.api.metadata import METADATA_ROUTES
 from ember.daemon.api.realtime import REALTIME_ROUTES
-from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, over_tcp
+from ember.daemon.api.routing import PAGE_LIMIT, RouteSpec, image_options, over_tcp
 from ember.daemon.api.routing import read_body as _body
 from ember.daemon.api.streams import STREAM_ROUTES
 from ember.daemon.api.sync import SYNC_ROUTES
@@ -115,7 +115,10 @@ async def register_version(daemon: ApiDaemon, request: Request, env: str) -> Ver
     archive = await _body(request, daemon.config.max_archive_bytes, "max_archive_bytes")
     promote = request.query_params.get("promote", "true") != "false"
     wait = request.query_params.get("wait", "true") != "false"
-    return await daemon.register_version(env, archive, promote=promote, wait=wait)
+    image, push = image_options(request)
+    return await daemon.register_version(
+        env, archive, promote=promote, wait=wait, image=image, push=push
+    )
 
 
 async def list_versions(daemon: ApiDaemon, request: Request, env: str) -> VersionList:

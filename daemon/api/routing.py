@@ -148,3 +148,9 @@ async def check_run_env(daemon: ApiDaemon, request: Request, env: str, run_id: s
     summary = await daemon.db.read(lambda conn: store.get_summary(conn, run_id))
     if summary is None or summary.env != env:
         raise NotFound(404, f"run {run_id} does not exist")
+
+
+def image_options(request: Request) -> tuple[bool, str | None]:
+    """A deploy's ``?image=true`` (build its Docker image) and ``?push=REGISTRY``."""
+    push = request.query_params.get("push") or None
+    return request.query_params.get("image", "false") == "true" or push is not None, push

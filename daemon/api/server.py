@@ -11,7 +11,6 @@ import contextlib
 import gc
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -25,12 +24,13 @@ import uvicorn
 from ember._admin_types import CreatedKey
 from ember._errors import ConfigError
 from ember._types import VersionInfo
-from ember.daemon.api.app import build_app, hash_key
+from ember.daemon.api.app import build_app, ensure_api_key, hash_key
 from ember.daemon.api.limits import ConnectionGate, fit_tcp_cap, guarded_protocol, raise_fd_limit
 from ember.daemon.api.sockets import answers, listen_unix, start_server, tcp_socket
 from ember.daemon.api.sync import SyncService
 from ember.daemon.api.tls import check_tls
 from ember.daemon.builds.builder import Builder
+from ember.daemon.builds.images import VersionImages
 from ember.daemon.builds.venvs import python_for
 from ember.daemon.config import DaemonConfig
 from ember.daemon.engine.core import Engine
@@ -146,13 +146,15 @@ class Daemon:
         supervisor = Supervisor(self.config, engine, self.config.api_socket)
         engine.supervisor = supervisor
         supervisor.interpreter = partial(python_for, state)
+        images = VersionImages(self.config)
+        supervisor.docker = images.runtime()
         supervisor.child_umask = self._user_umask
         engine.disk_guard = DiskGuard(state, self.config.min_free_bytes)
         return _Parts(
             engine=engine,
             supervisor=supervisor,
             env_vars=EnvVars(db, self.clock, supervisor.refresh_env),
-            builder=Builder(state, engine, supervisor, self.clock, self._on_current),
+            builder=Builder(state, engine, supervisor, self.clock, self._on_current, images),
             scheduler=Scheduler(db, engine, self.clock),
         )
 
@@ -267,7 +269,7 @@ class Daemon:
             # uvicorn applies one TLS setting to all its sockets: with TLS the TCP socket
             # gets a server of its own, and the Unix socket stays plain.
             (self._tls_sockets if tls else self._sockets).append(tcp)
-            await self._ensure_api_key()
+            await ensure_api_key(self.db, self.clock, self.config.state_dir)
         # More descriptors than the usual 1,024, and a TCP cap under them: a TCP flood is
         # refused with a 503 while the Unix socket keeps its room.
         fd_limit = raise_fd_limit()
@@ -297,20 +299,6 @@ class Daemon:
                 f"a daemon already listens on {path}: stop it, or set EMBER_SOCKET elsewhere"
             )
         return listen_unix(path, self.config)
-
-    async def _ensure_api_key(self) -> None:
-        """Over TCP a key is required: make one for ``dev`` if none exists yet."""
-        if await self.db.read(keys_store.has_keys):
-            return
-        key = "em_" + secrets.token_urlsafe(32)
-        now = self.clock()
-        await self.db.write(
-            lambda conn: keys_store.insert_key(conn, hash_key(key), "dev", "first", now)
-        )
-        key_file = self.config.state_dir / "dev.key"
-        key_file.touch(mode=0o600)
-        key_file.write_text(key + "\n")
-        log.warning("created an API key for environment dev in %s", key_file)
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to drain and stop; asked again, to stop at once (signal-safe)."""
@@ -370,13 +358,22 @@ class Daemon:
     # -- versions, environments -------------------------------------------------------
 
     async def register_version(
-        self, env: str, archive: bytes, *, promote: bool, wait: bool = True
+        self,
+        env: str,
+        archive: bytes,
+        *,
+        promote: bool,
+        wait: bool = True,
+        image: bool = False,
+        push: str | None = None,
     ) -> VersionInfo:
         """Build a version from a project archive (see :mod:`ember.daemon.builds.builder`).
 
         Identical content to the current version registers nothing and returns it.
         """
-        return await self.builder.register(check_env_name(env), archive, promote=promote, wait=wait)
+        return await self.builder.register(
+            check_env_name(env), archive, promote=promote, wait=wait, image=image, push=push
+        )
 
     async def promote(self, env: str, version_id: str) -> VersionInfo:
         """Make a READY version the current one of its environment."""

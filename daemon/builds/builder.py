@@ -31,6 +31,7 @@ import msgspec
 from ember._admin_types import BuildProgress
 from ember._errors import Conflict, NotFound
 from ember._types import VersionInfo
+from ember.daemon.builds.images import ImageError, VersionImages, push_image
 from ember.daemon.builds.venvs import VenvFailed, ensure_venv
 from ember.daemon.builds.versions import ArchiveLimits, unpack
 from ember.daemon.store import runs as store
@@ -66,6 +67,7 @@ class Builder:
         supervisor: indexes a version's tasks in its zygote.
         clock: wall-clock seconds, which date the version ids.
         on_current: awaited when a version becomes current in an environment.
+        images: builds versions' Docker images (``ember deploy --image``, docker runtimes).
     """
 
     def __init__(
@@ -75,7 +77,9 @@ class Builder:
         supervisor: Supervisor,
         clock: Callable[[], float],
         on_current: Callable[[str], Awaitable[None]],
+        images: VersionImages | None = None,
     ) -> None:
+        self._images = images
         self._state_dir = state_dir
         self._engine = engine
         self._supervisor = supervisor
@@ -88,7 +92,14 @@ class Builder:
         self._tasks: set[asyncio.Task[VersionInfo]] = set()
 
     async def register(
-        self, env: str, archive: bytes, *, promote: bool, wait: bool = True
+        self,
+        env: str,
+        archive: bytes,
+        *,
+        promote: bool,
+        wait: bool = True,
+        image: bool = False,
+        push: str | None = None,
     ) -> VersionInfo:
         """Build a version from a project archive.
 
@@ -97,6 +108,8 @@ class Builder:
             archive: a gzipped tar of the project.
             promote: make it current once READY.
             wait: return the finished version; else return it ``BUILDING`` once it has an id.
+            image: build the version's Docker image (always, for a docker environment).
+            push: push that image to this registry.
 
         Raises:
             BadRequest: the archive is malformed or unsafe.
@@ -108,7 +121,7 @@ class Builder:
         digest, code_dir = await asyncio.to_thread(unpack, archive, code_root, limits)
         started: asyncio.Future[VersionInfo] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(
-            self._build(env, digest, code_dir, promote, started)
+            self._build(env, digest, code_dir, promote, started, (image, push))
         )
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -131,6 +144,7 @@ class Builder:
         code_dir: Path,
         promote: bool,
         started: asyncio.Future[VersionInfo],
+        image: tuple[bool, str | None] = (False, None),
     ) -> VersionInfo:
         async with self._locks.setdefault(env, asyncio.Lock()):
             existing = await self._existing(env, digest, promote)
@@ -149,7 +163,7 @@ class Builder:
             build = self._builds[(env, info.id)] = _Build(info)
             started.set_result(info)
             try:
-                return await self._finish(build, code_dir, promote)
+                return await self._finish(build, code_dir, promote, image)
             finally:
                 del self._builds[(env, info.id)]
                 self._logs[(env, info.id)] = build.lines
@@ -168,7 +182,9 @@ class Builder:
             return await self.promote(env, newest.id)
         return newest
 
-    async def _finish(self, build: _Build, code_dir: Path, promote: bool) -> VersionInfo:
+    async def _finish(
+        self, build: _Build, code_dir: Path, promote: bool, image: tuple[bool, str | None]
+    ) -> VersionInfo:
         info = build.info
         build.say(f"Building version {info.id} of {info.env} ({info.content_hash[:12]})")
         error: str | None = None
@@ -179,6 +195,8 @@ class Builder:
             error = str(exc)
         except OSError as exc:  # e.g. the disk is full: the version fails, the daemon goes on
             error = f"preparing the version's virtual environment failed: {exc}"
+        if error is None and self._wants_image(info.env, image[0]):
+            error = await self._build_image(build, code_dir, image[1])
         if error is None:
             build.say("Indexing tasks…")
             indexed = await self._supervisor.index(info.env, info.id, str(code_dir))
@@ -196,6 +214,24 @@ class Builder:
             await self._on_current(info.env)
             build.say(f"Version {info.id} is now current in {info.env}")
         return recorded
+
+    def _wants_image(self, env: str, asked: bool) -> bool:
+        runtime = self._supervisor.docker
+        return self._images is not None and (asked or (runtime is not None and runtime.runs(env)))
+
+    async def _build_image(self, build: _Build, code_dir: Path, push: str | None) -> str | None:
+        """Build (and push) the version's image; the error that fails the version, or None."""
+        assert self._images is not None
+        images, info = self._images, build.info
+        try:
+            tag = await asyncio.to_thread(
+                images.ensure, info.env, info.id, str(code_dir), build.say
+            )
+            if push is not None:
+                await asyncio.to_thread(push_image, images.client(), tag, push, build.say)
+        except ImageError as exc:
+            return str(exc)
+        return None
 
     async def promote(self, env: str, version_id: str) -> VersionInfo:
         """Make a READY version current in its environment.
@@ -247,3 +283,5 @@ class Builder:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        if self._images is not None:
+            self._images.close()

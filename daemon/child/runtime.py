@@ -18,6 +18,7 @@ import msgspec
 
 from ember._errors import EmberError, NonDeterminismError
 from ember._hooks import WaitInfo, WaitKind
+from ember._machines import OOM_KILLED
 from ember._metadata import flush_run
 from ember._runtime import Context, current_runtime
 from ember._streams import flush_streams
@@ -235,10 +236,16 @@ class RunStream(io.TextIOBase):
 
 
 def error_of(exc: BaseException) -> RunError:
+    message = str(exc)
+    if isinstance(exc, MemoryError) and not message:
+        message = "out of memory: an allocation failed under the machine preset's memory limit"
     return RunError(
         name=type(exc).__name__,
-        message=cut(str(exc), MAX_LOG_LINE_BYTES),
+        message=cut(message, MAX_LOG_LINE_BYTES),
         stack=cut("".join(traceback.format_exception(exc)), MAX_LOG_LINE_BYTES),
+        # Out of memory under a memory rlimit (or any limit Python hits first): the same
+        # outcome as the kernel's OOM kill in a cgroup, so the same retry on a larger machine.
+        code=OOM_KILLED if isinstance(exc, MemoryError) else "TASK_RUN_ERROR",
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from ember._task import Task
 from ember.daemon.child import lifeline as _lifeline
+from ember.daemon.child import limits as _limits
 from ember.daemon.child import tracing
 from ember.daemon.child.discover import discover
 from ember.daemon.child.lifeline import ProcessIdentity
@@ -99,6 +100,7 @@ def _child(
     _lifeline.die_with_parent()
     if os.getppid() != zygote_pid:
         return 1  # the zygote died before the signal was armed
+    _limits.enter(fork)  # its machine preset's cgroup (or rlimit), before any task code
 
     def run() -> int:
         return run_worker(
@@ -122,7 +124,11 @@ def _child(
 def main() -> int:
     """Run the zygote until its channel to the daemon closes."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fd", type=int)
+    # In a container: connect to the daemon's socket for this zygote (no fd crosses into
+    # it), and write output to the version's log file, bind-mounted.
+    parser.add_argument("--connect")
+    parser.add_argument("--log-file")
     parser.add_argument("--code-dir", required=True)
     parser.add_argument("--worker-socket", required=True)
     parser.add_argument("--heartbeat-s", type=float, default=10.0)
@@ -132,7 +138,16 @@ def main() -> int:
     parser.add_argument("--no-tracing", action="store_true")
     parser.add_argument("--instrument", action="append", default=[])
     args = parser.parse_args()
-    channel = socket.socket(fileno=args.fd)
+    if args.log_file:
+        log_fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+    if args.connect:
+        channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel.connect(args.connect)
+    else:
+        channel = socket.socket(fileno=args.fd)
     lock_fd = -1
     if args.lock:
         # Shared by this zygote and every process it forks (they inherit it): a daemon that

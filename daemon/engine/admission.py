@@ -23,6 +23,7 @@ from ember._types import (
     TriggerOptions,
     TriggerResponse,
 )
+from ember.daemon.engine import machines
 from ember.daemon.engine.actions import Actions
 from ember.daemon.engine.batches import Batches
 from ember.daemon.engine.context import EngineContext, EnginePart
@@ -331,6 +332,7 @@ class Admission(EnginePart):
             elif ttl_s:
                 run.expires_at = (run.delay_until or now) + ttl_s
         machine = options.machine or (task.machine if task else None)
+        run.machine = machine
         idem_expires = now + idem_ttl_s if options.idempotency_key else None
         return run, ttl_s, idem_expires, machine
 
@@ -376,6 +378,7 @@ class Admission(EnginePart):
             and len(_json.encode(options.metadata)) > MAX_METADATA_BYTES
         ):
             raise BadRequest(400, f"{where}options.metadata: over {MAX_METADATA_BYTES} bytes")
+        machines.check_option(options.machine, where)
 
 
 def _responses(

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from ember._types import LogEvent, LogLine, RunError, RunStatus
+from ember.daemon.engine import machines
 from ember.daemon.engine.admission import TRIGGER_REQUEST_TTL_S
 from ember.daemon.engine.context import EngineContext, EnginePart
 from ember.daemon.engine.dispatch import Dispatch
@@ -188,6 +189,8 @@ class Attempts(EnginePart):
             # An attempt that raised starts a new journal: its retry waits afresh.
             run.generation += 1
         generation = run.generation
+        larger = machines.after_failure(run, error)
+        on = f" on {larger}, out of memory" if larger else ""
 
         def write(conn: sqlite3.Connection) -> None:
             store.finish_attempt(
@@ -200,10 +203,11 @@ class Attempts(EnginePart):
                 now,
                 Snapshot.QUEUED,
                 attempt=number,
-                description=f"retrying in {delay:.1f}s",
+                description=f"retrying in {delay:.1f}s{on}",
                 ready_at=run.ready_at,
                 generation=generation,
                 hold=None,
+                machine=run.machine,
             )
 
         def requeue(_: asyncio.Future[None]) -> None:
@@ -240,12 +244,10 @@ class Attempts(EnginePart):
             )
             return
         code = "TASK_RUN_STALLED_EXECUTING" if worker.stalled else "TASK_PROCESS_EXITED"
-        self._attempt_failed(
-            run,
-            RunError(name="TaskRunCrashed", message=f"the run process {reason}", code=code),
-            RunStatus.CRASHED,
-            retryable=True,
-        )
+        error = RunError(name="TaskRunCrashed", message=f"the run process {reason}", code=code)
+        if worker.oom_killed:
+            error = machines.oom_error(worker, reason)
+        self._attempt_failed(run, error, RunStatus.CRASHED, True, *worker.usage)
 
     def on_spawn_failed(self, env: str, version: str, reason: str) -> None:
         """The version's zygote could not start: runs waiting for it fail as system failures."""

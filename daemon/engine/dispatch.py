@@ -20,6 +20,7 @@ import msgspec
 from ember._errors import EmberError
 from ember._runtime import Context
 from ember._types import RetryOptions, RunError, RunStatus
+from ember.daemon.engine import machines
 from ember.daemon.engine.context import EngineContext, EnginePart
 from ember.daemon.engine.debounce import Debouncer
 from ember.daemon.engine.lifecycle import Lifecycle
@@ -64,7 +65,8 @@ class Dispatch(EnginePart):
         self.debounced = debounced
         # Runs holding a slot (dequeued or executing): at most max_concurrent_runs.
         self.busy = 0
-        self._awaiting: dict[tuple[str, str], deque[ActiveRun]] = {}
+        # Runs holding a slot that wait for a process, per (env, version, machine preset).
+        self._awaiting: dict[tuple[str, str, str], deque[ActiveRun]] = {}
         self._pending_version: dict[str, ActiveRun] = {}
         self._pump_scheduled = False
         self._rate_wake: asyncio.TimerHandle | None = None
@@ -232,13 +234,14 @@ class Dispatch(EnginePart):
     def place(self, run: ActiveRun) -> None:
         """Give a DEQUEUED run (its slot taken) a process of its version: idle, or new."""
         assert run.version is not None
-        worker = self.ctx.supervisor.take_idle(run.env, run.version)
+        record = self.registry.versions[(run.env, run.version)]
+        machine = machines.resolve(run, record.tasks.get(run.task_id))
+        worker = self.ctx.supervisor.take_idle(run.env, run.version, machine)
         if worker is not None:
             self.start(run, worker)
             return
-        record = self.registry.versions[(run.env, run.version)]
-        self._awaiting.setdefault((run.env, run.version), deque()).append(run)
-        self.ctx.supervisor.spawn(run.env, run.version, record.code_dir)
+        self._awaiting.setdefault((run.env, run.version, machine), deque()).append(run)
+        self.ctx.supervisor.spawn(run.env, run.version, record.code_dir, machine)
 
     def _to_pending_version(self, run: ActiveRun) -> None:
         now = self.clock()
@@ -258,7 +261,7 @@ class Dispatch(EnginePart):
 
     def on_worker_ready(self, worker: Worker) -> None:
         """A run process is connected and free: give it the next run waiting for one."""
-        waiting = self._awaiting.get(worker.key)
+        waiting = self._awaiting.get(worker.pool)
         while waiting:
             run = waiting.popleft()
             if run.status is RunStatus.DEQUEUED:
@@ -267,8 +270,8 @@ class Dispatch(EnginePart):
         self.ctx.supervisor.make_idle(worker)
         self.rebalance()
 
-    def awaiting_count(self, key: tuple[str, str]) -> int:
-        """Runs of a version that hold a slot and wait for a run process."""
+    def awaiting_count(self, key: tuple[str, str, str]) -> int:
+        """Runs of a version and preset that hold a slot and wait for a run process."""
         waiting = self._awaiting.get(key)
         if not waiting:
             return 0
@@ -278,14 +281,17 @@ class Dispatch(EnginePart):
 
     def take_awaiting(self, env: str, version: str) -> deque[ActiveRun]:
         """Take the runs waiting for a process of a version (its zygote could not start)."""
-        return self._awaiting.pop((env, version), deque())
+        waiting: deque[ActiveRun] = deque()
+        for key in [k for k in self._awaiting if k[:2] == (env, version)]:
+            waiting += self._awaiting.pop(key)
+        return waiting
 
     def rebalance(self) -> None:
         """Runs of some version wait for a process: start what the cap allows."""
-        for (env, version), waiting in list(self._awaiting.items()):
+        for (env, version, machine), waiting in list(self._awaiting.items()):
             if waiting:
                 code_dir = self.registry.versions[(env, version)].code_dir
-                self.ctx.supervisor.spawn(env, version, code_dir)
+                self.ctx.supervisor.spawn(env, version, code_dir, machine)
 
     def start(self, run: ActiveRun, worker: Worker, journal: bytes | None = None) -> None:
         if self.ctx.draining:

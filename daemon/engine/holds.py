@@ -100,12 +100,16 @@ class Holds(EnginePart):
         self.dispatch.release_slot(run)
         run.status = RunStatus.WAITING
         parked = self.ctx.supervisor.parked_count()
-        if self.ctx.strategy == "criu" and self.ctx.checkpointer is not None:
+        # (a process in a container parks: CRIU cannot dump it apart from its zygote's mounts)
+        criu = self.ctx.strategy == "criu" and not worker.contained
+        if criu and self.ctx.checkpointer is not None:
             run.hold = Hold.CHECKPOINT
             worker.parked = run
             run.parked = worker
             self.ctx.spawn(self.ctx.checkpointer.checkpoint(run, worker))
-        elif self.ctx.strategy == "park" and parked < self.config.max_parked_processes:
+        elif (self.ctx.strategy == "park" or worker.contained) and (
+            parked < self.config.max_parked_processes
+        ):
             run.hold = Hold.PARKED
             worker.parked = run
             run.parked = worker

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from ember.daemon.procs.supervisor import Supervisor
     from ember.daemon.store.db import Database
 
+# umount2's flag: detach now, finish when the mount is no longer busy.
+_MNT_DETACH = 2
 log = logging.getLogger("ember.daemon")
 
 DUMP_TIMEOUT_S = 60.0
@@ -489,6 +492,7 @@ class Checkpointer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+            unmount_yards(images)
             return f"criu {args[0]} took longer than {timeout_s:g} s", timeout_s * 1000
         elapsed_ms = (time.perf_counter() - started) * 1000
         if process.returncode != 0:
@@ -774,6 +778,7 @@ class Checkpointer:
             return f"its image does not fit this machine: {refused}", False
         _kill_earlier_copy(images)
         worker = Worker(meta["worker_id"], (meta["env"], meta["version"]), meta["token"])
+        worker.machine = run.machine or worker.machine  # restored into its preset's cgroup
         worker.parked = run
         worker.checkpointing = asyncio.get_running_loop().create_future()
         self._supervisor.adopt(worker)
@@ -788,7 +793,10 @@ class Checkpointer:
             run.parked = None
             return f"its pages cannot be read ({exc})", False
         error, restore_ms = await self._run_now(
-            restore_args(images), images, "restore.log", self._restore_timeout_s
+            restore_args(images) + self._supervisor.criu_cgroup_args(worker),
+            images,
+            "restore.log",
+            self._restore_timeout_s,
         )
         for file in unpacked:  # (criu has read them; the delta stays until the run reports)
             file.unlink(missing_ok=True)
@@ -976,3 +984,25 @@ def _namespace_children(exclude: set[int]) -> list[int]:
                 if len(levels) >= 2 and levels[-1] == "1":
                     found.append(pid)
     return found
+
+
+def unmount_yards(images: Path) -> None:
+    """Unmount the cgroup yards a criu killed half-way left under ``images``.
+
+    With ``--cgroup-root`` criu mounts the cgroup hierarchies under the images folder while it
+    restores and unmounts them as it ends; killed, it cannot, and the mounts would stay in the
+    host's mount namespace for good (one set per cut-off restore).
+    """
+    prefix = str(images) + "/.criu.cgyard."
+    try:
+        with open("/proc/self/mountinfo") as mountinfo:
+            points = [line.split()[4] for line in mountinfo]
+    except OSError:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    # The controllers inside a yard first, then the yard.
+    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+        libc.umount2(point.encode(), _MNT_DETACH)
+    for yard in images.glob(".criu.cgyard.*"):
+        with contextlib.suppress(OSError):
+            yard.rmdir()

@@ -46,6 +46,11 @@ class Fork(Message, frozen=True, tag="fork"):
 
     worker_id: int
     token: str
+    # The cgroup.procs files the child writes its PID to before it runs anything (its
+    # machine preset's cgroup), and else the memory it may add to what it inherits
+    # (RLIMIT_DATA; 0: none). See procs/cgroups.py.
+    cgroup_procs: list[str] = []
+    memory_rlimit: int = 0
 
 
 class Forked(Message, frozen=True, tag="forked"):

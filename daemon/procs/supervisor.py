@@ -27,9 +27,18 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import psutil
 
+from ember._machines import DEFAULT_MACHINE, MACHINES
 from ember._types import ProcessInfo
 from ember.daemon.config import DaemonConfig
-from ember.daemon.model import VersionKey, Worker, Zygote
+from ember.daemon.model import PoolKey, VersionKey, Worker, Zygote, ZygoteProcess
+from ember.daemon.procs.cgroups import MachineLimits, RunCgroup
+from ember.daemon.procs.docker_runtime import (
+    CONTAINER_SITE,
+    ContainerProcess,
+    DockerRuntime,
+    nested_cgroup,
+    site_packages,
+)
 from ember.daemon.procs.protocol import (
     MAX_FRAME_BYTES,
     Done,
@@ -82,8 +91,8 @@ class SupervisorEngine(Protocol):
         """The current version of each environment."""
         ...
 
-    def awaiting_count(self, key: tuple[str, str]) -> int:
-        """How many runs wait for a process of (environment, version)."""
+    def awaiting_count(self, key: PoolKey) -> int:
+        """How many runs wait for a process of (environment, version, machine preset)."""
         ...
 
     def rebalance(self) -> None:
@@ -212,8 +221,14 @@ class Supervisor:
         # Zygotes stopped while the daemon runs, until their exit status is collected.
         self._stopped_zygotes: list[Zygote] = []
         self._workers: dict[int, Worker] = {}
-        self._idle: dict[VersionKey, list[Worker]] = {}
-        self._starting: dict[VersionKey, int] = {}
+        self._idle: dict[PoolKey, list[Worker]] = {}
+        self._starting: dict[PoolKey, int] = {}
+        # How run processes are held to their machine presets (set up in start()), and the
+        # cgroup of each process that has one.
+        self.limits = MachineLimits("off")
+        self._cgroups: dict[int, RunCgroup] = {}
+        # Set by the daemon when some environment has runtime = "docker".
+        self.docker: DockerRuntime | None = None
         # Ids stay unique across restarts: a restored process says hello with its old id.
         self._next_id = time.time_ns() // 1000
         self.pidns = False
@@ -235,6 +250,7 @@ class Supervisor:
     async def start(self) -> None:
         """Listen for run processes on the worker socket."""
         await self._outlive_predecessors()
+        self.limits = MachineLimits(self.config.machine_limits)
         path = self.config.worker_socket
         path.unlink(missing_ok=True)
         self._logs_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +315,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 zygote.process.kill()
                 await asyncio.to_thread(zygote.process.wait)
+        self.limits.close()
 
     # -- zygotes ------------------------------------------------------------------------
 
@@ -321,41 +338,48 @@ class Supervisor:
         zygote = self._zygotes.get(key)
         if zygote is not None and zygote.alive:
             return zygote
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_path = self._logs_dir / f"{env.replace('/', '_')}-{version}.log"
-        with open(log_path, "ab") as log_file:
-            process = subprocess.Popen(
-                [
-                    self.interpreter(code_dir),
-                    "-m",
-                    "ember.daemon.child.zygote",
-                    "--fd",
-                    str(theirs.fileno()),
-                    "--code-dir",
-                    code_dir,
-                    "--worker-socket",
-                    str(self.config.worker_socket),
-                    "--heartbeat-s",
-                    str(self.config.heartbeat_interval_s),
-                    "--cancel-grace-s",
-                    str(self.config.cancel_grace_s),
-                    "--lock",
-                    str(self._processes_lock),
-                    *(["--pidns"] if self.pidns else []),
-                    *([] if self.config.tracing else ["--no-tracing"]),
-                    *(f"--instrument={name}" for name in self.config.instrumentations),
-                ],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=self._zygote_env(env, version),
-                cwd=code_dir,
-                close_fds=True,
-                start_new_session=True,
-                umask=-1 if self.child_umask is None else self.child_umask,
-            )
-        theirs.close()
+        common = [
+            "--code-dir",
+            code_dir,
+            "--worker-socket",
+            str(self.config.worker_socket),
+            "--heartbeat-s",
+            str(self.config.heartbeat_interval_s),
+            "--cancel-grace-s",
+            str(self.config.cancel_grace_s),
+            *([] if self.config.tracing else ["--no-tracing"]),
+            *(f"--instrument={name}" for name in self.config.instrumentations),
+        ]
+        process: ZygoteProcess
+        if self.docker is not None and self.docker.runs(env):
+            process, ours = self._start_container(key, code_dir, common, log_path)
+        else:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            with open(log_path, "ab") as log_file:
+                process = subprocess.Popen(
+                    [
+                        self.interpreter(code_dir),
+                        "-m",
+                        "ember.daemon.child.zygote",
+                        "--fd",
+                        str(theirs.fileno()),
+                        *common,
+                        "--lock",
+                        str(self._processes_lock),
+                        *(["--pidns"] if self.pidns else []),
+                    ],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=self._zygote_env(env, version),
+                    cwd=code_dir,
+                    close_fds=True,
+                    start_new_session=True,
+                    umask=-1 if self.child_umask is None else self.child_umask,
+                )
+            theirs.close()
         loop = asyncio.get_running_loop()
         zygote = Zygote(
             key, code_dir, process, loop.create_future(), idle_since=self.engine.clock()
@@ -364,8 +388,46 @@ class Supervisor:
         zygote.connecting = loop.create_task(self._connect_zygote(zygote, ours))
         return zygote
 
+    def _start_container(
+        self, key: VersionKey, code_dir: str, common: list[str], log_path: Path
+    ) -> tuple[ContainerProcess, socket.socket]:
+        """The zygote in a container of the version's image (``procs/docker_runtime.py``)."""
+        assert self.docker is not None
+        log_path.touch()
+        channel = self.config.worker_socket.parent / f"zygote-{secrets.token_hex(4)}.sock"
+        interpreter = self.interpreter(code_dir)
+        env = self._zygote_env(*key)
+        if interpreter != sys.executable:  # the version's own environment, copied in
+            env["PYTHONPATH"] = f"{site_packages(interpreter)}:{CONTAINER_SITE}"
+        argv = [str(Path(sys.executable).resolve()), "-m", "ember.daemon.child.zygote"]
+        argv += ["--connect", str(channel), "--log-file", str(log_path), *common]
+
+        def failed(reason: str) -> None:
+            zygote = self._zygotes.get(key)
+            if zygote is not None and not zygote.indexed.done():
+                zygote.indexed.set_result(Indexed(error=reason))
+            if zygote is not None:
+                if zygote.connecting is not None:
+                    zygote.connecting.cancel()  # (nothing will connect)
+                self._on_zygote_lost(zygote)
+
+        return self.docker.start(
+            key=key,
+            code_dir=code_dir,
+            argv=argv,
+            env=env,
+            mounts=[self.config.worker_socket, self._api_socket, log_path],
+            channel=channel,
+            on_failed=failed,
+            retired=lambda: self._is_stale(key),
+        )
+
     async def _connect_zygote(self, zygote: Zygote, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            # A containerized zygote connects to us: the listener serves that one connection.
+            with sock:
+                sock, _ = await loop.sock_accept(sock)
         transport, _ = await loop.create_unix_connection(
             lambda: _ZygoteProtocol(self, zygote), sock=sock
         )
@@ -428,8 +490,9 @@ class Supervisor:
         starting = [w for w in self._workers.values() if w.zygote is zygote and w.pid is None]
         for worker in starting:
             self._workers.pop(worker.id, None)
+            self._drop_cgroup(worker)
+            self._starting[worker.pool] = max(0, self._starting.get(worker.pool, 0) - 1)
         if starting:
-            self._starting[zygote.key] = max(0, self._starting.get(zygote.key, 0) - len(starting))
             self.engine.on_spawn_failed(*zygote.key, reason)
 
     def _stop_zygote(self, zygote: Zygote) -> None:
@@ -446,9 +509,9 @@ class Supervisor:
 
     # -- run processes ------------------------------------------------------------------
 
-    def take_idle(self, env: str, version: str) -> Worker | None:
-        """An idle run process of the version, now marked busy, or None."""
-        idle = self._idle.get((env, version))
+    def take_idle(self, env: str, version: str, machine: str = DEFAULT_MACHINE) -> Worker | None:
+        """An idle run process of the version and preset, now marked busy, or None."""
+        idle = self._idle.get((env, version, machine))
         while idle:
             worker = idle.pop()
             if not worker.gone and not worker.retiring and worker.parked is None:
@@ -463,7 +526,7 @@ class Supervisor:
             self.retire(worker)  # an old version: its zygote goes once its last process has
             return
         worker.idle_since = self.engine.clock()
-        self._idle.setdefault(worker.key, []).append(worker)
+        self._idle.setdefault(worker.pool, []).append(worker)
 
     def _is_stale(self, key: VersionKey) -> bool:
         return self.engine.current.get(key[0]) != key[1]
@@ -478,8 +541,8 @@ class Supervisor:
         executing keeps the values it started with, and its process exits after it.
         """
         self._generation[env] = self._generation.get(env, 0) + 1
-        for key, idle in self._idle.items():
-            if key[0] == env:
+        for pool, idle in self._idle.items():
+            if pool[0] == env:
                 while idle:
                     self.retire(idle.pop())
         for key, zygote in list(self._zygotes.items()):
@@ -495,8 +558,8 @@ class Supervisor:
         Idle run processes of old versions exit now and each old zygote stops once none of
         its processes is left, so runs executing on an old version finish on its code.
         """
-        for key, idle in self._idle.items():
-            if key[0] == env and self._is_stale(key):
+        for pool, idle in self._idle.items():
+            if pool[0] == env and self._is_stale(pool[:2]):
                 while idle:
                     self.retire(idle.pop())
         for key in [k for k in self._zygotes if k[0] == env]:
@@ -506,19 +569,20 @@ class Supervisor:
         zygote = self._zygotes.get(key)
         if zygote is None or not zygote.indexed.done() or not self._is_stale(key):
             return  # (a zygote still importing belongs to a version being registered)
-        if self.engine.awaiting_count(key):
+        if any(self.engine.awaiting_count((*key, machine)) for machine in MACHINES):
             return
         if not any(w.key == key for w in self._workers.values()):
             self._stop_zygote(zygote)
 
-    def spawn(self, env: str, version: str, code_dir: str) -> None:
-        """Start run processes for the runs of a version that wait for one, within the cap."""
-        key = (env, version)
-        wanted = self.engine.awaiting_count(key)
-        while self._starting.get(key, 0) < wanted:
-            if self._counted() >= self.config.max_concurrent_runs and not self._evict_idle(key):
+    def spawn(self, env: str, version: str, code_dir: str, machine: str = DEFAULT_MACHINE) -> None:
+        """Start run processes for the runs of a version and preset that wait, within the cap."""
+        pool = (env, version, machine)
+        wanted = self.engine.awaiting_count(pool)
+        while self._starting.get(pool, 0) < wanted:
+            if self._counted() >= self.config.max_concurrent_runs and not self._evict_idle(pool):
                 return  # at the cap: retried when a process idles or exits
-            self._fork(key, code_dir)
+            if not self._fork((env, version), code_dir, machine):
+                return
 
     def prepare_successor(self, worker: Worker) -> None:
         """The process starts its last run before recycling: fork its successor meanwhile.
@@ -532,7 +596,7 @@ class Supervisor:
         if zygote is None or self._is_stale(worker.key) or self._outdated(worker):
             return  # its replacement, if any, is another version's or forked afresh
         if self._counted() < self.config.max_concurrent_runs:
-            self._fork(worker.key, zygote.code_dir)
+            self._fork(worker.key, zygote.code_dir, worker.machine)
 
     def _counted(self) -> int:
         """Processes that count against the cap.
@@ -546,19 +610,93 @@ class Supervisor:
             if w.parked is None and not w.retiring and not w.last_run
         )
 
-    def _fork(self, key: VersionKey, code_dir: str) -> None:
+    def _fork(self, key: VersionKey, code_dir: str, machine: str) -> bool:
+        """Ask the version's zygote for a process in a cgroup of the preset (False: refused)."""
         env, version = key
         worker = Worker(
-            self._next_id, key, secrets.token_hex(16), generation=self._generation.get(env, 0)
+            self._next_id,
+            key,
+            secrets.token_hex(16),
+            generation=self._generation.get(env, 0),
+            machine=machine,
         )
         self._next_id += 1
+        try:
+            cgroup = self._make_cgroup(worker)
+        except OSError as exc:
+            self.engine.on_spawn_failed(
+                env, version, f"the {machine} preset's cgroup could not be made: {exc}"
+            )
+            return False
         self._workers[worker.id] = worker
-        self._starting[key] = self._starting.get(key, 0) + 1
+        self._starting[worker.pool] = self._starting.get(worker.pool, 0) + 1
         zygote = self._ensure_zygote(env, version, code_dir)
         worker.zygote = zygote
-        zygote.fork(Fork(worker_id=worker.id, token=worker.token))
+        worker.contained = isinstance(zygote.process, ContainerProcess)
+        zygote.fork(
+            Fork(
+                worker_id=worker.id,
+                token=worker.token,
+                cgroup_procs=cgroup.procs if cgroup is not None else [],
+                memory_rlimit=self.limits.rlimit_bytes(MACHINES[machine]),
+            )
+        )
+        return True
 
-    def _evict_idle(self, keep: VersionKey) -> bool:
+    def _make_cgroup(self, worker: Worker) -> RunCgroup | None:
+        if self.docker is not None and self.docker.runs(worker.key[0]):
+            return None  # made inside its container's cgroup once it says hello
+        cgroup = self.limits.create(f"w{worker.id}", MACHINES[worker.machine])
+        if cgroup is not None:
+            self._cgroups[worker.id] = cgroup
+        return cgroup
+
+    def _drop_cgroup(self, worker: Worker) -> None:
+        """The process is gone: note what its cgroup saw, then remove the cgroup."""
+        cgroup = self._cgroups.pop(worker.id, None)
+        if cgroup is not None:
+            worker.oom_killed = worker.oom_killed or cgroup.oom_kills() > 0
+            worker.usage = cgroup.usage()
+            self.limits.discard(cgroup)
+
+    def _enter_container(self, worker: Worker, ns_pid: int) -> int | None:
+        """A containerized process's host PID, once it is in its preset's nested cgroup.
+
+        Before the engine gives it a run, so no task code runs outside the preset's limits.
+        """
+        assert worker.zygote is not None
+        process = cast(ContainerProcess, worker.zygote.process)
+        host_pid = process.host_pid(ns_pid)
+        if host_pid is None:
+            log.warning("run process %s (pid %s in its container) is not found", worker.id, ns_pid)
+            return None
+        try:
+            cgroup = nested_cgroup(process, f"w{worker.id}", MACHINES[worker.machine])
+            self._cgroups[worker.id] = cgroup
+            for procs in cgroup.procs:
+                Path(procs).write_text(str(host_pid))
+        except OSError as exc:
+            log.warning("cannot hold run process %s to its preset: %s", worker.id, exc)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(host_pid, signal.SIGKILL)
+            return None
+        return host_pid
+
+    def cgroup_of(self, worker: Worker) -> RunCgroup | None:
+        """The process's cgroup (for reading its limits back, or a restore into it)."""
+        return self._cgroups.get(worker.id)
+
+    def criu_cgroup_args(self, worker: Worker) -> list[str]:
+        """``criu restore`` arguments that put the restored process into its new cgroup."""
+        cgroup = self._cgroups.get(worker.id)
+        if cgroup is None:
+            return []
+        args = []
+        for controllers, path in cgroup.criu_roots:
+            args += ["--cgroup-root", f"{controllers}:{path}" if controllers else path]
+        return args
+
+    def _evict_idle(self, keep: PoolKey) -> bool:
         for key, idle in self._idle.items():
             if key != keep and idle:
                 self.retire(idle.pop())
@@ -572,11 +710,18 @@ class Supervisor:
             transport.close()
             return None
         reconnected = worker.transport is None and (worker.pid is not None or hello.restored)
+        pid = hello.pid
+        if worker.contained:  # its PID in the container: the host's is found once
+            host_pid = worker.pid or self._enter_container(worker, hello.pid)
+            if host_pid is None:
+                transport.close()
+                return None
+            pid = host_pid
         worker.transport = transport
-        worker.pid = hello.pid
+        worker.pid = pid
         _close_pidfd(worker)
         with contextlib.suppress(OSError):  # (gone already: its channel's close follows)
-            worker.pidfd = os.pidfd_open(hello.pid)
+            worker.pidfd = os.pidfd_open(pid)
         if hello.restored or (reconnected and worker.parked is not None):
             # Back from a checkpoint (or from a dump that failed): deliver what waited.
             worker.checkpointing = None
@@ -585,7 +730,7 @@ class Supervisor:
                 worker.send(message)
             self.engine.on_worker_back(worker)
             return worker
-        self._starting[worker.key] = max(0, self._starting.get(worker.key, 0) - 1)
+        self._starting[worker.pool] = max(0, self._starting.get(worker.pool, 0) - 1)
         self.engine.on_worker_ready(worker)
         return worker
 
@@ -601,7 +746,15 @@ class Supervisor:
         return sum(1 for w in self._workers.values() if w.parked is not None)
 
     def adopt(self, worker: Worker) -> None:
-        """Track a process restored from a checkpoint (a child of the daemon, not a zygote)."""
+        """Track a process restored from a checkpoint (a child of the daemon, not a zygote).
+
+        Its preset's cgroup is made now: the restore puts the process into it
+        (:meth:`criu_cgroup_args`), as the zygote's fork did the first time.
+
+        Raises:
+            OSError: the cgroup could not be made (the restore fails; the run replays).
+        """
+        self._make_cgroup(worker)
         self._workers[worker.id] = worker
 
     def forget(self, worker: Worker) -> None:
@@ -609,6 +762,7 @@ class Supervisor:
         self._workers.pop(worker.id, None)
         worker.transport = None
         _close_pidfd(worker)
+        self._drop_cgroup(worker)
 
     def release(self, worker: Worker) -> None:
         """A run process finished a run: recycle it or hand it the next one.
@@ -702,7 +856,7 @@ class Supervisor:
             return
         worker.gone = True
         self._workers.pop(worker.id, None)
-        idle = self._idle.get(worker.key)
+        idle = self._idle.get(worker.pool)
         if idle and worker in idle:
             idle.remove(worker)
         # Its run's next attempt may start once the engine hears of this: the process must
@@ -728,6 +882,7 @@ class Supervisor:
         timer = loop.call_later(_DEATH_WAIT_S, dead, True)
 
     def _report_gone(self, worker: Worker) -> None:
+        self._drop_cgroup(worker)  # (dead by now: what its cgroup counted is final)
         reason = worker.exit_reason or "closed its channel"
         if worker.fault is not None:
             reason = f"{reason}: the daemon ended it because {worker.fault}"

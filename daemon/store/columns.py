@@ -164,9 +164,11 @@ RUN_COLUMNS: tuple[Column, ...] = (
     Column("hold", HOLD),
     Column("executing_s"),
     Column("traceparent"),
+    Column("machine"),
 )
 # Stored with a new run but not kept by the engine: the payload (inline or a blob), and what
-# only the table needs (its TTL, idempotency slot and expiry, machine, first update time).
+# only the table needs (its TTL, idempotency slot and expiry, first update time); and the
+# machine preset, passed apart as the trigger resolved it (the engine's copy may be None).
 INSERT_EXTRAS = (
     "updated_at",
     "payload",

@@ -137,7 +137,7 @@ def set_replayed_from(conn: sqlite3.Connection, run_id: str, source_id: str) -> 
 
 
 def start_attempt(conn: sqlite3.Connection, run: ActiveRun, now: float, pid: int | None) -> None:
-    """Record a new attempt and the run as EXECUTING on its locked version."""
+    """Record a new attempt and the run as EXECUTING on its locked version and preset."""
     conn.execute(
         "INSERT INTO attempts (run_id, number, status, started_at, version, pid)"
         " VALUES (?, ?, 'EXECUTING', ?, ?, ?)",
@@ -154,6 +154,7 @@ def start_attempt(conn: sqlite3.Connection, run: ActiveRun, now: float, pid: int
         attempt_count=run.attempt,
         started_at=run.started_at,
         interruptions=run.interruptions,
+        machine=run.machine,
     )
 
 
