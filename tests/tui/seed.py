@@ -163,7 +163,6 @@ def _write(conn: Any, blobs: blobs_store.BlobStore, seed: SeedRun, now: float) -
         retry=RetryOptions(max_attempts=max(seed.attempts, 1)),
         payload=seed.payload,
         tags=list(seed.tags),
-        version="20250115.1",
     )
     store.insert_run(conn, blobs, run, ttl_s=None, idempotency_expires_at=None, machine=None)
     error = None
@@ -172,6 +171,7 @@ def _write(conn: Any, blobs: blobs_store.BlobStore, seed: SeedRun, now: float) -
         name = "CardDeclined" if seed.status is RunStatus.FAILED else seed.status.value.title()
         error = RunError(name=name, message=f"{seed.task} ended {seed.status.value}", stack=stack)
     start = created + 0.05
+    run.version = "20250115.1"  # locked as its first attempt starts (a run never started: none)
     for number in range(1, seed.attempts + 1):
         run.attempt = number
         run.started_at = created + 0.05
