@@ -16,6 +16,7 @@ import msgspec
 
 from ember._duration import MAX_DURATION_S, parse_duration_s, resolve_instant
 from ember._errors import BadRequest, ConfigError, PayloadTooLarge
+from ember._metadata import MAX_METADATA_BYTES
 from ember._types import (
     BatchItem,
     RetryOptions,
@@ -39,12 +40,11 @@ from ember.daemon.model import ActiveRun
 from ember.daemon.store import idempotency as idempotency_store
 from ember.daemon.store import runs as store
 from ember.daemon.store.batches import insert_batch
+from ember.daemon.store.idempotency import DEFAULT_IDEMPOTENCY_TTL_S
 
 MAX_TAGS = 10
 MAX_TAG_CHARS = 128
-MAX_METADATA_BYTES = 256 * 1024
 MAX_IDEMPOTENCY_KEY_CHARS = 2048
-DEFAULT_IDEMPOTENCY_TTL_S = 30 * 86400.0
 # How long the answer to a trigger request is kept for a client that sends it again.
 TRIGGER_REQUEST_TTL_S = 600.0
 

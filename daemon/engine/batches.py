@@ -28,6 +28,7 @@ from ember._errors import BadRequest, ConfigError, Conflict, NotFound
 from ember._types import BatchEvent, BatchInfo, BatchItem, BatchItemsResponse, TriggerResponse
 from ember.daemon.engine.ids import new_batch_id
 from ember.daemon.store import batches as batch_store
+from ember.daemon.store.idempotency import DEFAULT_IDEMPOTENCY_TTL_S
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -56,7 +57,6 @@ class BatchesEngine(Protocol):
 # One chunk of items is one transaction; a batch may hold any number of chunks.
 MAX_CHUNK_ITEMS = 1000
 MAX_BATCH_RUNS = 1_000_000
-DEFAULT_IDEMPOTENCY_TTL_S = 30 * 86400.0
 
 
 class Batches:

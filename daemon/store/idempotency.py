@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import sqlite3
 
+# How long a run's (or a batch's) idempotency key holds when the trigger names no TTL.
+DEFAULT_IDEMPOTENCY_TTL_S = 30 * 86400.0
+
 
 def find_idempotent(
     conn: sqlite3.Connection, env: str, task_id: str, key: str, now: float
