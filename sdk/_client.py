@@ -147,9 +147,8 @@ class Client:
         delays = iter(RETRY_DELAYS_S if call.request_key else ())
         while True:
             try:
-                status, data = await asyncio.wait_for(
-                    self._pool().request(call.method, path, headers, call.body), timeout_s
-                )
+                async with asyncio.timeout(timeout_s):
+                    status, data = await self._pool().request(call.method, path, headers, call.body)
             except ConnectionError as exc:  # ConnectFailed included
                 delay_s = next(delays, None)
                 if delay_s is None:

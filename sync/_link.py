@@ -191,9 +191,9 @@ class SyncLink:
         tasks = list(self._tasks)  # fetches remove themselves from the list as they end
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # (gather, not each awaited under suppress(CancelledError): a cancel of close itself
+        # must still reach its caller)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.aclose()
         self.client.close()
 
@@ -209,7 +209,8 @@ class SyncLink:
             if not items:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await self._wake.wait()
                 continue
             try:
                 done = await self._send(items)

@@ -250,3 +250,21 @@ async def test_a_stream_that_ends_with_its_last_events_is_followed_again(tmp_pat
     finally:
         server.close()
     assert resumed_from[:2] == [None, "boot-3"], "the link reconnects after the last event"
+
+
+async def test_a_link_woken_as_it_is_closed_still_stops(tmp_path: Path) -> None:
+    """Work arriving in the same instant as the daemon's stop must not keep a link's loops
+    alive. (On Python 3.11 `asyncio.wait_for` returns the awaited result when its task is
+    cancelled just as the result arrives, dropping the cancel: the push loop then ran on and
+    the daemon's stop waited for it forever.)"""
+    target = SyncTarget(env="prod", profile="prod", url="https://127.0.0.1:9", api_key="k")
+    async with running_daemon(tmp_path / "state", sync=(target,)) as harness:
+        sync = harness.daemon.sync
+        assert sync is not None
+        link = sync.links["prod"]  # type: ignore[attr-defined]
+        await asyncio.sleep(0.2)  # the push loop is waiting for work
+        link.wake()
+        closing = asyncio.create_task(link.close())
+        await asyncio.wait({closing}, timeout=3)
+        assert closing.done(), "the link's loops did not stop"
+        await closing

@@ -92,7 +92,8 @@ async def _updates(
             if len(rows) == PAGE:
                 continue
             try:
-                await asyncio.wait_for(wake.wait(), KEEPALIVE_S)
+                async with asyncio.timeout(KEEPALIVE_S):
+                    await wake.wait()
             except TimeoutError:
                 yield b": keepalive\n\n"
     finally:

@@ -152,5 +152,6 @@ async def hang_up(channel: Channel, timeout_s: float = 1.0) -> None:
     if transport.can_write_eof():
         transport.write_eof()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(channel.closed), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(channel.closed)
     transport.close()

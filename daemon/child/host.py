@@ -81,7 +81,8 @@ async def await_wake(
     checks = failed = 0
     while True:
         try:
-            await asyncio.wait_for(asyncio.shield(woke), check_s)
+            async with asyncio.timeout(check_s):
+                await asyncio.shield(woke)
             return True
         except TimeoutError:
             pass
@@ -100,7 +101,8 @@ async def reconnect(connect: Callable[[], Awaitable[None]]) -> None:
     """
     for attempt in range(RECONNECT_TRIES):
         try:
-            await asyncio.wait_for(connect(), RECONNECT_TIMEOUT_S)
+            async with asyncio.timeout(RECONNECT_TIMEOUT_S):
+                await connect()
             return
         except (OSError, TimeoutError):
             # (jitter not from `random`: that is the task's own sequence)

@@ -151,9 +151,8 @@ class RunProcess:
             deadline = loop.time() + self._cancel_budget_s
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        attempt.canceled(current, self._cancel_budget_s), self._cancel_budget_s
-                    )
+                    async with asyncio.timeout(self._cancel_budget_s):
+                        await attempt.canceled(current, self._cancel_budget_s)
                 # Then the run function is canceled and its own cleanup (finally) runs.
                 current.cancel()
                 await asyncio.wait({current}, timeout=max(0.0, deadline - loop.time()))

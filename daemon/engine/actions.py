@@ -213,7 +213,8 @@ class Actions(EnginePart):
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.lifecycle.waiters.setdefault(run_id, []).append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await waiter
         except TimeoutError:
             waiters = self.lifecycle.waiters.get(run_id)
             if waiters is not None and waiter in waiters:

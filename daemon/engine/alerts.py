@@ -218,7 +218,8 @@ class Alerts:
             self._wake.clear()
             timeout = 1.0 if next_at is None else min(1.0, max(0.0, next_at - now))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _send(
         self, delivery_id: str, event: str, body: bytes, attempts: int, url: str, secret: str

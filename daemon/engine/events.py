@@ -131,7 +131,8 @@ class EventHub:
                         yield data
             while not subscriber.overflowed:
                 try:
-                    data = await asyncio.wait_for(subscriber.queue.get(), keepalive_s)
+                    async with asyncio.timeout(keepalive_s):
+                        data = await subscriber.queue.get()
                 except TimeoutError:
                     yield b": keepalive\n\n"
                     continue

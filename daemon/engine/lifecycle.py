@@ -251,7 +251,8 @@ class Lifecycle(EnginePart):
 
     async def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Wait until no run is active (tests' deterministic drain, like arq's burst mode)."""
-        await asyncio.wait_for(self._idle.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self._idle.wait()
 
 
 def _failed_run(run: ActiveRun, status: RunStatus, error: RunError | None) -> dict[str, Any]:

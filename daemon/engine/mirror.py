@@ -95,7 +95,8 @@ class MirrorDb:
     async def wait_change(self, env: str, timeout_s: float) -> None:
         """Until a row of the environment changes, or ``timeout_s`` passes."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.envs[env].changed.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.envs[env].changed.wait()
 
     # SyncStore ------------------------------------------------------------------------
 

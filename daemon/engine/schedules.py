@@ -167,7 +167,8 @@ class Scheduler:
             if pending:
                 sleep_s = min(sleep_s, (min(pending) - _at(self.clock())).total_seconds())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, sleep_s))
+                async with asyncio.timeout(max(0.0, sleep_s)):
+                    await self._wake.wait()
 
     async def _fire(self, row: ScheduleRow, now: datetime) -> None:
         """Trigger the latest due tick of a schedule (earlier missed ones are not run)."""

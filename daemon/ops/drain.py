@@ -117,7 +117,8 @@ async def drain(
             extended = now
         # A poll, not an event per run: a tenth of a second is nothing against the grace.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(force.wait(), min(0.1, deadline - now))
+            async with asyncio.timeout(min(0.1, deadline - now)):
+                await force.wait()
     left = executing(supervisor)
     report.finished = [run_id for run_id in at_start if run_id not in left]
     if left:

@@ -153,9 +153,9 @@ class OtlpExporter:
         """Send what is queued (for at most ``timeout_s``), then stop."""
         if self._task is not None:
             self._task.cancel()
-            with_timeout = asyncio.wait_for(self._send_all(), timeout_s)
             try:
-                await with_timeout
+                async with asyncio.timeout(timeout_s):
+                    await self._send_all()
             except (TimeoutError, OSError) as exc:
                 log.warning("OTLP export: %d spans not sent at stop (%s)", len(self._queue), exc)
 
@@ -163,7 +163,8 @@ class OtlpExporter:
         backoff_s = FLUSH_S
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), backoff_s)
+                async with asyncio.timeout(backoff_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._send_all()

@@ -487,7 +487,8 @@ class Checkpointer:
             start_new_session=True,
         )
         try:
-            _, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                _, stderr = await process.communicate()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -511,7 +512,8 @@ class Checkpointer:
             worker.checkpointing = asyncio.get_running_loop().create_future()
             worker.send(Suspend(run_id=run.id))
             try:
-                await asyncio.wait_for(asyncio.shield(worker.checkpointing), READY_TIMEOUT_S)
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    await asyncio.shield(worker.checkpointing)
             except TimeoutError:
                 log.warning("run %s did not get ready for its checkpoint; it stays parked", run.id)
                 worker.checkpointing = None
@@ -548,7 +550,8 @@ class Checkpointer:
         worker.checkpointing = asyncio.get_running_loop().create_future()
         worker.send(Suspend(run_id=run.id))
         try:
-            await asyncio.wait_for(asyncio.shield(worker.checkpointing), ready_timeout_s)
+            async with asyncio.timeout(ready_timeout_s):
+                await asyncio.shield(worker.checkpointing)
         except TimeoutError:
             # (its loop is busy in code that does not yield: it is interrupted instead)
             worker.checkpointing = None
@@ -681,7 +684,8 @@ class Checkpointer:
             if delay > 0:
                 self._ahead_changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ahead_changed.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._ahead_changed.wait()
                 continue
             while len(self._kept) + len(self._ahead_restores) >= self._max_ahead:
                 # Each restored process holds its own memory: at most so many parked ahead.

@@ -439,7 +439,8 @@ class Supervisor:
         """Start the version's zygote and return the tasks it found (or its import error)."""
         zygote = self._ensure_zygote(env, version, code_dir)
         try:
-            indexed = await asyncio.wait_for(asyncio.shield(zygote.indexed), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                indexed = await asyncio.shield(zygote.indexed)
         except TimeoutError:
             self._stop_zygote(zygote)
             return Indexed(error=f"importing the task modules took longer than {timeout_s:.0f}s")
