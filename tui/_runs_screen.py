@@ -46,6 +46,9 @@ class RunsScreen(EmberScreen):
         self._generation = 0
         self._search_budget = SEARCH_BUDGET
         self._focus_table = False
+        # A page that could not be listed is not asked for again until the link is back (a
+        # resync) or the user reloads: the table would otherwise ask at once, in a busy loop.
+        self._page_failed = False
         # ctrl+a: c and r act on every run the filter matches, through a daemon bulk action.
         self.all_matching = False
         self.bulk_status = ""
@@ -75,6 +78,7 @@ class RunsScreen(EmberScreen):
         """List again from the first page with the current filters."""
         self._generation += 1
         self._search_budget = SEARCH_BUDGET
+        self._page_failed = False
         self.all_matching = False
         query = self.query_obj
         rows = RunRows(query.matches_words if query.words else None)
@@ -86,6 +90,7 @@ class RunsScreen(EmberScreen):
 
     def resync(self) -> None:
         """Merge the newest page into the table: keeps the cursor, the selection, the pages."""
+        self._page_failed = False
         if not self.table.rows.loaded:
             self.reload()
         else:
@@ -117,7 +122,7 @@ class RunsScreen(EmberScreen):
 
     def on_run_table_need_more(self, message: RunTable.NeedMore) -> None:
         table = self.table
-        if table.loading or table.rows.exhausted:
+        if table.loading or table.rows.exhausted or self._page_failed:
             return
         if self.query_obj.words and len(table.rows.loaded) >= self._search_budget:
             table.note = f"searched the {len(table.rows.loaded):,} newest runs · L searches further"
@@ -133,6 +138,7 @@ class RunsScreen(EmberScreen):
             page = await self._list(limit, table.rows.next_cursor)
         except EmberError as exc:
             if generation == self._generation:
+                self._page_failed = True
                 table.loading = False
                 table.note = f"could not list runs: {exc}"
                 table.rows_changed()
