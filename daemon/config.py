@@ -8,6 +8,7 @@ from typing import Literal
 
 from ember._config import SystemdEnv, default_socket_path, default_state_dir, logs_dir
 from ember.daemon.store.db import Durability
+from ember.daemon.store.retention import PRUNE_EVERY_S
 
 CheckpointStrategy = Literal["auto", "criu", "park", "replay"]
 MachineLimitsMode = Literal["auto", "cgroup", "rlimit", "off"]
@@ -88,6 +89,8 @@ class DaemonConfig:
         socket_mode: the API socket's mode; 0660 with a ``socket_group``, else 0600.
         retention_s: finished runs older than this are pruned with their logs, attempts and
             blobs (None keeps them forever).
+        prune_every_s: how often retention looks for such runs (once a second after the
+            start, then at this interval).
         min_free_bytes: below this much free space on the state's disk, new triggers get a
             507 (reads keep working); 0 turns the guard off.
         logs_dir: where run-process logs go (systemd's ``LOGS_DIRECTORY``; ``<state>/logs``).
@@ -145,6 +148,7 @@ class DaemonConfig:
     socket_group: str | None = None
     socket_mode: int | None = None
     retention_s: float | None = None
+    prune_every_s: float = PRUNE_EVERY_S
     min_free_bytes: int = 256 * 1024 * 1024
     logs_dir: Path | None = field(default_factory=logs_dir)
     log_max_bytes: int = 64 * 1024 * 1024

@@ -323,7 +323,9 @@ async def test_daemon_with_retention_prunes_on_its_own(state_dir: Path) -> None:
     # are in place: the finished one is then past a 30-day retention, the waiting one is not
     # finished at all.
     clock = Clock()
-    async with running_daemon(state_dir, clock=clock, retention_s=30 * 86400.0) as h:
+    async with running_daemon(
+        state_dir, clock=clock, retention_s=30 * 86400.0, prune_every_s=2.0
+    ) as h:
         await h.register(TASKS)
         runs = Runs(h.client)
         done = await h.run("echo", {"n": 1})
@@ -343,6 +345,6 @@ async def test_daemon_with_retention_prunes_on_its_own(state_dir: Path) -> None:
             return False
 
         # The first pass comes a second after the start (maybe before the run ended), the
-        # next a minute later.
-        await eventually(pruned, timeout_s=100)
+        # next `prune_every_s` later.
+        await eventually(pruned, timeout_s=30)
         assert (await runs.retrieve(waiting.id)).status is RunStatus.WAITING

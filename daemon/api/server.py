@@ -223,7 +223,13 @@ class Daemon:
         if self.config.retention_s is not None:
             self._chores.append(
                 loop.create_task(
-                    prune_loop(self.db, self.engine.blobs, self.config.retention_s, self.clock)
+                    prune_loop(
+                        self.db,
+                        self.engine.blobs,
+                        self.config.retention_s,
+                        self.clock,
+                        self.config.prune_every_s,
+                    )
                 )
             )
 

@@ -125,13 +125,17 @@ async def prune_once(db: Database, blobs: BlobStore, retention_s: float, now: fl
 
 
 async def prune_loop(
-    db: Database, blobs: BlobStore, retention_s: float, clock: Callable[[], float]
+    db: Database,
+    blobs: BlobStore,
+    retention_s: float,
+    clock: Callable[[], float],
+    every_s: float = PRUNE_EVERY_S,
 ) -> None:
-    """Prune once shortly after start, then every ``PRUNE_EVERY_S``."""
+    """Prune once shortly after start, then every ``every_s``."""
     delay = 1.0
     while True:
         await asyncio.sleep(delay)
-        delay = PRUNE_EVERY_S
+        delay = every_s
         try:
             report = await prune_once(db, blobs, retention_s, clock())
         except sqlite3.Error as exc:
