@@ -405,13 +405,13 @@ async def test_wait_hooks_fire_once_per_wait_under_criu(state_dir: Path) -> None
 
 @pytest.mark.parametrize("yields", [True, False], ids=["yield_", "no-yield"])
 async def test_heartbeats_yield_keeps_a_cpu_loop_alive(state_dir: Path, yields: bool) -> None:
-    # A 20 s loop under a 4 s heartbeat timeout: without yield_ the daemon kills it as
+    # A 10 s loop under a 4 s heartbeat timeout: without yield_ the daemon kills it as
     # stalled (that case shows the check can fail, and needs only the first 4-5 s).
     async with running_daemon(
         state_dir, heartbeat_interval_s=1.0, heartbeat_timeout_s=4.0, process_idle_s=30.0
     ) as harness:
         h = await start(harness)
-        run = await h.run("cpu-loop", {"s": 20.0, "yield": yields}, timeout_s=90, max_attempts=1)
+        run = await h.run("cpu-loop", {"s": 10.0, "yield": yields}, timeout_s=90, max_attempts=1)
         if yields:
             assert run.status is RunStatus.COMPLETED, run.error
             assert run.output_as(int) > 0
