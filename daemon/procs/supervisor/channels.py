@@ -26,7 +26,7 @@ from ember.daemon.procs.protocol import (
     Spans,
     Wait,
 )
-from ember.daemon.procs.supervisor.context import SupervisorContext
+from ember.daemon.procs.supervisor.context import SupervisorContext, SupervisorPart
 from ember.daemon.procs.supervisor.exits import Exits, close_pidfd
 from ember.daemon.procs.supervisor.isolation import Isolation
 
@@ -38,7 +38,7 @@ WORKER_BACKLOG = 4096
 class _WorkerProtocol(asyncio.Protocol):
     def __init__(self, channels: WorkerChannels) -> None:
         self._channels = channels
-        self._engine = channels.ctx.engine
+        self._engine = channels.engine
         self._decoder = FrameDecoder(FromWorker)
         self._transport: asyncio.Transport | None = None
         self.worker: Worker | None = None
@@ -79,7 +79,7 @@ class _WorkerProtocol(asyncio.Protocol):
             self._channels.exits.on_channel_closed(self.worker)
 
 
-class WorkerChannels:
+class WorkerChannels(SupervisorPart):
     """The worker socket's server, and the hello that binds a channel to its process.
 
     Args:
@@ -89,14 +89,14 @@ class WorkerChannels:
     """
 
     def __init__(self, ctx: SupervisorContext, isolation: Isolation, exits: Exits) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.exits = exits
         self._isolation = isolation
         self._server: asyncio.Server | None = None
 
     async def listen(self) -> None:
         """Listen for run processes on the worker socket."""
-        path = self.ctx.config.worker_socket
+        path = self.config.worker_socket
         path.unlink(missing_ok=True)
         loop = asyncio.get_running_loop()
         # A deep backlog: hundreds of processes woken at once (a burst of waits) reconnect
@@ -113,7 +113,7 @@ class WorkerChannels:
 
     def on_hello(self, hello: Hello, transport: asyncio.Transport) -> Worker | None:
         """Bind the channel to the process it names (None: refused and closed)."""
-        worker = self.ctx.workers.get(hello.worker_id)
+        worker = self.workers.get(hello.worker_id)
         if worker is None or not secrets.compare_digest(worker.token, hello.token):
             log.warning("refusing a run process with an unknown id or token (pid %s)", hello.pid)
             transport.close()
@@ -137,8 +137,8 @@ class WorkerChannels:
             outbox, worker.outbox = worker.outbox, []
             for message in outbox:
                 worker.send(message)
-            self.ctx.engine.on_worker_back(worker)
+            self.engine.on_worker_back(worker)
             return worker
-        self.ctx.done_starting(worker.pool)
-        self.ctx.engine.on_worker_ready(worker)
+        self.done_starting(worker.pool)
+        self.engine.on_worker_ready(worker)
         return worker

@@ -72,6 +72,7 @@ class SupervisorContext:
         self.config = config
         self.engine = engine
         self.api_socket = api_socket
+        # The tables are never replaced, only changed: each part holds them at hand.
         # Every run process, from its fork request until it is gone, by id.
         self.workers: dict[int, Worker] = {}
         self.idle: dict[PoolKey, list[Worker]] = {}
@@ -84,6 +85,22 @@ class SupervisorContext:
     def processes_lock(self) -> Path:
         """The file every zygote holds a shared lock on (and every process it forks)."""
         return self.config.state_dir / "processes.lock"
+
+
+class SupervisorPart:
+    """A part of the supervisor: the shared context, and its stable members at hand.
+
+    (At hand, not through ``ctx``: the pool's calls are made for every run.)
+    """
+
+    def __init__(self, ctx: SupervisorContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.engine = ctx.engine
+        self.workers = ctx.workers
+        self.idle = ctx.idle
+        self.starting = ctx.starting
+        self.generation = ctx.generation
 
     def done_starting(self, pool: PoolKey) -> None:
         """One fork of the pool said hello, or will never."""

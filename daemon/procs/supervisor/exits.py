@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from ember.daemon.model import VersionKey, Worker
-from ember.daemon.procs.supervisor.context import SupervisorContext
+from ember.daemon.procs.supervisor.context import SupervisorContext, SupervisorPart
 from ember.daemon.procs.supervisor.isolation import Isolation
 
 log = logging.getLogger("ember.daemon")
@@ -37,7 +37,7 @@ _DEATH_WAIT_S = 10.0
 _PREDECESSOR_WAIT_S = 5.0
 
 
-class Exits:
+class Exits(SupervisorPart):
     """Ends run processes and reports each one gone, once.
 
     Args:
@@ -52,7 +52,7 @@ class Exits:
         isolation: Isolation,
         stop_if_unused: Callable[[VersionKey], None],
     ) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self._isolation = isolation
         self._stop_if_unused = stop_if_unused
 
@@ -121,7 +121,7 @@ class Exits:
 
     def gone(self, worker: Worker) -> None:
         """The process exited or its channel closed: report it once it is dead."""
-        if worker.gone or worker.id not in self.ctx.workers:
+        if worker.gone or worker.id not in self.workers:
             return
         if worker.transport is not None:
             # The exit status came first: the channel's close follows and finishes the job.
@@ -131,8 +131,8 @@ class Exits:
             worker.transport.close()
             return
         worker.gone = True
-        self.ctx.workers.pop(worker.id, None)
-        idle = self.ctx.idle.get(worker.pool)
+        self.workers.pop(worker.id, None)
+        idle = self.idle.get(worker.pool)
         if idle and worker in idle:
             idle.remove(worker)
         # Its run's next attempt may start once the engine hears of this: the process must
@@ -162,9 +162,9 @@ class Exits:
         reason = worker.exit_reason or "closed its channel"
         if worker.fault is not None:
             reason = f"{reason}: the daemon ended it because {worker.fault}"
-        self.ctx.engine.on_worker_gone(worker, reason)
+        self.engine.on_worker_gone(worker, reason)
         self._stop_if_unused(worker.key)
-        self.ctx.engine.rebalance()
+        self.engine.rebalance()
 
 
 async def outlive_predecessors(path: Path) -> None:

@@ -13,11 +13,11 @@ import psutil
 
 from ember._types import ProcessInfo
 from ember.daemon.model import Worker
-from ember.daemon.procs.supervisor.context import SupervisorContext
+from ember.daemon.procs.supervisor.context import SupervisorContext, SupervisorPart
 from ember.daemon.procs.supervisor.zygotes import Zygotes
 
 
-class ProcessListing:
+class ProcessListing(SupervisorPart):
     """Lists the run processes and counts them.
 
     Args:
@@ -26,31 +26,31 @@ class ProcessListing:
     """
 
     def __init__(self, ctx: SupervisorContext, zygotes: Zygotes) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self._zygotes = zygotes
         # psutil keeps the previous CPU sample per Process object: reuse them between calls.
         self._psutil: dict[int, psutil.Process] = {}
 
     def busy_workers(self) -> Iterator[Worker]:
         """Run processes executing an attempt."""
-        return (w for w in list(self.ctx.workers.values()) if w.run is not None)
+        return (w for w in list(self.workers.values()) if w.run is not None)
 
     def parked_count(self) -> int:
         """Processes idling for a waiting run."""
-        return sum(1 for w in self.ctx.workers.values() if w.parked is not None)
+        return sum(1 for w in self.workers.values() if w.parked is not None)
 
     def stats(self) -> dict[str, int]:
         """Counts for health and the dashboard."""
         return {
-            "processes": len(self.ctx.workers),
-            "idle_processes": sum(len(v) for v in self.ctx.idle.values()),
+            "processes": len(self.workers),
+            "idle_processes": sum(len(v) for v in self.idle.values()),
             "zygotes": len(self._zygotes.by_version),
         }
 
     def processes(self) -> list[ProcessInfo]:
         """Every run process, with its CPU use and memory where it can be measured."""
         found = []
-        workers = self.ctx.workers
+        workers = self.workers
         for worker in workers.values():
             cpu = rss = None
             if worker.pid is not None:

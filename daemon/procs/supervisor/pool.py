@@ -16,12 +16,12 @@ from ember._machines import DEFAULT_MACHINE, MACHINES
 from ember.daemon.model import PoolKey, VersionKey, Worker
 from ember.daemon.procs.docker_runtime import ContainerProcess
 from ember.daemon.procs.protocol import Fork, Shutdown
-from ember.daemon.procs.supervisor.context import SupervisorContext
+from ember.daemon.procs.supervisor.context import SupervisorContext, SupervisorPart
 from ember.daemon.procs.supervisor.isolation import Isolation
 from ember.daemon.procs.supervisor.zygotes import Zygotes
 
 
-class Pool:
+class Pool(SupervisorPart):
     """The run processes being forked, and the idle ones of each pool.
 
     Args:
@@ -31,8 +31,7 @@ class Pool:
     """
 
     def __init__(self, ctx: SupervisorContext, isolation: Isolation, zygotes: Zygotes) -> None:
-        self.ctx = ctx
-        self.config = ctx.config
+        super().__init__(ctx)
         self._isolation = isolation
         self._zygotes = zygotes
         # Ids stay unique across restarts: a restored process says hello with its old id.
@@ -40,7 +39,7 @@ class Pool:
 
     def take_idle(self, env: str, version: str, machine: str = DEFAULT_MACHINE) -> Worker | None:
         """An idle run process of the version and preset, now marked busy, or None."""
-        idle = self.ctx.idle.get((env, version, machine))
+        idle = self.idle.get((env, version, machine))
         while idle:
             worker = idle.pop()
             if not worker.gone and not worker.retiring and worker.parked is None:
@@ -51,11 +50,11 @@ class Pool:
         """A run process has nothing to do: keep it warm for the next run."""
         if worker.gone or worker.retiring:
             return
-        if self.ctx.is_stale(worker.key) or self.ctx.outdated(worker):
+        if self.is_stale(worker.key) or self.outdated(worker):
             self.retire(worker)  # an old version: its zygote goes once its last process has
             return
-        worker.idle_since = self.ctx.engine.clock()
-        self.ctx.idle.setdefault(worker.pool, []).append(worker)
+        worker.idle_since = self.engine.clock()
+        self.idle.setdefault(worker.pool, []).append(worker)
 
     def release(self, worker: Worker) -> None:
         """A run process finished a run: recycle it or hand it the next one.
@@ -67,12 +66,12 @@ class Pool:
         if (
             restored
             or worker.runs_done >= self.config.max_runs_per_process
-            or self.ctx.outdated(worker)
+            or self.outdated(worker)
         ):
             self.retire(worker)
-            self.ctx.engine.rebalance()
+            self.engine.rebalance()
         else:
-            self.ctx.engine.on_worker_ready(worker)
+            self.engine.on_worker_ready(worker)
 
     def retire(self, worker: Worker) -> None:
         """Ask an idle run process to exit."""
@@ -85,14 +84,14 @@ class Pool:
         Idle run processes exit and zygotes restart with the new variables; a run
         executing keeps the values it started with, and its process exits after it.
         """
-        generation = self.ctx.generation
+        generation = self.generation
         generation[env] = generation.get(env, 0) + 1
-        for pool, idle in self.ctx.idle.items():
+        for pool, idle in self.idle.items():
             if pool[0] == env:
                 while idle:
                     self.retire(idle.pop())
         for key, zygote in list(self._zygotes.by_version.items()):
-            starting = any(w.key == key and w.pid is None for w in self.ctx.workers.values())
+            starting = any(w.key == key and w.pid is None for w in self.workers.values())
             if key[0] == env and zygote.indexed.done() and not starting:
                 self._zygotes.stop(zygote)
             elif key[0] == env:
@@ -104,8 +103,8 @@ class Pool:
         Idle run processes of old versions exit now and each old zygote stops once none of
         its processes is left, so runs executing on an old version finish on its code.
         """
-        for pool, idle in self.ctx.idle.items():
-            if pool[0] == env and self.ctx.is_stale(pool[:2]):
+        for pool, idle in self.idle.items():
+            if pool[0] == env and self.is_stale(pool[:2]):
                 while idle:
                     self.retire(idle.pop())
         for key in [k for k in self._zygotes.by_version if k[0] == env]:
@@ -114,8 +113,8 @@ class Pool:
     def spawn(self, env: str, version: str, code_dir: str, machine: str = DEFAULT_MACHINE) -> None:
         """Start run processes for the runs of a version and preset that wait, within the cap."""
         pool = (env, version, machine)
-        wanted = self.ctx.engine.awaiting_count(pool)
-        while self.ctx.starting.get(pool, 0) < wanted:
+        wanted = self.engine.awaiting_count(pool)
+        while self.starting.get(pool, 0) < wanted:
             if self._counted() >= self.config.max_concurrent_runs and not self._evict_idle(pool):
                 return  # at the cap: retried when a process idles or exits
             if not self._fork((env, version), code_dir, machine):
@@ -130,7 +129,7 @@ class Pool:
             return
         worker.last_run = True
         zygote = self._zygotes.by_version.get(worker.key)
-        if zygote is None or self.ctx.is_stale(worker.key) or self.ctx.outdated(worker):
+        if zygote is None or self.is_stale(worker.key) or self.outdated(worker):
             return  # its replacement, if any, is another version's or forked afresh
         if self._counted() < self.config.max_concurrent_runs:
             self._fork(worker.key, zygote.code_dir, worker.machine)
@@ -143,12 +142,12 @@ class Pool:
         """
         return sum(
             1
-            for w in self.ctx.workers.values()
+            for w in self.workers.values()
             if w.parked is None and not w.retiring and not w.last_run
         )
 
     def _evict_idle(self, keep: PoolKey) -> bool:
-        for key, idle in self.ctx.idle.items():
+        for key, idle in self.idle.items():
             if key != keep and idle:
                 self.retire(idle.pop())
                 return True
@@ -161,19 +160,19 @@ class Pool:
             self._next_id,
             key,
             secrets.token_hex(16),
-            generation=self.ctx.generation.get(env, 0),
+            generation=self.generation.get(env, 0),
             machine=machine,
         )
         self._next_id += 1
         try:
             cgroup = self._isolation.make(worker)
         except OSError as exc:
-            self.ctx.engine.on_spawn_failed(
+            self.engine.on_spawn_failed(
                 env, version, f"the {machine} preset's cgroup could not be made: {exc}"
             )
             return False
-        self.ctx.workers[worker.id] = worker
-        self.ctx.starting[worker.pool] = self.ctx.starting.get(worker.pool, 0) + 1
+        self.workers[worker.id] = worker
+        self.starting[worker.pool] = self.starting.get(worker.pool, 0) + 1
         zygote = self._zygotes.ensure(env, version, code_dir)
         worker.zygote = zygote
         worker.contained = isinstance(zygote.process, ContainerProcess)
@@ -192,8 +191,8 @@ class Pool:
         idle_s = self.config.process_idle_s
         while True:
             await asyncio.sleep(min(5.0, idle_s))
-            now = self.ctx.engine.clock()
-            for idle in self.ctx.idle.values():
+            now = self.engine.clock()
+            for idle in self.idle.values():
                 for worker in [w for w in idle if now - w.idle_since > idle_s]:
                     idle.remove(worker)
                     self.retire(worker)

@@ -23,7 +23,7 @@ from ember._machines import MACHINES
 from ember.daemon.model import VersionKey, Zygote, ZygoteProcess
 from ember.daemon.procs.docker_runtime import CONTAINER_SITE, ContainerProcess, site_packages
 from ember.daemon.procs.protocol import Exited, Forked, FrameDecoder, FromZygote, Indexed, encode
-from ember.daemon.procs.supervisor.context import SupervisorContext
+from ember.daemon.procs.supervisor.context import SupervisorContext, SupervisorPart
 from ember.daemon.procs.supervisor.exits import Exits, describe_exit
 from ember.daemon.procs.supervisor.isolation import Isolation
 
@@ -52,7 +52,7 @@ class _ZygoteProtocol(asyncio.Protocol):
         self._zygotes.on_lost(self._zygote)
 
 
-class Zygotes:
+class Zygotes(SupervisorPart):
     """The live zygote of each version, and those stopped until their exit is collected.
 
     Args:
@@ -62,7 +62,7 @@ class Zygotes:
     """
 
     def __init__(self, ctx: SupervisorContext, isolation: Isolation, exits: Exits) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self._isolation = isolation
         self._exits = exits
         self.by_version: dict[VersionKey, Zygote] = {}
@@ -98,7 +98,7 @@ class Zygotes:
         zygote = self.by_version.get(key)
         if zygote is not None and zygote.alive:
             return zygote
-        config = self.ctx.config
+        config = self.config
         log_path = self._logs_dir / f"{env.replace('/', '_')}-{version}.log"
         common = [
             "--code-dir",
@@ -143,7 +143,7 @@ class Zygotes:
             theirs.close()
         loop = asyncio.get_running_loop()
         zygote = Zygote(
-            key, code_dir, process, loop.create_future(), idle_since=self.ctx.engine.clock()
+            key, code_dir, process, loop.create_future(), idle_since=self.engine.clock()
         )
         self.by_version[key] = zygote
         zygote.connecting = loop.create_task(self._connect(zygote, ours))
@@ -155,7 +155,7 @@ class Zygotes:
         """The zygote in a container of the version's image (``procs/docker_runtime.py``)."""
         docker = self._isolation.docker
         assert docker is not None
-        config = self.ctx.config
+        config = self.config
         log_path.touch()
         channel = config.worker_socket.parent / f"zygote-{secrets.token_hex(4)}.sock"
         interpreter = self.interpreter(code_dir)
@@ -182,7 +182,7 @@ class Zygotes:
             mounts=[config.worker_socket, self.ctx.api_socket, log_path],
             channel=channel,
             on_failed=failed,
-            retired=lambda: self.ctx.is_stale(key),
+            retired=lambda: self.is_stale(key),
         )
 
     async def _connect(self, zygote: Zygote, sock: socket.socket) -> None:
@@ -225,11 +225,11 @@ class Zygotes:
                     zygote, f"the version's code failed to import:\n{message.error}"
                 )
         elif isinstance(message, Forked):
-            worker = self.ctx.workers.get(message.worker_id)
+            worker = self.workers.get(message.worker_id)
             if worker is not None:
                 worker.zygote_pid = message.pid
         elif isinstance(message, Exited):
-            for worker in list(self.ctx.workers.values()):
+            for worker in list(self.workers.values()):
                 if worker.checkpointing is not None:
                     continue  # dumped by CRIU on purpose, not a crash
                 if worker.zygote_pid == message.pid and worker.zygote is zygote:
@@ -253,14 +253,14 @@ class Zygotes:
     def _fail_starting(self, zygote: Zygote, reason: str) -> None:
         # Only this zygote's forks: a zygote stopped on purpose reports its end late, when a
         # new zygote of the same version may be starting processes already.
-        workers = self.ctx.workers
+        workers = self.workers
         starting = [w for w in workers.values() if w.zygote is zygote and w.pid is None]
         for worker in starting:
             workers.pop(worker.id, None)
             self._isolation.drop(worker)
-            self.ctx.done_starting(worker.pool)
+            self.done_starting(worker.pool)
         if starting:
-            self.ctx.engine.on_spawn_failed(*zygote.key, reason)
+            self.engine.on_spawn_failed(*zygote.key, reason)
 
     def stop(self, zygote: Zygote) -> None:
         """Stop the zygote: its channel closes (it then exits), or it is killed."""
@@ -278,22 +278,22 @@ class Zygotes:
     def stop_if_unused(self, key: VersionKey) -> None:
         """Stop an old version's zygote once no run waits for it and no process is left."""
         zygote = self.by_version.get(key)
-        if zygote is None or not zygote.indexed.done() or not self.ctx.is_stale(key):
+        if zygote is None or not zygote.indexed.done() or not self.is_stale(key):
             return  # (a zygote still importing belongs to a version being registered)
-        if any(self.ctx.engine.awaiting_count((*key, machine)) for machine in MACHINES):
+        if any(self.engine.awaiting_count((*key, machine)) for machine in MACHINES):
             return
-        if not any(w.key == key for w in self.ctx.workers.values()):
+        if not any(w.key == key for w in self.workers.values()):
             self.stop(zygote)
 
     def sweep(self, now: float) -> None:
         """Stop the zygotes nobody needed for ``process_idle_s``, and outdated ones."""
-        workers = self.ctx.workers.values()
+        workers = self.workers.values()
         used = {w.key for w in workers}
         for key, zygote in list(self.by_version.items()):
             starting = any(w.key == key and w.pid is None for w in workers)
             if zygote.outdated and not starting:
                 self.stop(zygote)
-            elif key in used or self.ctx.engine.current.get(key[0]) == key[1]:
+            elif key in used or self.engine.current.get(key[0]) == key[1]:
                 zygote.idle_since = now
-            elif now - zygote.idle_since > self.ctx.config.process_idle_s:
+            elif now - zygote.idle_since > self.config.process_idle_s:
                 self.stop(zygote)
