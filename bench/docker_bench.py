@@ -72,8 +72,8 @@ async def cold_starts(docker_url: str, docker: bool, salt: int) -> tuple[float, 
             assert info.status == "READY", info.error
             # Registering indexed the tasks in a zygote, stopped again only when idle: stop
             # it now so that the first run starts one (its process or its container).
-            for zygote in list(daemon.supervisor._zygotes.values()):
-                daemon.supervisor._stop_zygote(zygote)
+            for zygote in list(daemon.supervisor.zygotes.by_version.values()):
+                daemon.supervisor.zygotes.stop(zygote)
             await asyncio.sleep(1.0)
             times = []
             for i, machine in enumerate(["small-1x", "micro"]):

@@ -220,7 +220,7 @@ async def test_a_run_completes_in_a_container_with_its_limits_and_retired_images
             container_id = container.id
         finally:
             client.close()
-        worker = next(iter(h.daemon.supervisor._workers.values()))
+        worker = next(iter(h.daemon.supervisor.ctx.workers.values()))
         assert worker.contained and worker.pid == pid
         path, memory, cpu = _host_limits(pid)
         assert container_id in path, path

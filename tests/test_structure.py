@@ -41,7 +41,6 @@ MAY_IMPORT = {
 WIRE_FORMAT = f"{ROOT_NAME}.procs.protocol"
 ALLOWED_LONG = {
     "procs.checkpoint",
-    "procs.supervisor",
 }
 # The start of a string that is a statement or a clause of one. Upper case only: prose in
 # docstrings and messages is not SQL.

@@ -151,7 +151,7 @@ def main() -> int:
     lock_fd = -1
     if args.lock:
         # Shared by this zygote and every process it forks (they inherit it): a daemon that
-        # starts later waits until none of them is left (Supervisor._outlive_predecessors).
+        # starts later waits until none of them is left (outlive_predecessors).
         lock_fd = os.open(args.lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(lock_fd, fcntl.LOCK_SH)
     try:
