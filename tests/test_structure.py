@@ -40,7 +40,6 @@ MAY_IMPORT = {
 # The parts of procs/ that model.py and child/ may import: the wire format, a leaf.
 WIRE_FORMAT = f"{ROOT_NAME}.procs.protocol"
 ALLOWED_LONG = {
-    "procs.checkpoint",
     "procs.supervisor",
 }
 # The start of a string that is a statement or a clause of one. Upper case only: prose in

@@ -41,7 +41,8 @@ from ember.daemon.ops.drain import DrainReport, drain
 from ember.daemon.ops.logrotate import rotate_logs
 from ember.daemon.ops.otlp import OtlpExporter
 from ember.daemon.ops.systemd import Notifier, keep_posted, listen_sockets, status_line
-from ember.daemon.procs.checkpoint import Checkpointer, CriuSupport, detect
+from ember.daemon.procs.checkpoint.checkpointer import Checkpointer
+from ember.daemon.procs.checkpoint.support import CriuSupport, detect
 from ember.daemon.procs.supervisor import Supervisor
 from ember.daemon.store import keys as keys_store
 from ember.daemon.store.db import Database
