@@ -63,11 +63,8 @@ class CheckpointEngine(Protocol):
 class CheckpointContext:
     """The checkpointer's shared state: the engine and supervisor, criu, images, timings.
 
-    Args:
-        support: the CRIU that passed :func:`~.support.detect` (its binary and version).
-        config: the daemon's configuration (images live under ``<state>/checkpoints``).
-        engine: resumes runs and falls back to replay.
-        supervisor: owns the processes.
+    Built from the arguments of the façade,
+    :class:`~ember.daemon.procs.checkpoint.checkpointer.Checkpointer` (see there).
     """
 
     def __init__(
@@ -92,3 +89,16 @@ class CheckpointContext:
         self.restore_times = Timings((support.restore_ms or 200.0) / 1000)
         # Since the daemon started, for `ember doctor`: dumps, failures, retries, fallbacks.
         self.counters: Counter[str] = Counter()
+
+
+class CheckpointPart:
+    """A part of the checkpointer: the shared context, and its members every part uses."""
+
+    def __init__(self, ctx: CheckpointContext) -> None:
+        self.ctx = ctx
+        self._criu = ctx.criu
+        self._criu_version = ctx.criu_version
+        self._engine = ctx.engine
+        self._supervisor = ctx.supervisor
+        self._images = ctx.images
+        self._pages = ctx.pages

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from ember._types import RunStatus
 from ember.daemon.model import Hold, Snapshot
-from ember.daemon.procs.checkpoint.context import CheckpointContext
+from ember.daemon.procs.checkpoint.context import CheckpointContext, CheckpointPart
 from ember.daemon.procs.checkpoint.criu import DUMP_TIMEOUT_S, dump_args
 from ember.daemon.procs.checkpoint.images import write_private
 from ember.daemon.procs.checkpoint.manifest import MANIFEST_FILE, record
@@ -38,7 +38,7 @@ NOT_NEEDED = "its wait is over: no dump needed"
 DUMP_RETRY_DELAY_S = 0.2
 
 
-class Dumps:
+class Dumps(CheckpointPart):
     """The checkpoints being taken, as many dumps at a time as there are cores.
 
     Args:
@@ -46,12 +46,7 @@ class Dumps:
     """
 
     def __init__(self, ctx: CheckpointContext) -> None:
-        self._criu = ctx.criu
-        self._criu_version = ctx.criu_version
-        self._engine = ctx.engine
-        self._supervisor = ctx.supervisor
-        self._images = ctx.images
-        self._pages = ctx.pages
+        super().__init__(ctx)
         self._times = ctx.dump_times
         self._counters = ctx.counters
         self._max_parked = ctx.config.max_parked_processes
@@ -82,20 +77,12 @@ class Dumps:
 
     async def checkpoint(self, run: ActiveRun, worker: Worker) -> bool:
         """Suspend the run's process and dump it; True if it was, else it stays parked."""
-        from ember.daemon.procs.protocol import Suspend
-
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending[run.id] = done
         ok = False
         try:
-            worker.checkpointing = asyncio.get_running_loop().create_future()
-            worker.send(Suspend(run_id=run.id))
-            try:
-                async with asyncio.timeout(READY_TIMEOUT_S):
-                    await asyncio.shield(worker.checkpointing)
-            except TimeoutError:
+            if not await self._suspend(run, worker, READY_TIMEOUT_S):
                 log.warning("run %s did not get ready for its checkpoint; it stays parked", run.id)
-                worker.checkpointing = None
                 self._keep_parked(run)
                 return False
             try:
@@ -104,9 +91,7 @@ class Dumps:
                 # Whatever broke, the process still holds the run: it must not be left in limbo.
                 log.exception("checkpoint of run %s failed; it stays parked", run.id)
                 if worker.pid is not None:
-                    # Ready for its dump, it waits for a wake-up to reconnect.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGUSR1)
+                    _wake(worker.pid)  # ready for its dump, it waits for a wake-up to reconnect
                 self._keep_parked(run)
                 return False
             return ok
@@ -123,18 +108,23 @@ class Dumps:
         The process closes its channel between two steps of its event loop and parks; its
         task is frozen where it stands and carries on from there once restored.
         """
+        if not await self._suspend(run, worker, ready_timeout_s):
+            return False  # (its loop is busy in code that does not yield: it is interrupted)
+        return await self._dump(run, worker, fall_back=False)  # (the drain interrupts it)
+
+    async def _suspend(self, run: ActiveRun, worker: Worker, timeout_s: float) -> bool:
+        """Ask the process to close its channels and park; False if not ready in time."""
         from ember.daemon.procs.protocol import Suspend
 
         worker.checkpointing = asyncio.get_running_loop().create_future()
         worker.send(Suspend(run_id=run.id))
         try:
-            async with asyncio.timeout(ready_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 await asyncio.shield(worker.checkpointing)
         except TimeoutError:
-            # (its loop is busy in code that does not yield: it is interrupted instead)
             worker.checkpointing = None
             return False
-        return await self._dump(run, worker, fall_back=False)  # (the drain interrupts it)
+        return True
 
     async def _dump(self, run: ActiveRun, worker: Worker, fall_back: bool = True) -> bool:
         """Dump a process ready for it (retried once); on failure the run falls back."""

@@ -24,7 +24,7 @@ import zstandard
 
 from ember._types import RunStatus
 from ember.daemon.model import Hold, Snapshot
-from ember.daemon.procs.checkpoint.context import CheckpointContext
+from ember.daemon.procs.checkpoint.context import CheckpointContext, CheckpointPart
 from ember.daemon.procs.checkpoint.criu import restore_args
 from ember.daemon.procs.checkpoint.dumps import Dumps
 from ember.daemon.procs.checkpoint.manifest import MANIFEST_FILE, mismatch
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.daemon")
 
 
-class Restores:
+class Restores(CheckpointPart):
     """The restores of checkpointed runs, as many at a time as there are cores.
 
     Args:
@@ -44,12 +44,7 @@ class Restores:
     """
 
     def __init__(self, ctx: CheckpointContext, dumps: Dumps) -> None:
-        self._criu = ctx.criu
-        self._criu_version = ctx.criu_version
-        self._engine = ctx.engine
-        self._supervisor = ctx.supervisor
-        self._images = ctx.images
-        self._pages = ctx.pages
+        super().__init__(ctx)
         self._times = ctx.restore_times
         self._timeout_s = ctx.config.criu_restore_timeout_s
         self._dumps = dumps
