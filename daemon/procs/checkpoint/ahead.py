@@ -32,7 +32,7 @@ class RestoreAhead:
     """
 
     def __init__(self, ctx: CheckpointContext, restores: Restores) -> None:
-        self._clock = ctx.engine.clock
+        self._engine = ctx.engine
         self._images = ctx.images
         self._restores = restores
         self._max_ahead = ctx.config.max_restored_ahead
@@ -62,7 +62,7 @@ class RestoreAhead:
     async def _restore_ahead_loop(self) -> None:
         room = self._images.room
         while self._ahead:
-            delay = self._ahead.next_start() - self._clock()
+            delay = self._ahead.next_start() - self._engine.clock()
             if delay > 0:
                 self._ahead_changed.clear()
                 with contextlib.suppress(TimeoutError):
