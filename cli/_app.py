@@ -475,7 +475,7 @@ def tokens_complete(
 def doctor(env: EnvOption = None) -> None:
     """Check this machine: CRIU checkpoints, and the daemon if one runs."""
     from ember._types import Health
-    from ember.daemon.procs.checkpoint import detect
+    from ember.daemon.procs.checkpoint.support import detect
 
     config = project_config()
     support = detect(config)

@@ -20,7 +20,8 @@ from conftest import Harness, eventually, running_daemon
 
 from ember import Runs, RunStatus, Tasks
 from ember.daemon import DaemonConfig
-from ember.daemon.procs.checkpoint import CACHE_FILE, _namespace_children, detect
+from ember.daemon.procs.checkpoint.restores import _namespace_children
+from ember.daemon.procs.checkpoint.support import CACHE_FILE, detect
 
 with tempfile.TemporaryDirectory() as _state:
     SUPPORT = detect(DaemonConfig(state_dir=Path(_state)))

@@ -17,8 +17,15 @@ from test_checkpoint import TASKS
 
 from ember import Runs, Tasks
 from ember.daemon import DaemonConfig
-from ember.daemon.procs.checkpoint import detect
-from ember.daemon.procs.pages import DELTA_FILE, PAGE, make_base, pack, page_files, unpack
+from ember.daemon.procs.checkpoint.pages import (
+    DELTA_FILE,
+    PAGE,
+    make_base,
+    pack,
+    page_files,
+    unpack,
+)
+from ember.daemon.procs.checkpoint.support import detect
 
 with tempfile.TemporaryDirectory() as _state:
     SUPPORT = detect(DaemonConfig(state_dir=Path(_state)))

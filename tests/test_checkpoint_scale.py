@@ -19,8 +19,7 @@ from test_state_modes import doctor
 
 from ember import Call, Runs, Tasks
 from ember._types import Health
-from ember.daemon.procs.checkpoint import _namespace_children
-from ember.daemon.procs.criu_plan import (
+from ember.daemon.procs.checkpoint.plan import (
     CALIBRATED_AFTER,
     RESTORE_MARGIN_S,
     SAFETY,
@@ -28,6 +27,7 @@ from ember.daemon.procs.criu_plan import (
     Timings,
     parallelism,
 )
+from ember.daemon.procs.checkpoint.restores import _namespace_children
 
 criu_only = pytest.mark.skipif(not SUPPORT.ok, reason=f"no working CRIU: {SUPPORT.reason}")
 

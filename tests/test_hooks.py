@@ -381,7 +381,7 @@ def _criu_support() -> tuple[bool, str]:
     import tempfile
 
     from ember.daemon import DaemonConfig
-    from ember.daemon.procs.checkpoint import detect
+    from ember.daemon.procs.checkpoint.support import detect
 
     with tempfile.TemporaryDirectory() as folder:
         support = detect(DaemonConfig(state_dir=Path(folder)))

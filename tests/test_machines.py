@@ -20,7 +20,7 @@ from ember import BadRequest, Retry, RunStatus, Tasks, task
 from ember._errors import ConfigError
 from ember._machines import MACHINES, OOM_KILLED
 from ember.daemon import DaemonConfig
-from ember.daemon.procs.checkpoint import detect
+from ember.daemon.procs.checkpoint.support import detect
 
 # Helpers the tasks use to read their own cgroup's limits, as /proc shows them.
 LIMITS = """

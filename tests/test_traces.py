@@ -20,7 +20,7 @@ from ember._client import Call
 from ember._trace_types import RunTrace, Span
 from ember._types import TriggerResponse
 from ember.daemon import DaemonConfig
-from ember.daemon.procs.checkpoint import detect
+from ember.daemon.procs.checkpoint.support import detect
 
 TASKS = {
     "tasks/__init__.py": "",

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ember.daemon.engine.environments import EnvVars
     from ember.daemon.engine.events import EventHub
     from ember.daemon.engine.schedules import Scheduler
-    from ember.daemon.procs.checkpoint import CriuSupport
+    from ember.daemon.procs.checkpoint.support import CriuSupport
     from ember.daemon.procs.supervisor import Supervisor
     from ember.daemon.store.db import Database
 

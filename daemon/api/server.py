@@ -41,7 +41,8 @@ from ember.daemon.ops.drain import DrainReport, drain
 from ember.daemon.ops.logrotate import rotate_logs
 from ember.daemon.ops.otlp import OtlpExporter
 from ember.daemon.ops.systemd import Notifier, keep_posted, listen_sockets, status_line
-from ember.daemon.procs.checkpoint import Checkpointer, CriuSupport, detect
+from ember.daemon.procs.checkpoint.checkpointer import Checkpointer
+from ember.daemon.procs.checkpoint.support import CriuSupport, detect
 from ember.daemon.procs.supervisor import Supervisor
 from ember.daemon.store import keys as keys_store
 from ember.daemon.store.db import Database
@@ -220,18 +221,10 @@ class Daemon:
             self.otlp = OtlpExporter(self.config.otlp_endpoint, self.config.otlp_headers)
             self.engine.traces.sinks.append(self.otlp)
             self.otlp.start()
-        if self.config.retention_s is not None:
-            self._chores.append(
-                loop.create_task(
-                    prune_loop(
-                        self.db,
-                        self.engine.blobs,
-                        self.config.retention_s,
-                        self.clock,
-                        self.config.prune_every_s,
-                    )
-                )
-            )
+        if (retention_s := self.config.retention_s) is not None:
+            every_s = self.config.prune_every_s
+            prune = prune_loop(self.db, self.engine.blobs, retention_s, self.clock, every_s)
+            self._chores.append(loop.create_task(prune))
 
     def _status(self) -> str | None:
         """systemd's STATUS= line; none while draining (the drain posts its own)."""

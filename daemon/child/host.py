@@ -48,7 +48,7 @@ def shrink_heap() -> None:
 
     Collecting the run's garbage and trimming glibc's heap made the bench's image 7% smaller
     (18.1 to 16.9 MB); the zygote's frozen objects are not traversed, so the pages shared
-    with it keep their content (and dedupe against the shared base, see procs/pages.py).
+    with it keep their content (and dedupe against the shared base, see procs/checkpoint/pages.py).
     """
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # (not glibc: nothing to trim)

@@ -21,7 +21,7 @@ from ember.daemon.store.blobs import BlobStore
 from ember.daemon.store.db import Database
 
 if TYPE_CHECKING:
-    from ember.daemon.procs.checkpoint import Checkpointer
+    from ember.daemon.procs.checkpoint.checkpointer import Checkpointer
     from ember.daemon.procs.supervisor import Supervisor
     from ember.daemon.store.diskguard import DiskGuard
 

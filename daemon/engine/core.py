@@ -55,7 +55,7 @@ from ember.daemon.store import runs as store
 from ember.daemon.store.db import Database
 
 if TYPE_CHECKING:
-    from ember.daemon.procs.checkpoint import Checkpointer
+    from ember.daemon.procs.checkpoint.checkpointer import Checkpointer
     from ember.daemon.procs.supervisor import Supervisor
     from ember.daemon.store.diskguard import DiskGuard
 

@@ -1,0 +1,238 @@
+"""Dumping a run's process: it parks, criu dumps it, its pages are packed; else it stays parked.
+
+The run process closes every socket and parks on SIGUSR1 (``Suspend``); criu dumps it with
+``--tcp-close`` into a 0700 folder (which kills it) and the daemon frees everything it held.
+When a dump fails, CRIU leaves the process running: it is tried once more, then the process is
+woken and simply stays parked (or, past ``max_parked_processes``, the run replays instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ember._types import RunStatus
+from ember.daemon.model import Hold, Snapshot
+from ember.daemon.procs.checkpoint.context import CheckpointContext, CheckpointPart
+from ember.daemon.procs.checkpoint.criu import DUMP_TIMEOUT_S, dump_args
+from ember.daemon.procs.checkpoint.images import write_private
+from ember.daemon.procs.checkpoint.manifest import MANIFEST_FILE, record
+from ember.daemon.store import runs as store
+
+if TYPE_CHECKING:
+    from ember.daemon.model import ActiveRun, Worker
+
+log = logging.getLogger("ember.daemon")
+
+READY_TIMEOUT_S = 20.0
+# What _run answers when the run's wait ended before its dump could start.
+NOT_NEEDED = "its wait is over: no dump needed"
+# A failed dump is tried again after this (its cause may pass: a process fd not there yet).
+DUMP_RETRY_DELAY_S = 0.2
+
+
+class Dumps(CheckpointPart):
+    """The checkpoints being taken, as many dumps at a time as there are cores.
+
+    Args:
+        ctx: what the checkpointer's parts share.
+    """
+
+    def __init__(self, ctx: CheckpointContext) -> None:
+        super().__init__(ctx)
+        self._times = ctx.dump_times
+        self._counters = ctx.counters
+        self._max_parked = ctx.config.max_parked_processes
+        self._slots = asyncio.Semaphore(ctx.dump_parallel)
+        # The dumps under way, by run id: each resolves to whether it succeeded.
+        self._pending: dict[str, asyncio.Future[bool]] = {}
+
+    def pending(self, run_id: str) -> asyncio.Future[bool] | None:
+        """The run's dump under way, if there is one (a restore waits for it to end)."""
+        return self._pending.get(run_id)
+
+    async def _run(
+        self, args: list[str], images: Path, log_name: str, run: ActiveRun | None = None
+    ) -> tuple[str | None, float]:
+        """Run criu in a slot; return (None on success else the reason, milliseconds taken).
+
+        With ``run``, nothing runs if its wait is over by the time a slot is free: when a
+        burst's dumps take longer than its waits, dumping a process only to restore it at
+        once cost a dump and a restore for nothing.
+        """
+        async with self._slots:
+            if run is not None and run.status is not RunStatus.WAITING:
+                return NOT_NEEDED, 0.0
+            error, elapsed_ms = await self._criu.run(args, images, log_name, DUMP_TIMEOUT_S)
+        if error is None:
+            self._times.add(elapsed_ms / 1000)
+        return error, elapsed_ms
+
+    async def checkpoint(self, run: ActiveRun, worker: Worker) -> bool:
+        """Suspend the run's process and dump it; True if it was, else it stays parked."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending[run.id] = done
+        ok = False
+        try:
+            if not await self._suspend(run, worker, READY_TIMEOUT_S):
+                log.warning("run %s did not get ready for its checkpoint; it stays parked", run.id)
+                self._keep_parked(run)
+                return False
+            try:
+                ok = await self._dump(run, worker)
+            except Exception:
+                # Whatever broke, the process still holds the run: it must not be left in limbo.
+                log.exception("checkpoint of run %s failed; it stays parked", run.id)
+                if worker.pid is not None:
+                    _wake(worker.pid)  # ready for its dump, it waits for a wake-up to reconnect
+                self._keep_parked(run)
+                return False
+            return ok
+        finally:
+            if not done.done():
+                done.set_result(ok)
+            self._pending.pop(run.id, None)
+
+    async def checkpoint_executing(
+        self, run: ActiveRun, worker: Worker, ready_timeout_s: float = READY_TIMEOUT_S
+    ) -> bool:
+        """Dump a run that is executing (a shutdown drain's grace ran out); True on success.
+
+        The process closes its channel between two steps of its event loop and parks; its
+        task is frozen where it stands and carries on from there once restored.
+        """
+        if not await self._suspend(run, worker, ready_timeout_s):
+            return False  # (its loop is busy in code that does not yield: it is interrupted)
+        return await self._dump(run, worker, fall_back=False)  # (the drain interrupts it)
+
+    async def _suspend(self, run: ActiveRun, worker: Worker, timeout_s: float) -> bool:
+        """Ask the process to close its channels and park; False if not ready in time."""
+        from ember.daemon.procs.protocol import Suspend
+
+        worker.checkpointing = asyncio.get_running_loop().create_future()
+        worker.send(Suspend(run_id=run.id))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(worker.checkpointing)
+        except TimeoutError:
+            worker.checkpointing = None
+            return False
+        return True
+
+    async def _dump(self, run: ActiveRun, worker: Worker, fall_back: bool = True) -> bool:
+        """Dump a process ready for it (retried once); on failure the run falls back."""
+        images = self._images.folder(run)
+        shutil.rmtree(images, ignore_errors=True)
+        images.mkdir(parents=True, mode=0o700)
+        self._images.root.chmod(0o700)
+        assert worker.pid is not None
+        try:
+            # What it runs on, while it still runs: a restore elsewhere is refused.
+            manifest = await asyncio.to_thread(record, worker.pid, self._criu_version)
+        except OSError as exc:
+            error: str | None = f"its interpreter and libraries cannot be read ({exc})"
+            dump_ms = 0.0
+        else:
+            waiting = run if fall_back else None  # (the drain dumps runs that execute)
+            error, dump_ms = await self._run(
+                dump_args(worker.pid, images), images, "dump.log", waiting
+            )
+            if error is not None and error != NOT_NEEDED:
+                # Some failures pass (one of 100 dumps: "Can't get proc fd"); CRIU left the
+                # process as it was, parked with its channel closed, so it can go again.
+                self._counters["dump_failures"] += 1
+                log.warning("checkpoint of run %s failed (%s); retrying once", run.id, error)
+                self._engine.note(run, Snapshot.SUSPENDED, f"checkpoint failed ({error}); retrying")
+                await asyncio.sleep(DUMP_RETRY_DELAY_S)
+                for stale in images.iterdir():
+                    stale.unlink()
+                error, dump_ms = await self._run(
+                    dump_args(worker.pid, images), images, "dump.log", waiting
+                )
+                if error != NOT_NEEDED:
+                    self._counters["dump_retries_ok" if error is None else "dump_failures"] += 1
+        if error == NOT_NEEDED:
+            shutil.rmtree(images, ignore_errors=True)
+            self._counters["dumps_not_needed"] += 1
+            _wake(worker.pid)  # it reconnects and resumes, never dumped
+            self._keep_parked(run)
+            return False
+        if error is not None:
+            shutil.rmtree(images, ignore_errors=True)
+            if fall_back:
+                self._fall_back(run, worker, error)
+            else:
+                log.warning("checkpoint of run %s failed (%s)", run.id, error)
+                _wake(worker.pid)
+                self._keep_parked(run)
+            return False
+        self._counters["dumps"] += 1
+        zygote = worker.zygote.process.pid if worker.zygote is not None else None
+        started = time.perf_counter()
+        packed = await self._pages.pack(images, run.id, self._pages.lineage(worker.id, zygote))
+        pack_ms = (time.perf_counter() - started) * 1000
+        size = sum(f.stat().st_size for f in images.iterdir() if f.is_file())
+        write_private(images / MANIFEST_FILE, manifest)
+        write_private(
+            images / "meta.json",
+            {
+                "worker_id": worker.id,
+                "token": worker.token,
+                "env": worker.key[0],
+                "version": worker.key[1],
+                "dump_ms": dump_ms,
+                "pack_ms": pack_ms,
+                "bytes": size,
+                "raw_page_bytes": packed.raw_bytes if packed else None,
+            },
+        )
+        self._supervisor.forget(worker)
+        worker.parked = None
+        if run.parked is worker:
+            run.parked = None
+        how = (
+            f" ({packed.raw_bytes / 1e6:.1f} MB of pages, {packed.literal_pages} not shared,"
+            f" packed in {pack_ms:.0f} ms)"
+            if packed
+            else ""
+        )
+        self._engine.note(
+            run, Snapshot.SUSPENDED, f"checkpointed: {size / 1e6:.2f} MB in {dump_ms:.0f} ms{how}"
+        )
+        return True
+
+    def _fall_back(self, run: ActiveRun, worker: Worker, reason: str) -> None:
+        """Its dump failed twice: the run is held by parking its process, else by replay."""
+        assert worker.pid is not None
+        if self._supervisor.parked_count() <= self._max_parked:
+            how = "park"
+            _wake(worker.pid)  # CRIU left it running: it reconnects and parks
+            self._keep_parked(run)
+        else:
+            how = "replay"
+            worker.parked = None
+            self._supervisor.kill(worker)
+            self._engine.replay_instead(run)
+        self._counters[f"fallbacks_{how}"] += 1
+        log.warning("checkpoint of run %s failed again (%s); held by %s", run.id, reason, how)
+        self._engine.note(
+            run, Snapshot.SUSPENDED, f"checkpoint failed again ({reason}); held by {how} instead"
+        )
+
+    def _keep_parked(self, run: ActiveRun) -> None:
+        """The process could not be dumped: it stays alive, holding the run."""
+        run.hold = Hold.PARKED
+        self._engine.db.write(lambda conn: store.set_hold(conn, run.id, Hold.PARKED))
+
+
+def _wake(pid: int) -> None:
+    """SIGUSR1 a parked process: it reconnects (restored, or never dumped)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGUSR1)
