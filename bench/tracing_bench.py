@@ -5,8 +5,8 @@
 Each round starts a daemon with tracing on and one with it off (the order alternates), and
 measures on each the sequential trigger-and-wait p50 of a no-op task (``bench/run.py``'s e2e
 driver) and the drain rate of N queued no-op runs with the CPU per run (``drain_cpu.py``).
-With tracing on, every run records its attempt span (sent open, then ended) and its daemon
-stores both; the figures printed are the medians over the rounds, and off/on ratios.
+With tracing on, every run records its attempt span (a no-op's is sent once, ended) and its
+daemon stores it; the figures printed are the medians over the rounds, and off/on ratios.
 """
 
 from __future__ import annotations
