@@ -63,6 +63,11 @@ TASKS = {
                 pass
             Path(payload["flag"]).write_text(str(os.getpid()))
             await asyncio.sleep(3600)  # no wait: nothing but the batch's own flush sends the span
+
+        @task(id="quiet")
+        async def quiet(payload: dict) -> None:
+            trace.get_current_span().set_attribute("quiet.step", payload["step"])
+            await asyncio.sleep(3600)  # no span of its own, no wait: its attempt's span alone
     """,
 }
 
@@ -205,6 +210,23 @@ async def test_spans_survive_a_kill_9_of_their_process(h: Harness, tmp_path: Pat
     assert spans["before-the-kill"].parent_id == attempt.span_id
     assert attempt.status == "ERROR" and attempt.end_ns is not None
     assert "process ended" in (attempt.status_message or "")
+
+
+async def test_a_long_attempt_shows_in_its_trace_while_it_runs(h: Harness) -> None:
+    # A short attempt sends its span once, ended; one that runs on without spans or waits
+    # sends it open after a moment, so the trace shows what the run is doing.
+    handle = await Tasks(h.client).trigger("quiet", {"step": 2}, max_attempts=1)
+    runs = Runs(h.client)
+
+    async def attempt_open() -> bool:
+        spans = _by_name(await runs.trace(handle.id))
+        return "Attempt 1" in spans and spans["Attempt 1"].end_ns is None
+
+    await eventually(attempt_open)
+    await runs.cancel(handle.id)
+    await h.wait(handle.id)
+    attempt = _by_name(await runs.trace(handle.id))["Attempt 1"]
+    assert attempt.end_ns is not None and attempt.attributes["quiet.step"] == 2
 
 
 async def test_a_callers_traceparent_is_the_runs_parent(h: Harness) -> None:

@@ -9,6 +9,13 @@ goes to the daemon as one ``Spans`` frame at the end of the loop iteration in wh
 of them ended, and at once before every frame that matters more (a wait, the attempt's end),
 before a checkpoint closes the channel and before the process exits. So a span that ended is
 on the daemon's socket within one loop iteration, and a ``kill -9`` after that loses nothing.
+
+The attempt's span (:class:`AttemptSpan`) is also sent open (end 0), so that the trace shows
+an attempt while it runs and a killed process leaves the span its others hang under; but
+only when that matters: with the first batch of its children, at a flush (a wait, a
+checkpoint), or once the attempt has run ``SEND_OPEN_AFTER_S``. An attempt that ends before
+(every no-op) sends its span once, ended: one record, not two, on the channel and in the
+daemon's store.
 """
 
 from __future__ import annotations
@@ -25,16 +32,18 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import Span, Status, StatusCode
 
 from ember._runtime import Context
+from ember.daemon.child.attempt_span import AttemptSpan, plain
 from ember.daemon.procs.protocol import Message, SpanRecord, Spans
 
 _json = msgspec.json.Encoder()
-_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-# Attribute values OTel accepts, kept as they are; anything else is sent as its repr.
-_PLAIN = (str, bool, int, float)
+# How long an attempt runs before its span is sent open, if nothing sent it before: a live
+# trace shows a long attempt at once; a short one sends its span only when it ends.
+SEND_OPEN_AFTER_S = 0.1
 
 
 class ChannelSpanProcessor(SpanProcessor):
@@ -47,6 +56,9 @@ class ChannelSpanProcessor(SpanProcessor):
         self._send: Callable[[Message], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        # The attempt running, while its open record has not been sent.
+        self._open: AttemptSpan | None = None
+        self._open_timer: asyncio.TimerHandle | None = None
 
     def bind(self, send: Callable[[Message], None], loop: asyncio.AbstractEventLoop) -> None:
         """Send batches with ``send``, flushing on ``loop`` (the run process's)."""
@@ -64,25 +76,65 @@ class ChannelSpanProcessor(SpanProcessor):
             first = len(self._buffer) == 1
         if first and self._loop is not None:
             if threading.get_ident() == self._loop_thread:
-                self._loop.call_soon(self.flush)
+                self._loop.call_soon(self._flush_batch)
             else:
                 with contextlib.suppress(RuntimeError):  # the loop closed: the process ends
-                    self._loop.call_soon_threadsafe(self.flush)
+                    self._loop.call_soon_threadsafe(self._flush_batch)
 
-    def take(self) -> Spans | None:
-        """The buffered spans as one frame (None: none), the buffer emptied."""
+    def attempt_started(self, span: AttemptSpan) -> None:
+        """The attempt's span started (on the loop's thread): sent open later, if at all."""
+        with self._lock:
+            self._open = span
+        if self._loop is not None and self._open_timer is None:
+            # One timer for back-to-back attempts, never canceled: arming and canceling one
+            # per attempt cost a no-op run ~10 µs.
+            self._open_timer = self._loop.call_later(SEND_OPEN_AFTER_S, self._open_due)
+
+    def _open_due(self) -> None:
+        self._open_timer = None
+        span = self._open
+        if span is None or self._loop is None:
+            return
+        left_s = SEND_OPEN_AFTER_S - (time.time_ns() - span.start_ns) / 1e9
+        if left_s <= 0:
+            self.flush()
+        else:  # (an attempt started after the timer was armed)
+            self._open_timer = self._loop.call_later(left_s, self._open_due)
+
+    def attempt_ended(self, span: AttemptSpan) -> None:
+        """The attempt's span ended (on the loop's thread): its record replaces the open one."""
+        record = span.record()
+        with self._lock:
+            if self._open is span:
+                self._open = None
+        self.add(record)
+
+    def take(self, with_open: bool = True) -> Spans | None:
+        """The buffered spans as one frame (None: none), the buffer emptied.
+
+        The open attempt's record goes first, with any batch (its children hang under it)
+        or alone when ``with_open``; once sent, only its end is sent again.
+        """
         with self._lock:
             spans, self._buffer = self._buffer, []
+            opened = self._open if spans or with_open else None
+            if opened is not None:
+                self._open = None
+        if opened is not None:
+            spans.insert(0, opened.record())
         if not spans or not self.run_id:
             return None
-        if len(spans) > 1 and not spans[0].end_ns:
-            # An attempt that began and ended within the batch: its open record is moot.
-            spans = list({s.span_id: s for s in spans}.values())
         return Spans(run_id=self.run_id, spans=spans)
 
     def flush(self) -> None:
-        """Send the buffered spans now, as one frame."""
-        batch = self.take()
+        """Send the buffered spans now, as one frame, the open attempt's with them."""
+        self._send_batch(self.take())
+
+    def _flush_batch(self) -> None:
+        # What ended in the loop iteration (if the attempt's end did not take it already).
+        self._send_batch(self.take(with_open=False))
+
+    def _send_batch(self, batch: Spans | None) -> None:
         if batch is not None and self._send is not None:
             self._send(batch)
 
@@ -95,12 +147,14 @@ class ChannelSpanProcessor(SpanProcessor):
 
 
 _processor: ChannelSpanProcessor | None = None
-_tracer: trace.Tracer | None = None  # (get_tracer builds a new tracer each call: ~100 µs)
+# The provider's span ids and limits, for the attempt spans (made without its tracer).
+_ids: IdGenerator | None = None
+_limits: SpanLimits | None = None
 
 
 def install(enabled: bool) -> None:
     """In the zygote, before any fork: make the channel's provider OTel's global one."""
-    global _processor, _tracer
+    global _processor, _ids, _limits
     if not enabled:
         return
     provider = TracerProvider(
@@ -111,7 +165,8 @@ def install(enabled: bool) -> None:
     _processor = ChannelSpanProcessor()
     provider.add_span_processor(_processor)
     trace.set_tracer_provider(provider)
-    _tracer = provider.get_tracer("ember")
+    _ids = provider.id_generator
+    _limits = SpanLimits()  # (read from OTEL_* as the provider's are, here in the zygote)
 
 
 def instrument(names: list[str]) -> None:
@@ -150,7 +205,7 @@ def flush() -> None:
 
 def take() -> tuple[Spans, ...]:
     """What ended so far, as a frame to send with another (the attempt's ``Done``)."""
-    batch = _processor.take() if _processor is not None else None
+    batch = _processor.take(with_open=False) if _processor is not None else None
     return () if batch is None else (batch,)
 
 
@@ -185,20 +240,6 @@ def to_record(span: ReadableSpan) -> SpanRecord:
     )
 
 
-def _plain(attributes: Any) -> dict[str, Any]:
-    if not attributes:
-        return {}
-    return {key: _plain_value(value) for key, value in attributes.items()}
-
-
-def _plain_value(value: Any) -> Any:
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, tuple | list):
-        return [v if isinstance(v, _PLAIN) else repr(v) for v in value]
-    return repr(value)
-
-
 @contextlib.contextmanager
 def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
     """The attempt's span, current while it runs, a child of the run's root span.
@@ -207,16 +248,12 @@ def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
     Spans end whatever way the attempt leaves (an eviction or a cancel raises through here),
     and are flushed before the attempt's ``Done`` is sent.
     """
-    if _processor is None or _tracer is None or not traceparent:
+    processor = _processor
+    if processor is None or _ids is None or _limits is None or not traceparent:
         yield None
         return
-    _processor.run_id = context.run_id
+    processor.run_id = context.run_id
     _, trace_hex, parent_hex, _ = traceparent.split("-")
-    parent = trace.set_span_in_context(
-        trace.NonRecordingSpan(
-            trace.SpanContext(int(trace_hex, 16), int(parent_hex, 16), True, _SAMPLED)
-        )
-    )
     attributes: dict[str, Any] = {
         "ctx.run.id": context.run_id,
         "ctx.task.id": context.task_id,
@@ -226,21 +263,16 @@ def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
     }
     if context.tags:
         attributes["ctx.run.tags"] = list(context.tags)
-    name = f"Attempt {context.attempt}"
-    span = _tracer.start_span(name, context=parent, attributes=attributes)
-    # Sent open too (end 0): the trace shows the attempt while it runs, and a process killed
-    # mid-attempt leaves the span its others hang under.
-    _processor.add(
-        SpanRecord(
-            trace_id=trace_hex,
-            span_id=f"{span.get_span_context().span_id:016x}",
-            parent_id=parent_hex,
-            name=name,
-            start_ns=getattr(span, "start_time", None) or time.time_ns(),
-            end_ns=0,
-            attrs=_json.encode(attributes),
-        )
+    span = AttemptSpan(
+        name=f"Attempt {context.attempt}",
+        trace_hex=trace_hex,
+        span_id=_ids.generate_span_id(),
+        parent_hex=parent_hex,
+        attributes=attributes,
+        limits=_limits,
+        ended=processor.attempt_ended,
     )
+    processor.attempt_started(span)
     token = otel_context.attach(trace.set_span_in_context(span))
     try:
         yield span
@@ -268,7 +300,7 @@ def log_event(level: str, message: str, attrs: dict[str, Any]) -> None:
         return
     span = trace.get_current_span()
     if span.is_recording():
-        span.add_event(message, {"log.level": level, **_plain(attrs)})
+        span.add_event(message, {"log.level": level, **plain(attrs)})
 
 
 # Wait holds seen by this process: a wait that spans one was held by a CRIU checkpoint.
