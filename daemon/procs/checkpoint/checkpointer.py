@@ -44,8 +44,7 @@ class Checkpointer:
         supervisor: Supervisor,
     ) -> None:
         ctx = CheckpointContext(support, config, engine, supervisor)
-        # Since the daemon started, for `ember doctor`: dumps, failures, retries, fallbacks.
-        self.counters: Counter[str] = ctx.counters
+        self.counters: Counter[str] = ctx.counters  # (for `ember doctor`; see the context)
         self._dumps = Dumps(ctx)
         self._restores = Restores(ctx, self._dumps)
         self._ahead = RestoreAhead(ctx, self._restores)
