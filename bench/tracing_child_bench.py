@@ -3,8 +3,8 @@
     .venv/bin/python bench/tracing_child_bench.py [--n 20000] [--rounds 3]
 
 On a bare asyncio loop, each iteration does what ``child/worker.py`` does around an attempt:
-open the attempt span, end it with its status, take the spans for the attempt's ``Done`` and
-encode the frames as the channel would. A no-op attempt never yields to the loop; one that
+open the attempt span and end it, take the spans for the attempt's ``Done`` and encode the
+frames as the channel would. A no-op attempt never yields to the loop; one that
 awaits once lets the batch's flush run meanwhile (what any I/O does). Tracing off runs the
 same code with no provider installed (``attempt_span`` yields None). Prints CPU µs per
 attempt, on and off.
@@ -46,10 +46,9 @@ async def _attempts(n: int, awaits: bool) -> float:
     contexts = [_context(number) for number in range(n)]
     started = time.process_time()
     for context in contexts:
-        with tracing.attempt_span(context, _TRACEPARENT) as span:
+        with tracing.attempt_span(context, _TRACEPARENT):
             if awaits:
                 await asyncio.sleep(0)  # the task's step ends: the batch's flush may run
-            tracing.end_attempt(span, True, None)
         done = Done(run_id=context.run_id, attempt=1, ok=True, output=b"null")
         send(*tracing.take(), done)
         sent.clear()

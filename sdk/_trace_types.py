@@ -7,6 +7,9 @@ from typing import Any, Literal
 from msgspec import Struct
 
 SpanStatus = Literal["UNSET", "OK", "ERROR"]
+# Between an attempt's span id and a run process's piece id, in the span id under which that
+# process records what the attempt's code added to the attempt's span (its "extras").
+EXTRAS_SEPARATOR = ":"
 
 
 class SpanEvent(Struct, frozen=True, kw_only=True):

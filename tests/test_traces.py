@@ -50,9 +50,11 @@ TASKS = {
 
         @task(id="held")
         async def held(payload: dict) -> str:
+            logger.info("reaching the wait")  # (an event of the attempt's own span)
             with logger.trace("before"):
                 pass
             await wait.for_(seconds=payload["s"])
+            logger.info("past the wait")
             with logger.trace("after"):
                 pass
             return "done"
@@ -63,6 +65,10 @@ TASKS = {
                 pass
             Path(payload["flag"]).write_text(str(os.getpid()))
             await asyncio.sleep(3600)  # no wait: nothing but the batch's own flush sends the span
+
+        @task(id="noop")
+        async def noop(payload: dict) -> None:
+            return None
 
         @task(id="quiet")
         async def quiet(payload: dict) -> None:
@@ -184,14 +190,21 @@ async def test_spans_survive_a_checkpoint_and_a_replay(state_dir: Path, strategy
         assert waits[0].duration_ms is not None and waits[0].duration_ms >= 950
     else:
         # The process that waited exits and a new one re-executes from the journal: the code
-        # before the wait ran twice, the second time its wait answered from the journal.
-        assert names.count("Attempt 1") == 2 and names.count("before") == 2
+        # before the wait ran twice, the second time its wait answered from the journal. It
+        # is one attempt, so one attempt span, holding what each of its processes added.
+        assert names.count("Attempt 1") == 1 and names.count("before") == 2
         assert names.count("after") == 1 and len(waits) == 2
         assert [w.attributes.get("ember.wait.replayed", False) for w in waits] == [False, True]
-    attempts = {s.span_id for s in trace.spans if s.name == "Attempt 1"}
+    attempt = _by_name(trace)["Attempt 1"]
+    logged = ["reaching the wait", "past the wait"]
+    if strategy == "replay":
+        logged.insert(0, "reaching the wait")
+    assert [e.name for e in attempt.events] == logged
+    assert attempt.status == "OK" and attempt.end_ns is not None
     for span in trace.spans:
         if span.name in ("before", "wait.for_", "after"):
-            assert span.parent_id in attempts, span.name
+            assert span.parent_id == attempt.span_id, span.name
+            assert _within(span, attempt), span.name
 
 
 async def test_spans_survive_a_kill_9_of_their_process(h: Harness, tmp_path: Path) -> None:
@@ -204,17 +217,38 @@ async def test_spans_survive_a_kill_9_of_their_process(h: Harness, tmp_path: Pat
     final = await h.wait(handle.id)
     assert final.status in {RunStatus.CRASHED, RunStatus.FAILED, RunStatus.SYSTEM_FAILURE}
     spans = _by_name(await Runs(h.client).trace(handle.id))
-    # The attempt's span was sent open when it started: its spans hang under it, and it
-    # ends, failed, with the run.
+    # The attempt's span is the daemon's, from the attempt's row: its spans hang under it, and
+    # it ends, failed, with the attempt, saying why.
     attempt = spans["Attempt 1"]
     assert spans["before-the-kill"].parent_id == attempt.span_id
     assert attempt.status == "ERROR" and attempt.end_ns is not None
-    assert "process ended" in (attempt.status_message or "")
+    assert "TaskRunCrashed: the run process" in (attempt.status_message or "")
+
+
+async def test_an_attempt_that_adds_nothing_to_its_span_sends_and_stores_none(
+    h: Harness,
+) -> None:
+    # What every run pays for tracing: its attempt's span is built from the attempt's row.
+    run = await h.run("noop", {})
+    assert run.status is RunStatus.COMPLETED
+    rows = await h.daemon.db.read(
+        lambda conn: conn.execute(
+            "SELECT count(*) FROM spans WHERE run_id = ?", (run.id,)
+        ).fetchone()[0]
+    )
+    assert rows == 0
+    trace = await Runs(h.client).trace(run.id)
+    assert [s.name for s in trace.spans] == ["noop", "Attempt 1"]
+    root, attempt = trace.spans
+    assert attempt.parent_id == root.span_id and attempt.status == "OK"
+    assert attempt.attributes["ctx.attempt.number"] == 1
+    assert attempt.attributes["ctx.worker.version"] == run.version
+    assert attempt.start_ns >= root.start_ns and attempt.end_ns is not None
 
 
 async def test_a_long_attempt_shows_in_its_trace_while_it_runs(h: Harness) -> None:
-    # A short attempt sends its span once, ended; one that runs on without spans or waits
-    # sends it open after a moment, so the trace shows what the run is doing.
+    # The attempt's span shows while the attempt runs (the daemon builds it from its row);
+    # what the task set on it arrives when it ends.
     handle = await Tasks(h.client).trigger("quiet", {"step": 2}, max_attempts=1)
     runs = Runs(h.client)
 

@@ -1,16 +1,21 @@
-"""The attempt's own span: a light OpenTelemetry ``Span`` that builds its record directly.
+"""The attempt's own span in the run process: current while the attempt runs, sent only if touched.
 
-Every run's attempt has a span, so what it costs is paid by every no-op run: through the
-SDK's ``Tracer.start_span`` (sampler, bounded attributes, a lock, a ``ReadableSpan`` copy at
-its end, then ``to_record``) it cost ~100 µs of the ~140 µs tracing added to an attempt.
-This span is the same to everything that sees it: it is the current span while the attempt
-runs, so the SDK's and instrumentations' spans are its children and ``logger`` lines its
-events; it keeps attributes, events (within the SDK's default limits) and status as an SDK
-span does, and at its end hands its :class:`SpanRecord` to the channel's processor.
+Every run's attempt has a span, so what it costs is paid by every no-op run. The daemon
+therefore builds that span itself, from the attempt's row (its times, its outcome and the
+standard ``ctx.*`` attributes), under an id both sides derive from the run and the attempt
+number (``store/traces.py``). In the run process the span is still a real one to everything
+that sees it: it is the current span while the attempt runs, so the SDK's and
+instrumentations' spans are its children and ``logger`` lines its events, and it keeps
+attributes, events (within the SDK's default limits), a name and a status as an SDK span does.
+What the attempt's code adds so is all this process sends of it: its *extras*, one record under
+the attempt's span id and a piece id of this process (a replay's new process sends a piece of
+its own), which the daemon merges into the span it builds. An attempt nobody touched sends
+nothing and stores nothing.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -22,6 +27,7 @@ from opentelemetry.sdk.trace import SpanLimits
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util import types
 
+from ember._trace_types import EXTRAS_SEPARATOR
 from ember.daemon.procs.protocol import SpanRecord
 
 _json = msgspec.json.Encoder()
@@ -47,55 +53,61 @@ def plain(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class AttemptSpan(trace.Span):
-    """A recording span whose end sends its record (see the module).
+    """A recording span that sends only what its attempt's code added (see the module).
 
     Its setters are called from the loop's thread and from a ``def`` task's thread; each is
-    one dict or list operation, atomic under the GIL, and the record copies them at the end.
+    one dict or list operation, atomic under the GIL, and the record copies them. ``changed``
+    says whether anything was added since the last record.
     """
 
     def __init__(
         self,
         *,
-        name: str,
         trace_hex: str,
-        span_id: int,
-        parent_hex: str,
-        attributes: dict[str, Any],
+        span_hex: str,
         limits: SpanLimits,
         ended: Callable[[AttemptSpan], None],
     ) -> None:
-        self.name = name
         self.trace_hex = trace_hex
-        self.span_hex = f"{span_id:016x}"
-        self.parent_hex = parent_hex
-        self.start_ns = time.time_ns()
+        self.span_hex = span_hex
         self.end_ns = 0
-        self._context = trace.SpanContext(int(trace_hex, 16), span_id, False, _SAMPLED)
-        self._attributes = attributes
+        self.changed = False
+        self._context: trace.SpanContext | None = None  # made when a child span asks for it
+        self._piece = ""
+        self._name = ""
+        self._attributes: dict[str, Any] = {}
         self._events: list[dict[str, Any]] = []
         self._status = Status(StatusCode.UNSET)
         self._limits = limits
         self._ended = ended
 
     def record(self) -> SpanRecord:
-        """The span as the worker channel carries it (open while ``end_ns`` is 0)."""
+        """What was added to the span, as the worker channel carries it (open: ``end_ns`` 0)."""
+        self.changed = False  # (before the copies: a change made meanwhile is sent next time)
+        if not self._piece:
+            # (sortable: a later process's piece, a replay's, sorts after an earlier one's)
+            self._piece = f"{time.time_ns():016x}.{os.getpid():x}"
         events = list(self._events)
         return SpanRecord(
             trace_id=self.trace_hex,
-            span_id=self.span_hex,
-            parent_id=self.parent_hex,
-            name=self.name,
-            start_ns=self.start_ns,
+            span_id=f"{self.span_hex}{EXTRAS_SEPARATOR}{self._piece}",
+            parent_id=self.span_hex,
+            name=self._name,
+            start_ns=0,
             end_ns=self.end_ns,
             status=self._status.status_code.value,
             status_message=self._status.description or "",
-            attrs=_json.encode(self._attributes),
+            attrs=_json.encode(dict(self._attributes)),
             events=_json.encode(events) if events else b"[]",
         )
 
     # -- opentelemetry.trace.Span -------------------------------------------------------
 
     def get_span_context(self) -> trace.SpanContext:
+        if self._context is None:
+            self._context = trace.SpanContext(
+                int(self.trace_hex, 16), int(self.span_hex, 16), False, _SAMPLED
+            )
         return self._context
 
     def is_recording(self) -> bool:
@@ -107,6 +119,7 @@ class AttemptSpan(trace.Span):
         limit = self._limits.max_span_attributes
         if key in self._attributes or limit is None or len(self._attributes) < limit:
             self._attributes[key] = plain_value(value)
+            self.changed = True
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         for key, value in attributes.items():
@@ -123,10 +136,12 @@ class AttemptSpan(trace.Span):
         if cap is not None and len(attrs) > cap:
             attrs = dict(list(attrs.items())[:cap])
         self._events.append({"name": name, "time_ns": timestamp or time.time_ns(), "attrs": attrs})
+        self.changed = True
 
     def update_name(self, name: str) -> None:
         if not self.end_ns:
-            self.name = name
+            self._name = name
+            self.changed = True
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self.end_ns or self._status.status_code is StatusCode.OK:
@@ -135,6 +150,7 @@ class AttemptSpan(trace.Span):
             status = Status(status, description)
         if status.status_code is not StatusCode.UNSET:
             self._status = status
+            self.changed = True
 
     def record_exception(
         self,

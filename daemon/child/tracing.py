@@ -10,12 +10,10 @@ of them ended, and at once before every frame that matters more (a wait, the att
 before a checkpoint closes the channel and before the process exits. So a span that ended is
 on the daemon's socket within one loop iteration, and a ``kill -9`` after that loses nothing.
 
-The attempt's span (:class:`AttemptSpan`) is also sent open (end 0), so that the trace shows
-an attempt while it runs and a killed process leaves the span its others hang under; but
-only when that matters: with the first batch of its children, at a flush (a wait, a
-checkpoint), or once the attempt has run ``SEND_OPEN_AFTER_S``. An attempt that ends before
-(every no-op) sends its span once, ended: one record, not two, on the channel and in the
-daemon's store.
+The attempt's span (:class:`AttemptSpan`) is built by the daemon from the attempt's row, under
+the id the ``Execute`` frame names; this process sends only what the attempt's code added to
+it (its extras), with the batches and at the attempt's end, and nothing for an attempt that
+added nothing (every no-op).
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import asyncio
 import contextlib
 import importlib
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,17 +30,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Span
 
 from ember._runtime import Context
 from ember.daemon.child.attempt_span import AttemptSpan, plain
 from ember.daemon.procs.protocol import Message, SpanRecord, Spans
 
 _json = msgspec.json.Encoder()
-# How long an attempt runs before its span is sent open, if nothing sent it before: a live
-# trace shows a long attempt at once; a short one sends its span only when it ends.
-SEND_OPEN_AFTER_S = 0.1
 
 
 class ChannelSpanProcessor(SpanProcessor):
@@ -56,9 +49,7 @@ class ChannelSpanProcessor(SpanProcessor):
         self._send: Callable[[Message], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        # The attempt running, while its open record has not been sent.
-        self._open: AttemptSpan | None = None
-        self._open_timer: asyncio.TimerHandle | None = None
+        self._attempt: AttemptSpan | None = None  # the attempt running
 
     def bind(self, send: Callable[[Message], None], loop: asyncio.AbstractEventLoop) -> None:
         """Send batches with ``send``, flushing on ``loop`` (the run process's)."""
@@ -82,57 +73,38 @@ class ChannelSpanProcessor(SpanProcessor):
                     self._loop.call_soon_threadsafe(self._flush_batch)
 
     def attempt_started(self, span: AttemptSpan) -> None:
-        """The attempt's span started (on the loop's thread): sent open later, if at all."""
-        with self._lock:
-            self._open = span
-        if self._loop is not None and self._open_timer is None:
-            # One timer for back-to-back attempts, never canceled: arming and canceling one
-            # per attempt cost a no-op run ~10 µs.
-            self._open_timer = self._loop.call_later(SEND_OPEN_AFTER_S, self._open_due)
-
-    def _open_due(self) -> None:
-        self._open_timer = None
-        span = self._open
-        if span is None or self._loop is None:
-            return
-        left_s = SEND_OPEN_AFTER_S - (time.time_ns() - span.start_ns) / 1e9
-        if left_s <= 0:
-            self.flush()
-        else:  # (an attempt started after the timer was armed)
-            self._open_timer = self._loop.call_later(left_s, self._open_due)
+        """The attempt's span started (on the loop's thread)."""
+        self._attempt = span
 
     def attempt_ended(self, span: AttemptSpan) -> None:
-        """The attempt's span ended (on the loop's thread): its record replaces the open one."""
-        record = span.record()
-        with self._lock:
-            if self._open is span:
-                self._open = None
-        self.add(record)
+        """The attempt's span ended (on the loop's thread): its extras, if any, go last."""
+        if self._attempt is span:
+            self._attempt = None
+        if span.changed:
+            self.add(span.record())
 
-    def take(self, with_open: bool = True) -> Spans | None:
+    def take(self, with_attempt: bool = True) -> Spans | None:
         """The buffered spans as one frame (None: none), the buffer emptied.
 
-        The open attempt's record goes first, with any batch (its children hang under it)
-        or alone when ``with_open``; once sent, only its end is sent again.
+        The running attempt's extras, if they changed, go first: with any batch, or alone
+        when ``with_attempt``.
         """
         with self._lock:
             spans, self._buffer = self._buffer, []
-            opened = self._open if spans or with_open else None
-            if opened is not None:
-                self._open = None
-        if opened is not None:
-            spans.insert(0, opened.record())
+        attempt = self._attempt
+        if attempt is not None and attempt.changed and (spans or with_attempt):
+            spans.insert(0, attempt.record())
         if not spans or not self.run_id:
             return None
         return Spans(run_id=self.run_id, spans=spans)
 
     def flush(self) -> None:
-        """Send the buffered spans now, as one frame, the open attempt's with them."""
+        """Send the buffered spans now, as one frame, the attempt's extras with them."""
         self._send_batch(self.take())
 
     def _flush_batch(self) -> None:
         # What ended in the loop iteration (if the attempt's end did not take it already).
-        self._send_batch(self.take(with_open=False))
+        self._send_batch(self.take(with_attempt=False))
 
     def _send_batch(self, batch: Spans | None) -> None:
         if batch is not None and self._send is not None:
@@ -147,14 +119,13 @@ class ChannelSpanProcessor(SpanProcessor):
 
 
 _processor: ChannelSpanProcessor | None = None
-# The provider's span ids and limits, for the attempt spans (made without its tracer).
-_ids: IdGenerator | None = None
+# The provider's limits, for the attempt spans (made without its tracer).
 _limits: SpanLimits | None = None
 
 
 def install(enabled: bool) -> None:
     """In the zygote, before any fork: make the channel's provider OTel's global one."""
-    global _processor, _ids, _limits
+    global _processor, _limits
     if not enabled:
         return
     provider = TracerProvider(
@@ -165,7 +136,6 @@ def install(enabled: bool) -> None:
     _processor = ChannelSpanProcessor()
     provider.add_span_processor(_processor)
     trace.set_tracer_provider(provider)
-    _ids = provider.id_generator
     _limits = SpanLimits()  # (read from OTEL_* as the provider's are, here in the zygote)
 
 
@@ -205,7 +175,7 @@ def flush() -> None:
 
 def take() -> tuple[Spans, ...]:
     """What ended so far, as a frame to send with another (the attempt's ``Done``)."""
-    batch = _processor.take(with_open=False) if _processor is not None else None
+    batch = _processor.take(with_attempt=False) if _processor is not None else None
     return () if batch is None else (batch,)
 
 
@@ -242,35 +212,20 @@ def to_record(span: ReadableSpan) -> SpanRecord:
 
 @contextlib.contextmanager
 def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
-    """The attempt's span, current while it runs, a child of the run's root span.
+    """The attempt's span, current while it runs; ``traceparent`` names it (``Execute``).
 
-    The daemon owns the root (a run lives longer than any process); ``traceparent`` names it.
-    Spans end whatever way the attempt leaves (an eviction or a cancel raises through here),
-    and are flushed before the attempt's ``Done`` is sent.
+    The daemon builds the span from the attempt's row; this one carries what the attempt's
+    code adds to it, sent when it ends whatever way the attempt leaves (an eviction or a cancel
+    raises through here, noted as the outcome), before the attempt's ``Done``.
     """
     processor = _processor
-    if processor is None or _ids is None or _limits is None or not traceparent:
+    if processor is None or _limits is None or not traceparent:
         yield None
         return
     processor.run_id = context.run_id
-    _, trace_hex, parent_hex, _ = traceparent.split("-")
-    attributes: dict[str, Any] = {
-        "ctx.run.id": context.run_id,
-        "ctx.task.id": context.task_id,
-        "ctx.attempt.number": context.attempt,
-        "ctx.environment.type": context.env,
-        "ctx.worker.version": context.version,
-    }
-    if context.tags:
-        attributes["ctx.run.tags"] = list(context.tags)
+    _, trace_hex, span_hex, _ = traceparent.split("-")
     span = AttemptSpan(
-        name=f"Attempt {context.attempt}",
-        trace_hex=trace_hex,
-        span_id=_ids.generate_span_id(),
-        parent_hex=parent_hex,
-        attributes=attributes,
-        limits=_limits,
-        ended=processor.attempt_ended,
+        trace_hex=trace_hex, span_hex=span_hex, limits=_limits, ended=processor.attempt_ended
     )
     processor.attempt_started(span)
     token = otel_context.attach(trace.set_span_in_context(span))
@@ -282,16 +237,6 @@ def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
     finally:
         otel_context.detach(token)
         span.end()
-
-
-def end_attempt(span: Span | None, ok: bool, error: str | None) -> None:
-    """Set the attempt span's status from its outcome."""
-    if span is None:
-        return
-    if ok:
-        span.set_status(Status(StatusCode.OK))
-    else:
-        span.set_status(Status(StatusCode.ERROR, error or "failed"))
 
 
 def log_event(level: str, message: str, attrs: dict[str, Any]) -> None:

@@ -280,10 +280,9 @@ class RunProcess:
         )
         done: Done
         try:
-            with tracing.attempt_span(context, message.traceparent) as span:
+            with tracing.attempt_span(context, message.traceparent):
                 done = await self._call(message, context, runtime)
                 await runtime.flush_changes()
-                tracing.end_attempt(span, done.ok, done.error.message if done.error else None)
         finally:
             forget(message.run_id)
             forget_streams(message.run_id)

@@ -53,7 +53,7 @@ class EngineContext:
         self.blobs = BlobStore(config.state_dir / "blobs")
         self.queue = RunQueue(clock)
         # The run processes' spans, stored with their runs and exported (engine/traces.py).
-        self.traces = SpanIngest(db)
+        self.traces = SpanIngest(db, self.spawn)
         self.supervisor: Supervisor
         self.checkpointer: Checkpointer | None = None
         # How long waits are held; the daemon sets "criu" when a checkpoint smoke test passed.

@@ -145,7 +145,6 @@ class Lifecycle(EnginePart):
         blobs = self.blobs
         alert = status in _ALERT_STATUSES and self.alerts.wants(run.env, "run.failed")
         alert_data = _failed_run(run, status, error) if alert else {}
-        self.ctx.traces.run_final(run, status, now, error)
 
         def write(conn: sqlite3.Connection) -> None:
             if attempt_status is not None and number:
@@ -168,6 +167,7 @@ class Lifecycle(EnginePart):
 
         future = self.write_until_recorded(run, write, f"the end of {run.id}")
         future.add_done_callback(lambda _: self.forget(run, run.status, error))
+        future.add_done_callback(lambda _: self.ctx.traces.run_recorded(run.id))
         if alert:
             future.add_done_callback(lambda _: self.alerts.wake())
         return future

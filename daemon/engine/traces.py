@@ -2,20 +2,20 @@
 
 Run processes send ``Spans`` frames (``child/tracing.py``); each batch is buffered until the
 end of the loop iteration and written with whatever else that iteration writes (one group
-commit), like log lines. Sinks (the OTLP exporter, ``ops/otlp.py``) get the same rows, and the
-run's own span when the run ends: that span lives as long as the run, so the daemon makes it.
+commit), like log lines. Sinks (the OTLP exporter, ``ops/otlp.py``) get the same spans as they
+come, and the spans the daemon builds (the run's own and its attempts', ``store/traces.py``)
+once the run's end is recorded: those live as long as the run and its attempts' rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from ember._errors import ConfigError
-from ember._trace_types import Span
-from ember._types import RunError, RunStatus
-from ember.daemon.model import ActiveRun
+from ember._trace_types import EXTRAS_SEPARATOR, Span
 from ember.daemon.procs.protocol import Spans
 from ember.daemon.store import traces as store
 from ember.daemon.store.db import Database
@@ -32,8 +32,8 @@ class SpanSink(Protocol):
         """Spans a run process sent (already on their way into the store)."""
         ...
 
-    def run_ended(self, span: Span) -> None:
-        """The span of a run that reached a final status."""
+    def run_ended(self, spans: list[Span]) -> None:
+        """The spans of a run that reached a final status: its own, then its attempts'."""
         ...
 
 
@@ -57,8 +57,9 @@ def check_traceparent(value: str | None) -> str | None:
 class SpanIngest:
     """Buffers span batches for one group commit per loop iteration; tells the sinks."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, spawn: Callable[[Coroutine[Any, Any, Any]], None]) -> None:
         self._db = db
+        self._spawn = spawn
         self._buffer: list[SpanRow] = []
         self.sinks: list[SpanSink] = []
 
@@ -90,26 +91,18 @@ class SpanIngest:
         if not rows:
             return
         self._db.write(lambda conn: store.insert_spans(conn, rows))
-        for sink in self.sinks:
-            sink.spans(rows)
+        if self.sinks:
+            # An attempt's extras are merged into its span, exported with the run's end.
+            spans = [row for row in rows if EXTRAS_SEPARATOR not in row[1]]
+            for sink in self.sinks:
+                sink.spans(spans)
 
-    def run_final(
-        self, run: ActiveRun, status: RunStatus, now: float, error: RunError | None
-    ) -> None:
-        """A run ended: its own span is complete (built only when a sink wants it)."""
-        if not self.sinks:
-            return
-        span = store.run_span(
-            run.id,
-            env=run.env,
-            task_id=run.task_id,
-            status=status,
-            created_at=run.created_at,
-            finished_at=now,
-            version=run.version,
-            tags=run.tags,
-            traceparent=run.traceparent,
-            error=f"{error.name}: {error.message}" if error is not None else None,
-        )
+    def run_recorded(self, run_id: str) -> None:
+        """A run's end is recorded: its own and its attempts' spans are complete."""
+        if self.sinks:
+            self._spawn(self._export_run(run_id))
+
+    async def _export_run(self, run_id: str) -> None:
+        spans = await self._db.read(lambda conn: store.run_and_attempt_spans(conn, run_id))
         for sink in self.sinks:
-            sink.run_ended(span)
+            sink.run_ended(spans)

@@ -131,9 +131,10 @@ class OtlpExporter:
             if row[7]:  # (an open span is sent again when it ends)
                 self._put(span_of_row(row[1:]))
 
-    def run_ended(self, span: Span) -> None:
-        """Queue a run's own span."""
-        self._put(span)
+    def run_ended(self, spans: list[Span]) -> None:
+        """Queue a run's own span and its attempts'."""
+        for span in spans:
+            self._put(span)
 
     def _put(self, span: Span) -> None:
         if len(self._queue) >= MAX_QUEUED:

@@ -95,7 +95,8 @@ class Execute(Message, frozen=True, tag="execute"):
     retry_delay_s: float = 0.0
     # The wait this execution resumes from, replayed from the journal: on_resume fires for it.
     resumed_seq: int = 0
-    # The W3C traceparent of the run's root span: the attempt's span is its child ("": off).
+    # The W3C traceparent naming the attempt's span, which the daemon builds from the attempt's
+    # row: the process's spans are its children ("": tracing is off).
     traceparent: str = ""
 
 
@@ -143,11 +144,14 @@ class Log(Message, frozen=True, tag="log"):
 
 
 class SpanRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
-    """One ended OpenTelemetry span, as a run process reports it.
+    """One ended OpenTelemetry span, as a run process reports it; or an attempt span's extras.
+
+    Extras (what an attempt's code added to the attempt's span, ``child/attempt_span.py``)
+    have the span id ``<attempt span id>:<piece>`` and the attempt's span as their parent.
 
     Attributes:
         trace_id: 32 hex digits.
-        span_id: 16 hex digits.
+        span_id: 16 hex digits (extras: see above).
         parent_id: the parent span's id ("" for a trace's root).
         kind: OTel's SpanKind value (0 internal, 1 server, 2 client, 3 producer, 4 consumer).
         start_ns: the start, in nanoseconds since the epoch (the host's clock).

@@ -254,7 +254,7 @@ async def test_the_trace_tab_draws_the_recorded_spans_live(tui: Any) -> None:
         screen = await open_detail(tui, pilot, handle.id)
         await pilot.press("w")
         view = screen.query_one(TraceView)
-        # While the run executes: the attempt (sent open) and the span that ended already.
+        # While the run executes: the attempt (open) and the span that ended already.
         await tui.until(pilot, lambda: "prepare" in str(view.render()))
         live = str(view.render())
         assert "attempt 1 · executing" in live and "◆" in live  # the log line's mark
