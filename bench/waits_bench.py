@@ -12,7 +12,9 @@ the end of the dump phase to the first restore; park and replay: from all waitin
 deadline) and over the whole run; for CRIU the dump and restore times (p50/p99) the daemon
 recorded in each run's history, the dump phase (first wait held to last image written), and
 the images' size on disk (their folders and the shared bases, ``du``-style, divided by N,
-at the moment most images exist). Prints a Markdown table and one JSON line per strategy.
+at the moment most images exist). Also the CPU per run from the trigger to the last result:
+the daemon's own, and the rest of its tree's (criu, which the daemon reaps, the zygotes, the
+run processes). Prints a Markdown table and one JSON line per strategy.
 
 ``--tmpfs-run`` (root, util-linux ``unshare``) runs each daemon in a private mount namespace
 with a tmpfs on ``/run``, as a systemd host has it: criu keeps its kernel-feature cache
@@ -38,7 +40,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import psutil
 import run
+from drain_cpu import cpu_s
 from ember_bench import register, start_daemon
 
 from ember import Client, Run, Runs, Tasks
@@ -149,6 +153,8 @@ def measure(
         try:
             tasks, runs = Tasks(client), Runs(client)
             sampler.start()
+            daemon = psutil.Process(process.pid)
+            cpu_before = tree_cpu_s(daemon)
             triggered_at = time.time()
             deadline_at = triggered_at + wait_s
             handles = [
@@ -165,6 +171,7 @@ def measure(
                 time.sleep(0.2)
             all_waiting_at = time.time()
             results = [h.result_sync(timeout_s=wait_s + 600) for h in handles]
+            cpu_after = tree_cpu_s(daemon)
             sampler.stopping.set()
             sampler.join()
             lateness = [(resumed - deadline) * 1000 for deadline, resumed in results]
@@ -178,6 +185,8 @@ def measure(
                 "lateness_p50_ms": round(run.percentile(lateness, 50), 1),
                 "lateness_p99_ms": round(run.percentile(lateness, 99), 1),
                 "lateness_max_ms": round(max(lateness), 1),
+                "daemon_cpu_ms_per_run": round((cpu_after[0] - cpu_before[0]) / n * 1000, 1),
+                "others_cpu_ms_per_run": round((cpu_after[1] - cpu_before[1]) / n * 1000, 1),
             }
             figures.update(resume_parts(details, deadline_at))
             held_from, held_to = all_waiting_at, deadline_at
@@ -199,10 +208,15 @@ def measure(
             process.wait(60)
 
 
+def tree_cpu_s(daemon: psutil.Process) -> tuple[float, float]:
+    """CPU seconds of the daemon, and of the rest of its tree, criu commands it reaped too."""
+    own, others = cpu_s(daemon)
+    times = daemon.cpu_times()
+    return own, others + times.children_user + times.children_system
+
+
 def sample(pid: int) -> tuple[int, float]:
     """Count and PSS MiB of the daemon's tree; processes exiting meanwhile are left out."""
-    import psutil
-
     root = psutil.Process(pid)
     pss = []
     for proc in (root, *root.children(recursive=True)):
@@ -306,12 +320,13 @@ def main() -> None:
     print(f"\n{args.n} runs each waiting {args.wait_s:.0f} s to the same instant{where}\n")
     print(
         "| strategy | held: procs / PSS MiB | peak: procs / PSS MiB | lateness p50 / p99 / max ms "
-        "| dump phase s | dump p50 / p99 ms | restore p50 / p99 ms | disk MB per image |"
+        "| dump phase s | dump p50 / p99 ms | restore p50 / p99 ms | disk MB per image "
+        "| CPU ms per run: daemon / rest |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['strategy']} | {r['error']} |||||||")
+            print(f"| {r['strategy']} | {r['error']} ||||||||")
             continue
         criu = r["strategy"] == "criu"
         print(
@@ -325,6 +340,7 @@ def main() -> None:
                 if criu
                 else "- | - | - | - |"
             )
+            + f" {r['daemon_cpu_ms_per_run']} / {r['others_cpu_ms_per_run']} |"
         )
 
 
