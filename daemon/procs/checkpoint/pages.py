@@ -13,8 +13,8 @@ criu-image-streamer. So after a dump the daemon rewrites the page images itself:
   fork's pages come in its zygote's order): compared byte for byte there, a megabyte at a
   time, most images need no hashing at all. Only a page found elsewhere or nowhere is looked
   up by its BLAKE2b digest, in an index of the base's pages made on the first such miss and
-  kept in memory (hashing every page made packing the bench's image ~55 ms of the daemon's
-  CPU, most of it holding the GIL; comparing in place ~5 ms).
+  kept in memory (hashing every page made packing the bench's image 55 ms of the daemon's
+  CPU; comparing in place, 11 ms).
 - Every image (the first too) keeps its ``pages-*.img`` as one ``pages.delta.zst``: for each
   page, the base page it equals or "literal", then the literal pages, all one zstd stream
   (level 1: a level-3 pass took twice as long for 10% less).
