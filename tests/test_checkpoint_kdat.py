@@ -1,6 +1,6 @@
-"""CRIU's kernel-feature cache: `ember doctor` says when criu cannot keep it, as criu finds.
+"""CRIU's kernel-feature cache: `ember doctor` and the daemon say when criu cannot keep it.
 
-Each case runs criu and the doctor in a private mount namespace (``unshare -m``) with a
+Each case runs criu, the doctor or the daemon in a private mount namespace (``unshare -m``) with a
 filesystem of its own on ``/run``: on a tmpfs criu keeps ``/run/criu.kdat``, on a ramfs it
 does not. Skipped, with the reason, wherever `ember doctor` would say checkpoints do not work.
 """
@@ -12,10 +12,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from ember import Call, Client, ClientSettings, DaemonUnavailable
+from ember._types import Health
 from ember.daemon import DaemonConfig
 from ember.daemon.procs.checkpoint.kdat import filesystem_of
 from ember.daemon.procs.checkpoint.support import detect
@@ -76,3 +79,41 @@ def test_doctor_says_whether_criu_keeps_its_cache(
         assert "✗ criu cannot keep its kernel-feature cache: /run is ramfs" in report, report
         assert "re-detects kernel features, ~" in report, report
         assert "mount a tmpfs on /run, as systemd does" in report, report
+
+
+@pytest.mark.criu
+@pytest.mark.skipif(not SUPPORT.ok, reason=f"no working CRIU: {SUPPORT.reason}")
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+@pytest.mark.parametrize(("filesystem", "warnings"), [("tmpfs", 0), ("ramfs", 1)])
+def test_the_daemon_says_it_once_as_it_starts(
+    filesystem: str, warnings: int, tmp_path: Path
+) -> None:
+    socket = tmp_path / "ember.sock"
+    script = f'mount -t {filesystem} none /run && exec "$@"'
+    command = [sys.executable, "-m", "ember.cli", "daemon", "--state-dir", str(tmp_path / "state")]
+    with open(tmp_path / "stderr", "wb") as stderr:
+        daemon = subprocess.Popen(
+            ["unshare", "-m", "sh", "-c", script, "sh", *command, "--socket", str(socket)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=tmp_path,
+        )
+    client = Client(ClientSettings(socket_path=socket))
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # (until it answers: its checkpoints were chosen by then)
+            try:
+                health = client.request_sync(Call("GET", "/healthz", Health))
+                break
+            except DaemonUnavailable:
+                assert daemon.poll() is None, (tmp_path / "stderr").read_text()
+                assert time.monotonic() < deadline, "the daemon did not answer in 60 s"
+                time.sleep(0.05)
+        assert health.checkpoint_strategy == "criu"
+    finally:
+        client.close()
+        daemon.terminate()
+        daemon.wait(60)
+    log = (tmp_path / "stderr").read_text()
+    assert log.count("criu cannot keep its kernel-feature cache") == warnings, log
