@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,21 @@ def archive() -> bytes:
 
 
 def start_daemon(
-    state: Path, socket: Path, *flags: str, cwd: Path | None = None
+    state: Path,
+    socket: Path,
+    *flags: str,
+    cwd: Path | None = None,
+    prefix: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], Client, Health]:
     """``ember daemon`` in its own process; returns once it answers, with its health.
 
-    ``cwd`` is where it finds a ``pyproject.toml`` with ``[tool.ember]`` settings, if any.
+    ``cwd`` is where it finds a ``pyproject.toml`` with ``[tool.ember]`` settings, if any;
+    ``prefix`` a command that ends by exec-ing the daemon's (its PID stays the daemon's).
     """
     state.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-m",
             "ember.cli",

@@ -475,6 +475,7 @@ def tokens_complete(
 def doctor(env: EnvOption = None) -> None:
     """Check this machine: CRIU checkpoints, and the daemon if one runs."""
     from ember._types import Health
+    from ember.daemon.procs.checkpoint.kdat import kdat_cache_problem
     from ember.daemon.procs.checkpoint.support import detect
 
     config = project_config()
@@ -483,6 +484,10 @@ def doctor(env: EnvOption = None) -> None:
     typer.echo(f"{mark} CRIU checkpoints: {support.reason}")
     if support.ok:
         typer.echo(f"  smoke test: dump {support.dump_ms} ms, restore {support.restore_ms} ms")
+        problem = kdat_cache_problem(support.check_ms)
+        typer.echo(
+            f"✗ {problem}" if problem else "✓ criu keeps its kernel-feature cache (/run is a tmpfs)"
+        )
     else:
         typer.echo("  long waits park their process (or use checkpoint = 'replay' to free it)")
     _check_machine_limits(config.machine_limits)

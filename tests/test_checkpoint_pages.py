@@ -18,6 +18,7 @@ from test_checkpoint import TASKS
 from ember import Runs, Tasks
 from ember.daemon import DaemonConfig
 from ember.daemon.procs.checkpoint.pages import (
+    CHUNK_PAGES,
     DELTA_FILE,
     PAGE,
     make_base,
@@ -59,6 +60,29 @@ def test_a_delta_writes_back_every_page_shared_or_not(tmp_path: Path) -> None:
     # The base's own image is all references to it.
     assert pack(first, base).literal_pages == 0
     assert unpack(first, base.file)[0].read_bytes() == _pages(b"a", b"b", b"c", b"d")
+
+
+def test_pages_in_the_bases_order_are_matched_in_place_without_hashing(tmp_path: Path) -> None:
+    # Over two chunks of distinct pages, as a zygote's fork holds them.
+    shared = [os.urandom(PAGE) for _ in range(3 * CHUNK_PAGES + 5)]
+    first, same, changed, shifted = (tmp_path / name for name in ("f", "s", "c", "sh"))
+    for folder in (first, same, changed, shifted):
+        folder.mkdir()
+    (first / "pages-1.img").write_bytes(b"".join(shared))
+    base = make_base(first, tmp_path / "bases")
+    (same / "pages-1.img").write_bytes(b"".join(shared))
+    assert pack(same, base).literal_pages == 0
+    assert base.index is None, "pages where the base has them need no digest index"
+    one_new = [*shared[:300], os.urandom(PAGE), *shared[301:]]
+    (changed / "pages-1.img").write_bytes(b"".join(one_new))
+    # One page more at the front: every page is one later than in the base.
+    later = [os.urandom(PAGE), *shared]
+    (shifted / "pages-1.img").write_bytes(b"".join(later))
+    assert pack(changed, base).literal_pages == 1
+    assert pack(shifted, base).literal_pages == 1
+    assert unpack(same, base.file)[0].read_bytes() == b"".join(shared)
+    assert unpack(changed, base.file)[0].read_bytes() == b"".join(one_new)
+    assert unpack(shifted, base.file)[0].read_bytes() == b"".join(later)
 
 
 def test_a_delta_whose_base_is_gone_is_refused_with_the_reason(tmp_path: Path) -> None:

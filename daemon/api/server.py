@@ -42,6 +42,7 @@ from ember.daemon.ops.logrotate import rotate_logs
 from ember.daemon.ops.otlp import OtlpExporter
 from ember.daemon.ops.systemd import Notifier, keep_posted, listen_sockets, status_line
 from ember.daemon.procs.checkpoint.checkpointer import Checkpointer
+from ember.daemon.procs.checkpoint.kdat import kdat_cache_problem
 from ember.daemon.procs.checkpoint.support import CriuSupport, detect
 from ember.daemon.procs.supervisor import Supervisor
 from ember.daemon.store import keys as keys_store
@@ -244,6 +245,9 @@ class Daemon:
             )
             self.supervisor.pidns = True
             self.checkpoint_strategy = "criu"
+            problem = kdat_cache_problem(self.criu.check_ms)
+            if problem is not None:
+                log.warning(problem)
         elif wanted == "criu":
             raise ConfigError(
                 f"checkpoint = 'criu' but {self.criu.reason}; use checkpoint = 'auto' to park "

@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from ember.daemon.config import DaemonConfig
+from ember.daemon.procs.checkpoint.bases import PageStore
 from ember.daemon.procs.checkpoint.criu import Criu
 from ember.daemon.procs.checkpoint.images import ImageStore
-from ember.daemon.procs.checkpoint.pages import PageStore
 from ember.daemon.procs.checkpoint.plan import Timings, parallelism
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ember.daemon.procs.checkpoint.pages import PageStore
+from ember.daemon.procs.checkpoint.bases import PageStore
 
 if TYPE_CHECKING:
     from ember.daemon.model import ActiveRun, Worker

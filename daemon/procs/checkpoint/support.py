@@ -37,6 +37,8 @@ class CriuSupport:
     version: str | None = None
     dump_ms: float | None = None
     restore_ms: float | None = None
+    # What `criu check` took: most of it is kernel-feature detection when criu has no cache.
+    check_ms: float | None = None
 
 
 def _find_binary(config: DaemonConfig) -> tuple[str | None, str]:
@@ -222,7 +224,9 @@ def detect(config: DaemonConfig) -> CriuSupport:
 
 
 def _check(binary: str, version: str) -> CriuSupport:
+    started = time.perf_counter()
     check = subprocess.run([binary, "check"], capture_output=True, text=True, timeout=30)
+    check_ms = round((time.perf_counter() - started) * 1000, 1)
     if check.returncode != 0:
         return CriuSupport(
             False, f"criu check failed: {check.stderr.strip()[-300:]}", binary, version
@@ -239,6 +243,7 @@ def _check(binary: str, version: str) -> CriuSupport:
         version,
         round(dump_ms, 1),
         round(restore_ms, 1),
+        check_ms,
     )
 
 
@@ -258,6 +263,7 @@ def _read_cache(cache: Path, key: str) -> CriuSupport | None:
             reason=str(verdict["reason"]),
             dump_ms=verdict.get("dump_ms"),
             restore_ms=verdict.get("restore_ms"),
+            check_ms=verdict.get("check_ms"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -269,6 +275,7 @@ def _write_cache(cache: Path, key: str, support: CriuSupport) -> None:
         "reason": support.reason,
         "dump_ms": support.dump_ms,
         "restore_ms": support.restore_ms,
+        "check_ms": support.check_ms,
     }
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
