@@ -149,6 +149,37 @@ async def test_a_failed_dump_is_retried_once_then_the_run_falls_back(
 
 @pytest.mark.criu
 @criu_only
+async def test_past_max_parked_processes_a_run_whose_dumps_fail_replays(
+    state_dir: Path, flaky_criu: tuple[Path, Path]
+) -> None:
+    wrapper, arm = flaky_criu
+    async with running_daemon(
+        state_dir,
+        checkpoint="criu",
+        wait_park_threshold_s=0.5,
+        criu_path=str(wrapper),
+        max_parked_processes=0,
+    ) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        arm.write_text("2")
+        handle = await Tasks(h.client).trigger("remember", {"s": 1})
+        done = await h.wait(handle.id)
+        history = [s.description for s in done.snapshots]
+        assert any("failed again" in d and "held by replay instead" in d for d in history)
+        assert not any(d.startswith("checkpointed:") for d in history), history
+        # Its process is gone: a new one re-executed the run from its journal, drawing a new
+        # secret before the wait (which the journal answered) and returning that one.
+        lines = (await Runs(h.client).logs(handle.id)).data
+        secrets = [line.attrs["secret"] for line in lines if line.message == "before the wait"]
+        assert len(secrets) == 2 and done.output_as()["secret"] == float(secrets[-1])
+        counts = (await _health(h)).checkpoint_counters
+        assert counts == {"dump_failures": 2, "fallbacks_replay": 1}, counts
+        report = await asyncio.to_thread(doctor, state_dir, h.config.socket_path)
+        assert "fell back to park 0, to replay 1" in report, report
+
+
+@pytest.mark.criu
+@criu_only
 async def test_a_wait_over_before_its_dump_starts_is_not_dumped(
     state_dir: Path, flaky_criu: tuple[Path, Path]
 ) -> None:
@@ -162,7 +193,7 @@ async def test_a_wait_over_before_its_dump_starts_is_not_dumped(
         tasks = Tasks(h.client)
         handles = [await tasks.trigger("remember", {"s": 1}) for _ in range(parallelism() + 1)]
         runs = Runs(h.client)
-        skipped = 0
+        skipped = called_off = 0
         for handle in handles:
             done = await h.wait(handle.id)
             lines = (await runs.logs(handle.id)).data
@@ -170,9 +201,20 @@ async def test_a_wait_over_before_its_dump_starts_is_not_dumped(
             history = [s.description for s in done.snapshots]
             if not any(d.startswith("checkpointed:") for d in history):
                 skipped += 1
-                # (woken, it reconnects as a restored process does: on_worker_back resumes it)
-                assert "restored from its checkpoint" in history, history
+                # (woken, it reconnects as a restored process does, and says it never was one)
+                assert (
+                    "resumed in its process: the wait was over before its checkpoint began"
+                    in history
+                ), history
+                assert "restored from its checkpoint" not in history, history
+                if not any(d.startswith("checkpoint failed") for d in history):
+                    # Its dump, queued for a slot, was called off as the wait ended: the run
+                    # did not wait for a slot (5 s) to be told it needs no dump.
+                    called_off += 1
+                    assert done.finished_at is not None
+                    assert (done.finished_at - done.created_at).total_seconds() < 4, history
                 assert not any(d.startswith("restored its process") for d in history), history
         counts = (await _health(h)).checkpoint_counters
         assert skipped == counts["dumps_not_needed"] >= 1, counts
+        assert called_off >= 1, counts
         assert counts["dumps"] + skipped == len(handles), counts

@@ -173,7 +173,14 @@ class Holds(EnginePart):
         if run.status is RunStatus.DEQUEUED and run.resume is not None:
             worker.parked = None
             run.parked = None
-            self.lifecycle.resume_on(run, worker, "restored from its checkpoint")
+            # (a restored process has no zygote; one woken before its dump started was never
+            # checkpointed: its wait was over first)
+            how = (
+                "restored from its checkpoint"
+                if worker.zygote is None
+                else "resumed in its process: the wait was over before its checkpoint began"
+            )
+            self.lifecycle.resume_on(run, worker, how)
             return
         if run.status is RunStatus.DEQUEUED and run.wait is None:
             # Checkpointed mid-execution by a shutdown drain, it carries on where it stood; or

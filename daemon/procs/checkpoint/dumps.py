@@ -24,6 +24,7 @@ from ember.daemon.procs.checkpoint.context import CheckpointContext, CheckpointP
 from ember.daemon.procs.checkpoint.criu import DUMP_TIMEOUT_S, dump_args
 from ember.daemon.procs.checkpoint.images import write_private
 from ember.daemon.procs.checkpoint.manifest import MANIFEST_FILE, record
+from ember.daemon.procs.checkpoint.plan import CALIBRATED_AFTER, RESTORE_MARGIN_S, SAFETY
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.daemon")
 
 READY_TIMEOUT_S = 20.0
-# What _run answers when the run's wait ended before its dump could start.
-NOT_NEEDED = "its wait is over: no dump needed"
+# What _run answers when the run's wait ended, or ends too soon, for its dump to be worth it.
+NOT_NEEDED = "its wait is over, or nearly: no dump needed"
 # A failed dump is tried again after this (its cause may pass: a process fd not there yet).
 DUMP_RETRY_DELAY_S = 0.2
 
@@ -51,29 +52,78 @@ class Dumps(CheckpointPart):
         self._counters = ctx.counters
         self._max_parked = ctx.config.max_parked_processes
         self._slots = asyncio.Semaphore(ctx.dump_parallel)
+        self._restore_times = ctx.restore_times
         # The dumps under way, by run id: each resolves to whether it succeeded.
         self._pending: dict[str, asyncio.Future[bool]] = {}
+        # Dumps waiting for a slot, by run id: resolving one calls it off.
+        self._queued: dict[str, asyncio.Future[None]] = {}
 
     def pending(self, run_id: str) -> asyncio.Future[bool] | None:
         """The run's dump under way, if there is one (a restore waits for it to end)."""
         return self._pending.get(run_id)
+
+    def call_off(self, run_id: str) -> None:
+        """The run's wait is over: its dump, if it still waits for a slot, does not run."""
+        queued = self._queued.get(run_id)
+        if queued is not None and not queued.done():
+            queued.set_result(None)
 
     async def _run(
         self, args: list[str], images: Path, log_name: str, run: ActiveRun | None = None
     ) -> tuple[str | None, float]:
         """Run criu in a slot; return (None on success else the reason, milliseconds taken).
 
-        With ``run``, nothing runs if its wait is over by the time a slot is free: when a
-        burst's dumps take longer than its waits, dumping a process only to restore it at
-        once cost a dump and a restore for nothing.
+        With ``run``, nothing runs if its wait is over before a slot is free, or if it ends
+        before a dump and a restore could both be done: when a burst's dumps take longer than
+        its waits, dumping a process only to restore it at once cost a dump and a restore for
+        nothing, and the run resumed late behind the dumps queued before it.
         """
-        async with self._slots:
-            if run is not None and run.status is not RunStatus.WAITING:
+        if run is not None and not await self._slot_for(run):
+            return NOT_NEEDED, 0.0
+        if run is None:
+            await self._slots.acquire()
+        try:
+            if run is not None and not self._worth_dumping(run):
                 return NOT_NEEDED, 0.0
             error, elapsed_ms = await self._criu.run(args, images, log_name, DUMP_TIMEOUT_S)
+        finally:
+            self._slots.release()
         if error is None:
             self._times.add(elapsed_ms / 1000)
         return error, elapsed_ms
+
+    async def _slot_for(self, run: ActiveRun) -> bool:
+        """Take a dump slot for ``run``; False (none taken) if its dump is called off first."""
+        if run.status is not RunStatus.WAITING:
+            return False  # (over while the process got ready: called off before it queued)
+        called_off: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued[run.id] = called_off
+        slot = asyncio.ensure_future(self._slots.acquire())
+        try:
+            await asyncio.wait((slot, called_off), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # (the daemon stops)
+            if slot.done() and not slot.cancelled():
+                self._slots.release()
+            raise
+        finally:
+            self._queued.pop(run.id, None)
+            if not slot.done():
+                slot.cancel()  # (a semaphore hands a slot it gave a canceled waiter on)
+        got = slot.done() and not slot.cancelled()
+        if got and called_off.done():
+            self._slots.release()
+            return False
+        return got
+
+    def _worth_dumping(self, run: ActiveRun) -> bool:
+        """The run still waits, and long enough for its dump and its restore to fit."""
+        if run.status is not RunStatus.WAITING:
+            return False
+        wait = run.wait
+        if wait is None or wait.resume_at is None or self._times.measured < CALIBRATED_AFTER:
+            return True  # (a token or a child: no deadline; or no measured times to plan on)
+        round_trip_s = (self._times.estimate() + self._restore_times.estimate()) * SAFETY
+        return wait.resume_at - self._engine.clock() > round_trip_s + RESTORE_MARGIN_S
 
     async def checkpoint(self, run: ActiveRun, worker: Worker) -> bool:
         """Suspend the run's process and dump it; True if it was, else it stays parked."""

@@ -90,6 +90,8 @@ class Restores(CheckpointPart):
         try:
             pending = self._dumps.pending(run.id)
             if pending is not None:
+                # A dump still waiting for a slot is not needed now (the process stays).
+                self._dumps.call_off(run.id)
                 await asyncio.shield(pending)  # (outside a slot: the dump needs one)
             # A run whose process was never dumped (or is back) queues for no restore slot:
             # behind a burst's restores, such runs waited seconds for nothing.
