@@ -58,6 +58,33 @@ def test_restores_ahead_start_early_enough_for_the_whole_queue() -> None:
     assert capped.next_start() == pytest.approx(100.0 - 50 * 0.4 * SAFETY - RESTORE_MARGIN_S)
 
 
+def test_a_dump_is_planned_only_if_its_restore_can_be_back_in_time() -> None:
+    timings = Timings(0.1)
+    for _ in range(CALIBRATED_AFTER):
+        timings.add(0.1)
+    each = 0.1 * SAFETY
+    plan = RestorePlan(parallel=2, timings=timings, depth=100)
+    # Alone: it fits while the deadline leaves room for its dump (0.5 s), one restore and
+    # the margin.
+    assert plan.fits(10.0, now=0.0, lead_s=0.5)
+    assert not plan.fits(0.5 + RESTORE_MARGIN_S + each / 2 - 0.01, now=0.0, lead_s=0.5)
+    # Restore slots: 40 images due by t=3 take 20 rounds of 0.125 s (2.5 s), more than the
+    # 2.25 s left once a dump made now is done and the margin kept; by t=10 there is room.
+    for i in range(40):
+        plan.push(3.0, f"run{i}")
+    assert not plan.fits(3.0, now=0.0, lead_s=0.5)
+    assert plan.fits(10.0, now=0.0, lead_s=0.5)
+    # Room: 100 due in the same second must be alive together; the 101st is not dumped, but
+    # one a minute later is (the first hundred resumed by then).
+    for i in range(60):
+        plan.push(100.0, f"late{i}")
+    assert plan.fits(100.0, now=0.0, lead_s=0.5)
+    for i in range(40):
+        plan.push(100.5, f"later{i}")
+    assert not plan.fits(100.5, now=0.0, lead_s=0.5)
+    assert plan.fits(160.0, now=0.0, lead_s=0.5)
+
+
 @pytest.mark.criu
 @criu_only
 async def test_restored_processes_are_not_kept_idle(state_dir: Path) -> None:

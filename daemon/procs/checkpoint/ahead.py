@@ -48,6 +48,11 @@ class RestoreAhead:
         self._ahead_task: asyncio.Task[None] | None = None
         self._ahead_restores: set[asyncio.Task[None]] = set()
 
+    def fits(self, deadline: float, lead_s: float) -> bool:
+        """Whether an image due at ``deadline``, made ``lead_s`` from now, could be restored
+        ahead of it (:meth:`~.plan.RestorePlan.fits`)."""
+        return self._ahead.fits(deadline, self._engine.clock(), lead_s)
+
     def plan(self, run: ActiveRun) -> None:
         """Plan to restore a run waiting for a deadline before it comes, so it resumes on time."""
         wait = run.wait

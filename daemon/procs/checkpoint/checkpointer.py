@@ -48,6 +48,7 @@ class Checkpointer:
         self._dumps = Dumps(ctx)
         self._restores = Restores(ctx, self._dumps)
         self._ahead = RestoreAhead(ctx, self._restores)
+        self._dumps.restorable = self._ahead.fits  # (a dump whose restore cannot be in time)
         images = ctx.images
         # What the engine calls, answered by the part that owns it.
         self.checkpoint_executing = self._dumps.checkpoint_executing

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from ember.daemon.procs.checkpoint.context import CheckpointContext, CheckpointP
 from ember.daemon.procs.checkpoint.criu import DUMP_TIMEOUT_S, dump_args
 from ember.daemon.procs.checkpoint.images import write_private
 from ember.daemon.procs.checkpoint.manifest import MANIFEST_FILE, record
-from ember.daemon.procs.checkpoint.plan import CALIBRATED_AFTER, RESTORE_MARGIN_S, SAFETY
+from ember.daemon.procs.checkpoint.plan import CALIBRATED_AFTER, SAFETY
 from ember.daemon.store import runs as store
 
 if TYPE_CHECKING:
@@ -52,7 +53,9 @@ class Dumps(CheckpointPart):
         self._counters = ctx.counters
         self._max_parked = ctx.config.max_parked_processes
         self._slots = asyncio.Semaphore(ctx.dump_parallel)
-        self._restore_times = ctx.restore_times
+        # Whether an image due at a deadline, made so long from now, could be restored in time
+        # (the restore plan's; set by the checkpointer).
+        self.restorable: Callable[[float, float], bool] = lambda deadline, lead_s: True
         # The dumps under way, by run id: each resolves to whether it succeeded.
         self._pending: dict[str, asyncio.Future[bool]] = {}
         # Dumps waiting for a slot, by run id: resolving one calls it off.
@@ -116,14 +119,13 @@ class Dumps(CheckpointPart):
         return got
 
     def _worth_dumping(self, run: ActiveRun) -> bool:
-        """The run still waits, and long enough for its dump and its restore to fit."""
+        """The run still waits, and its image could be restored before its deadline."""
         if run.status is not RunStatus.WAITING:
             return False
         wait = run.wait
         if wait is None or wait.resume_at is None or self._times.measured < CALIBRATED_AFTER:
             return True  # (a token or a child: no deadline; or no measured times to plan on)
-        round_trip_s = (self._times.estimate() + self._restore_times.estimate()) * SAFETY
-        return wait.resume_at - self._engine.clock() > round_trip_s + RESTORE_MARGIN_S
+        return self.restorable(wait.resume_at, self._times.estimate() * SAFETY)
 
     async def checkpoint(self, run: ActiveRun, worker: Worker) -> bool:
         """Suspend the run's process and dump it; True if it was, else it stays parked."""
@@ -211,8 +213,11 @@ class Dumps(CheckpointPart):
         if error == NOT_NEEDED:
             shutil.rmtree(images, ignore_errors=True)
             self._counters["dumps_not_needed"] += 1
-            _wake(worker.pid)  # it reconnects and resumes, never dumped
-            self._keep_parked(run)
+            if run.status is RunStatus.WAITING:
+                self._hold_undumped(run, worker)
+            else:
+                _wake(worker.pid)  # it reconnects and resumes, never dumped
+                self._keep_parked(run)
             return False
         if error is not None:
             shutil.rmtree(images, ignore_errors=True)
@@ -274,6 +279,24 @@ class Dumps(CheckpointPart):
         log.warning("checkpoint of run %s failed again (%s); held by %s", run.id, reason, how)
         self._engine.note(
             run, Snapshot.SUSPENDED, f"checkpoint failed again ({reason}); held by {how} instead"
+        )
+
+    def _hold_undumped(self, run: ActiveRun, worker: Worker) -> None:
+        """Its image could not be back before the deadline: hold it by park, else replay."""
+        assert worker.pid is not None
+        if self._supervisor.parked_count() <= self._max_parked:
+            how = "park"
+            _wake(worker.pid)  # it reconnects and parks until the wait is over
+            self._keep_parked(run)
+        else:
+            how = "replay"
+            worker.parked = None
+            self._supervisor.kill(worker)
+            self._engine.replay_instead(run)
+        self._engine.note(
+            run,
+            Snapshot.SUSPENDED,
+            f"not checkpointed: its restore could not be back before its deadline; held by {how}",
         )
 
     def _keep_parked(self, run: ActiveRun) -> None:

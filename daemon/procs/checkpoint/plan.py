@@ -110,3 +110,18 @@ class RestorePlan:
             deadline - (rank // self._parallel + 1) * each - RESTORE_MARGIN_S
             for rank, (deadline, _) in enumerate(sorted(self._heap)[: self._depth])
         )
+
+    def fits(self, deadline: float, now: float, lead_s: float) -> bool:
+        """Whether one more image due at ``deadline``, made ``lead_s`` from now (its dump),
+        could be restored before it comes.
+
+        Every image due by then needs a restore slot before then, and those due within the
+        same second need room together (``depth``): past either, a dump only makes the run
+        late, where its process, kept, resumes it at once.
+        """
+        due = [d for d, _ in self._heap if d <= deadline]
+        slots = self._parallel * (deadline - RESTORE_MARGIN_S - now - lead_s) / self.each_s()
+        if len(due) + 1 > slots:
+            return False
+        together = sum(1 for d in due if d > deadline - 1.0)
+        return self._depth is None or together + 1 <= self._depth
