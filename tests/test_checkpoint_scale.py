@@ -83,6 +83,11 @@ def test_a_dump_is_planned_only_if_its_restore_can_be_back_in_time() -> None:
         plan.push(100.5, f"later{i}")
     assert not plan.fits(100.5, now=0.0, lead_s=0.5)
     assert plan.fits(160.0, now=0.0, lead_s=0.5)
+    # Processes restored ahead already hold room while their deadline is near, not later.
+    soon = RestorePlan(parallel=2, timings=timings, depth=100)
+    assert soon.fits(5.0, now=0.0, lead_s=0.5, alive=99)
+    assert not soon.fits(5.0, now=0.0, lead_s=0.5, alive=100)
+    assert soon.fits(60.0, now=0.0, lead_s=0.5, alive=100)  # (they are gone by then)
 
 
 @pytest.mark.criu

@@ -51,7 +51,8 @@ class RestoreAhead:
     def fits(self, deadline: float, lead_s: float) -> bool:
         """Whether an image due at ``deadline``, made ``lead_s`` from now, could be restored
         ahead of it (:meth:`~.plan.RestorePlan.fits`)."""
-        return self._ahead.fits(deadline, self._engine.clock(), lead_s)
+        alive = self._images.kept_count() + len(self._ahead_restores)
+        return self._ahead.fits(deadline, self._engine.clock(), lead_s, alive)
 
     def plan(self, run: ActiveRun) -> None:
         """Plan to restore a run waiting for a deadline before it comes, so it resumes on time."""

@@ -111,17 +111,24 @@ class RestorePlan:
             for rank, (deadline, _) in enumerate(sorted(self._heap)[: self._depth])
         )
 
-    def fits(self, deadline: float, now: float, lead_s: float) -> bool:
+    def fits(self, deadline: float, now: float, lead_s: float, alive: int = 0) -> bool:
         """Whether one more image due at ``deadline``, made ``lead_s`` from now (its dump),
         could be restored before it comes.
 
         Every image due by then needs a restore slot before then, and those due within the
-        same second need room together (``depth``): past either, a dump only makes the run
-        late, where its process, kept, resumes it at once.
+        same second need room together (``depth``), with the ``alive`` processes restored
+        ahead already if the deadline is near enough for them to be alive still: past
+        either, a dump only makes the run late, where its process, kept, resumes it at once.
         """
+        each = self.each_s()
         due = [d for d, _ in self._heap if d <= deadline]
-        slots = self._parallel * (deadline - RESTORE_MARGIN_S - now - lead_s) / self.each_s()
+        slots = self._parallel * (deadline - RESTORE_MARGIN_S - now - lead_s) / each
         if len(due) + 1 > slots:
             return False
+        if self._depth is None:
+            return True
         together = sum(1 for d in due if d > deadline - 1.0)
-        return self._depth is None or together + 1 <= self._depth
+        # (those restored ahead now are due within the plan's longest lead)
+        if deadline - now <= self._depth / self._parallel * each + RESTORE_MARGIN_S + 1.0:
+            together += alive
+        return together + 1 <= self._depth
