@@ -82,6 +82,7 @@ def test_a_dump_is_planned_only_if_its_restore_can_be_back_in_time() -> None:
     for i in range(40):
         plan.push(100.5, f"later{i}")
     assert not plan.fits(100.5, now=0.0, lead_s=0.5)
+    assert not plan.fits(99.9, now=0.0, lead_s=0.5)  # (those due just after it count too)
     assert plan.fits(160.0, now=0.0, lead_s=0.5)
     # Processes restored ahead already hold room while their deadline is near, not later.
     soon = RestorePlan(parallel=2, timings=timings, depth=100)

@@ -115,19 +115,20 @@ class RestorePlan:
         """Whether one more image due at ``deadline``, made ``lead_s`` from now (its dump),
         could be restored before it comes.
 
-        Every image due by then needs a restore slot before then, and those due within the
-        same second need room together (``depth``), with the ``alive`` processes restored
+        Every image due by then needs a restore slot before then, and those due within a
+        second of it need room together (``depth``), with the ``alive`` processes restored
         ahead already if the deadline is near enough for them to be alive still: past
         either, a dump only makes the run late, where its process, kept, resumes it at once.
         """
         each = self.each_s()
-        due = [d for d, _ in self._heap if d <= deadline]
+        due = sum(1 for d, _ in self._heap if d <= deadline)
         slots = self._parallel * (deadline - RESTORE_MARGIN_S - now - lead_s) / each
-        if len(due) + 1 > slots:
+        if due + 1 > slots:
             return False
         if self._depth is None:
             return True
-        together = sum(1 for d in due if d > deadline - 1.0)
+        # (due within a second of it, either side: alive together around it)
+        together = sum(1 for d, _ in self._heap if abs(d - deadline) < 1.0)
         # (those restored ahead now are due within the plan's longest lead)
         if deadline - now <= self._depth / self._parallel * each + RESTORE_MARGIN_S + 1.0:
             together += alive
