@@ -65,6 +65,8 @@ class DaemonConfig:
             it was restoring, and the run re-executes from its journal.
         max_restored_ahead: processes restored ahead of their deadline (parked until it
             comes) alive at once; each holds its own memory again (~16 MB for the bench's).
+            Timed waits ending within the same second are dumped only up to this many (the
+            rest keep their process), since no more could be back in time.
         machine_limits: how run processes are held to their machine presets: ``auto`` (a
             cgroup per process where cgroups are writable, else rlimits), ``cgroup`` (refuse
             to start without), ``rlimit`` (memory only) or ``off``.
