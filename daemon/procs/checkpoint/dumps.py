@@ -265,16 +265,7 @@ class Dumps(CheckpointPart):
 
     def _fall_back(self, run: ActiveRun, worker: Worker, reason: str) -> None:
         """Its dump failed twice: the run is held by parking its process, else by replay."""
-        assert worker.pid is not None
-        if self._supervisor.parked_count() <= self._max_parked:
-            how = "park"
-            _wake(worker.pid)  # CRIU left it running: it reconnects and parks
-            self._keep_parked(run)
-        else:
-            how = "replay"
-            worker.parked = None
-            self._supervisor.kill(worker)
-            self._engine.replay_instead(run)
+        how = self._hold_alive_or_replay(run, worker)
         self._counters[f"fallbacks_{how}"] += 1
         log.warning("checkpoint of run %s failed again (%s); held by %s", run.id, reason, how)
         self._engine.note(
@@ -283,21 +274,25 @@ class Dumps(CheckpointPart):
 
     def _hold_undumped(self, run: ActiveRun, worker: Worker) -> None:
         """Its image could not be back before the deadline: hold it by park, else replay."""
-        assert worker.pid is not None
-        if self._supervisor.parked_count() <= self._max_parked:
-            how = "park"
-            _wake(worker.pid)  # it reconnects and parks until the wait is over
-            self._keep_parked(run)
-        else:
-            how = "replay"
-            worker.parked = None
-            self._supervisor.kill(worker)
-            self._engine.replay_instead(run)
+        how = self._hold_alive_or_replay(run, worker)
         self._engine.note(
             run,
             Snapshot.SUSPENDED,
             f"not checkpointed: its restore could not be back before its deadline; held by {how}",
         )
+
+    def _hold_alive_or_replay(self, run: ActiveRun, worker: Worker) -> str:
+        """Keep the undumped process parked, or past ``max_parked_processes`` let the run
+        replay; which ("park" or "replay")."""
+        assert worker.pid is not None
+        if self._supervisor.parked_count() <= self._max_parked:
+            _wake(worker.pid)  # (criu left it as it was, or never ran): it reconnects, parks
+            self._keep_parked(run)
+            return "park"
+        worker.parked = None
+        self._supervisor.kill(worker)
+        self._engine.replay_instead(run)
+        return "replay"
 
     def _keep_parked(self, run: ActiveRun) -> None:
         """The process could not be dumped: it stays alive, holding the run."""
