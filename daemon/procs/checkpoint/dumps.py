@@ -3,7 +3,9 @@
 The run process closes every socket and parks on SIGUSR1 (``Suspend``); criu dumps it with
 ``--tcp-close`` into a 0700 folder (which kills it) and the daemon frees everything it held.
 When a dump fails, CRIU leaves the process running: it is tried once more, then the process is
-woken and simply stays parked (or, past ``max_parked_processes``, the run replays instead).
+woken and simply stays parked (or, past ``max_parked_processes``, the run replays instead). A
+process is held the same way, never dumped, when the restore plan could not bring its image
+back before its deadline; and a dump still queued for a slot when the wait ends is called off.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.daemon")
 
 READY_TIMEOUT_S = 20.0
-# What _run answers when the run's wait ended, or ends too soon, for its dump to be worth it.
-NOT_NEEDED = "its wait is over, or nearly: no dump needed"
+# What _run answers when the run's wait is over, or its image could not be back in time.
+NOT_NEEDED = "no dump needed: its wait is over, or its restore could not be in time"
 # A failed dump is tried again after this (its cause may pass: a process fd not there yet).
 DUMP_RETRY_DELAY_S = 0.2
 
@@ -76,10 +78,10 @@ class Dumps(CheckpointPart):
     ) -> tuple[str | None, float]:
         """Run criu in a slot; return (None on success else the reason, milliseconds taken).
 
-        With ``run``, nothing runs if its wait is over before a slot is free, or if it ends
-        before a dump and a restore could both be done: when a burst's dumps take longer than
-        its waits, dumping a process only to restore it at once cost a dump and a restore for
-        nothing, and the run resumed late behind the dumps queued before it.
+        With ``run``, nothing runs if its wait is over before a slot is free (its dump is
+        called off), or if the restore plan could not bring its image back before the
+        deadline: when a burst's dumps take longer than its waits, dumping a process only to
+        restore it late cost a dump and a restore for nothing, and the run resumed late.
         """
         if run is not None and not await self._slot_for(run):
             return NOT_NEEDED, 0.0
