@@ -8,11 +8,13 @@ daemon recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from ember import Call, Client, ClientSettings, Runs, RunStatus, Tasks
 from ember._types import VersionInfo
 from ember.daemon.child.lifeline import ProcessIdentity
 from ember.daemon.procs.protocol import MAX_LOG_LINE_BYTES
+from ember.daemon.procs.supervisor.exits import _descendants
 
 TASKS = {
     "tasks/__init__.py": "",
@@ -85,6 +88,11 @@ TASKS = {
             pids = spawn(payload["count"])
             record(payload["ledger"], " ".join(map(str, pids)))
             await wait.for_(seconds=120)
+
+        @task(id="stuck_forker")
+        def stuck_forker(payload: dict) -> None:
+            record(payload["ledger"], " ".join(map(str, spawn(payload["count"]))))
+            time.sleep(300)  # until the daemon kills it: past its max_duration_s
 
         @task(id="chatty")
         def chatty(payload: dict) -> int:
@@ -204,6 +212,54 @@ async def test_what_a_task_forks_is_gone_when_its_attempt_ends(life: Harness) ->
     assert len(pids) == 200
     # Killed and reaped before the attempt reported its end: no waiting needed.
     assert [pid for pid in pids if alive(pid)] == []
+
+
+def test_a_process_tree_is_found_below_its_root() -> None:
+    # What the daemon kills with a run process: its tree, read from each thread's children
+    # list (two levels here, one process in a session of its own), as psutil walks it.
+    root = subprocess.Popen(
+        ["sh", "-c", 'sh -c "sleep 30 & setsid sleep 30 & wait" & sleep 30 & wait'],
+        start_new_session=True,
+    )
+    try:
+
+        def tree() -> set[int]:
+            return {p.pid for p in psutil.Process(root.pid).children(recursive=True)}
+
+        deadline = time.monotonic() + 10
+        while len(tree()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(tree()) == 4
+        assert sorted(_descendants(root.pid)) == sorted(tree())
+        assert _descendants(2**22 + 1) == []  # (no such process)
+    finally:
+        below = _descendants(root.pid)  # (before the kill: orphans leave the tree)
+        os.killpg(root.pid, signal.SIGKILL)
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        root.wait()
+
+
+@pytest.mark.timeout(60)
+async def test_what_a_process_the_daemon_kills_had_forked_dies_with_it(
+    life: Harness, tmp_path: Path
+) -> None:
+    # The daemon kills the run process over its max_duration_s, from outside: everything the
+    # task started goes with it (own sessions and double forks included), found by the tree.
+    ledger = tmp_path / "ledger"
+    handle = await Tasks(life.client).trigger(
+        "stuck_forker",
+        {"ledger": str(ledger), "count": 30},
+        max_duration_s=2.0,
+        max_attempts=1,
+    )
+    await eventually(ledger.exists, timeout_s=20)
+    pids = [int(pid) for pid in ledger.read_text().split()]
+    assert len(pids) == 30 and all(alive(pid) for pid in pids)
+    run = await life.wait(handle.id)
+    assert run.status is RunStatus.TIMED_OUT, run.error
+    await eventually(lambda: not any(alive(pid) for pid in pids), timeout_s=10)
 
 
 @pytest.mark.timeout(90)

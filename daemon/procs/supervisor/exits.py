@@ -85,17 +85,15 @@ class Exits(SupervisorPart):
         """
         if worker.pid is None or (worker.pidfd is not None and _exited(worker.pidfd)):
             return
-        descendants: list[psutil.Process] = []
-        with contextlib.suppress(psutil.Error):
-            descendants = psutil.Process(worker.pid).children(recursive=True)
+        descendants = _descendants(worker.pid)
         if worker.pidfd is not None:
             # Alive, so its PID (its group's id) is still its own.
             with contextlib.suppress(OSError):
                 os.killpg(worker.pid, signal.SIGKILL)
         self.send_signal(worker, signal.SIGKILL)
-        for process in descendants:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
+        for pid in descendants:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def collect(self, worker: Worker) -> None:
         """A restored process (the daemon's own child) exited."""
@@ -221,6 +219,39 @@ def drain(transport: asyncio.Transport) -> None:
         if not data or transport.is_closing():
             return
         protocol.data_received(data)
+
+
+# Whether this kernel lists each thread's children (CONFIG_PROC_CHILDREN).
+_CHILDREN_LISTED = Path(f"/proc/self/task/{os.getpid()}/children").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The PIDs below ``pid`` now: its children, theirs, and so on.
+
+    Read from each thread's ``children`` list, one small read per process of the tree.
+    psutil's walk reads every process of the host for its parent instead, ~10 ms with 2,000
+    processes: a burst of 1,000 run processes ending paid it on the loop 1,000 times.
+    """
+    if not _CHILDREN_LISTED:
+        with contextlib.suppress(psutil.Error):
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        return []
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            threads = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # (it exited meanwhile)
+        for thread in threads:
+            try:
+                children = Path(f"/proc/{parent}/task/{thread}/children").read_text().split()
+            except OSError:
+                continue
+            found.extend(map(int, children))
+            todo.extend(map(int, children))
+    return found
 
 
 def _exited(pidfd: int) -> bool:
