@@ -345,7 +345,7 @@ class Dispatch(EnginePart):
                 last_attempt=run.attempt - run.interruptions >= run.max_attempts,
                 retry_delay_s=run.retry.delay_s(run.attempt - run.interruptions),
                 resumed_seq=resumed_seq,
-                traceparent=execute_traceparent(run.id, run.traceparent, run.attempt),
+                traceparent=execute_traceparent(run) if self.config.tracing else "",
             )
         )
         self.lifecycle.publish(run)

@@ -167,7 +167,8 @@ class Lifecycle(EnginePart):
 
         future = self.write_until_recorded(run, write, f"the end of {run.id}")
         future.add_done_callback(lambda _: self.forget(run, run.status, error))
-        future.add_done_callback(lambda _: self.ctx.traces.run_recorded(run.id))
+        if self.ctx.traces.sinks:  # (the exporters get its spans once its end is recorded)
+            future.add_done_callback(lambda _: self.ctx.traces.run_recorded(run.id))
         if alert:
             future.add_done_callback(lambda _: self.alerts.wake())
         return future

@@ -98,9 +98,8 @@ class SpanIngest:
                 sink.spans(spans)
 
     def run_recorded(self, run_id: str) -> None:
-        """A run's end is recorded: its own and its attempts' spans are complete."""
-        if self.sinks:
-            self._spawn(self._export_run(run_id))
+        """A run's end is recorded: its own and its attempts' spans go to the sinks."""
+        self._spawn(self._export_run(run_id))
 
     async def _export_run(self, run_id: str) -> None:
         spans = await self._db.read(lambda conn: store.run_and_attempt_spans(conn, run_id))

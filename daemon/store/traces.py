@@ -21,6 +21,7 @@ import msgspec
 
 from ember._trace_types import EXTRAS_SEPARATOR, RunTrace, Span, SpanEvent, SpanStatus
 from ember._types import RunError, RunStatus
+from ember.daemon.model import ActiveRun
 
 _STATUS: dict[int, SpanStatus] = {0: "UNSET", 1: "OK", 2: "ERROR"}
 _attrs_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -56,10 +57,11 @@ def attempt_span_id(run_id: str, number: int) -> str:
     return hashlib.sha256(f"{run_id}#{number}".encode()).hexdigest()[:16]
 
 
-def execute_traceparent(run_id: str, traceparent: str | None, attempt: int) -> str:
-    """The traceparent naming an attempt's span, for the spans of its process to hang under."""
-    trace_id, _, _ = run_trace_ids(run_id, traceparent)
-    return f"00-{trace_id}-{attempt_span_id(run_id, attempt)}-01"
+def execute_traceparent(run: ActiveRun) -> str:
+    """The traceparent naming the span of the run's attempt, for the spans of its process to
+    hang under (sent only where run processes trace: it costs two hashes)."""
+    trace_id, _, _ = run_trace_ids(run.id, run.traceparent)
+    return f"00-{trace_id}-{attempt_span_id(run.id, run.attempt)}-01"
 
 
 # (run_id, span_id, trace_id, parent_id, name, kind, start_ns, end_ns, status,
