@@ -73,6 +73,7 @@ TASKS = {
         @task(id="quiet")
         async def quiet(payload: dict) -> None:
             trace.get_current_span().set_attribute("quiet.step", payload["step"])
+            logger.info("quiet now")
             await asyncio.sleep(3600)  # no span of its own, no wait: its attempt's span alone
     """,
 }
@@ -256,7 +257,11 @@ async def test_a_long_attempt_shows_in_its_trace_while_it_runs(h: Harness) -> No
         spans = _by_name(await runs.trace(handle.id))
         return "Attempt 1" in spans and spans["Attempt 1"].end_ns is None
 
+    async def task_is_quiet() -> bool:  # (past its set_attribute: the attempt row comes first)
+        return any(line.message == "quiet now" for line in (await runs.logs(handle.id)).data)
+
     await eventually(attempt_open)
+    await eventually(task_is_quiet)
     await runs.cancel(handle.id)
     await h.wait(handle.id)
     attempt = _by_name(await runs.trace(handle.id))["Attempt 1"]

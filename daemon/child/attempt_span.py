@@ -67,6 +67,7 @@ class AttemptSpan(trace.Span):
         span_hex: str,
         limits: SpanLimits,
         ended: Callable[[AttemptSpan], None],
+        changed: Callable[[], None],
     ) -> None:
         self.trace_hex = trace_hex
         self.span_hex = span_hex
@@ -80,6 +81,15 @@ class AttemptSpan(trace.Span):
         self._status = Status(StatusCode.UNSET)
         self._limits = limits
         self._ended = ended
+        self._changed = changed
+
+    def _touch(self) -> None:
+        # The first change since the last record asks for a flush: what the code added
+        # reaches the daemon within a loop iteration, as an ended span does, so a cancel or a
+        # kill -9 right after loses none of it.
+        if not self.changed:
+            self.changed = True
+            self._changed()
 
     def record(self) -> SpanRecord:
         """What was added to the span, as the worker channel carries it (open: ``end_ns`` 0)."""
@@ -119,7 +129,7 @@ class AttemptSpan(trace.Span):
         limit = self._limits.max_span_attributes
         if key in self._attributes or limit is None or len(self._attributes) < limit:
             self._attributes[key] = plain_value(value)
-            self.changed = True
+            self._touch()
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         for key, value in attributes.items():
@@ -136,12 +146,12 @@ class AttemptSpan(trace.Span):
         if cap is not None and len(attrs) > cap:
             attrs = dict(list(attrs.items())[:cap])
         self._events.append({"name": name, "time_ns": timestamp or time.time_ns(), "attrs": attrs})
-        self.changed = True
+        self._touch()
 
     def update_name(self, name: str) -> None:
         if not self.end_ns:
             self._name = name
-            self.changed = True
+            self._touch()
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self.end_ns or self._status.status_code is StatusCode.OK:
@@ -150,7 +160,7 @@ class AttemptSpan(trace.Span):
             status = Status(status, description)
         if status.status_code is not StatusCode.UNSET:
             self._status = status
-            self.changed = True
+            self._touch()
 
     def record_exception(
         self,

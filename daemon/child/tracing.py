@@ -12,8 +12,8 @@ on the daemon's socket within one loop iteration, and a ``kill -9`` after that l
 
 The attempt's span (:class:`AttemptSpan`) is built by the daemon from the attempt's row, under
 the id the ``Execute`` frame names; this process sends only what the attempt's code added to
-it (its extras), with the batches and at the attempt's end, and nothing for an attempt that
-added nothing (every no-op).
+it (its extras), at the end of the loop iteration it changed in, and nothing for an attempt
+that added nothing (every no-op).
 """
 
 from __future__ import annotations
@@ -65,12 +65,21 @@ class ChannelSpanProcessor(SpanProcessor):
         with self._lock:
             self._buffer.append(record)
             first = len(self._buffer) == 1
-        if first and self._loop is not None:
-            if threading.get_ident() == self._loop_thread:
-                self._loop.call_soon(self._flush_batch)
-            else:
-                with contextlib.suppress(RuntimeError):  # the loop closed: the process ends
-                    self._loop.call_soon_threadsafe(self._flush_batch)
+        if first:
+            self._soon(self._flush_batch)
+
+    def attempt_changed(self) -> None:
+        """The attempt's code added to its span: its extras go at the iteration's end."""
+        self._soon(self.flush)
+
+    def _soon(self, flush: Callable[[], None]) -> None:
+        if self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_soon(flush)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process ends
+                self._loop.call_soon_threadsafe(flush)
 
     def attempt_started(self, span: AttemptSpan) -> None:
         """The attempt's span started (on the loop's thread)."""
@@ -225,7 +234,11 @@ def attempt_span(context: Context, traceparent: str) -> Iterator[Span | None]:
     processor.run_id = context.run_id
     _, trace_hex, span_hex, _ = traceparent.split("-")
     span = AttemptSpan(
-        trace_hex=trace_hex, span_hex=span_hex, limits=_limits, ended=processor.attempt_ended
+        trace_hex=trace_hex,
+        span_hex=span_hex,
+        limits=_limits,
+        ended=processor.attempt_ended,
+        changed=processor.attempt_changed,
     )
     processor.attempt_started(span)
     token = otel_context.attach(trace.set_span_in_context(span))
