@@ -1,6 +1,6 @@
 """The bases of a daemon's images: one per zygote's lineage, made once, gone with its last image.
 
-The page codec (a base, an image's delta against it) is :mod:`.pages`; this is who uses
+The page codec (a base, an image's pages packed against it) is :mod:`.pages`; this is who uses
 which base, on the daemon's loop, with the codec's blocking work in a thread.
 """
 
@@ -15,8 +15,7 @@ from pathlib import Path
 import zstandard
 
 from ember.daemon.procs.checkpoint.pages import (
-    BASE_FILE,
-    DELTA_FILE,
+    PACKED,
     Base,
     Packed,
     base_of,
@@ -31,7 +30,7 @@ log = logging.getLogger("ember.daemon")
 class PageStore:
     """The bases of a daemon's images: which zygote's pages each holds, and who uses it.
 
-    Runs on the daemon's loop; the hashing and the zstd stream run in a thread.
+    Runs on the daemon's loop; the comparisons and the zstd stream run in a thread.
 
     Args:
         root: where the bases live (beside the images, never inside their folder).
@@ -67,7 +66,7 @@ class PageStore:
             log.warning(
                 "packing the pages of %s failed (%s); they stay as criu wrote them", run_id, exc
             )
-            (images / f".{DELTA_FILE}.tmp").unlink(missing_ok=True)
+            shutil.rmtree(images / f".{PACKED}.tmp", ignore_errors=True)
             if base is not None:
                 self._drop_user(base, run_id)
             return None
@@ -104,14 +103,14 @@ class PageStore:
         return base
 
     async def unpack(self, images: Path, worker_id: int) -> list[Path]:
-        """Write an image's page files again before its restore (see :func:`unpack`)."""
+        """Make a packed image criu's again before its restore (see :func:`unpack`)."""
         base_id = await asyncio.to_thread(base_of, images)
         if base_id is None:
             return await asyncio.to_thread(unpack, images, None)
         self._restored[worker_id] = base_id
         base = self._bases.get(base_id)
         return await asyncio.to_thread(
-            unpack, images, base.file if base else self._root / base_id / BASE_FILE
+            unpack, images, base.folder if base else self._root / base_id
         )
 
     def release(self, run_id: str) -> None:

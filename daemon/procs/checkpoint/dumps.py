@@ -235,7 +235,9 @@ class Dumps(CheckpointPart):
         started = time.perf_counter()
         packed = await self._pages.pack(images, run.id, self._pages.lineage(worker.id, zygote))
         pack_ms = (time.perf_counter() - started) * 1000
-        size = sum(f.stat().st_size for f in images.iterdir() if f.is_file())
+        size = sum(f.stat().st_size for f in images.iterdir() if f.is_file()) + (
+            packed.delta_bytes if packed else 0
+        )
         write_private(images / MANIFEST_FILE, manifest)
         write_private(
             images / "meta.json",

@@ -1,74 +1,129 @@
-"""Small CRIU images: pages shared with the zygote stored once, the rest zstd-compressed.
+"""Small CRIU images: pages shared with the zygote read from one base, the rest zstd-compressed.
 
-A run process is a fork of its version's zygote, so most of its memory is the zygote's:
-measured on the bench's task, 4,024 of the 4,131 pages (97%) of one image were byte for byte
-in another image of the same zygote's children. CRIU 4.2 offers no way to share them: its
-``--prev-images-dir``/``--auto-dedup`` need the kernel's soft-dirty tracking (``criu check
+A run process is a fork of its version's zygote, so most of its memory is the zygote's, at the
+same addresses: measured on the bench's task, 4,024 of the 4,131 pages (97%) of one image were
+byte for byte in another image of the same zygote's children. CRIU 4.2 cannot find them itself:
+its ``--prev-images-dir``/``--auto-dedup`` need the kernel's soft-dirty tracking (``criu check
 --feature mem_dirty_track`` fails here), it has no ``--compress``, and ``--stream`` needs
-criu-image-streamer. So after a dump the daemon rewrites the page images itself:
+criu-image-streamer. But what an incremental dump writes, criu restores whatever wrote it: a
+pagemap entry flagged ``PE_PARENT`` says "these pages are in the parent images", the folder the
+image's ``parent`` link names, found there by address. So after a dump the daemon rewrites the
+page images in that format itself:
 
-- The first image dumped from a zygote's process becomes that zygote's **base**: its page
-  files are linked (not copied) into ``<state>/checkpoint-bases/<id>/pages.bin``.
-- A page is looked for first where the base holds the page after the last one found (a
-  fork's pages come in its zygote's order): compared byte for byte there, a megabyte at a
-  time, most images need no hashing at all. Only a page found elsewhere or nowhere is looked
-  up by its BLAKE2b digest, in an index of the base's pages made on the first such miss and
-  kept in memory (hashing every page made packing the bench's image 55 ms of the daemon's
-  CPU; comparing in place, 11 ms).
-- Every image (the first too) keeps its ``pages-*.img`` as one ``pages.delta.zst``: for each
-  page, the base page it equals or "literal", then the literal pages, all one zstd stream
-  (level 1: a level-3 pass took twice as long for 10% less).
-- Before a restore, the ``pages-*.img`` files are written again from the base (copied by
-  the kernel) and the delta (~19 MB of page cache, some 10 ms), and removed once criu has
-  read them.
+- The first image dumped from a zygote's process becomes that zygote's **base**: its pagemaps
+  are copied and its page files linked (not copied) into ``<state>/checkpoint-bases/<id>``,
+  which is a parent folder as criu reads one.
+- Every image (the first too) gets a ``packed`` folder: its pagemaps rewritten so that each
+  page equal to the base's page at the same address is a ``PE_PARENT`` entry, and the pages
+  left (the literal ones) as one zstd stream per page file (level 1: a level-3 pass took twice
+  as long for 10% less). criu's page files then go. The folder is made under a temporary name
+  and renamed: an image is either as criu wrote it or packed, never half of each.
+- Before a restore the packed pagemaps are put in place, the literal pages decompressed
+  (some hundred kB) and ``parent`` linked to the base: criu reads the shared pages from the
+  base's file. (Writing all ~19 MB of page files back from the base before each restore was
+  43% of the daemon's CPU in a burst of 100 restores.)
 
-A base lives while an image refers to it. The pages are compared by content, so an image
-of another zygote's process is still correct against any base, only larger.
+A base lives while an image refers to it. Pages are compared by content, so an image of another
+zygote's process is still correct against any base, only larger.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import errno
-import hashlib
 import io
 import json
 import mmap
 import os
 import secrets
 import shutil
-import struct
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zstandard
 
-PAGE = mmap.PAGESIZE
-DELTA_FILE = "pages.delta.zst"
-BASE_FILE = "pages.bin"
+from ember.daemon.procs.checkpoint.pagemap import (
+    PE_PARENT,
+    Entry,
+    Pagemap,
+    pagemap_files,
+    read_pagemap,
+    write_pagemap,
+)
 
-MAGIC = b"EMBRPGD1"
-LITERAL = -1
+PAGE = mmap.PAGESIZE
+PACKED = "packed"
+PARENT_LINK = "parent"
+BASE_META = "base.json"
+# What an earlier Ember left in an image instead (its pages cannot be read by this one).
+OLD_DELTA_FILE = "pages.delta.zst"
+
 ZSTD_LEVEL = 1
 # Pages read at a time (1 MiB).
 CHUNK_PAGES = 256
 
 
+def page_files(images: Path) -> list[Path]:
+    """CRIU's page images in a folder, in a stable order."""
+    return sorted(images.glob("pages-*.img"))
+
+
+@dataclass(slots=True)
+class _Runs:
+    """Where a base's pagemap has its present pages: starts, page counts, offsets in its file."""
+
+    file: Path
+    starts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+
+    def covering(self, vaddr: int, pages: int) -> Iterator[tuple[int, int, int | None]]:
+        """Split ``pages`` pages from ``vaddr`` into (vaddr, pages, offset in the base's file
+        or None where the base has no page there)."""
+        end = vaddr + pages * PAGE
+        index = max(bisect.bisect_right(self.starts, vaddr) - 1, 0)
+        while vaddr < end:
+            if index < len(self.starts) and self.starts[index] <= vaddr:
+                run_end = self.starts[index] + self.counts[index] * PAGE
+                if vaddr < run_end:
+                    upto = min(end, run_end)
+                    offset = self.offsets[index] + (vaddr - self.starts[index])
+                    yield vaddr, (upto - vaddr) // PAGE, offset
+                    vaddr = upto
+                index += 1
+                continue
+            upto = min(end, self.starts[index]) if index < len(self.starts) else end
+            yield vaddr, (upto - vaddr) // PAGE, None
+            vaddr = upto
+
+
 @dataclass(slots=True, eq=False)
 class Base:
-    """A zygote's shared pages on disk, and which page is where (filled on first use)."""
+    """A zygote's shared pages on disk: a parent folder as criu reads one."""
 
     id: str
     folder: Path
-    index: dict[bytes, int] | None = None
     users: set[str] = field(default_factory=set)
+    _runs: dict[str, _Runs | None] = field(default_factory=dict)
 
-    @property
-    def file(self) -> Path:
-        """The pages, one after the other."""
-        return self.folder / BASE_FILE
+    def runs(self, pagemap_name: str) -> _Runs | None:
+        """Where the base has the pages of the same-named pagemap (None: it has none)."""
+        if pagemap_name not in self._runs:
+            path = self.folder / pagemap_name
+            found: _Runs | None = None
+            if path.exists():
+                pagemap = read_pagemap(path)
+                found = _Runs(self.folder / f"pages-{pagemap.pages_id}.img")
+                offset = 0
+                for entry in pagemap.entries:
+                    if entry.present:
+                        found.starts.append(entry.vaddr)
+                        found.counts.append(entry.pages)
+                        found.offsets.append(offset)
+                        offset += entry.pages * PAGE
+            self._runs[pagemap_name] = found
+        return self._runs[pagemap_name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,244 +135,186 @@ class Packed:
     delta_bytes: int  # what is left of them on disk
 
 
-def page_files(images: Path) -> list[Path]:
-    """CRIU's page images in a folder, in a stable order."""
-    return sorted(images.glob("pages-*.img"))
-
-
-def _digest(page: bytes | bytearray | memoryview) -> bytes:
-    return hashlib.blake2b(page, digest_size=16).digest()
-
-
-def _chunks(file: io.BufferedReader) -> Iterator[memoryview]:
-    """A file's pages, a chunk at a time, in one reused buffer.
-
-    Reading a 17 MB page file whole in each of a burst's threads grew the daemon by ~150 MB:
-    glibc keeps freed blocks that large in its per-thread arenas.
-    """
-    buffer = bytearray(CHUNK_PAGES * PAGE)
-    view = memoryview(buffer)
-    while size := file.readinto(buffer):
-        yield view[:size]
-
-
-def index_of(file: Path) -> dict[bytes, int]:
-    """Each page's digest in a base file → its page number (the first, if repeated)."""
-    index: dict[bytes, int] = {}
-    number = 0
-    with open(file, "rb") as f:
-        for chunk in _chunks(f):
-            for start in range(0, len(chunk), PAGE):
-                index.setdefault(_digest(chunk[start : start + PAGE]), number)
-                number += 1
-    return index
-
-
 def make_base(images: Path, root: Path) -> Base:
-    """A new base from the page files of a freshly dumped image (linked, not copied)."""
+    """A new base from a freshly dumped image: its pagemaps copied, its page files linked."""
     name = secrets.token_hex(8)
     base = Base(name, root / name)
     base.folder.mkdir(parents=True, mode=0o700)
-    files = page_files(images)
-    if len(files) == 1:
-        os.link(files[0], base.file)
-    else:
-        with open(base.file, "wb") as out:
-            for file in files:
-                with open(file, "rb") as part:
-                    shutil.copyfileobj(part, out)
+    for pagemap in pagemap_files(images):
+        shutil.copyfile(pagemap, base.folder / pagemap.name)
+    for pages in page_files(images):
+        os.link(pages, base.folder / pages.name)
     return base
 
 
 def pack(images: Path, base: Base) -> Packed:
-    """Replace the image's page files by a delta against ``base`` (blocking: in a thread).
+    """Rewrite the image's pages against ``base`` (blocking: in a thread); see the module.
 
-    The delta is written under a temporary name first: if anything fails, the page files
-    are still there and the image restores as criu wrote it.
+    The packed folder is written under a temporary name first: if anything fails, the image
+    is still as criu wrote it and restores so.
     """
-    files = page_files(images)
-    header = {"base": base.id, "files": [[f.name, f.stat().st_size // PAGE] for f in files]}
-    staging = images / f".{DELTA_FILE}.tmp"
-    raw = literal = expected = 0
-    with (
-        open(base.file, "rb") as base_file,
-        mmap.mmap(base_file.fileno(), 0, prot=mmap.PROT_READ) as base_map,
-        memoryview(base_map) as base_pages,
-        open(staging, "wb") as out,
-    ):
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-        with compressor.stream_writer(out, closefd=False) as writer:
-            head = json.dumps(header).encode()
-            writer.write(MAGIC + struct.pack("<I", len(head)) + head)
-            for file in files:
-                refs = array("q")
-                with open(file, "rb") as f:
-                    raw += f.seek(0, os.SEEK_END)
-                    f.seek(0)
-                    expected = _match(f, base, base_pages, refs, expected)
-                    writer.write(refs.tobytes())
-                    # Then the pages the base lacks, read again (from the page cache).
-                    page = bytearray(PAGE)
-                    for number, ref in enumerate(refs):
-                        if ref == LITERAL:
-                            f.seek(number * PAGE)
-                            f.readinto(page)
-                            writer.write(page)
-                            literal += 1
+    staging = images / f".{PACKED}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
+    raw = literal = 0
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    for path in pagemap_files(images):
+        pagemap = read_pagemap(path)
+        source = images / f"pages-{pagemap.pages_id}.img"
+        runs = base.runs(path.name)
+        with contextlib.ExitStack() as stack:
+            pages = stack.enter_context(open(source, "rb")) if source.exists() else None
+            target = stack.enter_context(open(staging / f"{source.name}.zst", "wb"))
+            writer = stack.enter_context(compressor.stream_writer(target, closefd=False))
+            base_file = stack.enter_context(open(runs.file, "rb")) if runs else None
+            mapped = _mapped(stack, base_file) if base_file else None
+            against = (runs, mapped) if runs and mapped is not None else None
+            out = _Out([], writer)
+            for entry in pagemap.entries:
+                if not entry.present:
+                    out.entries.append(entry)
+                    continue
+                if pages is None:
+                    raise ValueError(f"{source.name} is missing")
+                raw += entry.pages * PAGE
+                _pack_entry(entry, pages, against, out)
+            literal += out.literal
+        write_pagemap(staging / path.name, Pagemap(pagemap.pages_id, _merged(out.entries)))
+    (staging / BASE_META).write_text(json.dumps({"base": base.id}))
+    packed = images / PACKED
+    shutil.rmtree(packed, ignore_errors=True)
+    os.rename(staging, packed)
     # (not fsynced: neither are criu's own files; a daemon crash leaves the page cache intact)
-    os.replace(staging, images / DELTA_FILE)
-    for file in files:
+    for file in page_files(images):
         file.unlink()
-    return Packed(raw, literal, (images / DELTA_FILE).stat().st_size)
+    return Packed(raw, literal, sum(f.stat().st_size for f in packed.iterdir()))
 
 
-def _match(
-    file: io.BufferedReader, base: Base, base_pages: memoryview, refs: array[int], expected: int
-) -> int:
-    """Append to ``refs`` the base page each page of ``file`` equals (or LITERAL).
+def _mapped(stack: contextlib.ExitStack[bool | None], file: io.BufferedReader) -> memoryview | None:
+    """A base's page file mapped read-only for the comparisons (None if it is empty)."""
+    if os.fstat(file.fileno()).st_size == 0:
+        return None
+    mapped = stack.enter_context(mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ))
+    return stack.enter_context(memoryview(mapped))
 
-    ``expected`` is the base page looked at first (the one after the last found); returns
-    where the next file's pages are looked for first.
-    """
+
+@dataclass(slots=True)
+class _Out:
+    """Where a pagemap's new entries and its literal pages go."""
+
+    entries: list[Entry]
+    pages: zstandard.ZstdCompressionWriter
+    literal: int = 0
+
+    def add(self, vaddr: int, data: bytearray | memoryview, flags: int | None) -> None:
+        """``data`` at ``vaddr``: in the base (``flags`` None), else literal with ``flags``."""
+        if flags is None:
+            self.entries.append(Entry(vaddr, len(data) // PAGE, PE_PARENT))
+        else:
+            self.pages.write(data)
+            self.entries.append(Entry(vaddr, len(data) // PAGE, flags))
+            self.literal += len(data) // PAGE
+
+
+def _pack_entry(
+    entry: Entry, pages: io.BufferedReader, base: tuple[_Runs, memoryview] | None, out: _Out
+) -> None:
+    """Read one present entry's pages, a chunk at a time, and compare them with the base's."""
     buffer = bytearray(CHUNK_PAGES * PAGE)
-    total = len(base_pages) // PAGE
-    while size := file.readinto(buffer):
-        count = size // PAGE
-        # (a bytearray compares with a memoryview by memcmp; two memoryviews item by item)
-        chunk = buffer if size == len(buffer) else buffer[:size]
-        if (
-            expected + count <= total
-            and chunk == base_pages[expected * PAGE : (expected + count) * PAGE]
-        ):
-            refs.extend(range(expected, expected + count))
-            expected += count
-            continue
-        for start in range(0, size, PAGE):
-            page = buffer[start : start + PAGE]
-            if expected < total and page == base_pages[expected * PAGE : (expected + 1) * PAGE]:
-                ref = expected
+    vaddr, left = entry.vaddr, entry.pages
+    while left:
+        count = min(left, CHUNK_PAGES)
+        chunk = memoryview(buffer)[: count * PAGE]
+        if pages.readinto(chunk) != count * PAGE:
+            raise ValueError(f"a page file is shorter than its pagemap says (at {vaddr:#x})")
+        spans = base[0].covering(vaddr, count) if base else [(vaddr, count, None)]
+        for at, n, offset in spans:
+            mine = chunk[at - vaddr : at - vaddr + n * PAGE]
+            if base is None or offset is None:
+                out.add(at, mine, entry.flags)
             else:
-                if base.index is None:
-                    base.index = index_of(base.file)
-                ref = base.index.get(_digest(page), LITERAL)
-            refs.append(ref)
-            expected = (expected if ref == LITERAL else ref) + 1
-    return expected
+                _compare(bytearray(mine), base[1][offset : offset + n * PAGE], at, entry.flags, out)
+        vaddr += count * PAGE
+        left -= count
+
+
+# The sizes a span of pages that differs from the base's is compared in, one page last: a
+# fork's changed pages lie scattered (some 100 of its 4,700, in as many places), and comparing
+# each page of every chunk that held one took the daemon 15 ms an image.
+_BLOCKS = (16 * PAGE, PAGE)
+
+
+def _compare(mine: bytearray, theirs: memoryview, vaddr: int, flags: int, out: _Out) -> None:
+    """Pages at ``vaddr`` against the base's: equal ones from the base, the others literal."""
+    # (a bytearray compares with a memoryview by memcmp; two memoryviews item by item)
+    if mine == theirs:
+        out.add(vaddr, mine, None)
+    elif len(mine) == PAGE:
+        out.add(vaddr, mine, flags)
+    else:
+        step = next(size for size in _BLOCKS if size < len(mine))
+        for at in range(0, len(mine), step):
+            _compare(mine[at : at + step], theirs[at : at + step], vaddr + at, flags, out)
+
+
+def _merged(entries: list[Entry]) -> list[Entry]:
+    """Adjacent entries of the same flags made one."""
+    merged: list[Entry] = []
+    for entry in entries:
+        last = merged[-1] if merged else None
+        if last and last.flags == entry.flags and last.vaddr + last.pages * PAGE == entry.vaddr:
+            merged[-1] = Entry(last.vaddr, last.pages + entry.pages, last.flags)
+        else:
+            merged.append(entry)
+    return merged
 
 
 def base_of(images: Path) -> str | None:
-    """The id of the base an image's delta refers to (None: its pages are as criu wrote them)."""
+    """The id of the base an image's pages refer to (None: they are as criu wrote them)."""
     try:
-        with open(images / DELTA_FILE, "rb") as file:
-            reader = zstandard.ZstdDecompressor().stream_reader(file)
-            head = _read_header(reader)
-    except (OSError, ValueError, zstandard.ZstdError):
+        head = json.loads((images / PACKED / BASE_META).read_text())
+    except (OSError, ValueError):
         return None
-    base = head.get("base")
+    base = head.get("base") if isinstance(head, dict) else None
     return base if isinstance(base, str) else None
 
 
-def _read_exactly(reader: zstandard.ZstdDecompressionReader, size: int) -> bytes:
-    parts, left = [], size
-    while left:
-        chunk = reader.read(left)
-        if not chunk:
-            raise ValueError("the page delta is truncated")
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
+def unpack(images: Path, base_folder: Path | None) -> list[Path]:
+    """Make a packed image criu's again; return what to delete once criu has read it.
 
-
-def _read_header(reader: zstandard.ZstdDecompressionReader) -> dict[str, object]:
-    start = _read_exactly(reader, len(MAGIC) + 4)
-    if start[: len(MAGIC)] != MAGIC:
-        raise ValueError("not a page delta")
-    (size,) = struct.unpack("<I", start[len(MAGIC) :])
-    head = json.loads(_read_exactly(reader, size))
-    if not isinstance(head, dict):
-        raise ValueError("a page delta's header is not an object")
-    return head
-
-
-def unpack(images: Path, base_file: Path | None) -> list[Path]:
-    """Write the image's page files again for criu restore; returns them (to delete after).
-
-    An image with no delta (dumped before deltas, or packing failed) is left as it is.
+    An image that was never packed (packing failed) is left as it is.
 
     Raises:
-        ValueError: the delta is damaged or its base is missing.
+        ValueError: the packed pages are damaged, their base is missing, or an earlier Ember
+            packed them in a format this one does not read.
     """
-    delta = images / DELTA_FILE
-    if not delta.exists():
+    packed = images / PACKED
+    if not packed.is_dir():
+        if (images / OLD_DELTA_FILE).exists():
+            raise ValueError("its pages were packed by an earlier Ember, in a format now gone")
         return []
+    if base_folder is None or not base_folder.is_dir():
+        raise ValueError(f"the shared base of {images.name}'s pages is missing")
     written: list[Path] = []
-    with contextlib.ExitStack() as stack:
-        file = stack.enter_context(open(delta, "rb"))
-        reader = zstandard.ZstdDecompressor().stream_reader(file)
-        head = _read_header(reader)
-        files = head.get("files")
-        if not isinstance(files, list):
-            raise ValueError("a page delta lists no files")
-        base: io.BufferedReader | None = None
-        for name, pages in files:
-            refs = array("q")
-            refs.frombytes(_read_exactly(reader, 8 * int(pages)))
-            if base is None and any(ref != LITERAL for ref in refs):
-                if base_file is None or not base_file.exists():
-                    raise ValueError(f"the shared base of {images.name}'s pages is missing")
-                base = stack.enter_context(open(base_file, "rb"))
-            target = images / str(name)
-            written.append(target)
-            # Unbuffered: the literal pages' writes and the kernel's copies share its offset.
-            with open(target, "wb", buffering=0) as out:
-                _write_pages(out, refs, base, reader)
+    for pagemap in pagemap_files(packed):
+        _replace(images / pagemap.name, pagemap.read_bytes())
+    decompressor = zstandard.ZstdDecompressor()
+    for compressed in sorted(packed.glob("pages-*.img.zst")):
+        target = images / compressed.name.removesuffix(".zst")
+        staging = images / f".{target.name}.tmp"
+        with open(compressed, "rb") as source, open(staging, "wb") as out:
+            decompressor.copy_stream(source, out)
+        # (replaced, not rewritten: the first image's page file was a link to the base's)
+        os.replace(staging, target)
+        written.append(target)
+    link = images / PARENT_LINK
+    link.unlink(missing_ok=True)
+    link.symlink_to(base_folder.resolve())
+    written.append(link)
     return written
 
 
-def _write_pages(
-    out: io.FileIO,
-    refs: array[int],
-    base: io.BufferedReader | None,
-    reader: zstandard.ZstdDecompressionReader,
-) -> None:
-    """Write one page file: runs of consecutive base pages copied by the kernel, each at once.
-
-    ``copy_file_range`` copies page cache to page cache: writing the runs from a map of the
-    base took twice the CPU (18 ms for the bench's 19 MB image, against 10), its page faults
-    and the copy through user space.
-    """
-    i, count = 0, len(refs)
-    base_size = os.fstat(base.fileno()).st_size if base is not None else 0
-    while i < count:
-        ref = refs[i]
-        j = i + 1
-        if ref == LITERAL:
-            while j < count and refs[j] == LITERAL and j - i < CHUNK_PAGES:
-                j += 1
-            left = memoryview(_read_exactly(reader, (j - i) * PAGE))
-            while left:  # (unbuffered: a write may take only part of it)
-                left = left[out.write(left) or 0 :]
-        else:
-            assert base is not None
-            while j < count and refs[j] == ref + (j - i):
-                j += 1
-            if (ref + j - i) * PAGE > base_size:
-                raise ValueError("a page delta refers past the end of its base")
-            _copy(base.fileno(), out.fileno(), ref * PAGE, (j - i) * PAGE)
-        i = j
-
-
-def _copy(source: int, target: int, offset: int, size: int) -> None:
-    """Copy ``size`` bytes of ``source`` from ``offset`` to where ``target`` stands."""
-    while size > 0:
-        try:
-            done = os.copy_file_range(source, target, size, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            # (base and image on two filesystems, say): sendfile copies any regular file
-            done = os.sendfile(target, source, offset, size)
-        if done == 0:
-            raise ValueError("a page delta refers past the end of its base")
-        offset += done
-        size -= done
+def _replace(path: Path, data: bytes) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_bytes(data)
+    os.replace(staging, path)
