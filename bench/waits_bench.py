@@ -65,14 +65,14 @@ TMPFS_RUN = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /run && exec "$@
 
 
 def start_strategy(
-    work: Path, strategy: str, n: int, ahead: int, tmpfs_run: bool = False
+    work: Path, strategy: str, parked: int, ahead: int, tmpfs_run: bool = False
 ) -> tuple[subprocess.Popen[bytes], Client]:
     """``ember daemon`` for one strategy, in a project folder holding its settings."""
     (work / "pyproject.toml").write_text(
         "[tool.ember]\n"
         f'checkpoint = "{strategy}"\n'
         "wait_park_threshold_s = 1.0\n"
-        f"max_parked_processes = {n}\n"
+        f"max_parked_processes = {parked}\n"
         f"max_restored_ahead = {ahead}\n"
         "max_concurrent_runs = 25\n"
     )
@@ -144,11 +144,12 @@ def disk_bytes(folder: Path) -> int:
 
 
 def measure(
-    strategy: str, n: int, wait_s: float, ahead: int, tmpfs_run: bool = False
+    strategy: str, n: int, wait_s: float, ahead: int, tmpfs_run: bool = False, parked: int = -1
 ) -> dict[str, Any]:
     """One strategy: N runs waiting until the same instant."""
     with tempfile.TemporaryDirectory(prefix="ember-waits-") as folder:
-        process, client = start_strategy(Path(folder), strategy, n, ahead, tmpfs_run)
+        parked = n if parked < 0 else parked
+        process, client = start_strategy(Path(folder), strategy, parked, ahead, tmpfs_run)
         sampler = Sampler(process.pid, Path(folder) / "state")
         try:
             tasks, runs = Tasks(client), Runs(client)
@@ -259,6 +260,7 @@ RESTORED = re.compile(r"restored its process in (\d+) ms")
 def checkpoint_costs(details: list[Run], deadline_at: float) -> dict[str, Any]:
     """Dump and restore times, image sizes and phases, from the runs' execution snapshots."""
     dumps, sizes, restores, fallbacks = [], [], [], 0
+    undumped = {"park": 0, "replay": 0}
     held: list[datetime] = []
     dumped: list[datetime] = []
     restore_starts: list[float] = []
@@ -277,12 +279,17 @@ def checkpoint_costs(details: list[Run], deadline_at: float) -> dict[str, Any]:
                 restore_ends.append(snap.created_at.timestamp())
             elif "held by park instead" in snap.description or "replay instead" in snap.description:
                 fallbacks += 1
+            elif snap.description.startswith("not checkpointed:"):
+                undumped[snap.description.rsplit(" ", 1)[-1]] += 1
     first_held = min(held).timestamp() if held else 0.0
     last_dumped = max(dumped).timestamp() if dumped else 0.0
     first_restore = min(restore_starts) if restore_starts else last_dumped
     return {
         "dumped": len(dumps),
         "fallbacks": fallbacks,
+        # Waits a dump could not hold in time (its restore would be late): kept by these.
+        "undumped_parked": undumped["park"],
+        "undumped_replayed": undumped["replay"],
         "dump_phase_s": round(last_dumped - first_held, 1),
         "dump_p50_ms": run.percentile(dumps, 50) if dumps else -1,
         "dump_p99_ms": run.percentile(dumps, 99) if dumps else -1,
@@ -304,6 +311,12 @@ def main() -> None:
     parser.add_argument("--strategies", default="criu,park,replay")
     parser.add_argument("--restored-ahead", type=int, default=100, help="max_restored_ahead")
     parser.add_argument(
+        "--max-parked",
+        type=int,
+        default=-1,
+        help="max_parked_processes (default N: every run a CRIU dump cannot hold in time parks)",
+    )
+    parser.add_argument(
         "--tmpfs-run",
         action="store_true",
         help="run each daemon in a private mount namespace with a tmpfs /run (as systemd has it)",
@@ -312,7 +325,16 @@ def main() -> None:
     rows = []
     for strategy in args.strategies.split(","):
         try:
-            rows.append(measure(strategy, args.n, args.wait_s, args.restored_ahead, args.tmpfs_run))
+            rows.append(
+                measure(
+                    strategy,
+                    args.n,
+                    args.wait_s,
+                    args.restored_ahead,
+                    args.tmpfs_run,
+                    args.max_parked,
+                )
+            )
         except RuntimeError as exc:
             rows.append({"strategy": strategy, "error": str(exc)})
         print(json.dumps(rows[-1]), flush=True)
