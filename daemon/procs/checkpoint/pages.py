@@ -169,17 +169,17 @@ def pack(images: Path, base: Base) -> Packed:
             base_file = stack.enter_context(open(runs.file, "rb")) if runs else None
             mapped = _mapped(stack, base_file) if base_file else None
             against = (runs, mapped) if runs and mapped is not None else None
-            out = _Out([], writer)
+            out = _Out(writer)
             for entry in pagemap.entries:
                 if not entry.present:
-                    out.entries.append(entry)
+                    out.keep(entry)
                     continue
                 if pages is None:
                     raise ValueError(f"{source.name} is missing")
                 raw += entry.pages * PAGE
                 _pack_entry(entry, pages, against, out)
             literal += out.literal
-        write_pagemap(staging / path.name, Pagemap(pagemap.pages_id, _merged(out.entries)))
+        write_pagemap(staging / path.name, Pagemap(pagemap.pages_id, out.entries()))
     (staging / BASE_META).write_text(json.dumps({"base": base.id}))
     packed = images / PACKED
     shutil.rmtree(packed, ignore_errors=True)
@@ -198,22 +198,36 @@ def _mapped(stack: contextlib.ExitStack[bool | None], file: io.BufferedReader) -
     return stack.enter_context(memoryview(mapped))
 
 
-@dataclass(slots=True)
 class _Out:
-    """Where a pagemap's new entries and its literal pages go."""
+    """Where a pagemap's new entries and its literal pages go; adjacent entries of the same
+    flags are made one as they come."""
 
-    entries: list[Entry]
-    pages: zstandard.ZstdCompressionWriter
-    literal: int = 0
+    def __init__(self, pages: zstandard.ZstdCompressionWriter) -> None:
+        self._pages = pages
+        self._entries: list[list[int]] = []  # [vaddr, pages, flags]
+        self.literal = 0
+
+    def keep(self, entry: Entry) -> None:
+        """An entry that stays as it is."""
+        self._entries.append([entry.vaddr, entry.pages, entry.flags])
 
     def add(self, vaddr: int, data: bytearray | memoryview, flags: int | None) -> None:
         """``data`` at ``vaddr``: in the base (``flags`` None), else literal with ``flags``."""
+        count = len(data) // PAGE
         if flags is None:
-            self.entries.append(Entry(vaddr, len(data) // PAGE, PE_PARENT))
+            flags = PE_PARENT
         else:
-            self.pages.write(data)
-            self.entries.append(Entry(vaddr, len(data) // PAGE, flags))
-            self.literal += len(data) // PAGE
+            self._pages.write(data)
+            self.literal += count
+        last = self._entries[-1] if self._entries else None
+        if last is not None and last[2] == flags and last[0] + last[1] * PAGE == vaddr:
+            last[1] += count
+        else:
+            self._entries.append([vaddr, count, flags])
+
+    def entries(self) -> list[Entry]:
+        """The entries, in order."""
+        return [Entry(vaddr, count, flags) for vaddr, count, flags in self._entries]
 
 
 def _pack_entry(
@@ -224,16 +238,19 @@ def _pack_entry(
     vaddr, left = entry.vaddr, entry.pages
     while left:
         count = min(left, CHUNK_PAGES)
-        chunk = memoryview(buffer)[: count * PAGE]
-        if pages.readinto(chunk) != count * PAGE:
+        if count < CHUNK_PAGES:
+            buffer = bytearray(count * PAGE)
+        if pages.readinto(buffer) != count * PAGE:
             raise ValueError(f"a page file is shorter than its pagemap says (at {vaddr:#x})")
         spans = base[0].covering(vaddr, count) if base else [(vaddr, count, None)]
         for at, n, offset in spans:
-            mine = chunk[at - vaddr : at - vaddr + n * PAGE]
+            start = at - vaddr
+            # (the whole chunk is compared in place: a slice of it would be a copy)
+            mine = buffer if n == count else buffer[start : start + n * PAGE]
             if base is None or offset is None:
                 out.add(at, mine, entry.flags)
             else:
-                _compare(bytearray(mine), base[1][offset : offset + n * PAGE], at, entry.flags, out)
+                _compare(mine, base[1][offset : offset + n * PAGE], at, entry.flags, out)
         vaddr += count * PAGE
         left -= count
 
@@ -241,7 +258,7 @@ def _pack_entry(
 # The sizes a span of pages that differs from the base's is compared in, one page last: a
 # fork's changed pages lie scattered (some 100 of its 4,700, in as many places), and comparing
 # each page of every chunk that held one took the daemon 15 ms an image.
-_BLOCKS = (16 * PAGE, PAGE)
+_BLOCKS = (32 * PAGE, 4 * PAGE, PAGE)
 
 
 def _compare(mine: bytearray, theirs: memoryview, vaddr: int, flags: int, out: _Out) -> None:
@@ -255,18 +272,6 @@ def _compare(mine: bytearray, theirs: memoryview, vaddr: int, flags: int, out: _
         step = next(size for size in _BLOCKS if size < len(mine))
         for at in range(0, len(mine), step):
             _compare(mine[at : at + step], theirs[at : at + step], vaddr + at, flags, out)
-
-
-def _merged(entries: list[Entry]) -> list[Entry]:
-    """Adjacent entries of the same flags made one."""
-    merged: list[Entry] = []
-    for entry in entries:
-        last = merged[-1] if merged else None
-        if last and last.flags == entry.flags and last.vaddr + last.pages * PAGE == entry.vaddr:
-            merged[-1] = Entry(last.vaddr, last.pages + entry.pages, last.flags)
-        else:
-            merged.append(entry)
-    return merged
 
 
 def base_of(images: Path) -> str | None:
