@@ -508,7 +508,9 @@ def doctor(env: EnvOption = None) -> None:
         mark = "✗" if counts.get("fallbacks_park") or counts.get("fallbacks_replay") else "✓"
         typer.echo(
             f"{mark} checkpoints since the daemon started: {counts.get('dumps', 0)} dumped "
-            f"({counts.get('dumps_not_needed', 0)} not: their wait over, or no restore in time), "
+            f"({counts.get('dumps_not_needed', 0)} not needed: their wait was over; "
+            f"{counts.get('dumps_declined', 0)} not made: their restore could not be back "
+            "before the deadline, held by park or replay), "
             f"{counts.get('dump_failures', 0)} dumps failed, "
             f"{counts.get('dump_retries_ok', 0)} of them worked when retried; "
             f"fell back to park {counts.get('fallbacks_park', 0)}, "

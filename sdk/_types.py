@@ -536,7 +536,8 @@ class Health(Struct, frozen=True):
     queued_runs: int = 0
     processes: int = 0
     max_concurrent_runs: int = 0
-    # CRIU since the daemon started: dumps, dumps_not_needed, dump_failures, dump_retries_ok,
+    # CRIU since the daemon started: dumps, dumps_not_needed (the wait was over), dumps_declined
+    # (no restore in time: held by park or replay), dump_failures, dump_retries_ok,
     # fallbacks_park, fallbacks_replay (absent keys are zero).
     checkpoint_counters: dict[str, int] = msgspec.field(default_factory=dict)
 

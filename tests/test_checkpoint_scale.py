@@ -89,6 +89,14 @@ def test_a_dump_is_planned_only_if_its_restore_can_be_back_in_time() -> None:
     assert soon.fits(5.0, now=0.0, lead_s=0.5, alive=99)
     assert not soon.fits(5.0, now=0.0, lead_s=0.5, alive=100)
     assert soon.fits(60.0, now=0.0, lead_s=0.5, alive=100)  # (they are gone by then)
+    # Dumps decided and not done yet count as images to come: a burst is decided whole,
+    # before its first image exists.
+    burst = RestorePlan(parallel=2, timings=timings, depth=3)
+    assert burst.fits(50.0, now=0.0, lead_s=0.5, pending=[50.0, 50.2])
+    assert not burst.fits(50.0, now=0.0, lead_s=0.5, pending=[50.0, 50.2, 50.9])
+    assert burst.fits(50.0, now=0.0, lead_s=0.5, pending=[50.0, 50.2, 52.0])
+    # ... and take restore slots: 40 due by t=3 cannot all be back, decided or made.
+    assert not burst.fits(3.0, now=0.0, lead_s=0.5, pending=[2.0] * 40)
 
 
 @pytest.mark.criu
@@ -251,3 +259,36 @@ async def test_a_wait_over_before_its_dump_starts_is_not_dumped(
         assert skipped == counts["dumps_not_needed"] >= 1, counts
         assert called_off >= 1, counts
         assert counts["dumps"] + skipped == len(handles), counts
+
+
+@pytest.mark.criu
+@criu_only
+async def test_a_burst_its_restores_cannot_bring_back_in_time_is_held_undumped(
+    state_dir: Path,
+) -> None:
+    async with running_daemon(
+        state_dir, checkpoint="criu", wait_park_threshold_s=0.5, max_restored_ahead=2
+    ) as h:
+        assert (await h.register(TASKS)).status == "READY"
+        tasks, runs = Tasks(h.client), Runs(h.client)
+        # Dumps measured first: the plan decides on measured times only.
+        for _ in range(CALIBRATED_AFTER):
+            await h.wait((await tasks.trigger("remember", {"s": 1})).id)
+        before = (await _health(h)).checkpoint_counters
+        # Six runs due within a second, with room for two processes restored ahead.
+        burst = [await tasks.trigger("remember", {"s": 6}) for _ in range(6)]
+        declined = 0
+        for handle in burst:
+            done = await h.wait(handle.id, timeout_s=60)
+            lines = (await runs.logs(handle.id)).data
+            assert done.output_as()["secret"] == float(lines[0].attrs["secret"]), "its own memory"
+            history = [s.description for s in done.snapshots]
+            if not any(d.startswith("checkpointed:") for d in history):
+                declined += 1
+                assert (
+                    "not checkpointed: its restore could not be back before its deadline;"
+                    " held by park" in history
+                ), history
+        counts = (await _health(h)).checkpoint_counters
+        assert 4 <= declined == counts["dumps_declined"] - before.get("dumps_declined", 0)
+        assert counts["dumps"] - before["dumps"] + declined == len(burst), counts

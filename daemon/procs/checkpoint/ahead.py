@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ember._types import RunStatus
@@ -48,11 +49,11 @@ class RestoreAhead:
         self._ahead_task: asyncio.Task[None] | None = None
         self._ahead_restores: set[asyncio.Task[None]] = set()
 
-    def fits(self, deadline: float, lead_s: float) -> bool:
+    def fits(self, deadline: float, lead_s: float, pending: Sequence[float] = ()) -> bool:
         """Whether an image due at ``deadline``, made ``lead_s`` from now, could be restored
-        ahead of it (:meth:`~.plan.RestorePlan.fits`)."""
+        ahead of it besides those of the ``pending`` dumps (:meth:`~.plan.RestorePlan.fits`)."""
         alive = self._images.kept_count() + len(self._ahead_restores)
-        return self._ahead.fits(deadline, self._engine.clock(), lead_s, alive)
+        return self._ahead.fits(deadline, self._engine.clock(), lead_s, alive, pending)
 
     def plan(self, run: ActiveRun) -> None:
         """Plan to restore a run waiting for a deadline before it comes, so it resumes on time."""

@@ -5,7 +5,10 @@ The run process closes every socket and parks on SIGUSR1 (``Suspend``); criu dum
 When a dump fails, CRIU leaves the process running: it is tried once more, then the process is
 woken and simply stays parked (or, past ``max_parked_processes``, the run replays instead). A
 process is held the same way, never dumped, when the restore plan could not bring its image
-back before its deadline; and a dump still queued for a slot when the wait ends is called off.
+back before its deadline: decided before the process is even asked to get ready (a burst of
+1,000 waits otherwise had every process collect its garbage and close its sockets, then 900
+of them reconnect), and again when a slot is free; a dump still queued for a slot when the
+wait ends is called off.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,10 +57,15 @@ class Dumps(CheckpointPart):
         self._times = ctx.dump_times
         self._counters = ctx.counters
         self._max_parked = ctx.config.max_parked_processes
-        self._slots = asyncio.Semaphore(ctx.dump_parallel)
+        self._parallel = ctx.dump_parallel
+        self._slots = asyncio.Semaphore(self._parallel)
         # Whether an image due at a deadline, made so long from now, could be restored in time
         # (the restore plan's; set by the checkpointer).
-        self.restorable: Callable[[float, float], bool] = lambda deadline, lead_s: True
+        self.restorable: Callable[[float, float, Sequence[float]], bool] = (
+            lambda deadline, lead_s, pending: True
+        )
+        # Runs whose dump was decided and is not done yet: run id → its wait's deadline.
+        self._accepted: dict[str, float] = {}
         # The dumps under way, by run id: each resolves to whether it succeeded.
         self._pending: dict[str, asyncio.Future[bool]] = {}
         # Dumps waiting for a slot, by run id: resolving one calls it off.
@@ -120,17 +128,30 @@ class Dumps(CheckpointPart):
             return False
         return got
 
-    def _worth_dumping(self, run: ActiveRun) -> bool:
-        """The run still waits, and its image could be restored before its deadline."""
+    def _worth_dumping(self, run: ActiveRun, queued: int = 0) -> bool:
+        """The run still waits, and its image could be restored before its deadline, made
+        after ``queued`` dumps ahead of it, besides the images the other decided dumps make."""
         if run.status is not RunStatus.WAITING:
             return False
         wait = run.wait
         if wait is None or wait.resume_at is None or self._times.measured < CALIBRATED_AFTER:
             return True  # (a token or a child: no deadline; or no measured times to plan on)
-        return self.restorable(wait.resume_at, self._times.estimate() * SAFETY)
+        lead_s = (queued // self._parallel + 1) * self._times.estimate() * SAFETY
+        others = [d for other, d in self._accepted.items() if other != run.id]
+        return self.restorable(wait.resume_at, lead_s, others)
 
     async def checkpoint(self, run: ActiveRun, worker: Worker) -> bool:
         """Suspend the run's process and dump it; True if it was, else it stays parked."""
+        if not self._worth_dumping(run, queued=len(self._accepted)):
+            if run.status is RunStatus.WAITING:
+                self._counters["dumps_declined"] += 1
+                self._hold_undumped(run, worker, suspended=False)
+            else:
+                self._counters["dumps_not_needed"] += 1
+                self._keep_parked(run)  # (its wait is over: the process, never told, resumes)
+            return False
+        if run.wait is not None and run.wait.resume_at is not None:
+            self._accepted[run.id] = run.wait.resume_at
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending[run.id] = done
         ok = False
@@ -153,6 +174,7 @@ class Dumps(CheckpointPart):
             if not done.done():
                 done.set_result(ok)
             self._pending.pop(run.id, None)
+            self._accepted.pop(run.id, None)
 
     async def checkpoint_executing(
         self, run: ActiveRun, worker: Worker, ready_timeout_s: float = READY_TIMEOUT_S
@@ -214,10 +236,11 @@ class Dumps(CheckpointPart):
                     self._counters["dump_retries_ok" if error is None else "dump_failures"] += 1
         if error == NOT_NEEDED:
             shutil.rmtree(images, ignore_errors=True)
-            self._counters["dumps_not_needed"] += 1
             if run.status is RunStatus.WAITING:
+                self._counters["dumps_declined"] += 1
                 self._hold_undumped(run, worker)
             else:
+                self._counters["dumps_not_needed"] += 1
                 _wake(worker.pid)  # it reconnects and resumes, never dumped
                 self._keep_parked(run)
             return False
@@ -276,21 +299,23 @@ class Dumps(CheckpointPart):
             run, Snapshot.SUSPENDED, f"checkpoint failed again ({reason}); held by {how} instead"
         )
 
-    def _hold_undumped(self, run: ActiveRun, worker: Worker) -> None:
+    def _hold_undumped(self, run: ActiveRun, worker: Worker, suspended: bool = True) -> None:
         """Its image could not be back before the deadline: hold it by park, else replay."""
-        how = self._hold_alive_or_replay(run, worker)
+        how = self._hold_alive_or_replay(run, worker, suspended)
         self._engine.note(
             run,
             Snapshot.SUSPENDED,
             f"not checkpointed: its restore could not be back before its deadline; held by {how}",
         )
 
-    def _hold_alive_or_replay(self, run: ActiveRun, worker: Worker) -> str:
+    def _hold_alive_or_replay(self, run: ActiveRun, worker: Worker, suspended: bool = True) -> str:
         """Keep the undumped process parked, or past ``max_parked_processes`` let the run
-        replay; which ("park" or "replay")."""
+        replay; which ("park" or "replay"). A ``suspended`` process is woken to reconnect;
+        one never asked to get ready for its dump is still connected, parked as it is."""
         assert worker.pid is not None
         if self._supervisor.parked_count() <= self._max_parked:
-            _wake(worker.pid)  # (criu left it as it was, or never ran): it reconnects, parks
+            if suspended:
+                _wake(worker.pid)  # (criu left it as it was, or never ran): it reconnects
             self._keep_parked(run)
             return "park"
         worker.parked = None

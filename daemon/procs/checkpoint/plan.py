@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
+from collections.abc import Sequence
 
 # A process restored ahead of its deadline should be back this long before it.
 RESTORE_MARGIN_S = 0.25
@@ -111,9 +112,17 @@ class RestorePlan:
             for rank, (deadline, _) in enumerate(sorted(self._heap)[: self._depth])
         )
 
-    def fits(self, deadline: float, now: float, lead_s: float, alive: int = 0) -> bool:
+    def fits(
+        self,
+        deadline: float,
+        now: float,
+        lead_s: float,
+        alive: int = 0,
+        pending: Sequence[float] = (),
+    ) -> bool:
         """Whether one more image due at ``deadline``, made ``lead_s`` from now (its dump),
-        could be restored before it comes.
+        could be restored before it comes, besides the images still to be made of the
+        ``pending`` deadlines (dumps under way or queued).
 
         Every image due by then needs a restore slot before then, and those due within a
         second of it need room together (``depth``), with the ``alive`` processes restored
@@ -122,6 +131,7 @@ class RestorePlan:
         """
         each = self.each_s()
         due = sum(1 for d, _ in self._heap if d <= deadline)
+        due += sum(1 for d in pending if d <= deadline)
         slots = self._parallel * (deadline - RESTORE_MARGIN_S - now - lead_s) / each
         if due + 1 > slots:
             return False
@@ -129,6 +139,7 @@ class RestorePlan:
             return True
         # (due within a second of it, either side: alive together around it)
         together = sum(1 for d, _ in self._heap if abs(d - deadline) < 1.0)
+        together += sum(1 for d in pending if abs(d - deadline) < 1.0)
         # (those restored ahead now are due within the plan's longest lead)
         if deadline - now <= self._depth / self._parallel * each + RESTORE_MARGIN_S + 1.0:
             together += alive
