@@ -58,6 +58,14 @@ def test_restores_ahead_start_early_enough_for_the_whole_queue() -> None:
     assert capped.next_start() == pytest.approx(100.0 - 50 * 0.4 * SAFETY - RESTORE_MARGIN_S)
 
 
+def test_a_queue_of_dumps_goes_at_the_median_pace_one_alone_at_the_90th_percentile() -> None:
+    timings = Timings(0.1)
+    for seconds in [0.1] * 8 + [1.0]:
+        timings.add(seconds)
+    assert timings.median() == 0.1
+    assert timings.estimate() == 1.0
+
+
 def test_a_dump_is_planned_only_if_its_restore_can_be_back_in_time() -> None:
     timings = Timings(0.1)
     for _ in range(CALIBRATED_AFTER):

@@ -58,6 +58,11 @@ class Timings:
         ordered = sorted(self._times)
         return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
 
+    def median(self) -> float:
+        """The median: what a long queue of them takes, one after another, per command."""
+        ordered = sorted(self._times)
+        return ordered[len(ordered) // 2]
+
 
 class RestorePlan:
     """Timed waits to restore ahead, soonest deadline first.
