@@ -125,6 +125,9 @@ class Restores(CheckpointPart):
         """Restore the run's process (a slot is held): (why it failed or None, criu ran)."""
         from ember.daemon.model import Worker
 
+        # The whole time the slot is held counts, not criu's alone: the plan paces restores by
+        # it (timing criu and the pages only, a burst of 680 restores ended 10 s late).
+        began = time.perf_counter()
         images = self._images.folder(run)
         try:
             meta = json.loads((images / "meta.json").read_text())
@@ -143,7 +146,6 @@ class Restores(CheckpointPart):
         run.parked = worker
         pidfile = images / "pidfile"
         pidfile.unlink(missing_ok=True)
-        began = time.perf_counter()  # (the pages written back count: they are the restore's)
         try:
             unpacked = await self._pages.unpack(images, worker.id)
         except (OSError, ValueError, zstandard.ZstdError) as exc:
