@@ -63,6 +63,9 @@ TASKS = {
         async def emit_then_hang(payload: dict) -> None:
             with logger.trace("before-the-kill"):
                 pass
+            # (its batch is sent at the end of this loop iteration: the test kills once the
+            # flag is there, and a flag written first let it kill before the send)
+            await asyncio.sleep(0)
             Path(payload["flag"]).write_text(str(os.getpid()))
             await asyncio.sleep(3600)  # no wait: nothing but the batch's own flush sends the span
 
