@@ -124,7 +124,7 @@ def test_pages_equal_to_the_bases_at_their_address_are_read_from_it(tmp_path: Pa
     assert packed.literal_pages == 3 + 2
     assert packed.raw_bytes == (len(memory) + len(child)) * PAGE
     assert page_files(second) == [], "criu's page files give way to the packed ones"
-    assert packed.delta_bytes < 4 * PAGE
+    assert packed.packed_bytes < 4 * PAGE
     written = unpack(second, base.folder)
     assert {p.name for p in written} == {"pages-1.img", "pages-2.img", "parent"}
     assert _restored(second) == memory

@@ -269,6 +269,26 @@ async def test_a_wait_over_before_its_dump_starts_is_not_dumped(
         assert counts["dumps"] + skipped == len(handles), counts
 
 
+# A task that says whether its process was asked to get ready for a dump while it waited (the
+# run process counts each Suspend it obeyed).
+BURST_TASKS = {
+    **TASKS,
+    "tasks/burst.py": """
+        import random
+        from ember import logger, task, wait
+        from ember.daemon.child import tracing
+
+        @task(id="remember_readied")
+        async def remember_readied(payload: dict) -> dict:
+            secret = random.random()
+            logger.info("before the wait", secret=secret)
+            before = tracing.checkpoints()
+            await wait.for_(seconds=payload["s"])
+            return {"secret": secret, "readied": tracing.checkpoints() - before}
+    """,
+}
+
+
 @pytest.mark.criu
 @criu_only
 async def test_a_burst_its_restores_cannot_bring_back_in_time_is_held_undumped(
@@ -277,22 +297,25 @@ async def test_a_burst_its_restores_cannot_bring_back_in_time_is_held_undumped(
     async with running_daemon(
         state_dir, checkpoint="criu", wait_park_threshold_s=0.5, max_restored_ahead=2
     ) as h:
-        assert (await h.register(TASKS)).status == "READY"
+        assert (await h.register(BURST_TASKS)).status == "READY"
         tasks, runs = Tasks(h.client), Runs(h.client)
         # Dumps measured first: the plan decides on measured times only.
         for _ in range(CALIBRATED_AFTER):
             await h.wait((await tasks.trigger("remember", {"s": 1})).id)
         before = (await _health(h)).checkpoint_counters
         # Six runs due within a second, with room for two processes restored ahead.
-        burst = [await tasks.trigger("remember", {"s": 6}) for _ in range(6)]
+        burst = [await tasks.trigger("remember_readied", {"s": 6}) for _ in range(6)]
         declined = 0
         for handle in burst:
             done = await h.wait(handle.id, timeout_s=60)
             lines = (await runs.logs(handle.id)).data
-            assert done.output_as()["secret"] == float(lines[0].attrs["secret"]), "its own memory"
+            output = done.output_as()
+            assert output["secret"] == float(lines[0].attrs["secret"]), "its own memory"
             history = [s.description for s in done.snapshots]
             if not any(d.startswith("checkpointed:") for d in history):
                 declined += 1
+                # Decided as it began to wait: its process was never asked to get ready.
+                assert output["readied"] == 0, history
                 assert (
                     "not checkpointed: its restore could not be back before its deadline;"
                     " held by park" in history

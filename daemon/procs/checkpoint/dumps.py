@@ -143,7 +143,9 @@ class Dumps(CheckpointPart):
         return self.restorable(wait.resume_at, lead_s, others)
 
     async def checkpoint(self, run: ActiveRun, worker: Worker) -> bool:
-        """Suspend the run's process and dump it; True if it was, else it stays parked."""
+        """Suspend the run's process and dump it; True if it was, else it is held by park or
+        replay (undumped when its image could not be restored in time, before it is asked to
+        get ready)."""
         if not self._worth_dumping(run, queued=len(self._accepted)):
             if run.status is RunStatus.WAITING:
                 self._counters["dumps_declined"] += 1
@@ -261,7 +263,7 @@ class Dumps(CheckpointPart):
         packed = await self._pages.pack(images, run.id, self._pages.lineage(worker.id, zygote))
         pack_ms = (time.perf_counter() - started) * 1000
         size = sum(f.stat().st_size for f in images.iterdir() if f.is_file()) + (
-            packed.delta_bytes if packed else 0
+            packed.packed_bytes if packed else 0
         )
         write_private(images / MANIFEST_FILE, manifest)
         write_private(

@@ -132,7 +132,7 @@ class Packed:
 
     raw_bytes: int  # the page images criu wrote
     literal_pages: int  # pages not found in the base
-    delta_bytes: int  # what is left of them on disk
+    packed_bytes: int  # what is left of them on disk
 
 
 def make_base(images: Path, root: Path) -> Base:

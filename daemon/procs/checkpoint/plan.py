@@ -55,13 +55,15 @@ class Timings:
 
     def estimate(self) -> float:
         """The 90th percentile: planning on the median made half the restores late."""
-        ordered = sorted(self._times)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+        return self._percentile(0.9)
 
     def median(self) -> float:
         """The median: what a long queue of them takes, one after another, per command."""
+        return self._percentile(0.5)
+
+    def _percentile(self, fraction: float) -> float:
         ordered = sorted(self._times)
-        return ordered[len(ordered) // 2]
+        return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 class RestorePlan:
