@@ -254,7 +254,8 @@ async def test_what_a_process_the_daemon_kills_had_forked_dies_with_it(
         max_duration_s=2.0,
         max_attempts=1,
     )
-    await eventually(ledger.exists, timeout_s=20)
+    # (The file exists from the task's open, before its line is written.)
+    await eventually(lambda: ledger.exists() and ledger.read_text().endswith("\n"), timeout_s=20)
     pids = [int(pid) for pid in ledger.read_text().split()]
     assert len(pids) == 30 and all(alive(pid) for pid in pids)
     run = await life.wait(handle.id)
