@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ember.daemon.store.db import Database, Durability, connect
+from ember.daemon.store.retention import BLOB_HOLDERS
 
 DURABILITIES: tuple[Durability, ...] = ("normal", "fsync")
 
@@ -104,5 +105,29 @@ def test_the_not_final_queries_use_the_partial_index(tmp_path: Path) -> None:
         ).fetchall()
         assert any("runs_active" in str(row[-1]) for row in plan), plan
         assert runs.open_children(conn, "run_x") == []
+    finally:
+        conn.close()
+
+
+def test_every_foreign_key_and_blob_lookup_is_indexed(tmp_path: Path) -> None:
+    # Deleting a run checks every table that refers to it; a foreign key without an index
+    # leading with its column makes each deleted run scan that whole table (retention on
+    # 100,000 runs stalled the loop 9 s a batch: bench/retention_bench.py).
+    Database(tmp_path / "ember.db", "normal").close()
+    conn = connect(tmp_path / "ember.db", "normal", readonly=True)
+    try:
+        tables = [
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
+        for table in tables:
+            for fk in conn.execute(f"PRAGMA foreign_key_list({table})").fetchall():
+                column = fk[3]
+                plan = conn.execute(
+                    f"EXPLAIN QUERY PLAN SELECT 1 FROM {table} WHERE {column} = ?", ("x",)
+                ).fetchall()
+                assert all("SCAN" not in str(row[-1]) for row in plan), (table, column, plan)
+        # Retention frees a blob only when no other run holds it.
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {BLOB_HOLDERS}", ("ref", "ref")).fetchall()
+        assert all("SCAN" not in str(row[-1]) for row in plan), plan
     finally:
         conn.close()

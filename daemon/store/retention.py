@@ -31,6 +31,8 @@ PRUNE_EVERY_S = 60.0
 
 FINAL = tuple(sorted(s.value for s in FINAL_STATUSES))
 _FINAL_SQL = ", ".join("?" for _ in FINAL)
+# Whether another run still holds a blob (by index: runs_payload_ref, runs_output_ref).
+BLOB_HOLDERS = "SELECT 1 FROM runs WHERE payload_ref = ? OR output_ref = ? LIMIT 1"
 
 
 @dataclass
@@ -83,10 +85,7 @@ def _delete_runs(
     for ref in refs:
         # Blobs are shared by content: only the last run holding one frees it. Inside the
         # write, so no trigger can take this blob between the check and the unlink.
-        used = conn.execute(
-            "SELECT 1 FROM runs WHERE payload_ref = ? OR output_ref = ? LIMIT 1", (ref, ref)
-        ).fetchone()
-        if used is None:
+        if conn.execute(BLOB_HOLDERS, (ref, ref)).fetchone() is None:
             path = blobs.root / ref[:2] / ref
             path.unlink(missing_ok=True)
             removed += 1
