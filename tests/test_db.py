@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.daemon.store.db import Database, Durability, connect
+from ember.daemon.store.db import REWIND_FRAMES, Database, Durability, connect
 from ember.daemon.store.retention import BLOB_HOLDERS
 
 DURABILITIES: tuple[Durability, ...] = ("normal", "fsync")
@@ -80,6 +80,30 @@ async def test_writes_of_one_loop_iteration_share_one_commit(db: Database) -> No
     # 100 frames, one commit adds a handful.
     assert 0 < _wal_frames(db.path) - before < 10
     assert len(_stored(db.path)) == 101
+
+
+def _wal_resets(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one each time it rewinds."""
+    with open(f"{path}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+async def test_the_wal_rewinds_under_writes_that_never_pause(db: Database) -> None:
+    # The checkpointer copies frames back on its thread while commits go on, so its copy is
+    # never complete and SQLite would never rewind the WAL on its own: the file would grow
+    # without end (515 MB in 7 s of writes here). Writes that never pause must see it rewind.
+    await db.write(lambda c: c.execute("CREATE TABLE junk (k INTEGER PRIMARY KEY, v BLOB)"))
+    first = _wal_resets(db.path)
+    row = bytes(1000)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    k = 0
+    while _wal_resets(db.path) == first:
+        assert loop.time() < deadline, f"no rewind after {k} commits"
+        rows = [((k * 50 + i) % 20_000, row) for i in range(50)]
+        await db.write(lambda c, rows=rows: c.executemany("REPLACE INTO junk VALUES (?, ?)", rows))
+        k += 1
+    assert _wal_frames(db.path) < 40 * REWIND_FRAMES
 
 
 def test_the_not_final_queries_use_the_partial_index(tmp_path: Path) -> None:
