@@ -9,6 +9,7 @@ image is imported from this Python (``builds/images.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -235,3 +236,41 @@ async def test_a_run_completes_in_a_container_with_its_limits_and_retired_images
         assert again.status is RunStatus.COMPLETED and again.version == second.id
         logs = json.dumps([s.description for s in again.snapshots])
         assert again.output_as(dict)["n"] == 2, logs
+
+
+async def test_containers_an_earlier_daemon_left_are_removed_before_its_next_life_starts_one(
+    dockerd: str, state_dir: Path
+) -> None:
+    settings: dict[str, Any] = {"docker_url": dockerd, "docker_environments": ("dev",)}
+    client = docker_client(dockerd)
+    made: list[Any] = []
+    try:
+        async with running_daemon(state_dir, **settings) as h:
+            version = await h.register(TASKS)
+            assert version.status == "READY", version.error
+            run = await h.run("boxed", {"n": 1}, timeout_s=120)
+            assert run.status is RunStatus.COMPLETED, run.error
+            (live,) = client.containers.list(filters={"label": f"ember.version={version.id}"})
+            assert live.labels["ember.state"] == await asyncio.to_thread(
+                os.path.realpath, state_dir
+            )
+            # What a daemon killed with -9 leaves: a container with its labels that it never
+            # removed (its zygote exits with the lifeline; the container stays).
+            left = client.containers.create(
+                live.image.id, ["true"], labels=live.labels, name=f"{live.name}-left"
+            )
+            # Another state directory's container is not this daemon's to remove.
+            other = client.containers.create(
+                live.image.id, ["true"], labels={**live.labels, "ember.state": "/elsewhere"}
+            )
+            made += [left, other]
+        async with running_daemon(state_dir, **settings) as h:
+            again = await h.run("boxed", {"n": 2}, timeout_s=120)
+            assert again.status is RunStatus.COMPLETED, again.error
+            remaining = {c.id for c in client.containers.list(all=True)}
+            assert left.id not in remaining and other.id in remaining
+    finally:
+        for container in made:
+            with contextlib.suppress(Exception):  # (the sweep took it already)
+                container.remove(force=True)
+        client.close()

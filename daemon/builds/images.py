@@ -338,4 +338,5 @@ class VersionImages:
             self._config.docker_network,
             lambda env, version, code_dir: self.ensure(env, version, code_dir, log.info),
             self.retire,
+            owner=str(self._config.state_dir.resolve()),
         )

@@ -247,6 +247,10 @@ class DockerRuntime:
         image_for: builds the version's image if missing and returns its tag (blocking, run
             in the container's start thread): ``(env, version, code_dir)``.
         retire_image: removes a retired version's image ``(env, version, code_dir)``.
+        owner: this daemon's state directory, the ``ember.state`` label of its containers.
+            A daemon killed with -9 cannot remove its containers (their zygotes exit with
+            their lifeline, but an exited container stays): the next daemon on that state
+            directory removes them before it starts its first.
     """
 
     def __init__(
@@ -256,13 +260,20 @@ class DockerRuntime:
         network: str,
         image_for: Callable[[str, str, str], str],
         retire_image: Callable[[str, str, str], None],
+        *,
+        owner: str,
     ) -> None:
         self._client = client
         self._environments = environments
         self._network = network
         self._image_for = image_for
         self._retire_image = retire_image
+        self._owner = owner
         self._count = 0
+        # The sweep of an earlier life's containers, done once by the first container start
+        # (in its thread, before it creates one: a sweep running beside it would take it too).
+        self._swept = False
+        self._sweep_lock = threading.Lock()
 
     def runs(self, env: str) -> bool:
         """Whether the environment's zygotes run in containers."""
@@ -286,6 +297,7 @@ class DockerRuntime:
         name = f"ember-{key[0].replace('/', '-')}-{key[1]}-{channel.stem}-{self._count}"
 
         def start() -> Any:
+            self._sweep()
             image = self._image_for(key[0], key[1], code_dir)
             spec = container_spec(
                 image=image,
@@ -295,7 +307,7 @@ class DockerRuntime:
                 code_dir=code_dir,
                 name=name,
                 network=self._network,
-                labels={"ember.env": key[0], "ember.version": key[1]},
+                labels={"ember.env": key[0], "ember.version": key[1], "ember.state": self._owner},
             )
             return start_container(self._client(), spec)
 
@@ -306,6 +318,25 @@ class DockerRuntime:
 
         loop = asyncio.get_running_loop()
         return ContainerProcess(start, loop, on_failed, on_exit), listener
+
+    def _sweep(self) -> None:
+        """Remove the containers an earlier daemon on this state directory left (blocking)."""
+        with self._sweep_lock:
+            if self._swept:
+                return
+            client = self._client()
+            left = client.containers.list(all=True, filters={"label": f"ember.state={self._owner}"})
+            for container in left:
+                with contextlib.suppress(Exception):  # (gone meanwhile)
+                    container.remove(force=True)
+            if left:
+                log.warning(
+                    "removed %d containers an earlier daemon on %s left: %s",
+                    len(left),
+                    self._owner,
+                    ", ".join(str(c.name) for c in left),
+                )
+            self._swept = True
 
 
 def site_packages(interpreter: str) -> Path:
