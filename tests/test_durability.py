@@ -153,7 +153,15 @@ async def test_kill_9_with_500_runs_in_flight_loses_none(daemon_process: DaemonP
             await asyncio.gather(*(trigger(i) for i in range(start, start + 25)))
 
     triggering = asyncio.create_task(trigger_all())
-    await eventually(lambda: len(accepted) >= 300, timeout_s=60)
+    runs = Runs(client)
+
+    async def midway() -> bool:
+        # Some runs executing (on a loaded machine the first may start after the 300th is
+        # accepted), so the kill catches them mid-attempt.
+        executing = await runs.list(status=RunStatus.EXECUTING, limit=1)
+        return len(accepted) >= 300 and bool(executing.data)
+
+    await eventually(midway, timeout_s=60)
     daemon_process.kill9()
     await triggering
     await client.aclose()
