@@ -263,6 +263,7 @@ class _Checkpointer:
             self._wake.set()
 
     def _run(self) -> None:
+        failing = ""  # (said once while it lasts, not at every commit's wake-up)
         while True:
             self._wake.wait()
             if self._stopping.wait(CHECKPOINT_EVERY_S):
@@ -270,8 +271,11 @@ class _Checkpointer:
             self._wake.clear()
             try:
                 self._catch_up()
+                failing = ""
             except (sqlite3.Error, OSError) as exc:  # (a full disk: the WAL keeps the commits)
-                log.warning("checkpointing the database's WAL failed: %s", exc)
+                if str(exc) != failing:
+                    failing = str(exc)
+                    log.warning("checkpointing the database's WAL failed: %s", exc)
 
     def _catch_up(self) -> None:
         for _ in range(8):  # (commits keep coming: each pass copies only what came since)
