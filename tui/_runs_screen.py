@@ -9,6 +9,7 @@ from typing import ClassVar
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
 from textual.widgets import Input, Static
 
 from ember._errors import EmberError
@@ -167,7 +168,10 @@ class RunsScreen(EmberScreen):
             self.table.updated(row)
 
     def _show_status(self, error: str = "") -> None:
-        status = self.query_one("#runs-status", Static)
+        try:
+            status = self.query_one("#runs-status", Static)
+        except NoMatches:
+            return  # (a bulk action's worker ends after the app took the screen down)
         status.set_class(bool(error), "error")
         if error:
             status.update(error)
